@@ -1,0 +1,172 @@
+"""Load text corpora (local .txt/.jsonl, optionally .gz, or Hugging Face hub data sets) as documents.
+
+A *document* is the unit of splitting and packing: one JSON line's text field, one blank-line
+separated block of a .txt file, or one record of a hub data set.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+
+class CorpusError(ValueError):
+    """Bad corpus input: the message names the file, the line and what was expected."""
+
+
+def _spec(spec: Any, key: str, default: Any = None) -> Any:
+    if isinstance(spec, Mapping):
+        return spec.get(key, default)
+    return getattr(spec, key, default)
+
+
+def _format_of(path: str, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith(".jsonl") or name.endswith(".json"):
+        return "jsonl"
+    if name.endswith(".txt"):
+        return "txt"
+    raise CorpusError(
+        f"{path}: cannot tell the corpus format from the file name; expected .txt, .jsonl "
+        "(optionally .gz) or set format: hub for a Hugging Face data set"
+    )
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, decoded line); non-UTF-8 bytes fail with file and line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise CorpusError(
+                        f"{path}:{lineno}: bytes are not valid UTF-8 "
+                        f"(at byte {err.start} of the line: {raw[err.start:err.start + 4]!r})"
+                    ) from None
+    except (OSError, EOFError) as err:
+        if isinstance(err, gzip.BadGzipFile) or isinstance(err, EOFError):
+            raise CorpusError(f"{path}: not a valid gzip file ({err})") from None
+        raise
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{path}:{lineno}: not a JSON object ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            found = ", ".join(sorted(record)) or "no keys"
+            raise CorpusError(
+                f"{path}:{lineno}: expected a string field {text_field!r} (found: {found})"
+            )
+        if text.strip():
+            yield text
+
+
+def _txt_documents(path: Path) -> Iterator[str]:
+    block: list[str] = []
+    for _, line in _lines(path):
+        if line.strip():
+            block.append(line.rstrip("\r\n"))
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+def _hub_documents(spec: Any) -> Iterator[str]:
+    import datasets  # imported lazily: only hub corpora need it
+
+    path = _spec(spec, "path")
+    text_field = _spec(spec, "text_field", "text")
+    ds = datasets.load_dataset(
+        path,
+        _spec(spec, "name"),
+        split=_spec(spec, "split", "train"),
+        data_files=_spec(spec, "data_files"),
+        revision=_spec(spec, "revision"),
+        streaming=bool(_spec(spec, "streaming", False)),
+    )
+    for i, record in enumerate(ds):
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            raise CorpusError(
+                f"hub data set {path!r} record {i}: expected a string field {text_field!r} "
+                f"(found: {', '.join(sorted(record))})"
+            )
+        if text.strip():
+            yield text
+
+
+def iter_documents(spec: Any) -> Iterator[str]:
+    """Yield the documents of one corpus spec (keys: path, format, text_field, name, split, ...)."""
+    path = str(_spec(spec, "path"))
+    fmt = _format_of(path, _spec(spec, "format"))
+    if fmt == "hub":
+        yield from _hub_documents(spec)
+        return
+    file = Path(path)
+    if not file.is_file():
+        raise CorpusError(f"{file}: corpus file not found")
+    if fmt == "jsonl":
+        yield from _jsonl_documents(file, _spec(spec, "text_field", "text"))
+    elif fmt == "txt":
+        yield from _txt_documents(file)
+    else:
+        raise CorpusError(f"{file}: unknown corpus format {fmt!r}; expected txt, jsonl or hub")
+
+
+def load_documents(specs: Any) -> list[str]:
+    """All documents of one spec or a list of specs, in order, each capped at its ``max_docs``."""
+    if isinstance(specs, Mapping) or not isinstance(specs, Iterable) or isinstance(specs, str):
+        specs = [specs]
+    docs: list[str] = []
+    for spec in specs:
+        limit = _spec(spec, "max_docs")
+        n = 0
+        for doc in iter_documents(spec):
+            if limit is not None and n >= limit:
+                break
+            docs.append(doc)
+            n += 1
+        if n == 0:
+            raise CorpusError(f"{_spec(spec, 'path')}: corpus is empty (no non-blank documents)")
+    return docs
+
+
+def _unit_hash(text: str, seed: int) -> float:
+    digest = hashlib.blake2b(f"{seed}\x00{text}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def split_documents(docs: list[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split by document.
+
+    Each document goes to validation when a hash of (seed, text) falls below ``val_fraction``, so the
+    split does not depend on corpus order and identical documents never straddle the split.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise CorpusError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    scores = [_unit_hash(d, seed) for d in docs]
+    train = [d for d, s in zip(docs, scores) if s >= val_fraction]
+    val = [d for d, s in zip(docs, scores) if s < val_fraction]
+    if val_fraction > 0 and not val and len(docs) > 1:
+        # tiny corpora: still hold out the one document with the smallest hash
+        i = min(range(len(docs)), key=scores.__getitem__)
+        val = [docs[i]]
+        train = [d for d, s in zip(docs, scores) if s != scores[i] or d != docs[i]]
+    return train, val

@@ -1,0 +1,48 @@
+"""The corpora of one experiment, split once into train and validation text per language."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bailong.data.corpus import load_documents, split_documents
+
+
+@dataclass
+class Splits:
+    tc_train: list[str]
+    tc_val: list[str]
+    en_train: list[str]
+    en_val: list[str]
+
+    def val(self) -> dict[str, list[str]]:
+        return {"tc": self.tc_val, "en": self.en_val}
+
+
+def cap_chars(docs: list[str], max_chars: int | None) -> list[str]:
+    """The first documents up to ``max_chars`` characters (at least one): a fixed, cheap eval set."""
+    if max_chars is None:
+        return docs
+    kept, total = [], 0
+    for doc in docs:
+        if kept and total + len(doc) > max_chars:
+            break
+        kept.append(doc)
+        total += len(doc)
+    return kept
+
+
+def _split_each(specs, val_fraction: float, seed: int, max_val_chars: int | None):
+    train, val = [], []
+    share = None if max_val_chars is None else max(1, max_val_chars // max(1, len(specs)))
+    for spec in specs:  # per file, so every corpus has its share of the validation text
+        t, v = split_documents(load_documents(spec), val_fraction, seed)
+        train += t
+        val += cap_chars(v, share)
+    return train, val
+
+
+def load_splits(data_cfg) -> Splits:
+    """Load TC and EN corpora and split them by document (deterministic, by hash of the text)."""
+    args = (data_cfg.val_fraction, data_cfg.split_seed, data_cfg.max_val_chars)
+    tc_train, tc_val = _split_each(data_cfg.tc, *args)
+    en_train, en_val = _split_each(data_cfg.en, *args)
+    return Splits(tc_train, tc_val, en_train, en_val)

@@ -1,0 +1,30 @@
+"""Initialisation of the embedding and output rows of new tokens, one strategy per module.
+
+    report = resize_and_initialize(model, base_tokenizer, tokenizer, init_cfg, texts=None, seed=0)
+
+Importing this package registers every strategy: random, mean, multivariate, subword_mean,
+zip_tie, distill (see ``available_strategies()``).
+"""
+from bailong.embedding import distill, mean, multivariate, random_init, subword_mean, zip_tie  # noqa: F401  (register)
+from bailong.embedding.initialize import resize_and_initialize, row_norm_stats
+from bailong.embedding.pieces import EmbeddingInitError, NewTokens, find_new_tokens
+from bailong.embedding.registry import (
+    InitContext,
+    NewRows,
+    available_strategies,
+    get_strategy,
+    register,
+)
+
+__all__ = [
+    "EmbeddingInitError",
+    "InitContext",
+    "NewRows",
+    "NewTokens",
+    "available_strategies",
+    "find_new_tokens",
+    "get_strategy",
+    "register",
+    "resize_and_initialize",
+    "row_norm_stats",
+]

@@ -1,0 +1,100 @@
+"""Resize a base model to the extended vocabulary and write every new row by the chosen strategy.
+
+Runs on the full-precision model, before quantisation. ``mean_resizing`` is off: transformers'
+own fill of the new rows is overwritten here, by explicit token id, for both the input embedding
+and the (untied, as in Llama 2) output head. Old rows are copied by ``resize_token_embeddings``
+and never written again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from bailong.embedding.pieces import EmbeddingInitError, find_new_tokens
+from bailong.embedding.registry import InitContext, config_items, get_strategy, parse_options
+
+
+def row_norm_stats(rows: torch.Tensor) -> dict[str, float]:
+    """Mean/std/min/max of the rows' L2 norms (JSON-able; all zeros for no rows)."""
+    if rows.shape[0] == 0:
+        return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
+    norms = rows.detach().float().norm(dim=1)
+    std = norms.std().item() if norms.numel() > 1 else 0.0
+    return {"mean": norms.mean().item(), "std": std, "min": norms.min().item(), "max": norms.max().item()}
+
+
+def _is_tied(model) -> bool:
+    head = model.get_output_embeddings()
+    return head is None or head.weight is model.get_input_embeddings().weight
+
+
+def resize_and_initialize(model, base_tokenizer, tokenizer, init_cfg, texts=None, seed: int = 0) -> dict:
+    """Resize ``model`` to ``len(tokenizer)`` and initialise the new rows; return a JSON-able report.
+
+    ``init_cfg`` has ``name`` (a registered strategy) plus that strategy's options; ``texts`` are
+    TC training documents for strategies that estimate from the corpus (zip_tie shift, distill).
+    """
+    items = config_items(init_cfg)
+    if not items.get("name"):
+        raise EmbeddingInitError("init config has no `name`; set it to one of the registered strategies")
+    strategy = get_strategy(items["name"])
+    options = parse_options(strategy, items)
+    new = find_new_tokens(base_tokenizer, tokenizer)
+
+    embed = model.get_input_embeddings()
+    if embed.num_embeddings != new.num_base:
+        raise EmbeddingInitError(
+            f"model has {embed.num_embeddings} embedding rows but the base tokenizer has {new.num_base} "
+            "tokens: pass the base model that goes with the base tokenizer, not yet resized"
+        )
+    tied = _is_tied(model)
+    before = {"embed": row_norm_stats(embed.weight[: new.num_base])}
+    if not tied:
+        before["head"] = row_norm_stats(model.get_output_embeddings().weight[: new.num_base])
+
+    start = time.perf_counter()
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    info: dict[str, Any] = {}
+    if new.num_new:
+        ctx = InitContext(model, base_tokenizer, tokenizer, new, list(texts) if texts is not None else None, seed)
+        rows = strategy.fn(ctx, options)
+        _write_rows(model, new.num_base, rows.embed, rows.head, tied)
+        info = rows.info
+    seconds = time.perf_counter() - start
+
+    weight = model.get_input_embeddings().weight
+    after = {"embed": row_norm_stats(weight[new.num_base :])}
+    if not tied:
+        after["head"] = row_norm_stats(model.get_output_embeddings().weight[new.num_base :])
+    return {
+        "strategy": strategy.name,
+        "options": dataclasses.asdict(options),
+        "seed": seed,
+        "num_base": new.num_base,
+        "num_new": new.num_new,
+        "vocab_size": len(tokenizer),
+        "tied_embeddings": tied,
+        "pieces_per_new_token": new.piece_count_histogram(),
+        "row_norms_old": before,
+        "row_norms_new": after,
+        "seconds": round(seconds, 3),
+        "info": info,
+    }
+
+
+@torch.no_grad()
+def _write_rows(model, num_base: int, embed_rows: torch.Tensor, head_rows: torch.Tensor, tied: bool) -> None:
+    weight = model.get_input_embeddings().weight
+    expected = (weight.shape[0] - num_base, weight.shape[1])
+    for what, rows in (("embed", embed_rows), ("head", head_rows)):
+        if tuple(rows.shape) != expected:
+            raise EmbeddingInitError(f"strategy returned {what} rows of shape {tuple(rows.shape)}, expected {expected}")
+        if not torch.isfinite(rows).all():
+            raise EmbeddingInitError(f"strategy returned non-finite {what} rows")
+    weight[num_base:] = embed_rows.to(device=weight.device, dtype=weight.dtype)
+    if not tied:  # tied: the head *is* the embedding, so the output rule has nothing to write
+        head = model.get_output_embeddings().weight
+        head[num_base:] = head_rows.to(device=head.device, dtype=head.dtype)

@@ -1,0 +1,53 @@
+"""``multivariate``: samples from N(mean, scale * covariance) of the existing rows.
+
+transformers' ``mean_resizing`` draws from this distribution with ``scale = 1e-9`` (in effect the
+mean plus a tiny jitter); ``covariance_scale: 1.0`` (the default here) is Hewitt's full Gaussian,
+which gives new rows the spread of real ones. The covariance is the population one (divided by
+the number of rows), as in transformers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bailong.embedding.pieces import EmbeddingInitError
+from bailong.embedding.registry import InitContext, NewRows, register
+
+
+@dataclass(frozen=True)
+class MultivariateOptions:
+    covariance_scale: float = 1.0
+
+    def __post_init__(self):
+        if not self.covariance_scale > 0:
+            raise EmbeddingInitError(f"multivariate covariance_scale must be > 0, got {self.covariance_scale}")
+
+
+def gaussian_factor(rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, L) in float64 with L @ L.T = scale * covariance of ``rows`` (+ a jitter if singular)."""
+    x = rows.double()
+    mean = x.mean(dim=0)
+    centred = x - mean
+    cov = scale * (centred.T @ centred) / x.shape[0]
+    jitter = 0.0
+    while True:  # fewer rows than dimensions makes the covariance singular: add the smallest jitter that works
+        factor, bad = torch.linalg.cholesky_ex(cov + jitter * torch.eye(cov.shape[0], dtype=cov.dtype))
+        if not bad:
+            return mean, factor
+        jitter = max(jitter * 10, 1e-12 * cov.diagonal().mean().item() or 1e-12)
+
+
+def sample_rows(rows: torch.Tensor, scale: float, n: int, gen: torch.Generator) -> torch.Tensor:
+    mean, factor = gaussian_factor(rows.cpu(), scale)
+    z = torch.randn(n, rows.shape[1], generator=gen, dtype=torch.float64)
+    return (mean + z @ factor.T).float()
+
+
+@register("multivariate", MultivariateOptions)
+def multivariate_rows(ctx: InitContext, options: MultivariateOptions) -> NewRows:
+    gen = ctx.generator()
+    n = ctx.new.num_new
+    embed = sample_rows(ctx.old_embed(), options.covariance_scale, n, gen)
+    head = sample_rows(ctx.old_head(), options.covariance_scale, n, gen)
+    return NewRows(embed, head, {"covariance_scale": options.covariance_scale})

@@ -1,0 +1,67 @@
+"""Score a saved run, its adapter, or a base model on any text file, in bits per character.
+
+    python -m bailong.eval outputs/pretrain/runs/<run> --tc held_out_zh.jsonl.gz --en held_out_en.txt
+    python -m bailong.eval models/mini-base --tc data/zh_tw/modern.jsonl.gz --max-chars 20000
+
+Prints one JSON object with the keys of metrics.json: ``final/*`` for a run or adapter, ``base/*`` for a
+base model (scored with its own tokenizer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bailong.data.corpus import load_documents
+from bailong.data.splits import cap_chars
+
+
+def _load(target: str, quant: str):
+    from types import SimpleNamespace
+
+    from bailong.model.adapter import load_adapter
+    from bailong.model.build import load_base_model  # applies the bitsandbytes CPU repack guard
+    from bailong.tokenization import load_tokenizer
+
+    path = Path(target)
+    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+    if (adapter / "adapter_config.json").is_file():
+        model, tok = load_adapter(adapter)
+        return "final", model, tok
+    q = SimpleNamespace(name=quant, quant_type="nf4", double_quant=True, compute_dtype="bfloat16",
+                        quant_storage="uint8")
+    model = load_base_model(target, quant=q)
+    return "base", model, load_tokenizer(target)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from bailong.eval.bpc import evaluate_texts
+
+    ap = argparse.ArgumentParser(prog="python -m bailong.eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("target", help="run directory, adapter directory, or base model (directory or hub id)")
+    ap.add_argument("--tc", nargs="*", default=[], help="Traditional Chinese .txt/.jsonl(.gz) files")
+    ap.add_argument("--en", nargs="*", default=[], help="English .txt/.jsonl(.gz) files")
+    ap.add_argument("--text-field", default="text")
+    ap.add_argument("--max-chars", type=int, default=None, help="cap per language (first documents)")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--quant", choices=["nf4", "none"], default="nf4", help="for a base model")
+    args = ap.parse_args(argv)
+    if not args.tc and not args.en:
+        ap.error("give at least one file with --tc or --en")
+
+    texts = {}
+    for lang in ("tc", "en"):
+        files = getattr(args, lang)
+        if files:
+            docs = load_documents([{"path": f, "text_field": args.text_field} for f in files])
+            texts[lang] = cap_chars(docs, args.max_chars)
+    prefix, model, tok = _load(args.target, args.quant)
+    scores = evaluate_texts(model, tok, texts, seq_len=args.seq_len, batch_size=args.batch_size)
+    result = {f"{prefix}/{k}": v for k, v in scores.items()}
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Save a trained adapter so it reloads onto a fresh base and gives the same logits.
+
+A fresh base lacks three things: the tokenizer, the values of the appended rows and the settings
+that built the model. peft stores the LoRA matrices and, in the ``new_rows`` and ``full`` modes,
+the embedding values it trains (trainable-token rows, whole saved modules). In the ``lora`` and
+``frozen`` modes the appended rows are frozen initial values peft does not store: those go to
+``new_rows.safetensors``. peft's own fallback (``save_embedding_layers``) would store both whole
+matrices instead, so it is turned off.
+
+Layout of ``out_dir``::
+
+    adapter_config.json, adapter_model.safetensors   peft
+    new_rows.safetensors                             lora / frozen modes only
+    tokenizer files                                  tokenizer.save_pretrained
+    bailong_adapter.json                             build settings load_adapter needs
+    config.yaml                                      the resolved experiment config, for the record
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from bailong.model.build import _plain, disable_cpu_repack, is_quantised, load_base_model, write_rows
+
+META_FILE = "bailong_adapter.json"
+ROWS_FILE = "new_rows.safetensors"
+CONFIG_FILE = "config.yaml"
+ROWS_STORED_BY_US = ("lora", "frozen")  # modes where peft does not store the appended rows
+
+
+def _base_weight(model: peft.PeftModel, module: torch.nn.Module) -> torch.Tensor:
+    """The frozen matrix under peft's wrappers (LoRA layer, trainable tokens, modules to save)."""
+    while True:
+        if isinstance(module, peft.utils.other.AuxiliaryTrainingWrapper):
+            module = module.original_module
+        elif isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer):
+            module = module.get_base_layer()
+        else:
+            return module.weight
+
+
+def stored_rows(model: peft.PeftModel, num_base: int) -> dict[str, torch.Tensor]:
+    """The appended rows of the frozen embedding and head of a peft model."""
+    base = model.get_base_model()
+    embed = _base_weight(model, base.get_input_embeddings())
+    head = _base_weight(model, base.get_output_embeddings())
+    rows = {"embed": embed[num_base:].detach().clone()}
+    if head is not embed:
+        rows["head"] = head[num_base:].detach().clone()
+    return rows
+
+
+def save_adapter(
+    model: peft.PeftModel,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    rows: Mapping[str, torch.Tensor] | None = None,
+    config: Mapping | None = None,
+) -> Path:
+    """Write the adapter, the appended rows peft does not store, the tokenizer and the config to ``out_dir``.
+
+    ``rows`` are the initial rows given to ``build_model``; in the modes where they are stored they must
+    still equal the model's frozen rows (a mismatch means the file would not reproduce the model).
+    """
+    build = getattr(model, "bailong_build", None)
+    if build is None:
+        raise ValueError("save_adapter needs a model made by bailong.model.build.build_model (no bailong_build)")
+    if len(tokenizer) > build["vocab_size"]:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {build['vocab_size']} embedding rows"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, save_embedding_layers=False)
+
+    num_base, files = build["num_base"], {}
+    if build["embeddings"] in ROWS_STORED_BY_US and build["vocab_size"] > num_base:
+        frozen = stored_rows(model, num_base)
+        for key, value in (rows or {}).items():
+            if key in frozen and not torch.equal(value.to(frozen[key].dtype), frozen[key]):
+                raise ValueError(f"rows[{key!r}] differs from the model's frozen appended rows: wrong rows passed?")
+        save_file({k: v.contiguous() for k, v in frozen.items()}, str(out / ROWS_FILE))
+        files["rows"] = ROWS_FILE
+    tokenizer.save_pretrained(out)
+    meta = {"format": 1, "build": build, "files": files}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    if config is not None:
+        (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(_plain(config))))
+    return out
+
+
+def load_adapter(
+    adapter_dir: str | Path,
+    *,
+    pretrained: str | None = None,
+    quant: Any = None,
+    dtype: str | None = None,
+    is_trainable: bool = False,
+) -> tuple[peft.PeftModel, Any]:
+    """Rebuild a saved adapter on a fresh base: ``(model, tokenizer)``; eval mode unless ``is_trainable``.
+
+    ``pretrained``, ``quant`` and ``dtype`` default to what the adapter was built with (a moved base
+    directory or a different quantisation can be given here).
+    """
+    path = Path(adapter_dir)
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"{path}: no {META_FILE}; not a directory written by save_adapter")
+    meta = json.loads((path / META_FILE).read_text())
+    build = meta["build"]
+    quant = quant if quant is not None else build["quant"]
+    model = load_base_model(
+        pretrained or build["pretrained"],
+        quant=quant,
+        dtype=dtype or build["dtype"],
+        revision=build["revision"],
+        trust_remote_code=build["trust_remote_code"],
+    )
+    num_base, vocab_size = build["num_base"], build["vocab_size"]
+    if vocab_size != num_base:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if "rows" in meta["files"]:
+        rows = load_file(str(path / meta["files"]["rows"]))
+        write_rows(model, num_base, rows)
+    if is_quantised(quant):  # as build_model did: unquantised parts upcast to fp32, so the logits match
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # new_rows / full modes: the resized rows stay as random placeholders; peft's stored values replace them
+    model = peft.PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+    model.train(is_trainable)
+    disable_cpu_repack(model)
+    model.bailong_build = build
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+

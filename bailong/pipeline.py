@@ -1,0 +1,159 @@
+"""The whole experiment, stage by stage: tokenizer → model → data → train → evaluate.
+
+Each stage is one call into its package; this file only wires them together and writes the run
+directory (see DESIGN.md for the layout).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from bailong.checks import check_config
+from bailong.data.pretrain import PretrainDataModule
+from bailong.data.splits import Splits, load_splits
+from bailong.embedding import resize_and_initialize
+from bailong.eval.bpc import evaluate_texts
+from bailong.eval.cached import cached_json
+from bailong.model.adapter import save_adapter
+from bailong.model.build import build_model, count_parameters, load_base_model, new_rows
+from bailong.tokenization import extend_tokenizer, load_tokenizer, tokens_per_char
+from bailong.train.pretrain import PretrainModule
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_config(cfg)  # cheap checks before any heavy work
+    pl.seed_everything(cfg.seed, workers=True)
+    metrics: dict = {"init/strategy": cfg.init.name}
+
+    splits = load_splits(cfg.data)
+
+    # 1 tokenizer: base + appended TC pieces (old ids kept), cached by a hash of its inputs
+    base_src, cache = cfg.model.tokenizer or cfg.model.pretrained, Path(cfg.paths.cache_dir)
+    ext = extend_tokenizer(base_src, splits.tc_train, cfg.tokenizer.added_vocab, cache, revision=cfg.model.revision,
+                           character_coverage=cfg.tokenizer.character_coverage, seed=cfg.tokenizer.seed)
+    # the base tokenizer built the same way (added_vocab=0), so base ids encode identically in both
+    base = extend_tokenizer(base_src, [], 0, cache, revision=cfg.model.revision)
+    base_tok, tok = load_tokenizer(base.path), load_tokenizer(ext.path)
+    tok.save_pretrained(out / "tokenizer")
+    metrics.update(tokenizer_metrics(base_tok, tok, ext, splits))
+
+    # 2 model: base metrics → new rows by the init strategy (full precision) → 4-bit base + rows + LoRA
+    if cfg.eval.base:
+        metrics.update(base_metrics(cfg, base_tok, splits))
+    rows, init_report = initial_rows(cfg, base_tok, tok, splits)
+    (out / "init_report.json").write_text(json.dumps(init_report, indent=2, ensure_ascii=False))
+    model = build_model(
+        cfg.model.pretrained, vocab_size=len(tok), num_base=ext.num_base, rows=rows, quant=cfg.quant,
+        lora=cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype,
+        revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+    )
+    params = count_parameters(model)
+    metrics.update({"params/trainable": params["trainable"], "params/total": params["total"],
+                    "params/trainable_pct": 100.0 * params["trainable"] / params["total"]})
+    log.info("parameters: %s trainable of %s (%.2f%%)", params["trainable"], params["total"],
+             metrics["params/trainable_pct"])
+
+    # step 0: the extended, initialised model before any update
+    seq_len = cfg.eval.seq_len or cfg.data.seq_len
+    metrics.update(prefixed("step0", evaluate_texts(model, tok, splits.val(), seq_len=seq_len,
+                                                   batch_size=cfg.eval.batch_size)))
+
+    # 3 data, 4 train
+    datamodule = PretrainDataModule(
+        tok, splits.tc_train, splits.en_train, splits.tc_val, splits.en_val, seq_len=cfg.data.seq_len,
+        batch_size=cfg.data.batch_size, tc_ratio=cfg.data.tc_ratio, seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+    )
+    module = PretrainModule(
+        model, lr=cfg.train.lr, max_steps=cfg.trainer.max_steps, optimizer=cfg.train.optimizer,
+        embedding_lr=cfg.train.embedding_lr, weight_decay=cfg.train.weight_decay, betas=tuple(cfg.train.betas),
+        warmup_steps=cfg.train.warmup_steps, min_lr_ratio=cfg.train.min_lr_ratio,
+    )
+    loggers = make_loggers(cfg)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics["train/seconds"] = time.perf_counter() - started
+    metrics["train/steps"] = trainer.global_step
+    metrics["train/tokens_per_sec"] = next(
+        (c.tokens_per_sec for c in callbacks if hasattr(c, "tokens_per_sec")), None)
+
+    # 5 evaluate the trained model on the same held-out text; save a reloadable adapter
+    metrics.update(prefixed("final", evaluate_texts(model, tok, splits.val(), seq_len=seq_len,
+                                                   batch_size=cfg.eval.batch_size)))
+    save_adapter(model, tok, out / "adapter", rows=rows, config=OmegaConf.to_container(cfg, resolve=True))
+    for lg in loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    log.info("metrics: %s", json.dumps(metrics, ensure_ascii=False))
+    return metrics
+
+
+def prefixed(prefix: str, values: dict) -> dict:
+    return {f"{prefix}/{k}": v for k, v in values.items()}
+
+
+def tokenizer_metrics(base_tok, tok, ext, splits: Splits) -> dict:
+    return {
+        "tokenizer/added": ext.num_added,
+        "tokenizer/vocab_size": len(tok),
+        "tokenizer/tc_tokens_per_char_base": tokens_per_char(base_tok, splits.tc_val),
+        "tokenizer/tc_tokens_per_char": tokens_per_char(tok, splits.tc_val),
+        "tokenizer/en_tokens_per_char_base": tokens_per_char(base_tok, splits.en_val),
+        "tokenizer/en_tokens_per_char": tokens_per_char(tok, splits.en_val),
+        "tokenizer/cached": ext.cached,
+    }
+
+
+def base_metrics(cfg: DictConfig, base_tok, splits: Splits) -> dict:
+    """Bits/char of the base with its own tokenizer, quantised as this run trains it. Cached: a sweep
+    over init, rank or vocabulary shares one base evaluation."""
+    seq_len = cfg.eval.seq_len or cfg.data.seq_len
+    key = {"model": OmegaConf.to_container(cfg.model, resolve=True), "quant": OmegaConf.to_container(cfg.quant),
+           "texts": splits.val(), "seq_len": seq_len}
+
+    def compute() -> dict:
+        model = load_base_model(cfg.model.pretrained, quant=cfg.quant, dtype=cfg.model.dtype,
+                                revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+        return evaluate_texts(model, base_tok, splits.val(), seq_len=seq_len, batch_size=cfg.eval.batch_size)
+
+    return prefixed("base", cached_json(Path(cfg.paths.cache_dir) / "base_metrics", key, compute))
+
+
+def initial_rows(cfg: DictConfig, base_tok, tok, splits: Splits) -> tuple[dict, dict]:
+    """Run the init strategy on a full-precision copy of the base; keep only the new rows."""
+    num_base = len(base_tok)
+    model = load_base_model(cfg.model.pretrained, quant=None, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                            trust_remote_code=cfg.model.trust_remote_code)
+    report = resize_and_initialize(model, base_tok, tok, cfg.init, texts=splits.tc_train, seed=cfg.seed)
+    rows = new_rows(model, num_base)
+    del model
+    return rows, report
+
+
+def make_loggers(cfg: DictConfig) -> list:
+    import os
+
+    loggers = []
+    for name, lg_cfg in cfg.logger.items():
+        if lg_cfg is None:
+            continue
+        kwargs = {}
+        if name == "wandb" and lg_cfg.get("offline") is None:
+            kwargs["offline"] = not os.environ.get("WANDB_API_KEY")  # never reach the network unasked
+        lg = instantiate(lg_cfg, **kwargs)
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        loggers.append(lg)
+    return loggers

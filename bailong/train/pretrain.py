@@ -1,0 +1,130 @@
+"""Continued pre-training as a LightningModule: the whole training step, top to bottom."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from bailong.eval.bpc import score_batch
+
+
+def _param_groups(model: torch.nn.Module, lr: float, embedding_lr: float | None, weight_decay: float):
+    """LoRA matrices at ``lr``; the new embedding/head rows (peft trainable tokens or saved modules) at
+    ``embedding_lr``, since freshly initialised rows usually want a different step size than LoRA."""
+    lora, rows = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_row = "trainable_tokens" in name or "modules_to_save" in name
+        (rows if is_row else lora).append(p)
+    groups = [{"params": lora, "lr": lr, "weight_decay": weight_decay, "name": "lora"}]
+    if rows:
+        groups.append({"params": rows, "lr": embedding_lr or lr, "weight_decay": 0.0, "name": "embeddings"})
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(name: str, groups: list[dict], betas: tuple[float, float]) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(groups, betas=betas)
+    import bitsandbytes as bnb
+
+    optimizers = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+    }
+    if name not in optimizers:
+        raise ValueError(f"train.optimizer={name!r}: expected one of adamw, {', '.join(optimizers)}")
+    if name.startswith("paged") and not torch.cuda.is_available():
+        raise ValueError(f"train.optimizer={name!r} pages optimizer state to CUDA memory: needs a GPU; use adamw")
+    return optimizers[name](groups, betas=betas)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine down to ``min_ratio`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class PretrainModule(pl.LightningModule):
+    """Causal-LM training of a peft model; validation reports bits per character per language.
+
+    Validation loaders come in the order of ``val_names`` (e.g. tc, en) and hold the evaluator's scoring
+    windows (``labels`` -100 where a position is not scored, ``chars`` covered), so ``val/tc_bpc`` is
+    exactly ``bailong.eval.bpc.bits_per_char`` on the same text.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        lr: float,
+        max_steps: int,
+        optimizer: str = "adamw",
+        embedding_lr: float | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        val_names: tuple[str, ...] = ("tc", "en"),
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.hp = dict(lr=lr, max_steps=max_steps, optimizer=optimizer, embedding_lr=embedding_lr,
+                       weight_decay=weight_decay, betas=tuple(betas), warmup_steps=warmup_steps,
+                       min_lr_ratio=min_lr_ratio)
+        self.val_names = tuple(val_names)
+        # checkpoints hold only the trainable parameters (the 4-bit base is reloaded from the hub/disk)
+        self.strict_loading = False
+        self._val_bits: dict[str, float] = {}
+        self._val_chars: dict[str, int] = {}
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
+                "lower train.lr or check the data (last good checkpoint is in checkpoints/)"
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hp
+        groups = _param_groups(self.model, hp["lr"], hp["embedding_lr"], hp["weight_decay"])
+        opt = make_optimizer(hp["optimizer"], groups, hp["betas"])
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, hp["warmup_steps"], hp["max_steps"], hp["min_lr_ratio"])
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- validation: bits per character -----------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_bits = {n: 0.0 for n in self.val_names}
+        self._val_chars = {n: 0 for n in self.val_names}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        name = self.val_names[dataloader_idx]
+        self._val_bits[name] += float(score_batch(self.model, batch).sum())  # the evaluator's own scoring
+        self._val_chars[name] += int(batch["chars"].sum())
+
+    def on_validation_epoch_end(self) -> None:
+        for name in self.val_names:
+            if self._val_chars[name]:
+                bpc = self._val_bits[name] / self._val_chars[name]
+                self.log(f"val/{name}_bpc", bpc, prog_bar=name == "tc", add_dataloader_idx=False)
+
+    # -- checkpoints: trainable parameters + RNG, so a resumed run continues bit-for-bit ----------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])

@@ -1,0 +1,133 @@
+"""Step-0 bits/char of every init strategy and every zip_tie input x output rule on the mini base.
+
+    .venv/bin/python experiments/zip_tie_rules.py                       # everything (~15 min, 2 CPUs)
+    .venv/bin/python experiments/zip_tie_rules.py --only zip_tie:mean   # runs whose name starts so
+
+Extends the base tokenizer with the TC training split (the pipeline's split: 2% of each
+data/zh_tw file by document hash, seed 0), initialises the new rows of a fresh copy of the base for
+each configuration, and measures bits/char on capped validation text, before any training: TC (the
+three TC files, equal shares) and EN (data/en). The base itself is measured with the same tokenizer
+construction and no added pieces. Prints a markdown table, writes JSON (see --out).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bailong.data.corpus import load_documents, split_documents  # noqa: E402
+from bailong.embedding import resize_and_initialize  # noqa: E402
+from bailong.embedding.pieces import PIECE_RULES  # noqa: E402
+from bailong.eval.bpc import bits_per_char  # noqa: E402
+from bailong.tokenization.extend import extend_tokenizer, load_tokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+TC_FILES = ["poetry_tang", "modern", "classics"]
+EN_FILES = ["kjv", "fortunes"]
+
+
+def splits(folder: str, names: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+    return {n: split_documents(load_documents({"path": str(ROOT / "data" / folder / f"{n}.jsonl.gz")}), 0.02, 0)
+            for n in names}
+
+
+def capped(docs: list[str], max_chars: int) -> list[str]:
+    """Whole validation documents until ``max_chars``, the last one cut: seconds per measurement."""
+    out, total = [], 0
+    for doc in docs:
+        if total >= max_chars:
+            break
+        out.append(doc[: max_chars - total])
+        total += len(out[-1])
+    return out
+
+
+def configurations(shift_tokens: int) -> list[tuple[str, dict]]:
+    shift = {"shift_max_tokens": shift_tokens}
+    runs = [
+        ("random", {"name": "random"}),
+        ("mean", {"name": "mean"}),
+        ("multivariate", {"name": "multivariate"}),
+        ("multivariate:1e-9", {"name": "multivariate", "covariance_scale": 1e-9}),
+        ("subword_mean", {"name": "subword_mean"}),
+    ]
+    for output_rule in PIECE_RULES + ("first_shift",):
+        for input_rule in PIECE_RULES:
+            runs.append((f"zip_tie:{input_rule}/{output_rule}",
+                         {"name": "zip_tie", "input_rule": input_rule, "output_rule": output_rule, **shift}))
+    for extra in ({"shift_estimate": "prefix"}, {"shift_bias": 1.0}, {"shift_bias": 2.0}, {"shift_bias": -1.0},
+                  {"shift_ridge": 1e-1}, {"shift_ridge": 1e-5}):
+        tag = ",".join(f"{k}={v}" for k, v in extra.items())
+        runs.append((f"zip_tie:mean/first_shift,{tag}",
+                     {"name": "zip_tie", "input_rule": "mean", "output_rule": "first_shift", **shift, **extra}))
+    for extra in ({}, {"output_loss": "ce"}, {"steps": 300}, {"start_from": "subword_mean"}):
+        tag = ",".join(f"{k}={v}" for k, v in extra.items()) or "default"
+        runs.append((f"distill:{tag}", {"name": "distill", **shift, **extra}))
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(ROOT / "models/mini-base"))
+    parser.add_argument("--added-vocab", type=int, default=12000)
+    parser.add_argument("--max-chars", type=int, default=12000, help="validation characters per language")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--shift-tokens", type=int, default=200_000, help="zip_tie shift_max_tokens")
+    parser.add_argument("--only", default="", help="comma-separated name prefixes; 'base' is always run")
+    parser.add_argument("--cache-dir", default=str(ROOT / ".cache"))
+    parser.add_argument("--out", default=str(ROOT / "experiments/results/zip_tie_rules.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    tc, en = splits("zh_tw", TC_FILES), splits("en", EN_FILES)
+    tc_train = [d for train, _ in tc.values() for d in train]
+    per_file = args.max_chars // len(TC_FILES)
+    tc_val = [d for _, val in tc.values() for d in capped(val, per_file)]
+    en_val = [d for _, val in en.values() for d in capped(val, args.max_chars // len(EN_FILES))]
+
+    start = time.perf_counter()
+    base_tok = load_tokenizer(extend_tokenizer(args.model, tc_train, 0, args.cache_dir).path)
+    extended = extend_tokenizer(args.model, tc_train, args.added_vocab, args.cache_dir)
+    tok = load_tokenizer(extended.path)
+    print(f"tokenizers: base {len(base_tok)}, extended {len(tok)} ({time.perf_counter() - start:.0f} s)", flush=True)
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+
+    def measure(model, tokenizer) -> dict:
+        tc_m = bits_per_char(model, tokenizer, tc_val, seq_len=args.seq_len, batch_size=8)
+        en_m = bits_per_char(model, tokenizer, en_val, seq_len=args.seq_len, batch_size=8)
+        return {"tc_bpc": tc_m["bpc"], "en_bpc": en_m["bpc"], "tc_tokens_per_char": tc_m["tokens_per_char"]}
+
+    results = [{"name": "base", **measure(base, base_tok), "init_seconds": 0.0}]
+    print(f"| {'init':44} | TC bits/char | EN bits/char | init s |", flush=True)
+    print(f"| base{'':40} | {results[0]['tc_bpc']:12.4f} | {results[0]['en_bpc']:12.4f} | {0:6.1f} |", flush=True)
+    wanted = [w for w in args.only.split(",") if w]
+    for name, cfg in configurations(args.shift_tokens):
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        model = copy.deepcopy(base)
+        report = resize_and_initialize(model, base_tok, tok, cfg, texts=tc_train, seed=0)
+        row = {"name": name, **measure(model, tok), "init_seconds": report["seconds"], "config": cfg,
+               "info": report["info"]}
+        results.append(row)
+        print(f"| {name:44} | {row['tc_bpc']:12.4f} | {row['en_bpc']:12.4f} | {row['init_seconds']:6.1f} |", flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "model": args.model, "added_vocab": args.added_vocab, "num_added": extended.num_added,
+        "tc_val_chars": sum(map(len, tc_val)), "en_val_chars": sum(map(len, en_val)), "seq_len": args.seq_len,
+        "results": results,
+    }, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

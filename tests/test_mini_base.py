@@ -1,0 +1,156 @@
+"""The embedded mini base: Llama-2-like tokenizer layout, loadable with Auto*, bit-for-bit rebuilds.
+
+Builds use a tiny variant (hidden 32, 1 layer, 600 pieces, 3 steps) on the first documents of the
+repo's corpora; the shipped models/mini-base is checked for layout and card consistency.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bailong.data.corpus import load_documents, split_documents
+from bailong.model.base import (MiniBaseConfig, PackedRows, build_mini_base, is_han, lr_at,
+                                tokenizer_layout, train_tokenizer)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "mini-base"
+TINY = replace(MiniBaseConfig(), vocab_size=600, han_pieces=40, cjk_punct_pieces=4, hidden_size=32,
+               intermediate_size=64, num_layers=1, num_heads=2, max_position_embeddings=64, seq_len=32,
+               batch_size=4, steps=3, warmup_steps=1, log_every=1, eval_every=2)
+
+
+def _train_docs(path: str, n: int) -> list[str]:
+    return split_documents(load_documents({"path": str(ROOT / path), "max_docs": n}), 0.02, seed=0)[0]
+
+
+@pytest.fixture(scope="module")
+def docs() -> dict[str, list[str]]:
+    return {"en": _train_docs("data/en/kjv.jsonl.gz", 40) + _train_docs("data/en/fortunes.jsonl.gz", 200),
+            "tc": _train_docs("data/zh_tw/poetry_tang.jsonl.gz", 200) + _train_docs("data/zh_tw/modern.jsonl.gz", 20)}
+
+
+@pytest.fixture(scope="module")
+def tiny_builds(docs, tmp_path_factory) -> list[Path]:
+    dirs = []
+    for run in range(2):
+        out = tmp_path_factory.mktemp(f"tiny{run}")
+        build_mini_base(TINY, docs["en"], docs["tc"], out, log_path=out / "build.log")
+        dirs.append(out)
+    return dirs
+
+
+def test_tiny_build_is_bit_for_bit_reproducible(tiny_builds):
+    a, b = tiny_builds
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.model").read_bytes() == (b / "tokenizer.model").read_bytes()
+
+
+def test_another_seed_gives_other_weights(docs, tiny_builds, tmp_path):
+    build_mini_base(replace(TINY, seed=1), docs["en"], docs["tc"], tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() != (tiny_builds[0] / "model.safetensors").read_bytes()
+
+
+def test_tiny_build_loads_with_auto_classes(tiny_builds):
+    out = tiny_builds[0]
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.dtype == torch.float32  # stored bf16, config says float32
+    assert not model.config.tie_word_embeddings
+    assert model.get_input_embeddings().weight.data_ptr() != model.get_output_embeddings().weight.data_ptr()
+    assert (model.config.vocab_size, model.config.hidden_size, model.config.num_hidden_layers) == (600, 32, 1)
+    assert "step 3/3" in (out / "build.log").read_text()
+
+
+def test_transformers_tokenizer_matches_sentencepiece(tiny_builds, docs):
+    out = tiny_builds[0]
+    hf = AutoTokenizer.from_pretrained(str(out))
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    texts = docs["en"][:30] + docs["tc"][:30] + ["天地玄黃，宇宙洪荒。", "mixed 中文 and 123 digits"]
+    for text in texts:
+        if text[:1].isspace():
+            continue  # transformers' Metaspace adds no dummy prefix before leading whitespace
+        assert hf(text)["input_ids"] == [1, *sp.encode(text)], text[:40]
+        assert hf.decode(hf(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_tokenizer_is_laid_out_as_llama_and_uses_han_pieces(docs):
+    sp = spm.SentencePieceProcessor(model_proto=train_tokenizer(docs["en"], docs["tc"], TINY))
+    layout = tokenizer_layout(sp)
+    assert layout == {"pieces": 600, "byte_pieces": 256, "han_pieces": 40, "cjk_punct_pieces": 4}
+    assert sp.get_piece_size() == 600 and sp.id_to_piece(259) != "<0x00>"
+    proto = sp_pb2.ModelProto.FromString(sp.serialized_model_proto())
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    assert (spec.byte_fallback, spec.split_digits, norm.name, norm.remove_extra_whitespaces,
+            norm.add_dummy_prefix) == (True, True, "identity", False, True)
+    # the most frequent Han characters are single pieces; a rare one falls back to 3 UTF-8 bytes
+    pieces = sp.encode("的不", out_type=str)
+    han_in_vocab = [p for p in pieces if p and all(is_han(c) for c in p)]
+    assert han_in_vocab, pieces
+    rare = sp.encode("鑶", out_type=str)
+    assert rare[-3:] == ["<0xE9>", "<0x91>", "<0xB6>"]
+    # English words are merged pieces, not characters
+    assert len(sp.encode("the")) == 1
+
+
+def test_too_few_han_characters_is_a_clear_error(docs):
+    with pytest.raises(ValueError, match="distinct"):
+        train_tokenizer(docs["en"], ["天地"], TINY)
+
+
+def test_packed_rows_cover_the_stream_in_seeded_order():
+    docs = [torch.arange(i * 10, i * 10 + 7).numpy() for i in range(5)]
+    a = PackedRows(docs, seq_len=4, seed=3).take(6)
+    b = PackedRows(docs, seq_len=4, seed=3).take(6)
+    assert (a == b).all() and a.shape == (6, 5)
+    rows = PackedRows(docs, seq_len=4, seed=3)
+    first, second = rows.take(1)[0], rows.take(1)[0]
+    assert first[-1] == second[0]  # the last target of a row is the next row's first input
+    with pytest.raises(ValueError, match="fewer than one row"):
+        PackedRows(docs[:1], seq_len=16, seed=0)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = replace(TINY, steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) == pytest.approx(1e-4, rel=0.01)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_build_script_tiny_writes_a_loadable_base_and_card(tmp_path):
+    out, logs = tmp_path / "mb", tmp_path / "logs"
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "build_mini_base.py"), "--tiny",
+                    "--out", str(out), "--log-dir", str(logs)], check=True, capture_output=True, cwd=ROOT)
+    card = json.loads((out / "card.json").read_text())
+    assert card["tokenizer"]["han_pieces"] == 40
+    assert set(card["eval"]) >= {"en", "tc", "en/kjv", "tc/poetry_tang"}
+    assert card["eval"]["tc"]["unigram_bpc"] > 0 and card["eval"]["en"]["bpc"] > 0
+    assert "| **tc** |" in (out / "README.md").read_text()
+    assert (logs / "main.log").is_file()
+
+
+@pytest.mark.skipif(not (SHIPPED / "card.json").is_file(), reason="models/mini-base not built yet")
+def test_shipped_base_matches_its_card():
+    card = json.loads((SHIPPED / "card.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED))
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
+    assert sum(p.numel() for p in model.parameters()) == card["architecture"]["parameters"]
+    assert (SHIPPED / "model.safetensors").stat().st_size <= 14_000_000
+    for size in ("hidden_size", "intermediate_size"):
+        assert getattr(model.config, size) % 32 == 0  # the bitsandbytes CPU kernel needs it
+    sp = spm.SentencePieceProcessor(model_file=str(SHIPPED / "tokenizer.model"))
+    assert tokenizer_layout(sp) == card["tokenizer"]
+    assert len(tok) == model.config.vocab_size == sp.get_piece_size()
+    # what the card promises: Chinese well below a unigram character model, English close to the reference
+    assert card["eval"]["tc"]["bpc"] < card["eval"]["tc"]["unigram_bpc"] - 1.0
+    if "reference" in card:
+        assert card["eval"]["en"]["bpc"] < card["reference"]["eval"]["en"]["bpc"] + 0.25

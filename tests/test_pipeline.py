@@ -1,0 +1,108 @@
+"""The whole experiment on the embedded default: run.py end to end, resume after a crash, reload."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, compose_config
+
+REQUIRED_KEYS = [
+    "tokenizer/added", "tokenizer/vocab_size", "tokenizer/tc_tokens_per_char_base", "tokenizer/tc_tokens_per_char",
+    "base/tc_bpc", "base/en_bpc", "step0/tc_bpc", "step0/en_bpc", "final/tc_bpc", "final/en_bpc",
+    "params/trainable", "params/total", "train/tokens_per_sec", "train/steps", "init/strategy",
+]
+SMOKE = ["experiment=smoke", "logger=csv"]
+
+
+def run_py(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from bailong.pipeline import run
+
+    out = tmp_path_factory.mktemp("smoke")
+    cfg = compose_config(SMOKE, output_dir=out)
+    return out, cfg, run(cfg)
+
+
+def test_smoke_run_writes_the_run_directory(smoke_run):
+    out, cfg, metrics = smoke_run
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    missing = [k for k in REQUIRED_KEYS if k not in metrics]
+    assert not missing, missing
+    assert metrics["train/steps"] == cfg.trainer.max_steps
+    assert metrics["tokenizer/added"] == cfg.tokenizer.added_vocab
+    assert metrics["tokenizer/tc_tokens_per_char"] < metrics["tokenizer/tc_tokens_per_char_base"]
+    assert 0 < metrics["params/trainable"] < metrics["params/total"]
+    for key in ("base/tc_bpc", "step0/tc_bpc", "final/tc_bpc", "final/en_bpc"):
+        assert 0 < metrics[key] < 20, (key, metrics[key])
+    for sub in ("tokenizer/tokenizer.json", "adapter/adapter_config.json", "init_report.json",
+                "checkpoints/last.ckpt", "csv/metrics.csv"):
+        assert (out / sub).exists(), sub
+    curve = (out / "csv" / "metrics.csv").read_text()
+    assert "val/tc_bpc" in curve and "train/loss" in curve
+
+
+def test_saved_adapter_reproduces_the_final_metrics(smoke_run):
+    from bailong.data.splits import load_splits
+    from bailong.eval.bpc import evaluate_texts
+    from bailong.model.adapter import load_adapter
+
+    out, cfg, metrics = smoke_run
+    model, tok = load_adapter(out / "adapter")
+    scores = evaluate_texts(model, tok, load_splits(cfg.data).val(), seq_len=cfg.data.seq_len,
+                            batch_size=cfg.eval.batch_size)
+    assert scores["tc_bpc"] == pytest.approx(metrics["final/tc_bpc"], rel=1e-6)
+    assert scores["en_bpc"] == pytest.approx(metrics["final/en_bpc"], rel=1e-6)
+
+
+def test_quick_cli_run_still_writes_metrics(tmp_path):
+    """The README's quick run: one step, yet the full metrics.json (step-0 metrics need no training)."""
+    out = tmp_path / "x"
+    proc = run_py(["init=mean", "trainer.max_steps=1", f"hydra.run.dir={out}", "logger=csv",
+                   "data.max_val_chars=2000", "trainer.enable_progress_bar=false"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(k in metrics for k in REQUIRED_KEYS)
+    assert metrics["init/strategy"] == "mean" and metrics["train/steps"] == 1
+
+
+def test_bad_config_value_fails_before_heavy_work(tmp_path):
+    proc = run_py(["lora.r=0", f"hydra.run.dir={tmp_path / 'bad'}"])
+    assert proc.returncode != 0
+    assert "lora.r=0" in proc.stderr and "positive" in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    common = SMOKE + ["trainer.max_steps=6", "trainer.val_check_interval=3", "train.checkpoint_every_n_steps=2",
+                      "lora.dropout=0.1"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    proc = run_py(common + [f"hydra.run.dir={straight}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    kill = ["+callbacks.kill._target_=bailong.train.callbacks.KillAtStep", "+callbacks.kill.step=3"]
+    proc = run_py(common + kill + [f"hydra.run.dir={crashed}"])
+    assert proc.returncode == -9, (proc.returncode, proc.stderr[-3000:])  # really SIGKILLed
+    assert not (crashed / "metrics.json").exists()
+    ckpt = crashed / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+
+    proc = run_py(common + [f"hydra.run.dir={crashed}", f"ckpt_path={ckpt}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((crashed / "metrics.json").read_text())
+    assert b["train/steps"] == a["train/steps"] == 6
+    for key in ("final/tc_bpc", "final/en_bpc"):
+        assert b[key] == pytest.approx(a[key], rel=1e-9, abs=0), key
