@@ -20,7 +20,7 @@ from bailong.data.pretrain import PretrainDataModule
 from bailong.data.splits import Splits, load_splits
 from bailong.embedding import resize_and_initialize
 from bailong.eval.bpc import evaluate_texts
-from bailong.eval.cached import cached_json
+from bailong.eval.cached import cached_json, fingerprint
 from bailong.model.adapter import save_adapter
 from bailong.model.build import build_model, count_parameters, load_base_model, new_rows
 from bailong.tokenization import extend_tokenizer, load_tokenizer, tokens_per_char
@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
 
     # 2 model: base metrics → new rows by the init strategy (full precision) → 4-bit base + rows + LoRA
     if cfg.eval.base:
-        metrics.update(base_metrics(cfg, base_tok, splits))
+        metrics.update(base_metrics(cfg, base_tok, base.cache_key, splits))
     rows, init_report = initial_rows(cfg, base_tok, tok, splits)
     (out / "init_report.json").write_text(json.dumps(init_report, indent=2, ensure_ascii=False))
     model = build_model(
@@ -117,12 +117,13 @@ def tokenizer_metrics(base_tok, tok, ext, splits: Splits) -> dict:
     }
 
 
-def base_metrics(cfg: DictConfig, base_tok, splits: Splits) -> dict:
+def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) -> dict:
     """Bits/char of the base with its own tokenizer, quantised as this run trains it. Cached: a sweep
     over init, rank or vocabulary shares one base evaluation."""
     seq_len = cfg.eval.seq_len or cfg.data.seq_len
-    key = {"model": OmegaConf.to_container(cfg.model, resolve=True), "quant": OmegaConf.to_container(cfg.quant),
-           "texts": splits.val(), "seq_len": seq_len}
+    key = {"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": fingerprint(cfg.model.pretrained),
+           "tokenizer": tokenizer_key, "quant": OmegaConf.to_container(cfg.quant), "texts": splits.val(),
+           "seq_len": seq_len, "batch_size": cfg.eval.batch_size}
 
     def compute() -> dict:
         model = load_base_model(cfg.model.pretrained, quant=cfg.quant, dtype=cfg.model.dtype,

@@ -33,6 +33,8 @@ def compose_config(overrides: list[str] | None = None, output_dir: str | Path | 
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(output_dir)
     HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # the task sees no hydra node, as under @hydra.main
     return cfg
 
 

@@ -159,6 +159,9 @@ class PretrainDataModule(pl.LightningDataModule):
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # its own generator: creating an iterator must not draw from the global RNG that LoRA
+            # dropout uses, or a resumed run's dropout masks would shift by one draw
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     # Mid-epoch resume: Lightning restores this state before it asks for the train loader, so a
@@ -184,6 +187,7 @@ class PretrainDataModule(pl.LightningDataModule):
                 collate_fn=collate_windows,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
+                generator=torch.Generator().manual_seed(self.seed),
             )
             for name in self.val_names
         ]

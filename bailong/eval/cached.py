@@ -26,3 +26,12 @@ def cached_json(directory: Path, inputs: Any, compute: Callable[[], dict]) -> di
         json.dump(result, fh)
     os.replace(tmp, path)
     return result
+
+
+def fingerprint(model: str) -> list:
+    """Name, size and mtime of a local model directory's files (a hub id stands for itself), so a
+    rebuilt base invalidates results cached for the old one."""
+    path = Path(model)
+    if not path.is_dir():
+        return [model]
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())

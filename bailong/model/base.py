@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,7 +82,7 @@ def is_cjk_punct(ch: str) -> bool:
     return 0x3000 <= cp <= 0x303F or 0xFF00 <= cp <= 0xFFEF
 
 
-def most_frequent_chars(texts: Sequence[str], keep, k: int) -> list[str]:
+def most_frequent_chars(texts: Sequence[str], keep: Callable[[str], bool], k: int) -> list[str]:
     """The k most frequent characters passing ``keep``; ties broken by code point, so runs agree."""
     counts = Counter(ch for t in texts for ch in t if keep(ch))
     if len(counts) < k:
@@ -125,8 +125,8 @@ def train_tokenizer(en_texts: Sequence[str], tc_texts: Sequence[str], cfg: MiniB
     present = {p.piece for p in proto.pieces}
     lowest = min(p.score for p in proto.pieces if p.type == sp_pb2.ModelProto.SentencePiece.NORMAL)
     for ch in added:
-        if ch in present:  # the English text held it already; keep the vocabulary size exact anyway
-            raise ValueError(f"{ch!r} is already an English piece; lower character_coverage or k")
+        if ch in present:  # SentencePiece rejects a model with a duplicate piece
+            raise ValueError(f"{ch!r} is already a piece of the English BPE; remove it from the English text")
         lowest -= 1.0
         proto.pieces.add(piece=ch, score=lowest, type=sp_pb2.ModelProto.SentencePiece.NORMAL)
     proto.trainer_spec.vocab_size = len(proto.pieces)
@@ -234,6 +234,7 @@ def train(model: LlamaForCausalLM, en: PackedRows, tc: PackedRows | None, cfg: M
     tc_rows = cfg.tc_rows if tc is not None else 0
     model.train()
     start = last = time.perf_counter()
+    last_step = 0
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -246,10 +247,10 @@ def train(model: LlamaForCausalLM, en: PackedRows, tc: PackedRows | None, cfg: M
         optimizer.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             now = time.perf_counter()
-            tok_s = cfg.log_every * cfg.batch_size * cfg.seq_len / (now - last)
+            tok_s = (step + 1 - last_step) * cfg.batch_size * cfg.seq_len / (now - last)
             log(f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} grad_norm {grad_norm.item():.3f} "
                 f"lr {lr_at(step, cfg):.2e} tok/s {tok_s:.0f} elapsed {now - start:.0f}s")
-            last = now
+            last, last_step = now, step + 1
         if held_out and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             model.eval()
             with torch.no_grad():
@@ -291,7 +292,7 @@ def build_mini_base(cfg: MiniBaseConfig, en_docs: Sequence[str], tc_docs: Sequen
                     en_held_out: Sequence[str] = (), tc_held_out: Sequence[str] = ()) -> dict:
     """Train tokenizer and model from the *training* documents, save to out_dir, return stats.
 
-    tc_share = 0 (or no tc_docs) gives the English-only reference; the tokenizer still takes its
+    tc_share = 0 gives the English-only reference; the tokenizer still takes its
     CJK characters from tc_docs so that both bases share one vocabulary. The held-out documents
     only feed the progress log.
     """
