@@ -14,13 +14,14 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 
 from bailong.checks import check_config
 from bailong.data.pretrain import PretrainDataModule
 from bailong.data.splits import Splits, load_splits
 from bailong.embedding import resize_and_initialize
 from bailong.eval.bpc import evaluate_texts
-from bailong.eval.cached import cached_json, fingerprint
+from bailong.cache import atomic_dir, cache_key, cached_json, fingerprint, hash_texts
 from bailong.model.adapter import save_adapter
 from bailong.model.build import build_model, count_parameters, load_base_model, new_rows
 from bailong.tokenization import extend_tokenizer, load_tokenizer, tokens_per_char
@@ -51,7 +52,7 @@ def run(cfg: DictConfig) -> dict:
     # 2 model: base metrics → new rows by the init strategy (full precision) → 4-bit base + rows + LoRA
     if cfg.eval.base:
         metrics.update(base_metrics(cfg, base_tok, base.cache_key, splits))
-    rows, init_report = initial_rows(cfg, base_tok, tok, splits)
+    rows, init_report = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
     (out / "init_report.json").write_text(json.dumps(init_report, indent=2, ensure_ascii=False))
     model = build_model(
         cfg.model.pretrained, vocab_size=len(tok), num_base=ext.num_base, rows=rows, quant=cfg.quant,
@@ -96,6 +97,8 @@ def run(cfg: DictConfig) -> dict:
     save_adapter(model, tok, out / "adapter", rows=rows, config=OmegaConf.to_container(cfg, resolve=True))
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
+        lg.save()
+    finish_wandb(loggers)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
     log.info("metrics: %s", json.dumps(metrics, ensure_ascii=False))
     return metrics
@@ -133,15 +136,28 @@ def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) 
     return prefixed("base", cached_json(Path(cfg.paths.cache_dir) / "base_metrics", key, compute))
 
 
-def initial_rows(cfg: DictConfig, base_tok, tok, splits: Splits) -> tuple[dict, dict]:
-    """Run the init strategy on a full-precision copy of the base; keep only the new rows."""
+def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Splits) -> tuple[dict, dict]:
+    """Run the init strategy on a full-precision copy of the base; keep only the new rows.
+
+    Cached by a hash of everything the rows depend on, so a sweep over LoRA rank or training settings
+    initialises once (zip-tie's shift and distillation run the base over the corpus)."""
+    key = cache_key({"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": fingerprint(cfg.model.pretrained),
+                     "tokenizer": tokenizer_key, "init": OmegaConf.to_container(cfg.init), "seed": cfg.seed,
+                     "texts": hash_texts(splits.tc_train)})
+    cached = Path(cfg.paths.cache_dir) / "init_rows" / key
+    if (cached / "report.json").is_file():
+        report = json.loads((cached / "report.json").read_text())
+        return load_file(cached / "rows.safetensors"), {**report, "cached": True}
     num_base = len(base_tok)
     model = load_base_model(cfg.model.pretrained, quant=None, dtype=cfg.model.dtype, revision=cfg.model.revision,
                             trust_remote_code=cfg.model.trust_remote_code)
     report = resize_and_initialize(model, base_tok, tok, cfg.init, texts=splits.tc_train, seed=cfg.seed)
     rows = new_rows(model, num_base)
     del model
-    return rows, report
+    with atomic_dir(cached) as tmp:
+        save_file({k: v.contiguous() for k, v in rows.items()}, tmp / "rows.safetensors")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return rows, {**report, "cached": False}
 
 
 def make_loggers(cfg: DictConfig) -> list:
@@ -158,3 +174,12 @@ def make_loggers(cfg: DictConfig) -> list:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         loggers.append(lg)
     return loggers
+
+
+def finish_wandb(loggers: list) -> None:
+    """Close the W&B run so the next job of a multirun starts its own (Lightning does not)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.experiment.finish()

@@ -140,8 +140,8 @@ def render_readme(card: dict) -> str:
         lines.append(line + (f" {ref['eval'][key]['bpc']:.3f} |" if ref else ""))
     if ref:
         lines += ["", f"The reference is the same architecture and tokenizer trained for the same {ref['steps']} "
-                  f"steps on English only ({ref['tokens']['en']:,} tokens, {ref['wall_time_s'] / 60:.1f} min); "
-                  "only its numbers are kept."]
+                  f"steps on English only ({ref['tokens']['en']:,} tokens, {ref['wall_time_s'] / 60:.1f} min on "
+                  f"{ref['threads']} CPU threads); only its numbers are kept."]
     else:
         lines += ["", "English-only reference: not built yet (`--reference`)."]
     lines += [

@@ -20,7 +20,7 @@ SMOKE = ["experiment=smoke", "logger=csv"]
 
 
 def run_py(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -67,14 +67,17 @@ def test_saved_adapter_reproduces_the_final_metrics(smoke_run):
 
 
 def test_quick_cli_run_still_writes_metrics(tmp_path):
-    """The README's quick run: one step, yet the full metrics.json (step-0 metrics need no training)."""
+    """The README's quick run: one step, yet the full metrics.json (step-0 metrics need no training);
+    with the default loggers, W&B writes an offline run (no API key, no network) beside the CSV log."""
     out = tmp_path / "x"
-    proc = run_py(["init=mean", "trainer.max_steps=1", f"hydra.run.dir={out}", "logger=csv",
+    proc = run_py(["init=mean", "trainer.max_steps=1", f"hydra.run.dir={out}",
                    "data.max_val_chars=2000", "trainer.enable_progress_bar=false"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(k in metrics for k in REQUIRED_KEYS)
     assert metrics["init/strategy"] == "mean" and metrics["train/steps"] == 1
+    assert list((out / "wandb").glob("offline-run-*")), "expected an offline W&B run"
+    assert (out / "csv" / "metrics.csv").is_file()
 
 
 def test_bad_config_value_fails_before_heavy_work(tmp_path):

@@ -137,13 +137,14 @@ def distill_rows(ctx: InitContext, options: DistillOptions) -> NewRows:
     try:
         with torch.no_grad():
             fixed_before = _distill_loss(fixed, *args).item()
-        for _ in range(options.steps):
-            picks = torch.randint(len(windows), (options.batch_size,), generator=gen).tolist()
-            loss = _distill_loss([windows[i] for i in picks], *args)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        with torch.enable_grad():  # callers may run under no_grad
+            for _ in range(options.steps):
+                picks = torch.randint(len(windows), (options.batch_size,), generator=gen).tolist()
+                loss = _distill_loss([windows[i] for i in picks], *args)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
         with torch.no_grad():
             fixed_after = _distill_loss(fixed, *args).item()
     finally:

@@ -1,10 +1,13 @@
-"""A JSON result cache keyed by a hash of its inputs (shared by the jobs of a sweep)."""
+"""Results cached by a hash of their inputs, shared by the jobs of a sweep (written atomically)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,3 +38,27 @@ def fingerprint(model: str) -> list:
     if not path.is_dir():
         return [model]
     return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+
+
+def hash_texts(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\x00")
+    return digest.hexdigest()[:24]
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Write a directory's files into a temporary sibling, then rename it into place: parallel sweep
+    jobs see the whole directory or none of it (the first finisher wins)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another job got there first: its result is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
