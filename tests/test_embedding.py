@@ -342,47 +342,61 @@ def test_zip_tie_piece_rules(input_rule, output_rule, base_model, tokenizers):
     assert report["info"] == {"input_rule": input_rule, "output_rule": output_rule}
 
 
-def _base_logprobs_and_hidden(model, base, texts, seq_len):
-    """Per chunk of the concatenated base-token stream: ids, log-probs and final hidden states."""
-    stream = [i for t in shuffled(texts, 0) for i in base(t)["input_ids"]]  # the seeded document order
+def _spelled_chunks(model, tokenizers, texts, seq_len):
+    """The extended tokenization of the seeded document order, new tokens spelled in base pieces,
+    cut into chunks: per chunk the ids, the extended id starting at each position (-1 inside),
+    log-probs and final hidden states of the base."""
+    base, extended, _ = tokenizers
+    ids, starts = [], []
+    for text in shuffled(texts, 0):
+        for token in extended(text)["input_ids"]:
+            pieces = expected_spelling(base, extended.convert_ids_to_tokens(token)) if token >= len(base) else [token]
+            ids += pieces
+            starts += [token] + [-1] * (len(pieces) - 1)
     chunks = []
     with torch.no_grad():
-        for s in range(0, len(stream), seq_len):
-            ids = stream[s : s + seq_len]
-            out = model(torch.tensor([ids]), output_hidden_states=False)
-            h = model.model(torch.tensor([ids])).last_hidden_state[0].double().numpy()
-            logp = torch.log_softmax(out.logits[0].double(), -1).numpy()
-            chunks.append((ids, logp, h))
-    return chunks
+        for s in range(0, len(ids), seq_len):
+            chunk = torch.tensor([ids[s : s + seq_len]])
+            h = model.model(chunk).last_hidden_state[0].double()
+            logp = torch.log_softmax(model(chunk).logits[0].double(), -1).numpy()
+            chunks.append((ids[s : s + seq_len], starts[s : s + seq_len], logp, h.numpy()))
+    return ids, starts, chunks
 
 
-@pytest.mark.parametrize("estimate", ["occurrence", "prefix"])
+@pytest.mark.parametrize("estimate,mass_bias", [("occurrence", True), ("prefix", False)])
 def test_zip_tie_first_shift_adds_the_continuation_logprob_along_a_constant_direction(
-    estimate, base_model, tokenizers, texts
+    estimate, mass_bias, base_model, tokenizers, texts
 ):
     base, _, added = tokenizers
     num_base, seq_len, ridge = len(base), 256, 1e-2
     corpus = texts["tc"][:40]
     cfg = {"name": "zip_tie", "output_rule": "first_shift", "shift_estimate": estimate, "shift_ridge": ridge,
-           "shift_bias": 0.5, "shift_seq_len": seq_len, "shift_batch_size": 3}
+           "shift_bias": 0.5, "absorbed_mass_bias": mass_bias, "shift_seq_len": seq_len, "shift_batch_size": 3}
     model, report = run(base_model, tokenizers, cfg, texts=corpus)
-    chunks = _base_logprobs_and_hidden(base_model, base, corpus, seq_len)
+    ids, starts, chunks = _spelled_chunks(base_model, tokenizers, corpus, seq_len)
 
-    hs = np.concatenate([h for _, _, h in chunks])
-    second, first = hs.T @ hs / len(hs), hs.mean(0)
-    delta = np.linalg.solve(second + ridge * np.trace(second) / 32 * np.eye(32), first)
+    # the moments are taken where the extended model predicts: before each extended token
+    hs = np.concatenate([h[:-1][np.array(st[1:]) >= 0] for _, st, _, h in chunks])
+    lps = np.concatenate([lp[:-1][np.array(st[1:]) >= 0] for _, st, lp, _ in chunks])
+    firsts = Counter(i for i, st in zip(ids, starts) if st >= 0)
+    absorbed_firsts = Counter(i for i, st in zip(ids, starts) if st >= num_base)
+    share = np.array([absorbed_firsts[p] / firsts[p] if firsts[p] else 0.0 for p in range(num_base)])
+    mass = -np.log1p(-np.clip(np.exp(lps) @ share, 0, 0.99))
+    second = hs.T @ hs / len(hs)
+    solve = lambda target: np.linalg.solve(second + ridge * np.trace(second) / 32 * np.eye(32), target)  # noqa: E731
+    delta, gamma = solve(hs.mean(0)), solve(hs.T @ mass / len(hs))
 
-    def occurrence_mean(spelled):
-        sums = [sum(lp[i + j - 1, spelled[j]] for j in range(1, len(spelled)))
-                for ids, lp, _ in chunks for i in range(len(ids) - len(spelled) + 1)
-                if ids[i : i + len(spelled)] == spelled]
+    def occurrence_mean(t):
+        spelled = expected_spelling(base, added[t])
+        sums = [sum(lp[s + j - 1, spelled[j]] for j in range(1, len(spelled)))
+                for row, st, lp, _ in chunks for s in range(len(row) - len(spelled) + 1) if st[s] == num_base + t]
         return np.mean(sums) if sums else None
 
-    def prefix_sum(spelled):
-        total = 0.0
+    def prefix_sum(t):
+        spelled, total = expected_spelling(base, added[t]), 0.0
         for j in range(1, len(spelled)):
-            vals = [lp[i, spelled[j]] for ids, lp, _ in chunks for i in range(j - 1, len(ids))
-                    if ids[i - j + 1 : i + 1] == spelled[:j]]
+            vals = [lp[i, spelled[j]] for row, _, lp, _ in chunks for i in range(j - 1, len(row))
+                    if row[i - j + 1 : i + 1] == spelled[:j]]
             if not vals:
                 return None
             total += np.mean(vals)
@@ -393,20 +407,22 @@ def test_zip_tie_first_shift_adds_the_continuation_logprob_along_a_constant_dire
     _, old_head = old_rows(base_model, num_base)
     _, head = new_rows(model, num_base)
     estimated = 0
-    for i, piece in enumerate(added):
+    for t, piece in enumerate(added):
         spelled = expected_spelling(base, piece)
-        shift = occurrence_mean(spelled) if estimate == "occurrence" else None
+        shift = occurrence_mean(t) if estimate == "occurrence" else None
         if shift is None:
-            shift = prefix_sum(spelled)
+            shift = prefix_sum(t)
         if shift is None:  # never seen: (k - 1) times the corpus-wide mean continuation log-prob
             shift = (len(spelled) - 1) * default_step
         else:
             estimated += 1
-        np.testing.assert_allclose(head[i], old_head[spelled[0]] + (shift + 0.5) * delta, atol=2e-5)
+        want = old_head[spelled[0]] + (shift + 0.5) * delta + (gamma if mass_bias else 0)
+        np.testing.assert_allclose(head[t], want, atol=2e-5)
     assert estimated >= 15 and estimated == info["shift_sources"]["occurrence"] + info["shift_sources"]["prefix"]
     assert -20 < default_step < 0
     # how well delta . h = 1 holds decides how exactly a row shift is a logit shift (poorly on a random model)
     assert info["constant_direction_fit_rms"] == pytest.approx(np.sqrt(np.mean((hs @ delta - 1) ** 2)), rel=1e-4)
+    assert info["absorbed_mass_bias_mean"] == pytest.approx(mass.mean(), rel=1e-4) and mass.mean() > 0
 
 
 # ------------------------------------------------------------------------------------------------

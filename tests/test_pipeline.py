@@ -109,3 +109,18 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert b["train/steps"] == a["train/steps"] == 6
     for key in ("final/tc_bpc", "final/en_bpc"):
         assert b[key] == pytest.approx(a[key], rel=1e-9, abs=0), key
+
+
+def test_eval_command_scores_a_run_and_a_base(smoke_run, tmp_path, capsys):
+    from bailong.eval.__main__ import main
+
+    out, cfg, metrics = smoke_run
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("春眠不覺曉，處處聞啼鳥。\n\n夜來風雨聲，花落知多少。\n", encoding="utf-8")
+    run_scores = main([str(out), "--tc", str(held_out), "--seq-len", "64"])
+    assert set(run_scores) >= {"final/tc_bpc", "final/tc_bpb", "final/tc_tokens_per_char"}
+    base_scores = main([str(ROOT / "models" / "mini-base"), "--en", str(ROOT / "data/en/kjv.jsonl.gz"),
+                        "--max-chars", "500", "--seq-len", "64"])
+    assert set(base_scores) >= {"base/en_bpc"} and 0 < base_scores["base/en_bpc"] < 10
+    printed = capsys.readouterr().out
+    assert '"final/tc_bpc"' in printed and '"base/en_bpc"' in printed  # JSON on stdout

@@ -10,7 +10,10 @@ is not in the material we have, so the input rule and the output rule are separa
   token's logit is about logit(p1) + log P(p2..pk | context, p1) = the base's log-probability of
   the whole spelling. ``c_t`` is estimated by running the base on the corpus; ``delta`` is the
   ridge least-squares solution of delta . h = 1 over the corpus' final hidden states h, the
-  direction along which a row change adds a constant to the logit.
+  direction along which a row change adds a constant to the logit. With ``absorbed_mass_bias``
+  every new row also gets gamma, fitted so gamma . h ~ -log(1 - A(h)) (see corpus_pass): the old
+  first pieces keep the probability the new tokens now also claim, and raising the new tokens by
+  that much is what maximises the likelihood of text where a share A(h) of tokens is new.
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ class ZipTieOptions:
     # the corpus-wide mean per step, where it never does); prefix: sum of per-step means
     shift_estimate: str = "occurrence"
     shift_bias: float = 0.0  # added to every new token's estimated log-prob shift
+    # add gamma with gamma . h ~ -log(1 - A(h)) to every new row: the new tokens duplicate the mass
+    # A(h) that the old first pieces keep, and this is the bias that maximises likelihood then
+    absorbed_mass_bias: bool = True
     shift_ridge: float = 1e-3  # ridge for delta, relative to the mean squared hidden coordinate
     shift_max_tokens: int = 200_000  # base tokens of corpus text to run the base on
     shift_seq_len: int = 512
@@ -60,13 +66,19 @@ class ZipTieOptions:
             raise EmbeddingInitError(f"zip_tie shift_ridge must be >= 0, got {self.shift_ridge}")
 
 
-def constant_direction(stats: CorpusStats, ridge: float) -> tuple[torch.Tensor, float]:
-    """delta minimising mean (delta . h - 1)^2 + ridge * mean(h_i^2) * |delta|^2, and the fit's RMS error."""
-    n = stats.num_positions
-    second = stats.gram / n
-    first = stats.moment / n
+def ridge_direction(stats: CorpusStats, target_moment: torch.Tensor, ridge: float) -> torch.Tensor:
+    """x minimising mean (x . h - y)^2 + ridge * mean(h_i^2) * |x|^2 over the corpus' predicting
+    positions, given target_moment = sum of h * y."""
+    second = stats.gram / stats.num_positions
     scale = second.diagonal().mean()
-    delta = torch.linalg.solve(second + ridge * scale * torch.eye(second.shape[0], dtype=second.dtype), first)
+    eye = torch.eye(second.shape[0], dtype=second.dtype)
+    return torch.linalg.solve(second + ridge * scale * eye, target_moment / stats.num_positions)
+
+
+def constant_direction(stats: CorpusStats, ridge: float) -> tuple[torch.Tensor, float]:
+    """delta with delta . h ~ 1 on the corpus, and the fit's RMS error."""
+    delta = ridge_direction(stats, stats.moment, ridge)
+    second, first = stats.gram / stats.num_positions, stats.moment / stats.num_positions
     mse = (delta @ second @ delta - 2 * delta @ first + 1).clamp_min(0).item()
     return delta, mse**0.5
 
@@ -105,25 +117,31 @@ def continuation_logprobs(stats: CorpusStats, num_pieces: list[int], estimate: s
 def shifted_first_rows(ctx: InitContext, options: ZipTieOptions) -> tuple[torch.Tensor, dict]:
     start = time.perf_counter()
     stats = collect_corpus_stats(
-        ctx.model, ctx.base_tokenizer, ctx.texts or [], ctx.new,
+        ctx.model, ctx.tokenizer, ctx.texts or [], ctx.new,
         options.shift_seq_len, options.shift_batch_size, options.shift_max_tokens, ctx.seed,
     )
     delta, fit_rms = constant_direction(stats, options.shift_ridge)
     shift, sources = continuation_logprobs(stats, [len(s) for s in ctx.new.base_pieces], options.shift_estimate)
     shift = shift + options.shift_bias
-    first = compose_rows(ctx.old_head(), ctx.new.base_pieces, "first")
-    rows = (first.double() + shift[:, None] * delta[None, :].to(first.device)).float()
+    rows = compose_rows(ctx.old_head(), ctx.new.base_pieces, "first").double()
+    rows += shift[:, None] * delta[None, :].to(rows.device)
     info = {
         "corpus_tokens": stats.num_tokens,
+        "predicting_positions": stats.num_positions,
         "shift_sources": sources,
         "shift_mean": shift.mean().item(),
         "shift_min": shift.min().item(),
         "shift_max": shift.max().item(),
         "constant_direction_fit_rms": fit_rms,
         "constant_direction_norm": delta.norm().item(),
-        "corpus_pass_seconds": round(time.perf_counter() - start, 3),
+        "absorbed_mass_bias_mean": stats.mass_bias_sum / stats.num_positions,
     }
-    return rows, info
+    if options.absorbed_mass_bias:
+        gamma = ridge_direction(stats, stats.mass_moment, options.shift_ridge)
+        rows += gamma[None, :].to(rows.device)
+        info["absorbed_mass_direction_norm"] = gamma.norm().item()
+    info["corpus_pass_seconds"] = round(time.perf_counter() - start, 3)
+    return rows.float(), info
 
 
 def zip_tie_rows(ctx: InitContext, options: ZipTieOptions) -> NewRows:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from bailong.data.corpus import load_documents
@@ -21,7 +22,7 @@ def _load(target: str, quant: str):
 
     from bailong.model.adapter import load_adapter
     from bailong.model.build import load_base_model  # applies the bitsandbytes CPU repack guard
-    from bailong.tokenization import load_tokenizer
+    from bailong.tokenization import extend_tokenizer, load_tokenizer
 
     path = Path(target)
     adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
@@ -31,7 +32,9 @@ def _load(target: str, quant: str):
     q = SimpleNamespace(name=quant, quant_type="nf4", double_quant=True, compute_dtype="bfloat16",
                         quant_storage="uint8")
     model = load_base_model(target, quant=q)
-    return "base", model, load_tokenizer(target)
+    # the base tokenizer exactly as runs build it for their base/* metrics (added_vocab=0)
+    cache = Path(os.environ.get("BAILONG_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
+    return "base", model, load_tokenizer(extend_tokenizer(target, [], 0, cache).path)
 
 
 def main(argv: list[str] | None = None) -> dict:
