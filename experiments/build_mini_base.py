@@ -141,7 +141,10 @@ def render_readme(card: dict) -> str:
     if ref:
         lines += ["", f"The reference is the same architecture and tokenizer trained for the same {ref['steps']} "
                   f"steps on English only ({ref['tokens']['en']:,} tokens, {ref['wall_time_s'] / 60:.1f} min on "
-                  f"{ref['threads']} CPU threads); only its numbers are kept."]
+                  f"{ref['threads']} CPU threads); only its numbers are kept. English costs the mini base "
+                  f"{ev['en']['bpc'] - ref['eval']['en']['bpc']:+.3f} bits/char against it (the reference saw "
+                  f"{ref['tokens']['en'] / tr['tokens']['en']:.1f}x the English tokens); its Chinese is "
+                  f"{ev['tc']['unigram_bpc'] - ev['tc']['bpc']:.2f} bits/char below the unigram."]
     else:
         lines += ["", "English-only reference: not built yet (`--reference`)."]
     lines += [

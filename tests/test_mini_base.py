@@ -126,6 +126,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
 
 
+@pytest.mark.slow  # a subprocess: imports, tokenizer training and evaluation (~12 s idle, ~40 s shared)
 def test_build_script_tiny_writes_a_loadable_base_and_card(tmp_path):
     out, logs = tmp_path / "mb", tmp_path / "logs"
     subprocess.run([sys.executable, str(ROOT / "experiments" / "build_mini_base.py"), "--tiny",
