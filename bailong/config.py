@@ -56,6 +56,7 @@ class InitConfig:
     output_rule: str = "first_shift"
     shift_estimate: str = "occurrence"
     shift_bias: float = 0.0
+    absorbed_mass_bias: bool = True  # also correct for the probability mass the new tokens take
     shift_ridge: float = 1e-3
     shift_max_tokens: int = 200_000
     shift_seq_len: int = 512

@@ -150,7 +150,7 @@ def render_readme(card: dict) -> str:
     lines += [
         "", "## Rebuild",
         "```", "python experiments/build_mini_base.py --out models/mini-base",
-        "python experiments/build_mini_base.py --out models/mini-base --reference", "```",
+        "python experiments/build_mini_base.py --out models/mini-base --reference --threads 1  # as the card's reference was run", "```",
         f"Same torch version and thread count ({tr['threads']}) give bit-for-bit the same `model.safetensors` "
         "(seeded init, seeded data order, single process); another thread count or torch build changes the "
         "floating-point summation order and so the weights.",

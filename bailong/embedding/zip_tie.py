@@ -32,7 +32,7 @@ SHIFT_ESTIMATES = ("occurrence", "prefix")
 
 @dataclass(frozen=True)
 class ZipTieOptions:
-    input_rule: str = "mean"
+    input_rule: str = "last"
     output_rule: str = "first_shift"
     # occurrence: mean chained log-prob where the whole spelling occurs (the prefix estimate, then
     # the corpus-wide mean per step, where it never does); prefix: sum of per-step means
