@@ -1,7 +1,9 @@
 """Markdown table of the init strategies of a sweep: base, step-0 and final bits/char.
 
     python run.py -m init=random,mean,multivariate,subword_mean,zip_tie,distill trainer.max_steps=100
-    python experiments/init_table.py outputs/pretrain/multirun/<sweep>
+    python experiments/init_table.py outputs/pretrain/multirun/<sweep> [more sweeps]
+
+Several sweeps make one table; a strategy run again in a later sweep replaces the earlier run.
 """
 from __future__ import annotations
 
@@ -25,5 +27,5 @@ def table(runs: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        print(table(rows(Path(arg))))
+    latest = {m["init/strategy"]: m for arg in sys.argv[1:] for m in rows(Path(arg))}
+    print(table(list(latest.values())))
