@@ -52,23 +52,23 @@ class InitConfig:
     # multivariate
     covariance_scale: float = 1.0
     # zip_tie (and distill's starting point)
-    input_rule: str = "mean"
+    input_rule: str = "last"
     output_rule: str = "first_shift"
-    shift_estimate: str = "occurrence"
-    shift_bias: float = 0.0
+    shift_estimate: str = "prefix"
+    shift_bias: float = 0.5
     absorbed_mass_bias: bool = True  # also correct for the probability mass the new tokens take
     shift_ridge: float = 1e-3
-    shift_max_tokens: int = 200_000
+    shift_max_tokens: int = 400_000
     shift_seq_len: int = 512
     shift_batch_size: int = 8
     # distill
     start_from: str = "zip_tie"
-    steps: int = 100
-    lr: float = 1e-3
+    steps: int = 200
+    lr: float = 3e-3
     contexts_per_token: int = 4
     context_len: int = 32
     batch_size: int = 16
-    output_loss: str = "match"
+    output_loss: str = "none"
     hidden_loss_weight: float = 1.0
     max_corpus_tokens: int = 1_000_000
 

@@ -1,7 +1,7 @@
 """Step-0 bits/char of every init strategy and every zip_tie input x output rule on the mini base.
 
-    .venv/bin/python experiments/zip_tie_rules.py                       # everything (~15 min, 2 CPUs)
-    .venv/bin/python experiments/zip_tie_rules.py --only zip_tie:mean   # runs whose name starts so
+    .venv/bin/python experiments/zip_tie_rules.py                  # everything (~35 min on 2 shared CPUs)
+    .venv/bin/python experiments/zip_tie_rules.py --only 'zip_tie:last/*,mean' --decompose
 
 Extends the base tokenizer with the TC training split (the pipeline's split: 2% of each
 data/zh_tw file by document hash, seed 0), initialises the new rows of a fresh copy of the base for
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bailong.data.corpus import load_documents, split_documents  # noqa: E402
-from bailong.embedding import resize_and_initialize  # noqa: E402
+from bailong.embedding import find_new_tokens, resize_and_initialize  # noqa: E402
+from bailong.embedding.distill import spell_out  # noqa: E402
 from bailong.embedding.pieces import PIECE_RULES  # noqa: E402
 from bailong.eval.bpc import bits_per_char  # noqa: E402
 from bailong.tokenization.extend import extend_tokenizer, load_tokenizer  # noqa: E402
@@ -63,8 +65,9 @@ def configurations(shift_tokens: int) -> list[tuple[str, dict]]:
         for input_rule in PIECE_RULES:
             runs.append((f"zip_tie:{input_rule}/{output_rule}",
                          {"name": "zip_tie", "input_rule": input_rule, "output_rule": output_rule, **shift}))
-    for extra in ({"absorbed_mass_bias": False}, {"shift_estimate": "prefix"}, {"shift_bias": 0.5},
-                  {"shift_bias": -0.5}, {"shift_ridge": 1e-1}, {"shift_max_tokens": shift_tokens // 4}):
+    for extra in ({"absorbed_mass_bias": False}, {"shift_estimate": "occurrence"}, {"shift_bias": 0.0},
+                  {"shift_bias": 1.0}, {"shift_ridge": 1e-1}, {"shift_max_tokens": shift_tokens // 4},
+                  {"shift_max_tokens": shift_tokens * 2}):
         tag = ",".join(f"{k}={v}" for k, v in extra.items())
         runs.append((f"zip_tie:last/first_shift,{tag}",
                      {"name": "zip_tie", "input_rule": "last", "output_rule": "first_shift", **shift, **extra}))
@@ -92,16 +95,44 @@ def initialise(base, base_tok, tok, cfg: dict, texts: list[str], head_cache: dic
     return model, {**report, "info": info, "seconds": shift_report["seconds"]}
 
 
+@torch.no_grad()
+def decompose(model, tok, new, texts: list[str], seq_len: int) -> dict:
+    """Where the step-0 TC loss comes from, on the first ``seq_len`` extended tokens of each text.
+
+    teacher: the base reading the new tokens spelled out in base pieces (chained piece log-probs);
+    output_only: the extended head on the teacher's hidden states (only the new output rows differ);
+    student: the extended model itself. output_only - teacher is what the output rule loses,
+    student - output_only what the input rule loses."""
+    head, nb = model.get_output_embeddings().weight, new.num_base
+    bits = {"teacher": 0.0, "output_only": 0.0, "student": 0.0}
+    chars = 0
+    for text in texts:
+        ids = tok(text)["input_ids"][:seq_len]
+        spelled, ends = spell_out(ids, nb, new.base_pieces)
+        h_teacher = model.get_decoder()(input_ids=torch.tensor([spelled])).last_hidden_state[0]
+        h_student = model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        piece_lp = torch.log_softmax(h_teacher @ head[:nb].T, -1)[:-1].gather(1, torch.tensor(spelled[1:])[:, None])
+        cum = torch.cat([torch.zeros(1), piece_lp.squeeze(1).cumsum(0)])
+        at, nxt = torch.tensor(ends[:-1]), torch.tensor(ids[1:])
+        bits["teacher"] -= (cum[torch.tensor(ends[1:])] - cum[at]).sum().item()
+        bits["output_only"] -= torch.log_softmax(h_teacher[at] @ head.T, -1).gather(1, nxt[:, None]).sum().item()
+        bits["student"] -= torch.log_softmax(h_student[:-1] @ head.T, -1).gather(1, nxt[:, None]).sum().item()
+        chars += len(tok.decode(ids[1:]))
+    return {k: v / math.log(2) / chars for k, v in bits.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models/mini-base"))
     parser.add_argument("--added-vocab", type=int, default=12000)
     parser.add_argument("--max-chars", type=int, default=12000, help="validation characters per language")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--shift-tokens", type=int, default=200_000, help="zip_tie shift_max_tokens")
-    parser.add_argument("--only", default="", help="comma-separated name prefixes; 'base' is always run")
+    parser.add_argument("--shift-tokens", type=int, default=400_000, help="zip_tie shift_max_tokens")
+    parser.add_argument("--only", default="", help="comma-separated names, 'prefix*' for all that start so; "
+                        "'base' is always run")
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache"))
     parser.add_argument("--out", default=str(ROOT / "experiments/results/zip_tie_rules.json"))
+    parser.add_argument("--decompose", action="store_true", help="also split the TC loss into output and input rule")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -115,6 +146,7 @@ def main() -> None:
     base_tok = load_tokenizer(extend_tokenizer(args.model, tc_train, 0, args.cache_dir).path)
     extended = extend_tokenizer(args.model, tc_train, args.added_vocab, args.cache_dir)
     tok = load_tokenizer(extended.path)
+    new = find_new_tokens(base_tok, tok)
     print(f"tokenizers: base {len(base_tok)}, extended {len(tok)} ({time.perf_counter() - start:.0f} s)", flush=True)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
 
@@ -129,13 +161,16 @@ def main() -> None:
     wanted = [w for w in args.only.split(",") if w]
     head_cache: dict = {}
     for name, cfg in configurations(args.shift_tokens):
-        if wanted and not any(name.startswith(w) for w in wanted):
+        if wanted and not any(name.startswith(w[:-1]) if w.endswith("*") else name == w for w in wanted):
             continue
         model, report = initialise(base, base_tok, tok, cfg, tc_train, head_cache)
         row = {"name": name, **measure(model, tok), "init_seconds": report["seconds"], "config": cfg,
                "info": report["info"]}
         results.append(row)
         print(f"| {name:44} | {row['tc_bpc']:12.4f} | {row['en_bpc']:12.4f} | {row['init_seconds']:6.1f} |", flush=True)
+        if args.decompose:
+            row["tc_decomposition"] = decompose(model, tok, new, tc_val, args.seq_len)
+            print("    TC bits/char " + ", ".join(f"{k} {v:.3f}" for k, v in row["tc_decomposition"].items()), flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

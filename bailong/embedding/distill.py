@@ -7,9 +7,10 @@ teacher (base ids only, so the teacher is the same frozen model). Two losses, at
 position aligned with the teacher position that ends on the same character:
 - hidden: mean squared difference of the final hidden states, relative to the teacher's mean
   square (drives the input rows: the model should read a new token as it read its pieces);
-- output, ``match``: squared difference between the student's log-probability of the actual next
-  token and the teacher's log-probability of that token's piece sequence (drives the output rows
-  towards the base's probabilities); ``ce``: plain next-token cross-entropy; ``none``.
+- output (default ``none``: the output rows stay as zip_tie's first_shift wrote them, which
+  measured best); ``match``: squared difference between the student's log-probability of the
+  actual next token and the teacher's log-probability of that token's piece sequence; ``ce``:
+  plain next-token cross-entropy. Both also train the output rows.
 Everything but the new rows is frozen; cost is bounded by steps x batch_size x context_len.
 Rows start from zip_tie (its options apply) or subword_mean.
 """
