@@ -120,12 +120,16 @@ def tokenizer_metrics(base_tok, tok, ext, splits: Splits) -> dict:
     }
 
 
+def model_identity(cfg: DictConfig) -> dict:
+    """What names the base in a cache key: its config and its files (a rebuilt base is a new base)."""
+    return {"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": fingerprint(cfg.model.pretrained)}
+
+
 def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) -> dict:
     """Bits/char of the base with its own tokenizer, quantised as this run trains it. Cached: a sweep
     over init, rank or vocabulary shares one base evaluation."""
     seq_len = cfg.eval.seq_len or cfg.data.seq_len
-    key = {"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": fingerprint(cfg.model.pretrained),
-           "tokenizer": tokenizer_key, "quant": OmegaConf.to_container(cfg.quant), "texts": splits.val(),
+    key = {**model_identity(cfg), "tokenizer": tokenizer_key, "quant": OmegaConf.to_container(cfg.quant), "texts": splits.val(),
            "seq_len": seq_len, "batch_size": cfg.eval.batch_size}
 
     def compute() -> dict:
@@ -141,8 +145,7 @@ def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Spl
 
     Cached by a hash of everything the rows depend on, so a sweep over LoRA rank or training settings
     initialises once (zip-tie's shift and distillation run the base over the corpus)."""
-    key = cache_key({"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": fingerprint(cfg.model.pretrained),
-                     "tokenizer": tokenizer_key, "init": OmegaConf.to_container(cfg.init), "seed": cfg.seed,
+    key = cache_key({**model_identity(cfg), "tokenizer": tokenizer_key, "init": OmegaConf.to_container(cfg.init), "seed": cfg.seed,
                      "texts": hash_texts(splits.tc_train)})
     cached = Path(cfg.paths.cache_dir) / "init_rows" / key
     if (cached / "report.json").is_file():
