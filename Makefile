@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast install clean
+.PHONY: run test test-fast install clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Speed and memory against the standard QLoRA recipe (~15 min at one thread); JSON also in outputs/bench/.
+# One thread by default: on a shared machine more threads slow everyone (set BENCH_THREADS to change).
+BENCH_THREADS ?= 1
+bench: $(STAMP)
+	mkdir -p outputs/bench
+	for b in train_throughput init_speed tokenize_speed; do \
+	  OMP_NUM_THREADS=$(BENCH_THREADS) MKL_NUM_THREADS=$(BENCH_THREADS) $(PY) benchmarks/$$b.py \
+	    > outputs/bench/$$b.json || exit 1; cat outputs/bench/$$b.json; done
 
 clean:
 	rm -rf $(VENV) .cache outputs/*/ .pytest_cache

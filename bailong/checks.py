@@ -1,7 +1,16 @@
 """Configuration checks that run before any heavy work; each error names the key and the valid range."""
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import logging
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
+# Lightning accelerator name -> the torch dispatch key whose bitsandbytes kernels a 4-bit model needs
+ACCELERATOR_DEVICE = {"cpu": "CPU", "gpu": "CUDA", "cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}
 
 
 class ConfigError(ValueError):
@@ -31,5 +40,130 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"quant.name={cfg.quant.name!r}: expected nf4 or none")
     if cfg.trainer.max_steps <= 0:
         problems.append(f"trainer.max_steps={cfg.trainer.max_steps}: must be a positive number of steps")
+    if cfg.quant.name == "nf4":
+        problems += quantisation_problems(cfg)
+    problems += model_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def check_output_dir(out, ckpt_path: str | None) -> None:
+    """Refuse to start where an earlier run's results would be overwritten, unless resuming (``ckpt_path``)."""
+    from pathlib import Path
+
+    out = Path(out)
+    if ckpt_path:
+        return
+    if (out / "metrics.json").is_file():
+        raise ConfigError(f"{out}/metrics.json exists: this directory holds a finished run, and runs never "
+                          "overwrite one another; choose another hydra.run.dir (or resume with ckpt_path=...)")
+    ckpts = sorted((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
+    if ckpts:
+        last = out / "checkpoints" / "last.ckpt"
+        raise ConfigError(f"{out}/checkpoints holds checkpoints of an unfinished run: resume it with "
+                          f"ckpt_path={last if last.is_file() else ckpts[-1]}, or choose another hydra.run.dir")
+
+
+def quantisation_problems(cfg: DictConfig) -> list[str]:
+    """4-bit settings bitsandbytes accepts, on a device it has 4-bit kernels for."""
+    q, problems = cfg.quant, []
+    if q.quant_type not in ("nf4", "fp4"):
+        problems.append(f"quant.quant_type={q.quant_type!r}: expected nf4 or fp4")
+    if q.compute_dtype not in COMPUTE_DTYPES:
+        problems.append(f"quant.compute_dtype={q.compute_dtype!r}: 4-bit layers compute in one of {', '.join(COMPUTE_DTYPES)}")
+    if q.quant_storage not in QUANT_STORAGE:
+        problems.append(f"quant.quant_storage={q.quant_storage!r}: expected one of {', '.join(QUANT_STORAGE)}")
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
+    if accelerator == "auto":
+        accelerator = "gpu" if device_available("CUDA") else "cpu"
+    device = ACCELERATOR_DEVICE.get(accelerator)
+    if device is None:
+        problems.append(f"quant.name=nf4 with trainer.accelerator={accelerator!r}: bitsandbytes 4-bit runs on "
+                        f"{', '.join(ACCELERATOR_DEVICE)}; use quant=none there")
+    elif not device_available(device):
+        problems.append(f"trainer.accelerator={accelerator!r}: no {device} device is visible to torch "
+                        "(use trainer=cpu, or quant=none on another accelerator)")
+    elif not bitsandbytes_4bit_on(device):
+        problems.append(f"quant.name=nf4: the installed bitsandbytes has no 4-bit kernels for {device} "
+                        f"(trainer.accelerator={accelerator!r}); use quant=none or a device it supports")
+    return problems
+
+
+def bitsandbytes_4bit_on(device: str) -> bool:
+    """Whether bitsandbytes has a 4-bit dequantisation kernel for the torch dispatch key ``device``: its own
+    or its portable pure-torch one (CompositeExplicitAutograd)."""
+    import bitsandbytes  # noqa: F401  registers its torch.library ops and their per-device kernels
+    import torch
+
+    op = "bitsandbytes::dequantize_4bit"
+    try:
+        return any(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+                   for key in (device, "CompositeExplicitAutograd"))
+    except RuntimeError:  # the op is not registered at all: a bitsandbytes without 4-bit support
+        return False
+
+
+def device_available(device: str) -> bool:
+    import torch
+
+    if device == "CPU":
+        return True
+    if device == "CUDA":
+        return torch.cuda.is_available()
+    if device == "MPS":
+        return torch.backends.mps.is_available()
+    return bool(getattr(torch, device.lower(), None) and getattr(torch, device.lower()).is_available())
+
+
+def model_problems(cfg: DictConfig) -> list[str]:
+    """Checks against the base model's own config.json (read, not loaded): position limit, and for 4-bit,
+    that it has linear projections to quantise and that the LoRA targets exist (an empty model on the
+    meta device: no weights, no memory)."""
+    config = _model_config(cfg)
+    if config is None:
+        return []
+    problems = []
+    limit = getattr(config, "max_position_embeddings", None)
+    seq = max(cfg.data.seq_len, OmegaConf.select(cfg, "eval.seq_len", default=None) or 0)
+    if limit is not None and seq > limit:
+        problems.append(f"data.seq_len={cfg.data.seq_len} / eval.seq_len={OmegaConf.select(cfg, 'eval.seq_len')}: "
+                        f"over {cfg.model.pretrained}'s max_position_embeddings={limit}; valid: 2..{limit}")
+    names = _module_names(cfg, config)
+    if names is None:
+        return problems
+    if cfg.quant.name == "nf4":
+        skip = set(cfg.quant.skip_modules or ["lm_head"])
+        # transformers' bitsandbytes integration replaces nn.Linear and GPT-2-style Conv1D projections
+        linear = [n for n, kind in names.items() if kind in ("Linear", "Conv1D") and n.rsplit(".", 1)[-1] not in skip]
+        if not linear:
+            problems.append(f"quant.name=nf4: {config.model_type} model {cfg.model.pretrained} has no nn.Linear layers "
+                            "outside quant.skip_modules for bitsandbytes to quantise; use quant=none")
+    missing = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        problems.append(f"lora.target_modules: {missing} match no module of {config.model_type} "
+                        f"({cfg.model.pretrained})")
+    return problems
+
+
+def _model_config(cfg: DictConfig):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.model.pretrained, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:  # a hub id with no network or no access: loading will say why
+        log.warning("model checks skipped: cannot read %s's config (%s)", cfg.model.pretrained, err)
+        return None
+
+
+def _module_names(cfg: DictConfig, config) -> dict[str, str] | None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    except (ValueError, KeyError) as err:
+        log.warning("model structure checks skipped: %s", err)
+        return None
+    return {n: type(m).__name__ for n, m in model.named_modules() if n}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -104,7 +104,54 @@ class CorpusConfig:
     data_files: Optional[Any] = None  # hub: e.g. the "json" builder on local files
     revision: Optional[str] = None
     streaming: bool = False
-    max_docs: Optional[int] = None
+    max_docs: Optional[int] = None  # documents kept (after conversion and deduplication)
+    convert: Optional[str] = None  # OpenCC conversion per document, e.g. s2twp (Simplified -> Taiwan Traditional)
+
+
+@dataclass
+class DedupConfig:
+    """Document-level dedup per language, across its corpora, before the split (bailong/data/dedup.py)."""
+
+    exact: bool = True  # hash of the normalised text
+    near: Optional[float] = 0.8  # MinHash LSH Jaccard threshold over character shingles; null: exact only
+    num_perm: int = 128
+    ngram: int = 5  # characters per shingle
+
+
+@dataclass
+class ChatCorpusConfig:
+    """One chat corpus: JSON Lines of {"messages": [{"role", "content"}]} or a hub data set in that format."""
+
+    path: str = MISSING
+    format: Optional[str] = None  # jsonl | hub (default: from the file name)
+    messages_field: str = "messages"
+    name: Optional[str] = None  # hub: data set configuration
+    split: str = "train"
+    data_files: Optional[Any] = None
+    revision: Optional[str] = None
+    streaming: bool = False
+    max_records: Optional[int] = None
+
+
+@dataclass
+class InstructConfig:
+    """The instruction set generated from the Tang poems (bailong/data/instruct.py)."""
+
+    poems: str = "${paths.data_dir}/zh_tw/poetry_tang.jsonl.gz"
+    max_train: Optional[int] = None  # conversations (at most one per poem)
+    max_val: Optional[int] = 64
+    en_share: float = 0.4  # conversations asked in English
+    multi_turn_share: float = 0.3
+    system_share: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class ChatDataConfig:
+    instruct: Optional[InstructConfig] = None  # generated Tang-poem set (null: none)
+    files: list[ChatCorpusConfig] = field(default_factory=list)  # chat corpora, split by data.val_fraction
+    max_val: int = 64  # held-out conversations per source scored as val/chat_bpc
+    packing: bool = True  # whole conversations packed into data.seq_len rows (block-diagonal attention)
 
 
 @dataclass
@@ -118,6 +165,9 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 0
     max_val_chars: Optional[int] = 20000  # per language, so evaluation takes seconds on a CPU
+    # off by default (the shipped data pack is clean); hub corpora turn it on: {exact: true, near: 0.8}
+    dedup: DedupConfig = field(default_factory=lambda: DedupConfig(exact=False, near=None))
+    chat: Optional[ChatDataConfig] = None  # SFT stage: the chat data (conf/data/sft_chat.yaml)
 
 
 @dataclass
@@ -166,11 +216,81 @@ class EvalConfig:
 
 
 @dataclass
+class MCConfig:
+    """Multiple choice by log-likelihood (bailong/eval/choice.py): sets generated from held-out text
+    (bailong/eval/mc_sets.py) plus any MC files in the documented JSONL format."""
+
+    name: str = "held_out"
+    tc_sources: list[CorpusConfig] = field(default_factory=list)  # held-out documents → "next line" items
+    en_sources: list[CorpusConfig] = field(default_factory=list)
+    items_per_lang: int = 200
+    num_choices: int = 4
+    context_lines: int = 2  # lines of the document before the answer line
+    en_length_tolerance: float = 0.2  # English distractors within ±20% of the answer's characters
+    seed: int = 0
+    files: list[str] = field(default_factory=list)  # extra MC files: metrics mc/<file stem>_acc
+    max_len: int = 256  # tokens per scored question + choice (question cut from the left)
+    batch_size: int = 16
+
+
+@dataclass
+class BenchConfig:
+    """Bailong-bench-style runner (bailong/eval/bench.py): prompts by category in both languages."""
+
+    name: str = "default"
+    prompts: str = MISSING  # JSONL: {"id", "category", "lang", "prompt", "expected_lang"?}
+    system_prompt: Optional[str] = None
+    max_new_tokens: int = 128
+    do_sample: bool = False  # greedy by default: rule scores do not move between runs
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 40
+    repetition_penalty: float = 1.1
+    seed: int = 0
+    max_prompts: Optional[int] = None
+
+
+@dataclass
+class JudgeConfig:
+    """LLM judge through an OpenAI-compatible chat-completions endpoint (bailong/eval/judge.py).
+    Off while ``base_url`` is null. The API key is read from the environment variable ``api_key_env``
+    and never stored in configs or outputs."""
+
+    name: str = "mt_bench_single"
+    base_url: Optional[str] = None  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "JUDGE_API_KEY"
+    system_prompt: str = ""
+    prompt_template: str = MISSING  # {question} {answer} {expected_language}
+    rating_pattern: str = "\\[\\[(\\d+\\.?\\d*)\\]\\]"
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    timeout_s: float = 60.0
+    max_retries: int = 4  # attempts after the first, on timeouts, 429/5xx and malformed replies
+    backoff_s: float = 1.0  # wait before retry k: backoff_s * 2**k, at most max_backoff_s
+    max_backoff_s: float = 30.0
+
+
+@dataclass
+class SFTConfig:
+    """The SFT stage (bailong/sft_pipeline.py, ``stage: sft``)."""
+
+    from_run: Optional[str] = None  # a pre-training run directory (its adapter/ is fine-tuned further)
+    from_base: bool = False  # instead: the base + extended tokenizer + init rows, as pre-training builds them
+    eval_before: bool = True  # evaluate_instruct + held-out bits/char before fine-tuning
+    eval_after: bool = True
+
+
+@dataclass
 class Config:
     task_name: str = "pretrain"
+    stage: str = "pretrain"  # pretrain | sft
     seed: int = 1234
     ckpt_path: Optional[str] = None  # resume from a Lightning checkpoint
     sweep_metric: str = "final/tc_bpc"  # what run.py returns to a Hydra sweeper
+    # what a failed multirun job returns instead (error.json holds why): the worst value of a minimised
+    # metric; not NaN, which hydra-optuna-sweeper 1.3 cannot record. Use -inf for a maximised metric.
+    failed_run_value: float = float("inf")
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -181,6 +301,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    mc: MCConfig = field(default_factory=MCConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     logger: dict[str, Any] = field(default_factory=dict)  # name -> instantiable Lightning logger
     callbacks: dict[str, Any] = field(default_factory=dict)  # name -> instantiable Lightning callback
 
@@ -189,4 +313,53 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
 
 
+# Resolvers that name a run by its place in a sweep (conf/logger/wandb.yaml): one W&B group per sweep,
+# the swept values as tags and config, so the W&B UI compares a sweep's runs without hand work.
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def sweep_group(task_name: str) -> str:
+    """``<task_name>-<sweep dir name>`` in a multirun (one group per sweep), else ``task_name``."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"{task_name}-{Path(HydraConfig.get().sweep.dir).name}"
+    return task_name
+
+
+def override_values() -> dict[str, Any]:
+    """The run's command-line and swept overrides as ``{key: value}`` (``lora.r=8`` → ``{"lora.r": 8}``)."""
+    import yaml
+
+    values = {}
+    for override in _task_overrides():
+        key, _, text = override.lstrip("+~").partition("=")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        values[key] = value if isinstance(value, (str, int, float, bool)) or value is None else text
+    return values
+
+
+def override_tags(*fixed: str) -> list[str]:
+    """``fixed`` tags, then one ``key=value`` tag per override not already among them (W&B allows 64 chars)."""
+    tags = list(fixed) + [o.lstrip("+~") for o in _task_overrides()]
+    return [t[:64] for t in dict.fromkeys(tags)]
+
+
+def register_resolvers() -> None:
+    for name, fn in (("bailong.sweep_group", sweep_group), ("bailong.override_values", override_values),
+                     ("bailong.override_tags", override_tags)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
 register_configs()
+register_resolvers()

@@ -11,18 +11,18 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from bailong.checks import check_config
+from bailong.checks import check_config, check_output_dir
 from bailong.data.pretrain import PretrainDataModule
 from bailong.data.splits import Splits, load_splits
 from bailong.embedding import resize_and_initialize
 from bailong.eval.bpc import evaluate_texts
 from bailong.cache import atomic_dir, cache_key, cached_json, fingerprint, hash_texts
 from bailong.model.adapter import save_adapter
+from bailong.redact import redact, secrets_from_env
 from bailong.model.build import build_model, count_parameters, load_base_model, new_rows
 from bailong.tokenization import extend_tokenizer, load_tokenizer, tokens_per_char
 from bailong.train.pretrain import PretrainModule
@@ -31,21 +31,19 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    check_config(cfg)  # cheap checks before any heavy work
-    pl.seed_everything(cfg.seed, workers=True)
+    if cfg.stage == "sft":  # the instruction-tuning stage starts from a finished run: its own module
+        from bailong.sft_pipeline import run_sft
+
+        return run_sft(cfg)
+    if cfg.stage != "pretrain":
+        raise ValueError(f"stage={cfg.stage!r}: expected pretrain or sft")
+    out = start_run(cfg)
     metrics: dict = {"init/strategy": cfg.init.name}
 
     splits = load_splits(cfg.data)
 
     # 1 tokenizer: base + appended TC pieces (old ids kept), cached by a hash of its inputs
-    base_src, cache = cfg.model.tokenizer or cfg.model.pretrained, Path(cfg.paths.cache_dir)
-    ext = extend_tokenizer(base_src, splits.tc_train, cfg.tokenizer.added_vocab, cache, revision=cfg.model.revision,
-                           character_coverage=cfg.tokenizer.character_coverage, seed=cfg.tokenizer.seed)
-    # the base tokenizer built the same way (added_vocab=0), so base ids encode identically in both
-    base = extend_tokenizer(base_src, [], 0, cache, revision=cfg.model.revision)
-    base_tok, tok = load_tokenizer(base.path), load_tokenizer(ext.path)
+    base, ext, base_tok, tok = build_tokenizers(cfg, splits)
     tok.save_pretrained(out / "tokenizer")
     metrics.update(tokenizer_metrics(base_tok, tok, ext, splits))
 
@@ -76,30 +74,73 @@ def run(cfg: DictConfig) -> dict:
         batch_size=cfg.data.batch_size, tc_ratio=cfg.data.tc_ratio, seed=cfg.seed,
         num_workers=cfg.data.num_workers,
     )
-    module = PretrainModule(
-        model, lr=cfg.train.lr, max_steps=cfg.trainer.max_steps, optimizer=cfg.train.optimizer,
-        embedding_lr=cfg.train.embedding_lr, weight_decay=cfg.train.weight_decay, betas=tuple(cfg.train.betas),
-        warmup_steps=cfg.train.warmup_steps, min_lr_ratio=cfg.train.min_lr_ratio,
-    )
+    module = PretrainModule(model, **module_kwargs(cfg))
+    trainer, loggers = fit(cfg, module, datamodule, metrics)
+    if not trainer.is_global_zero:  # DDP: every rank holds the same weights; rank 0 evaluates and writes
+        finish_wandb(loggers)
+        return metrics
+
+    # 5 evaluate the trained model on the same held-out text; save a reloadable adapter
+    model.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU: score it where it trained
+    metrics.update(prefixed("final", evaluate_texts(model, tok, splits.val(), seq_len=seq_len,
+                                                   batch_size=cfg.eval.batch_size)))
+    save_adapter(model, tok, out / "adapter", rows=rows, config=redacted_config(cfg))
+    return finish_run(out, metrics, loggers, trainer.global_step)
+
+
+# -- the steps every stage shares (pre-training here, SFT in sft_pipeline.py) ------------------------
+def start_run(cfg: DictConfig) -> Path:
+    """The run directory, after the cheap checks that must pass before any heavy work."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, cfg.ckpt_path)  # never overwrite an earlier run's results
+    check_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    return out
+
+
+def build_tokenizers(cfg: DictConfig, splits: Splits):
+    """``(base, extended, base_tok, tok)``: the extended tokenizer and the base one built the same way
+    (added_vocab=0), so base ids encode identically in both."""
+    base_src, cache = cfg.model.tokenizer or cfg.model.pretrained, Path(cfg.paths.cache_dir)
+    ext = extend_tokenizer(base_src, splits.tc_train, cfg.tokenizer.added_vocab, cache, revision=cfg.model.revision,
+                           character_coverage=cfg.tokenizer.character_coverage, seed=cfg.tokenizer.seed)
+    base = extend_tokenizer(base_src, [], 0, cache, revision=cfg.model.revision)
+    return base, ext, load_tokenizer(base.path), load_tokenizer(ext.path)
+
+
+def module_kwargs(cfg: DictConfig) -> dict:
+    """The LightningModule's optimisation settings from ``train`` and ``trainer``."""
+    return dict(lr=cfg.train.lr, max_steps=cfg.trainer.max_steps, optimizer=cfg.train.optimizer,
+                embedding_lr=cfg.train.embedding_lr, weight_decay=cfg.train.weight_decay,
+                betas=tuple(cfg.train.betas), warmup_steps=cfg.train.warmup_steps,
+                min_lr_ratio=cfg.train.min_lr_ratio)
+
+
+def fit(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.LightningDataModule,
+        metrics: dict) -> tuple[pl.Trainer, list]:
+    """Lightning fit with the configured trainer, loggers and callbacks; adds ``train/*`` to ``metrics``."""
     loggers = make_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)  # no unpickling
     metrics["train/seconds"] = time.perf_counter() - started
     metrics["train/steps"] = trainer.global_step
     metrics["train/tokens_per_sec"] = next(
         (c.tokens_per_sec for c in callbacks if hasattr(c, "tokens_per_sec")), None)
+    return trainer, loggers
 
-    # 5 evaluate the trained model on the same held-out text; save a reloadable adapter
-    metrics.update(prefixed("final", evaluate_texts(model, tok, splits.val(), seq_len=seq_len,
-                                                   batch_size=cfg.eval.batch_size)))
-    save_adapter(model, tok, out / "adapter", rows=rows, config=OmegaConf.to_container(cfg, resolve=True))
+
+def finish_run(out: Path, metrics: dict, loggers: list, step: int) -> dict:
+    """Log the run's metrics, close W&B, and write ``metrics.json`` last and atomically: a metrics.json on
+    disk always belongs to a finished run."""
     for lg in loggers:
-        lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
+        lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         lg.save()
     finish_wandb(loggers)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    (out / "metrics.json.tmp").replace(out / "metrics.json")
     log.info("metrics: %s", json.dumps(metrics, ensure_ascii=False))
     return metrics
 
@@ -163,18 +204,29 @@ def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Spl
     return rows, {**report, "cached": False}
 
 
+def config_secrets(cfg: DictConfig) -> list[str]:
+    judge_env = OmegaConf.select(cfg, "judge.api_key_env", default=None)
+    return secrets_from_env([judge_env] if judge_env else [])
+
+
+def redacted_config(cfg: DictConfig) -> dict:
+    """The resolved config as it may be written or sent anywhere: no API key from the environment in it."""
+    return redact(OmegaConf.to_container(cfg, resolve=True), config_secrets(cfg))
+
+
 def make_loggers(cfg: DictConfig) -> list:
     import os
 
-    loggers = []
+    loggers, secrets = [], config_secrets(cfg)
     for name, lg_cfg in cfg.logger.items():
         if lg_cfg is None:
             continue
         kwargs = {}
         if name == "wandb" and lg_cfg.get("offline") is None:
             kwargs["offline"] = not os.environ.get("WANDB_API_KEY")  # never reach the network unasked
-        lg = instantiate(lg_cfg, **kwargs)
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        # resolved and redacted first: a logger's own settings (W&B config, tags) are uploaded too
+        lg = instantiate(redact(OmegaConf.to_container(lg_cfg, resolve=True), secrets), **kwargs)
+        lg.log_hyperparams(redacted_config(cfg))
         loggers.append(lg)
     return loggers
 

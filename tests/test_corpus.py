@@ -58,7 +58,7 @@ def test_empty_corpus(tmp_path):
 def test_bad_json_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{"text": oops}\n', encoding="utf-8")
-    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: not a JSON object"):
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: not valid JSON"):
         load_documents({"path": str(p)})
 
 

@@ -56,22 +56,32 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def read_jsonl(path: str | Path, error: type[ValueError] = CorpusError) -> Iterator[tuple[str, dict]]:
+    """``("file:line", object)`` for each non-blank line of a JSON Lines file (optionally .gz).
+
+    A line that is not valid UTF-8, not valid JSON or not a JSON object raises ``error`` naming the file
+    and the line; every JSONL reader of the project (corpora, chats, MC items, bench prompts) goes through here.
+    """
+    path = Path(path)
     for lineno, line in _lines(path):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise CorpusError(f"{path}:{lineno}: not a JSON object ({err.msg} at column {err.colno})") from None
+            raise error(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(record, dict):
-            raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for where, record in read_jsonl(path):
         text = record.get(text_field)
         if not isinstance(text, str):
             found = ", ".join(sorted(record)) or "no keys"
-            raise CorpusError(
-                f"{path}:{lineno}: expected a string field {text_field!r} (found: {found})"
-            )
+            raise CorpusError(f"{where}: expected a string field {text_field!r} (found: {found})")
         if text.strip():
             yield text
 
@@ -130,22 +140,49 @@ def iter_documents(spec: Any) -> Iterator[str]:
         raise CorpusError(f"{file}: unknown corpus format {fmt!r}; expected txt, jsonl or hub")
 
 
-def load_documents(specs: Any) -> list[str]:
-    """All documents of one spec or a list of specs, in order, each capped at its ``max_docs``."""
+def load_documents(specs: Any, dedup: Any = None) -> list[str]:
+    """All documents of one spec or a list of specs, in order, each capped at its ``max_docs``.
+
+    A spec's ``convert`` (an OpenCC configuration such as ``s2twp``) rewrites each document first; then
+    ``dedup`` (a ``bailong.data.dedup.Deduplicator``, shared across calls) drops copies of documents it
+    has already seen. ``max_docs`` counts the documents kept, so a streamed corpus reads on past duplicates.
+    """
     if isinstance(specs, Mapping) or not isinstance(specs, Iterable) or isinstance(specs, str):
         specs = [specs]
     docs: list[str] = []
     for spec in specs:
         limit = _spec(spec, "max_docs")
+        convert = _converter(spec)
         n = 0
         for doc in iter_documents(spec):
             if limit is not None and n >= limit:
                 break
+            if convert is not None:
+                doc = convert(doc)
+            if dedup is not None and not dedup.keep(doc):
+                continue
             docs.append(doc)
             n += 1
         if n == 0:
-            raise CorpusError(f"{_spec(spec, 'path')}: corpus is empty (no non-blank documents)")
+            why = " after deduplication" if dedup is not None and dedup.stats.seen else ""
+            raise CorpusError(f"{_spec(spec, 'path')}: corpus is empty{why} (no non-blank documents)")
     return docs
+
+
+def _converter(spec: Any):
+    """OpenCC's converter for the spec's ``convert`` key (None when unset); an unknown name fails here."""
+    name = _spec(spec, "convert")
+    if not name:
+        return None
+    import opencc
+
+    try:
+        return opencc.OpenCC(str(name)).convert
+    except RuntimeError as err:  # "<name>.json not found or not accessible"
+        raise CorpusError(
+            f"{_spec(spec, 'path')}: convert={name!r} is not an OpenCC configuration "
+            "(e.g. s2twp: Simplified to Taiwan Traditional with Taiwan phrasing; s2t, t2s, s2tw)"
+        ) from err
 
 
 def _unit_hash(text: str, seed: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bailong.data.corpus import load_documents, split_documents
+from bailong.data.dedup import make_deduplicator
 
 
 @dataclass
@@ -30,11 +31,12 @@ def cap_chars(docs: list[str], max_chars: int | None) -> list[str]:
     return kept
 
 
-def _split_each(specs, val_fraction: float, seed: int, max_val_chars: int | None):
+def _split_each(specs, val_fraction: float, seed: int, max_val_chars: int | None, dedup_cfg=None):
     train, val = [], []
     share = None if max_val_chars is None else max(1, max_val_chars // max(1, len(specs)))
+    dedup = make_deduplicator(dedup_cfg)  # one per language: a copy in another corpus is a copy too
     for spec in specs:  # per file, so every corpus has its share of the validation text
-        t, v = split_documents(load_documents(spec), val_fraction, seed)
+        t, v = split_documents(load_documents(spec, dedup), val_fraction, seed)
         train += t
         val += cap_chars(v, share)
     return train, val
@@ -42,7 +44,7 @@ def _split_each(specs, val_fraction: float, seed: int, max_val_chars: int | None
 
 def load_splits(data_cfg) -> Splits:
     """Load TC and EN corpora and split them by document (deterministic, by hash of the text)."""
-    args = (data_cfg.val_fraction, data_cfg.split_seed, data_cfg.max_val_chars)
+    args = (data_cfg.val_fraction, data_cfg.split_seed, data_cfg.max_val_chars, getattr(data_cfg, "dedup", None))
     tc_train, tc_val = _split_each(data_cfg.tc, *args)
     en_train, en_val = _split_each(data_cfg.en, *args)
     return Splits(tc_train, tc_val, en_train, en_val)

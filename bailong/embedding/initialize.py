@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import torch
+from transformers.initialization import no_init_weights
 
 from bailong.embedding.pieces import EmbeddingInitError, find_new_tokens
 from bailong.embedding.registry import InitContext, config_items, get_strategy, parse_options
@@ -56,7 +57,11 @@ def resize_and_initialize(model, base_tokenizer, tokenizer, init_cfg, texts=None
         before["head"] = row_norm_stats(model.get_output_embeddings().weight[: new.num_base])
 
     start = time.perf_counter()
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    # no_init_weights: transformers would fill the new rows with random values (twice for the embedding,
+    # twice for the head: seconds at Llama-2 shapes, and draws from the global RNG) only for the strategy
+    # to overwrite every one of them below
+    with no_init_weights():
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     info: dict[str, Any] = {}
     if new.num_new:
         ctx = InitContext(model, base_tokenizer, tokenizer, new, list(texts) if texts is not None else None, seed)

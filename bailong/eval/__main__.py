@@ -17,7 +17,7 @@ from bailong.data.corpus import load_documents
 from bailong.data.splits import cap_chars
 
 
-def _load(target: str, quant: str):
+def load_target(target: str, quant: str):
     from types import SimpleNamespace
 
     from bailong.model.adapter import load_adapter
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         if files:
             docs = load_documents([{"path": f, "text_field": args.text_field} for f in files])
             texts[lang] = cap_chars(docs, args.max_chars)
-    prefix, model, tok = _load(args.target, args.quant)
+    prefix, model, tok = load_target(args.target, args.quant)
     scores = evaluate_texts(model, tok, texts, seq_len=args.seq_len, batch_size=args.batch_size)
     result = {f"{prefix}/{k}": v for k, v in scores.items()}
     print(json.dumps(result, indent=2, ensure_ascii=False))

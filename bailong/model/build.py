@@ -8,6 +8,7 @@ rows after quantising equals "initialise, then quantise".
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -100,16 +101,33 @@ def load_base_model(
 
     ``dtype`` is the dtype of everything not quantised. Like ``from_pretrained`` it returns eval mode.
     """
+    quant_config = bnb_config(quant)
+    if quant_config is not None and quant_config.bnb_4bit_quant_storage != torch.uint8:
+        if quant_config.bnb_4bit_quant_storage != _dtype(dtype, "model.dtype"):  # FSDP-QLoRA: one dtype per unit
+            raise ValueError(f"quant.quant_storage={_field(quant, 'quant_storage')} needs model.dtype to match "
+                             f"(got {dtype}): FSDP shards a layer's 4-bit and unquantised weights as one dtype")
     model = AutoModelForCausalLM.from_pretrained(
         pretrained,
-        quantization_config=bnb_config(quant),
+        quantization_config=quant_config,
         dtype=_dtype(dtype, "model.dtype"),
         revision=revision,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,  # never unpickle .bin weights
+        device_map=rank_device_map(quant_config),
     )
     disable_cpu_repack(model)
     return model
+
+
+def rank_device_map(quant_config: BitsAndBytesConfig | None) -> dict[str, int] | None:
+    """QLoRA on GPUs: the whole 4-bit model on this process's own GPU (``{"": local_rank}``), so under DDP
+    every rank quantises and holds its own copy; bitsandbytes quantises while moving to the device.
+    ``None`` (load on the CPU) for unquantised models and CPU runs: Lightning moves those itself."""
+    if quant_config is None or not torch.cuda.is_available():
+        return None
+    # LOCAL_RANK: Lightning's launcher and torchrun; SLURM_LOCALID: srun starts every rank itself
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return {"": local_rank}
 
 
 def new_rows(model: PreTrainedModel, num_base: int) -> dict[str, torch.Tensor]:
@@ -230,6 +248,11 @@ def build_model(
     model = peft.get_peft_model(model, config)
     model.train()  # from_pretrained returned eval mode and Lightning keeps modules as they are
     disable_cpu_repack(model)
+    storage = _field(quant, "quant_storage", "uint8") if is_quantised(quant) else "uint8"
+    if storage != "uint8":  # FSDP-QLoRA: undo prepare_model_for_kbit_training's fp32 upcast (one dtype per unit)
+        for p in model.parameters():
+            if not isinstance(p, bnb.nn.Params4bit) and p.is_floating_point():
+                p.data = p.data.to(QUANT_STORAGE[storage])
     # what save_adapter records so load_adapter can rebuild the same base
     model.bailong_build = {
         "pretrained": pretrained, "revision": revision, "trust_remote_code": trust_remote_code, "dtype": dtype,

@@ -1,11 +1,17 @@
-"""Lightning callbacks: training throughput, and a fault injector for resume tests."""
+"""Lightning callbacks: training throughput, a stop on non-finite loss or gradients, and a fault
+injector for resume tests."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
+
+log = logging.getLogger(__name__)
 
 
 class TokensPerSecond(pl.Callback):
@@ -31,6 +37,45 @@ class TokensPerSecond(pl.Callback):
     @property
     def tokens_per_sec(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class NonFiniteGuard(pl.Callback):
+    """Stop on a non-finite loss or gradient and keep the last good state in ``<dirpath>/last_good.ckpt``.
+
+    Both checks fire before the optimizer applies the bad step: ``PretrainModule.training_step`` raises
+    ``FloatingPointError`` on a non-finite loss (before backward), and ``on_before_optimizer_step`` checks
+    every trainable gradient after backward (a finite loss can still overflow a gradient). So the
+    parameters, optimizer state and step counter saved here are those after the last good update, and
+    ``ckpt_path=<that file>`` resumes from them (with a lower learning rate, or other data).
+    """
+
+    def __init__(self, dirpath: str | os.PathLike | None = None, filename: str = "last_good.ckpt") -> None:
+        self.dirpath = dirpath
+        self.filename = filename
+        self.saved_path: Path | None = None
+
+    def _path(self, trainer: pl.Trainer) -> Path:
+        dirpath = self.dirpath or (trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath)
+        return Path(dirpath or Path(trainer.default_root_dir) / "checkpoints") / self.filename
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        bad = [n for n, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite gradient at step {trainer.global_step} in {len(bad)} parameter(s), e.g. {bad[0]}; "
+                "lower train.lr or check the data"
+            )
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, FloatingPointError) or self.saved_path is not None:
+            return
+        path = self._path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(path)  # nothing of the bad step has been applied yet
+        self.saved_path = path
+        note = f"training stopped before applying step {trainer.global_step}; the last good state is saved in {path}"
+        exception.add_note(note)
+        log.error("%s: %s", exception, note)
 
 
 class KillAtStep(pl.Callback):

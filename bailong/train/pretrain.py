@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 
 from bailong.eval.bpc import score_batch
+from bailong.train.loss import TRAIN_LOGIT_BUDGET, causal_lm_loss
 
 
 def _param_groups(model: torch.nn.Module, lr: float, embedding_lr: float | None, weight_decay: float):
@@ -71,6 +72,7 @@ class PretrainModule(pl.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         val_names: tuple[str, ...] = ("tc", "en"),
+        logit_budget: int = TRAIN_LOGIT_BUDGET,
     ) -> None:
         super().__init__()
         self.model = model
@@ -78,6 +80,7 @@ class PretrainModule(pl.LightningModule):
                        weight_decay=weight_decay, betas=tuple(betas), warmup_steps=warmup_steps,
                        min_lr_ratio=min_lr_ratio)
         self.val_names = tuple(val_names)
+        self.logit_budget = logit_budget
         # checkpoints hold only the trainable parameters (the 4-bit base is reloaded from the hub/disk)
         self.strict_loading = False
         self._val_bits: dict[str, float] = {}
@@ -85,7 +88,9 @@ class PretrainModule(pl.LightningModule):
 
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        # chunked cross-entropy: full-vocabulary logits are never materialised (bailong/train/loss.py)
+        loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                              position_ids=batch.get("position_ids"), logit_budget=self.logit_budget)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
@@ -115,9 +120,13 @@ class PretrainModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         for name in self.val_names:
-            if self._val_chars[name]:
-                bpc = self._val_bits[name] / self._val_chars[name]
-                self.log(f"val/{name}_bpc", bpc, prog_bar=name == "tc", add_dataloader_idx=False)
+            # under DDP each rank scored its share of the windows: sum bits and characters over ranks
+            totals = torch.tensor([self._val_bits[name], self._val_chars[name]], dtype=torch.float64,
+                                  device=self.device)
+            bits, chars = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+            if chars:
+                self.log(f"val/{name}_bpc", bits / chars, prog_bar=name == "tc", add_dataloader_idx=False,
+                         rank_zero_only=True)
 
     # -- checkpoints: trainable parameters + RNG, so a resumed run continues bit-for-bit ----------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

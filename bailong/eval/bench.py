@@ -1,0 +1,219 @@
+"""Bailong-bench-style runner: instructions by category in Traditional Chinese and English, answered by
+the model, scored offline by rules and, when a judge is configured, by an LLM judge.
+
+    python -m bailong.eval.bench outputs/sft/runs/<run>                       # rules only
+    python -m bailong.eval.bench outputs/sft/runs/<run> --judge-url http://127.0.0.1:8000/v1 --judge-model qwen2.5-7b
+    python -m bailong.eval.bench models/mini-base --out /tmp/base_bench        # a base model (plain chat format)
+
+Prompts file (JSON Lines): ``{"id", "category", "lang": "tc"|"en", "prompt", "expected_lang"?}``;
+``expected_lang`` is the language the answer must be in when it differs from the prompt's (a request to
+translate into the other language). Writes ``bench/generations.jsonl`` (one answer per line with its rule
+scores), ``bench/judgments.jsonl`` (judge ratings, resumable) and ``bench/metrics.json``; for a run
+directory, the ``bench/*`` keys are merged into its ``metrics.json``.
+
+Rule scores (``bailong.eval.consistency``): ``bench/lang_consistency`` — share of answers in the expected
+language (Simplified Chinese is not Traditional); ``bench/traditional_purity`` — mean Traditional purity
+of the answers expected in Traditional Chinese; both also per prompt language and per category.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bailong.data.corpus import CorpusError, read_jsonl
+from bailong.eval.consistency import LANGS, identify_language, traditional_purity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    id: str
+    category: str
+    lang: str
+    prompt: str
+    expected_lang: str
+
+
+def load_prompts(path: str | Path) -> list[BenchPrompt]:
+    """The prompts of a bench file; errors name the file, the line and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: bench prompts file not found")
+    prompts, seen = [], set()
+    for where, record in read_jsonl(path):
+        for key in ("id", "category", "prompt"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise CorpusError(f"{where}: {key!r} must be a non-empty string (found keys: {', '.join(sorted(record))})")
+        for key in ("lang", "expected_lang"):
+            value = record.get(key, record.get("lang")) if key == "expected_lang" else record.get(key)
+            if value not in LANGS:
+                raise CorpusError(f"{where}: {key!r} must be one of {', '.join(LANGS)}, got {value!r}")
+        if record["id"] in seen:
+            raise CorpusError(f"{where}: id {record['id']!r} repeats an earlier prompt's id")
+        seen.add(record["id"])
+        prompts.append(BenchPrompt(record["id"], record["category"], record["lang"], record["prompt"],
+                                   record.get("expected_lang", record["lang"])))
+    if not prompts:
+        raise CorpusError(f"{path}: no prompts")
+    return prompts
+
+
+def rule_scores(answer: str, expected_lang: str) -> dict:
+    """Per-answer rule scores: detected language, consistency, Traditional purity (TC answers only)."""
+    detected = identify_language(answer)
+    return {"answer_lang": detected, "lang_consistent": detected == expected_lang,
+            "traditional_purity": traditional_purity(answer) if expected_lang == "tc" else None}
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[BenchPrompt], bench_cfg: Any, out_path: Path) -> list[dict]:
+    """Answer every prompt (``bailong.eval.generate``) and write ``generations.jsonl``, one line each."""
+    from bailong.eval.generate import generate
+
+    rows = []
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("w", encoding="utf-8") as out:
+        for k, p in enumerate(prompts):
+            messages = ([{"role": "system", "content": bench_cfg.system_prompt}] if bench_cfg.system_prompt else [])
+            messages.append({"role": "user", "content": p.prompt})
+            answer = generate(model, tokenizer, messages, max_new_tokens=bench_cfg.max_new_tokens,
+                              temperature=bench_cfg.temperature, top_p=bench_cfg.top_p, top_k=bench_cfg.top_k,
+                              repetition_penalty=bench_cfg.repetition_penalty, do_sample=bench_cfg.do_sample,
+                              seed=bench_cfg.seed + k)
+            row = {**asdict(p), "answer": answer, **rule_scores(answer, p.expected_lang)}
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()
+            rows.append(row)
+    return rows
+
+
+def _mean(values: list) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summarize_rules(rows: Sequence[dict]) -> dict[str, float]:
+    """``bench/lang_consistency``, ``bench/traditional_purity`` overall, per prompt language, per category."""
+    metrics: dict[str, float] = {"bench/n": float(len(rows))}
+    groups = {"": rows}
+    for key in ("lang", "category"):
+        for value in sorted({r[key] for r in rows}):
+            groups[f"{value}/"] = [r for r in rows if r[key] == value]
+    for prefix, group in groups.items():
+        metrics[f"bench/{prefix}lang_consistency"] = _mean([r["lang_consistent"] for r in group])
+        purity = _mean([r["traditional_purity"] for r in group])
+        if purity is not None:
+            metrics[f"bench/{prefix}traditional_purity"] = purity
+    tc_expected = [r for r in rows if r["expected_lang"] == "tc"]
+    if tc_expected:
+        metrics["bench/simplified_answer_rate"] = _mean([r["answer_lang"] == "sc" for r in tc_expected])
+    metrics["bench/empty_answer_rate"] = _mean([not r["answer"].strip() for r in rows])
+    metrics["bench/answer_chars"] = _mean([len(r["answer"]) for r in rows])
+    return metrics
+
+
+def judge_rows(rows: Sequence[dict], judge_cfg: Any, out_dir: Path) -> dict[str, float]:
+    """Judge every answer (resumable, ``judgments.jsonl``); ``bench/judge_score`` overall and by group."""
+    from bailong.eval.judge import Judge, judge_answers
+
+    answers = [{"id": r["id"], "question": r["prompt"], "answer": r["answer"], "expected_lang": r["expected_lang"]}
+               for r in rows]
+    with Judge(judge_cfg) as judge:
+        results, failed = judge_answers(judge, answers, out_dir / "judgments.jsonl")
+    rating = {r["id"]: r["rating"] for r in results}
+    metrics = {"bench/judge_n": float(len(rating)), "bench/judge_failed": float(failed)}
+    if not rating:
+        return metrics
+    metrics["bench/judge_score"] = _mean(list(rating.values()))
+    for key in ("lang", "category"):
+        for value in sorted({r[key] for r in rows}):
+            score = _mean([rating.get(r["id"]) for r in rows if r[key] == value])
+            if score is not None:
+                metrics[f"bench/{value}/judge_score"] = score
+    return metrics
+
+
+def run_bench(model: Any, tokenizer: Any, bench_cfg: Any, judge_cfg: Any, out_dir: str | Path) -> dict[str, float]:
+    """Generate, score by rules and (if ``judge_cfg.base_url``) by the judge; files under ``out_dir``."""
+    out = Path(out_dir)
+    prompts = load_prompts(bench_cfg.prompts)[: bench_cfg.max_prompts or None]
+    rows = generate_answers(model, tokenizer, prompts, bench_cfg, out / "generations.jsonl")
+    metrics = summarize_rules(rows)
+    if judge_cfg is not None and judge_cfg.base_url:
+        metrics.update(judge_rows(rows, judge_cfg, out))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    return metrics
+
+
+def compose_eval_config(overrides: Sequence[str] = ()) -> Any:
+    """``conf/config.yaml`` composed with ``overrides`` (the bench, judge, mc and data nodes are used);
+    data paths resolve against this checkout unless ``BAILONG_ROOT`` says otherwise."""
+    import os
+
+    import bailong.config  # noqa: F401  registers the schema
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    root = Path(__file__).resolve().parents[2]
+    os.environ.setdefault("BAILONG_ROOT", str(root))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "adapter" / "adapter_config.json").is_file()
+
+
+def merge_metrics(run_dir: Path, new: dict) -> None:
+    """Add ``new`` keys to ``run_dir/metrics.json`` (written to a temporary file, then renamed)."""
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics.update(new)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from bailong.eval.__main__ import load_target
+
+    ap = argparse.ArgumentParser(prog="python -m bailong.eval.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("target", help="run directory, adapter directory, or base model directory")
+    ap.add_argument("--out", help="output directory (default: <run dir>/bench)")
+    ap.add_argument("--prompts", help="bench prompts JSONL (default: bench.prompts)")
+    ap.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    ap.add_argument("--judge-model", help="judge model name (default: judge.model)")
+    ap.add_argument("--max-prompts", type=int)
+    ap.add_argument("--quant", choices=["nf4", "none"], default="nf4", help="for a base model")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. bench.do_sample=true judge.timeout_s=120")
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.prompts, "bench.prompts"), (args.judge_url, "judge.base_url"),
+                      (args.judge_model, "judge.model"), (args.max_prompts, "bench.max_prompts")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    cfg = compose_eval_config(overrides)
+    target = Path(args.target)
+    is_run = is_run_dir(target)
+    if args.out is None and not is_run:
+        ap.error(f"{target} is not a run directory (no adapter/): give --out for the outputs")
+    out = Path(args.out) if args.out else target / "bench"
+    _, model, tokenizer = load_target(str(target), args.quant)
+    metrics = run_bench(model, tokenizer, cfg.bench, cfg.judge, out)
+    if is_run and args.out is None:
+        merge_metrics(target, metrics)
+    print(json.dumps(metrics, indent=2, ensure_ascii=False))
+    return metrics
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

@@ -1,0 +1,137 @@
+"""Multiple-choice sets made from held-out text: "which line comes next?".
+
+Every item takes a document's line ``i`` as the right answer, the ``context_lines`` lines before it as
+the question, and ``num_choices - 1`` distractor lines from *other* held-out documents of the *same*
+corpus file (a KJV verse never competes with a fortune, so style is no shortcut). Distractors match
+the answer's length: exactly for Traditional Chinese (Tang poem lines are regular, so 五言 competes
+with 五言), within ``length_tolerance`` (relative) for English. Only held-out documents are used, split
+exactly as pre-training splits them (``split_documents`` per file with ``data.val_fraction`` and
+``data.split_seed``), so no stage has trained on any line of an item. The same seed gives the same set.
+Editorial notes in full-width parentheses (variant readings such as （一作「野」）) are removed from lines.
+
+The generated sets are written in the MC file format of ``bailong.eval.choice`` (``mc/tc.jsonl``,
+``mc/en.jsonl`` in the run directory), so they can be re-scored or shared like any other MC file.
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from bailong.data.corpus import load_documents, split_documents
+from bailong.eval.choice import MCItem
+
+
+def held_out_documents(spec: Any, val_fraction: float, split_seed: int) -> list[str]:
+    """The validation documents of one corpus file, as ``bailong.data.splits`` holds them out."""
+    _, val = split_documents(load_documents(spec), val_fraction, split_seed)
+    return val
+
+
+EDITORIAL_NOTE = re.compile(r"（[^（）]*）")  # variant readings in the poems: 舒（一作「野」）桃
+
+
+def _lines(doc: str) -> list[str]:
+    """Non-empty lines, without editorial notes in full-width parentheses (not part of the poem)."""
+    lines = (EDITORIAL_NOTE.sub("", line).strip() for line in doc.split("\n"))
+    return [line for line in lines if line]
+
+
+def next_line_items(
+    docs: Sequence[str],
+    *,
+    n_items: int,
+    num_choices: int = 4,
+    context_lines: int = 2,
+    length_tolerance: float = 0.0,
+    lang: str | None = None,
+    seed: int = 0,
+    id_prefix: str = "",
+) -> list[MCItem]:
+    """Up to ``n_items`` next-line items from ``docs`` (one per document first, then a second pass, ...).
+
+    A position is used only if at least ``num_choices - 1`` distinct lines of other documents fit its
+    length; fewer items than asked come back when the documents run out (the caller reports ``_n``).
+    """
+    if num_choices < 2:
+        raise ValueError(f"num_choices must be at least 2, got {num_choices}")
+    if context_lines < 1:
+        raise ValueError(f"context_lines must be at least 1, got {context_lines}")
+    rng = random.Random(seed)
+    lines = [_lines(d) for d in docs]
+    by_length: dict[int, list[tuple[int, str]]] = {}
+    for d, doc_lines in enumerate(lines):
+        for line in dict.fromkeys(doc_lines):  # each distinct line once per document
+            by_length.setdefault(len(line), []).append((d, line))
+
+    def distractor_pool(d: int, answer: str) -> list[str]:
+        slack = int(length_tolerance * len(answer))
+        pool = []
+        for length in range(len(answer) - slack, len(answer) + slack + 1):
+            pool += [line for other, line in by_length.get(length, []) if other != d and line != answer]
+        return sorted(set(pool))  # sorted: the draw depends on the seed only
+
+    # positions per document, shuffled; then round-robin over shuffled documents
+    positions = [[(d, i) for i in range(1, len(doc_lines))] for d, doc_lines in enumerate(lines)]
+    for p in positions:
+        rng.shuffle(p)
+    order = [d for d in range(len(lines)) if positions[d]]
+    rng.shuffle(order)
+    items: list[MCItem] = []
+    while order and len(items) < n_items:
+        remaining = []
+        for d in order:
+            if len(items) >= n_items:
+                break
+            if not positions[d]:
+                continue
+            _, i = positions[d].pop()
+            answer = lines[d][i]
+            pool = distractor_pool(d, answer)
+            if len(pool) >= num_choices - 1:
+                choices = rng.sample(pool, num_choices - 1)
+                slot = rng.randrange(num_choices)
+                choices.insert(slot, answer)
+                question = "\n".join(lines[d][max(0, i - context_lines):i]) + "\n"
+                items.append(MCItem(question, tuple(choices), slot, lang, f"{id_prefix}{d}:{i}"))
+            if positions[d]:
+                remaining.append(d)
+        order = remaining
+    return items
+
+
+def held_out_mc_set(
+    sources: Sequence[Any],
+    *,
+    n_items: int,
+    lang: str,
+    val_fraction: float,
+    split_seed: int,
+    num_choices: int,
+    context_lines: int,
+    length_tolerance: float,
+    seed: int,
+) -> list[MCItem]:
+    """An MC set from the held-out documents of ``sources`` (corpus specs), items shared evenly among them."""
+    if not sources:
+        raise ValueError(f"no source corpora for the {lang} MC set")
+    items: list[MCItem] = []
+    for k, spec in enumerate(sources):
+        share = n_items // len(sources) + (k < n_items % len(sources))
+        docs = held_out_documents(spec, val_fraction, split_seed)
+        items += next_line_items(docs, n_items=share, num_choices=num_choices, context_lines=context_lines,
+                                 length_tolerance=length_tolerance, lang=lang, seed=seed + k, id_prefix=f"{lang}{k}:")
+    return items
+
+
+def build_mc_sets(mc_cfg: Any, data_cfg: Any) -> dict[str, list[MCItem]]:
+    """``{"tc": items, "en": items}`` from the ``mc`` config over the pre-training split of ``data``."""
+    common = dict(val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed,
+                  num_choices=mc_cfg.num_choices, context_lines=mc_cfg.context_lines, seed=mc_cfg.seed)
+    return {
+        "tc": held_out_mc_set(mc_cfg.tc_sources, n_items=mc_cfg.items_per_lang, lang="tc",
+                              length_tolerance=0.0, **common),
+        "en": held_out_mc_set(mc_cfg.en_sources, n_items=mc_cfg.items_per_lang, lang="en",
+                              length_tolerance=mc_cfg.en_length_tolerance, **common),
+    }

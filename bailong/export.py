@@ -1,0 +1,108 @@
+"""Merge a run's adapter (LoRA and new embedding rows) into a standalone Hugging Face model directory.
+
+    python -m bailong.export outputs/sft/runs/<run> exports/bailong-mini-instruct [--dtype bfloat16]
+
+The result loads with plain ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``
+(no peft, no bitsandbytes) and carries the chat template and a generation config with the paper's
+sampling settings. It is dequantised: a 4-bit run trained its LoRA against the NF4 weights, not the
+original ones, so the merge starts from the NF4 weights dequantised to full precision
+(``bitsandbytes.functional.dequantize_4bit``), loads the adapter onto that full-precision copy and lets
+peft merge it (``merge_and_unload``: W + B·A·alpha/r, trainable-token rows written into the matrices).
+Merging on the 4-bit model instead would quantise the merged weights again and lose the update.
+
+What remains different from the adapter run is arithmetic, not weights: the 4-bit layers compute in
+``quant.compute_dtype`` (bfloat16 by default), the merged model in ``--dtype``. ``tests/test_export.py``
+checks the logits against the adapter run with its compute dtype set to float32 (same numbers up to
+float32 summation order) and as trained (bfloat16 rounding of the activations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import bitsandbytes as bnb
+import peft
+import torch
+from transformers import GenerationConfig
+
+from bailong.model.adapter import META_FILE, load_adapter
+from bailong.model.build import DTYPES, is_quantised, load_base_model
+
+PAPER_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
+
+
+def find_adapter(path: str | Path) -> Path:
+    path = Path(path)
+    for candidate in (path / "adapter", path):
+        if (candidate / META_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no {META_FILE} here or in adapter/: not a bailong run or adapter directory")
+
+
+def dequantised_weights(build: dict) -> dict[str, torch.Tensor]:
+    """The base's 4-bit projection weights as the adapter run saw them, dequantised: ``{module name: weight}``."""
+    quantised = load_base_model(build["pretrained"], quant=build["quant"], dtype=build["dtype"],
+                                revision=build["revision"], trust_remote_code=build["trust_remote_code"])
+    weights = {}
+    for name, module in quantised.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weights[name] = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    return weights
+
+
+def merged_model(adapter_dir: str | Path) -> tuple[torch.nn.Module, Any, dict]:
+    """(plain transformers model, tokenizer, build settings) with the adapter merged into dequantised weights."""
+    adapter_dir = find_adapter(adapter_dir)
+    build = json.loads((adapter_dir / META_FILE).read_text())["build"]
+    model, tokenizer = load_adapter(adapter_dir, quant={"name": "none"})  # full-precision base + adapter
+    if is_quantised(build["quant"]):
+        base = model.get_base_model()
+        for name, weight in dequantised_weights(build).items():
+            layer = base.get_submodule(name)
+            if isinstance(layer, peft.tuners.tuners_utils.BaseTunerLayer):
+                layer = layer.get_base_layer()
+            if tuple(layer.weight.shape) != tuple(weight.shape):
+                raise RuntimeError(f"{name}: dequantised weight {tuple(weight.shape)} != {tuple(layer.weight.shape)}")
+            with torch.no_grad():
+                layer.weight.copy_(weight.to(layer.weight.dtype))
+    merged = model.merge_and_unload()
+    merged.eval()
+    return merged, tokenizer, build
+
+
+def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Write the merged model, its tokenizer (with chat template) and a generation config to ``out_dir``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new directory")
+    model, tokenizer, build = merged_model(run_dir)
+    model = model.to(DTYPES[dtype])
+    model.config.dtype = dtype
+    model.generation_config = GenerationConfig(
+        **PAPER_SAMPLING, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "bailong_export.json").write_text(json.dumps(
+        {"source": str(find_adapter(run_dir)), "dtype": dtype, "dequantised_from": build["quant"],
+         "base": build["pretrained"], "vocab_size": build["vocab_size"], "num_base": build["num_base"]},
+        indent=2, ensure_ascii=False))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bailong.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="run directory or adapter directory")
+    parser.add_argument("out", help="new directory for the merged model")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    args = parser.parse_args(argv)
+    print(export(args.run, args.out, dtype=args.dtype))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The SFT stage (Bailong-instruct): start → evaluate → fine-tune with LoRA on chat data → evaluate → save.
+
+    python run.py experiment=sft sft.from_run=outputs/pretrain/runs/<run>   # continue that run's adapter
+    python run.py experiment=sft sft.from_base=true                         # base + tokenizer + init rows
+
+The start is a pre-training run's adapter (its LoRA, new rows and tokenizer; the adapter keeps training)
+or the base built exactly as pre-training builds it. Before and after fine-tuning the same evaluation
+runs: ``evaluate_instruct`` (multiple choice TC/EN, bench rule scores, the judge when configured), bits
+per character of the held-out TC/EN text (what SFT costs in language modelling) and of the held-out
+answers (``chat_bpc``). Keys: ``sft/before/...``, ``sft/after/...``; the after-SFT ``mc/*`` and
+``bench/*`` are also written unprefixed for the dashboard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from bailong.checks import ConfigError
+from bailong.data.chat import set_chat_template
+from bailong.data.sft import SFTDataModule, load_chat_splits
+from bailong.data.splits import load_splits
+from bailong.eval.bpc import evaluate_texts, score_windows, scoring_mode
+from bailong.eval.sft_metrics import evaluate_instruct
+from bailong.model.adapter import META_FILE, load_adapter, save_adapter
+from bailong.model.build import build_model, count_parameters
+from bailong.train.sft import SFTModule
+
+log = logging.getLogger(__name__)
+
+
+def check_sft(cfg: DictConfig) -> Path | None:
+    """The adapter directory to start from (None: from the base); a ConfigError naming the key otherwise."""
+    if cfg.data.get("chat") is None:
+        raise ConfigError("data.chat is not set: the SFT stage needs chat data (use data=sft_chat or experiment=sft)")
+    if cfg.sft.from_base:
+        if cfg.sft.from_run:
+            raise ConfigError(f"sft.from_run={cfg.sft.from_run!r} and sft.from_base=true: choose one start")
+        return None
+    if not cfg.sft.from_run:
+        raise ConfigError("sft.from_run is not set: give a pre-training run directory "
+                          "(sft.from_run=outputs/pretrain/runs/<run>) or start from the base with sft.from_base=true")
+    run_dir = Path(cfg.sft.from_run)
+    for candidate in (run_dir / "adapter", run_dir):
+        if (candidate / META_FILE).is_file():
+            build = json.loads((candidate / META_FILE).read_text())["build"]
+            if build["pretrained"] != cfg.model.pretrained:  # the adapter decides: it was trained on that base
+                log.warning("sft.from_run: the adapter was built on %s, not model.pretrained=%s; using the adapter's "
+                            "base, quantisation and LoRA settings", build["pretrained"], cfg.model.pretrained)
+            return candidate
+    raise ConfigError(f"sft.from_run={cfg.sft.from_run!r}: no adapter there ({run_dir}/adapter/{META_FILE} not found); "
+                      "expected a finished pre-training run directory or its adapter/")
+
+
+def start_from_base(cfg: DictConfig):
+    """Stages 1–2 of pre-training: extended tokenizer, initialised new rows, 4-bit base + LoRA."""
+    from bailong.pipeline import build_tokenizers, initial_rows
+
+    splits = load_splits(cfg.data)
+    _, ext, base_tok, tok = build_tokenizers(cfg, splits)
+    rows, _ = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
+    model = build_model(
+        cfg.model.pretrained, vocab_size=len(tok), num_base=ext.num_base, rows=rows, quant=cfg.quant, lora=cfg.lora,
+        gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype, revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    return model, tok
+
+
+def evaluate_stage(model: Any, tok: Any, cfg: DictConfig, datamodule: SFTDataModule, held_out: dict,
+                   out_dir: Path) -> dict[str, Any]:
+    """Instruction-following scores plus bits/char of held-out text and of held-out answers."""
+    metrics = dict(evaluate_instruct(model, tok, cfg, out_dir))
+    seq_len = cfg.eval.seq_len or cfg.data.seq_len
+    for key, value in evaluate_texts(model, tok, held_out, seq_len=seq_len, batch_size=cfg.eval.batch_size).items():
+        if key.endswith(("_bpc", "_bpb")):
+            metrics[key] = value
+    if datamodule.val_chats:
+        with scoring_mode(model):
+            metrics["chat_bpc"] = score_windows(model, datamodule.val_batches())["bpc"]
+    return metrics
+
+
+def run_sft(cfg: DictConfig) -> dict:
+    from bailong.pipeline import finish_run, finish_wandb, fit, module_kwargs, prefixed, redacted_config, start_run
+
+    adapter_dir = check_sft(cfg)  # before any model is loaded
+    out = start_run(cfg)
+    # start: a pre-training run's adapter (trainable again) or the base built as pre-training builds it
+    if adapter_dir is not None:
+        model, tok = load_adapter(adapter_dir, is_trainable=True)
+        source = str(adapter_dir)
+    else:
+        model, tok = start_from_base(cfg)
+        source = "base"
+    set_chat_template(tok)
+    tok.save_pretrained(out / "tokenizer")
+    params = count_parameters(model)
+    metrics: dict[str, Any] = {"sft/source": source, "params/trainable": params["trainable"],
+                               "params/total": params["total"]}
+
+    train_convs, val_convs = load_chat_splits(cfg.data, cfg.paths.cache_dir)
+    datamodule = SFTDataModule(tok, train_convs, val_convs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                               seed=cfg.seed, packing=cfg.data.chat.packing, num_workers=cfg.data.num_workers)
+    metrics.update({"sft/train_conversations": len(train_convs), "sft/val_conversations": len(val_convs),
+                    "sft/train_rows": int(datamodule.train_rows["input_ids"].shape[0])})
+    held_out = load_splits(cfg.data).val()
+
+    if cfg.sft.eval_before:
+        metrics.update(prefixed("sft/before", evaluate_stage(model, tok, cfg, datamodule, held_out, out / "eval_before")))
+
+    module = SFTModule(model, **module_kwargs(cfg))
+    trainer, loggers = fit(cfg, module, datamodule, metrics)
+    if not trainer.is_global_zero:  # DDP: rank 0 evaluates and writes
+        finish_wandb(loggers)
+        return metrics
+
+    if cfg.sft.eval_after:
+        model.to(trainer.strategy.root_device)
+        after = evaluate_stage(model, tok, cfg, datamodule, held_out, out / "eval_after")
+        metrics.update(prefixed("sft/after", after))
+        metrics.update({k: v for k, v in after.items() if k.startswith(("mc/", "bench/"))})
+    save_adapter(model, tok, out / "adapter", config=redacted_config(cfg))
+    return finish_run(out, metrics, loggers, trainer.global_step)

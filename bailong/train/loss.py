@@ -1,0 +1,173 @@
+"""Causal-LM cross-entropy without full-vocabulary logits.
+
+transformers' ``model(input_ids, labels=...)`` builds ``[batch, seq, vocab]`` float32 logits, a
+shifted copy and a log-softmax of the same size, and keeps them for the backward pass: at Llama-2's
+vocabulary extended to 59k pieces that is ~0.5 GB per 2,048 tokens, more than the rest of a QLoRA
+step's activations. Here the decoder runs once for hidden states and only the scored positions go
+through the head, ``logit_budget`` logits at a time:
+
+- the head as peft leaves it (a frozen ``nn.Linear``, peft's trainable-token rows, or a
+  ``modules_to_save`` copy): a fused linear + cross-entropy computes each chunk's logits once and
+  turns them straight into the gradients of the hidden states and of the *trainable* rows only
+  (peft's own path builds the full-vocabulary weight gradient and then keeps the new rows of it);
+- any other head (LoRA on lm_head): each chunk runs through the module under activation
+  checkpointing, so backward recomputes that chunk's logits instead of storing them.
+
+Both give the mean over scored tokens that transformers' loss computes, and its gradients
+(``tests/test_chunked_loss.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+TRAIN_LOGIT_BUDGET = 2**24  # logits alive at once in a training step (64 MB in float32)
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body and the output head of a transformers causal LM, peft-wrapped or not.
+
+    The head is the module the model itself calls, so peft's trainable-token rows, ``modules_to_save``
+    copies or LoRA on lm_head all take part exactly as in ``model(...)``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no output head: not a causal LM")
+    return base.get_decoder(), head
+
+
+@dataclass
+class HeadWeights:
+    """What the head multiplies by: ``weight`` (no grad; peft's trainable rows already written in) and the
+    parameter that trains, ``rows``, standing for ``weight[ids]`` (``ids=None``: the whole matrix)."""
+
+    weight: torch.Tensor
+    rows: torch.Tensor | None
+    ids: torch.Tensor | None
+
+
+def head_weights(head: torch.nn.Module) -> HeadWeights | None:
+    """The effective weight of a bias-free linear head as peft's forward would use it; ``None`` for heads
+    the fused loss does not know (LoRA on lm_head, several active adapters, a bias)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
+
+    if isinstance(head, (ModulesToSaveWrapper, TrainableTokensWrapper)):
+        active = list(head.active_adapters)
+        if head.disable_adapters or not active or any(a not in head._adapters for a in active):
+            return head_weights(head.original_module)
+        if len(active) != 1:
+            return None
+        inner = head.modules_to_save[active[0]] if isinstance(head, ModulesToSaveWrapper) else head.token_adapter
+        return head_weights(inner)
+    if isinstance(head, TrainableTokensLayer):
+        active = list(head.active_adapters)
+        if head.merged or head.disable_adapters or not active:
+            return head_weights(head.base_layer)
+        base = head_weights(head.base_layer)
+        if len(active) != 1 or base is None or base.rows is not None:
+            return None
+        ids = torch.tensor(head.token_indices[active[0]], device=base.weight.device)
+        delta = head.trainable_tokens_delta[active[0]]
+        weight = base.weight.index_copy(0, ids, delta.detach().to(base.weight))  # as peft's get_merged_weights
+        return HeadWeights(weight, delta, ids)
+    if type(head) is torch.nn.Linear and head.bias is None:
+        w = head.weight
+        return HeadWeights(w.detach(), w, None) if w.requires_grad else HeadWeights(w, None, None)
+    return None
+
+
+def _columns(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``x[:, ids]``; a view when the ids are one consecutive run (appended tokens are)."""
+    first, n = int(ids[0]), len(ids)
+    if int(ids[-1]) == first + n - 1 and bool((ids.diff() == 1).all()):
+        return x.narrow(1, first, n)
+    return x.index_select(1, ids)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, ``chunk`` rows at a time.
+
+    The forward pass already computes both gradients (softmax minus one-hot, times the weight or the
+    hidden states), so no logits outlive their chunk and backward only scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, rows, weight, ids, targets, chunk: int):
+        grad_hidden = torch.empty_like(hidden)
+        grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if rows is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h.to(weight.dtype) @ weight.T).float()
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(dim=-1)
+            probs = logits.sub_(top[:, None]).exp_()  # in place: the chunk holds one [chunk, vocab] buffer
+            norm = probs.sum(dim=-1)
+            total += (norm.log() + top - target_logit).sum()
+            probs.div_(norm[:, None])[torch.arange(len(t), device=t.device), t] -= 1.0  # d nll / d logits
+            grad_logits = probs.to(weight.dtype)
+            grad_hidden[start:start + chunk] = (grad_logits @ weight).to(hidden.dtype)
+            if grad_rows is not None:  # only the rows that train: the frozen ones need no gradient at all
+                g = grad_logits if ids is None else _columns(grad_logits, ids)
+                grad_rows += (g.T @ h.to(weight.dtype)).float()
+        ctx.save_for_backward(grad_hidden, grad_rows)
+        ctx.rows_dtype = rows.dtype if rows is not None else None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_rows = ctx.saved_tensors
+        grad_rows = None if grad_rows is None else (grad_rows * grad_total).to(ctx.rows_dtype)
+        return grad_hidden * grad_total, grad_rows, None, None, None, None
+
+
+def _chunk_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # the float32 upcast transformers' loss makes, one chunk at a time
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def causal_lm_loss(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    position_ids: torch.Tensor | None = None,
+    logit_budget: int = TRAIN_LOGIT_BUDGET,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) over positions whose label is not -100.
+
+    ``labels`` are aligned with ``input_ids`` (the transformers convention: the hidden state at t
+    predicts label t+1). ``position_ids`` restarting inside a row (packed SFT conversations) make
+    transformers build a block-diagonal causal mask when ``attention_mask`` is None.
+    """
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
+    targets = labels[:, 1:].reshape(-1)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    scored = targets != IGNORE_INDEX
+    if not bool(scored.all()):  # padding or prompt positions: their logits are never computed
+        hidden, targets = hidden[scored], targets[scored]
+    n = targets.numel()
+    if n == 0:
+        raise ValueError("no scored positions in the batch: every label is -100")
+    chunk = max(1, logit_budget // model.config.vocab_size)
+    weights = head_weights(head) if torch.is_grad_enabled() else None
+    if weights is not None:
+        total = _FusedLinearCrossEntropy.apply(hidden, weights.rows, weights.weight, weights.ids, targets, chunk)
+        return total / n
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_nll_sum, head, hidden[part], targets[part], use_reentrant=False)
+        else:
+            total = total + _chunk_nll_sum(head, hidden[part], targets[part])
+    return total / n

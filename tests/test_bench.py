@@ -1,0 +1,105 @@
+"""The bench runner: the shipped prompts file, prompt-file errors, rule scores by hand, and a whole run on
+the mini base (generations file, rule metrics, judge through a local server, the CLI); evaluate_instruct."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bailong.data.corpus import CorpusError
+from bailong.eval.bench import load_prompts, main, rule_scores, run_bench, summarize_rules
+from conftest import ROOT, compose_config
+from test_judge import FakeJudgeServer
+
+MINI = ROOT / "models" / "mini-base"
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return AutoModelForCausalLM.from_pretrained(MINI).eval(), AutoTokenizer.from_pretrained(MINI)
+
+
+def test_shipped_prompts_cover_each_category_in_both_languages(tmp_path):
+    cfg = compose_config([], tmp_path)
+    prompts = load_prompts(cfg.bench.prompts)
+    categories = {p.category for p in prompts}
+    assert {"poetry", "translation", "knowledge", "writing"} <= categories
+    for category in categories:
+        assert {p.lang for p in prompts if p.category == category} == {"tc", "en"}, category
+    translations = [p for p in prompts if p.category == "translation"]
+    assert translations and all(p.expected_lang != p.lang for p in translations)
+    assert all(p.expected_lang == p.lang for p in prompts if p.category != "translation")
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"id": "a", "category": "c", "lang": "zh", "prompt": "p"}', r"p.jsonl:2: 'lang' must be one of tc, sc, en"),
+    ('{"id": "a", "category": "c", "lang": "en", "prompt": ""}', r"p.jsonl:2: 'prompt' must be a non-empty string"),
+    ('{"id": "x", "category": "c", "lang": "en", "prompt": "p"}', r"p.jsonl:2: id 'x' repeats"),
+    ('{"id": "a", "category": "c", "lang": "en", "expected_lang": "fr", "prompt": "p"}', r"'expected_lang' must be"),
+    ("[1, 2]", r"p.jsonl:2: expected a JSON object"),
+    ("{oops", r"p.jsonl:2: not valid JSON"),
+])
+def test_bad_prompt_files_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "x", "category": "c", "lang": "en", "prompt": "p"}\n' + line + "\n")
+    with pytest.raises(CorpusError, match=message):
+        load_prompts(path)
+
+
+def test_rule_metrics_by_hand():
+    rows = []
+    for pid, cat, lang, exp, answer in [
+        ("1", "poetry", "tc", "tc", "我們的國家很大"),   # consistent, purity 1
+        ("2", "poetry", "tc", "tc", "我们的国家很大"),   # Simplified: inconsistent, purity 0
+        ("3", "translation", "tc", "en", "The weather is nice."),  # asked for English: consistent
+        ("4", "writing", "en", "en", "今天天氣很好"),    # answered in Chinese: inconsistent
+    ]:
+        rows.append({"id": pid, "category": cat, "lang": lang, "expected_lang": exp, "prompt": "p", "answer": answer,
+                     **rule_scores(answer, exp)})
+    m = summarize_rules(rows)
+    assert m["bench/lang_consistency"] == 0.5
+    assert m["bench/tc/lang_consistency"] == pytest.approx(2 / 3) and m["bench/en/lang_consistency"] == 0.0
+    assert m["bench/poetry/lang_consistency"] == 0.5 and m["bench/translation/lang_consistency"] == 1.0
+    assert m["bench/traditional_purity"] == 0.5 and m["bench/poetry/traditional_purity"] == 0.5
+    assert m["bench/simplified_answer_rate"] == 0.5 and m["bench/n"] == 4.0
+
+
+def test_run_bench_with_judge_on_the_mini_base(mini, tmp_path):
+    model, tok = mini
+    server = FakeJudgeServer(default=("ok", "Weak answer. Rating: [[2]]"))
+    try:
+        cfg = compose_config(["bench.max_prompts=3", "bench.max_new_tokens=6", f"judge.base_url={server.url}",
+                              "judge.backoff_s=0.01"], tmp_path)
+        metrics = run_bench(model, tok, cfg.bench, cfg.judge, tmp_path / "bench")
+    finally:
+        server.close()
+    rows = [json.loads(line) for line in (tmp_path / "bench" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(isinstance(r["answer"], str) and "answer_lang" in r for r in rows)
+    assert metrics["bench/n"] == 3.0 and 0.0 <= metrics["bench/lang_consistency"] <= 1.0
+    assert metrics["bench/judge_score"] == 2.0 and metrics["bench/judge_n"] == 3.0
+    assert metrics["bench/poetry/judge_score"] == 2.0
+    assert len(server.requests) == 3
+    assert json.loads((tmp_path / "bench" / "metrics.json").read_text()) == metrics
+
+
+def test_cli_on_a_base_model_needs_out_and_writes_there(tmp_path):
+    with pytest.raises(SystemExit):
+        main([str(MINI), "--max-prompts", "1"])  # a base model directory is not a run directory
+    metrics = main([str(MINI), "--out", str(tmp_path / "b"), "--max-prompts", "2", "--quant", "none",
+                    "bench.max_new_tokens=4"])
+    assert metrics["bench/n"] == 2.0 and (tmp_path / "b" / "generations.jsonl").is_file()
+
+
+def test_evaluate_instruct_returns_flat_float_metrics(mini, tmp_path):
+    from bailong.eval.sft_metrics import evaluate_instruct
+
+    model, tok = mini
+    cfg = compose_config(["mc.items_per_lang=6", "bench.max_prompts=2", "bench.max_new_tokens=4"], tmp_path)
+    metrics = evaluate_instruct(model, tok, cfg, tmp_path / "eval")
+    for key in ("mc/tc_acc", "mc/en_acc", "mc/tc_chance", "bench/lang_consistency"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["mc/tc_n"] == 6.0 and metrics["mc/en_n"] == 6.0 and metrics["mc/tc_chance"] == 0.25
+    assert "bench/judge_score" not in metrics  # no judge configured
+    assert len((tmp_path / "eval" / "mc" / "tc.jsonl").read_text().splitlines()) == 6
+    assert (tmp_path / "eval" / "mc" / "en_predictions.jsonl").is_file()

@@ -1,0 +1,116 @@
+"""Chunked cross-entropy (bailong/train/loss.py) equals transformers' loss, and so do its gradients."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bailong.eval.bpc import score_batch, scoring_mode
+from bailong.model.build import build_model
+from bailong.train.loss import causal_lm_loss
+
+NUM_BASE, VOCAB = 96, 128
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=NUM_BASE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("tiny_base")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def peft_model(path, quant: str, embeddings: str):
+    torch.manual_seed(1)
+    rows = {"embed": torch.randn(VOCAB - NUM_BASE, 64) * 0.02, "head": torch.randn(VOCAB - NUM_BASE, 64) * 0.02}
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "embeddings": embeddings}
+    model = build_model(str(path), vocab_size=VOCAB, num_base=NUM_BASE, rows=rows, quant={"name": quant}, lora=lora)
+    for name, p in model.named_parameters():  # one LoRA factor starts at zero: make every adapter path non-trivial
+        if p.requires_grad and "lora_" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def batch(labels_masked: bool):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (3, 40), generator=g)
+    labels = ids.clone()
+    mask = torch.ones_like(ids)
+    if labels_masked:  # a padded row and an unscored prefix, as SFT and bpc windows have
+        labels[0, :7] = -100
+        ids[2, 30:], labels[2, 30:], mask[2, 30:] = 0, -100, 0
+    return ids, labels, mask
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# new_rows and full take the fused linear + cross-entropy; lora (LoRA on lm_head) the checkpointed chunks
+@pytest.mark.parametrize("quant,embeddings", [("none", "new_rows"), ("nf4", "new_rows"), ("none", "full"),
+                                              ("none", "lora"), ("none", "frozen")])
+@pytest.mark.parametrize("labels_masked", [False, True])
+def test_chunked_loss_and_gradients_equal_the_full_logits_loss(tiny_base, quant, embeddings, labels_masked):
+    model = peft_model(tiny_base, quant, embeddings)
+    ids, labels, mask = batch(labels_masked)
+
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    reference.backward()
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    # 50 logits per chunk at vocab 128: one token per chunk, the most chunks possible
+    chunked = causal_lm_loss(model, ids, labels, mask, logit_budget=50)
+    chunked.backward()
+    got = grads(model)
+
+    torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-6)
+    assert set(got) == set(expected)
+    assert embeddings not in ("new_rows", "full") or any("trainable_tokens" in n or "modules_to_save" in n for n in got)
+    # float32 compute: equal to float32 rounding. NF4 computes in bfloat16, and the gradient reaching the
+    # body is summed in another order (per chunk), so early layers differ at bfloat16 rounding (2**-8).
+    tolerance = 1e-5 if quant == "none" else 4e-3
+    for name in expected:
+        assert expected[name].norm() > 0, f"{name}: gradient is zero, the test would prove nothing"
+        relative = float((got[name] - expected[name]).norm() / expected[name].norm())
+        assert relative < tolerance, f"{name}: relative gradient difference {relative:.2e}"
+
+
+def test_training_loss_is_the_evaluators_bits_in_nats(tiny_base):
+    """Training and bits/char scoring use the same targets: mean loss x tokens = bits x ln 2."""
+    model = peft_model(tiny_base, "none", "new_rows")
+    ids, labels, mask = batch(labels_masked=True)
+    with scoring_mode(model):
+        bits = score_batch(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}).sum()
+        loss = causal_lm_loss(model, ids, labels, mask, logit_budget=300)
+    scored = int((labels[:, 1:] != -100).sum())
+    assert float(loss) * scored == pytest.approx(float(bits) * math.log(2), rel=1e-5)
+
+
+def test_a_batch_with_nothing_to_score_is_an_error(tiny_base):
+    model = peft_model(tiny_base, "none", "new_rows")
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(ValueError, match="no scored positions"):
+        causal_lm_loss(model, ids, torch.full_like(ids, -100))
+
+
+def test_packed_rows_score_each_conversation_alone(tiny_base):
+    """SFT packs conversations into one row with position_ids restarting per conversation: the chunked
+    loss must see the block-diagonal mask transformers builds from them, as if each ran alone."""
+    model = peft_model(tiny_base, "none", "new_rows")
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, VOCAB, (1, 12), generator=g), torch.randint(0, VOCAB, (1, 20), generator=g)
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(12), torch.arange(20)]).unsqueeze(0)
+    labels = packed.clone()
+    labels[0, 12] = -100  # the first token of a conversation is not predicted from the one before
+    with torch.no_grad():
+        together = causal_lm_loss(model, packed, labels, position_ids=positions) * 30
+        alone = causal_lm_loss(model, a, a) * 11 + causal_lm_loss(model, b, b) * 19
+        ignoring_positions = causal_lm_loss(model, packed, labels) * 30
+    assert together.item() == pytest.approx(alone.item(), rel=1e-5)
+    assert abs(ignoring_positions.item() - alone.item()) > 1e-3  # the test can tell the difference

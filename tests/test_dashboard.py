@@ -1,0 +1,177 @@
+"""The dashboard on small sweeps written here in the pipeline's real file formats, and in headless chromium."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from bailong.dashboard import build_dashboard
+from bailong.dashboard.__main__ import main as dashboard_main
+from bailong.dashboard.collect import DashboardInputError, collect_runs, parse_overrides
+from bailong.dashboard.table import group_runs, swept_keys
+from conftest import compose_config
+
+CURVE_KEYS = ["epoch", "step", "train/loss", "val/tc_bpc", "val/en_bpc", "final/tc_bpc"]
+
+
+def write_run(run_dir: Path, overrides: list[str], metrics: dict | None = None, error: dict | None = None,
+              curve: list[tuple[int, float]] = ()) -> Path:
+    """A run directory as Hydra, the pipeline (metrics.json, csv/metrics.csv) and run.py (error.json) write it."""
+    cfg = compose_config(overrides, output_dir=run_dir)
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    choices = {"init": cfg.init.name, "tokenizer": cfg.tokenizer.name, "lora": "default", "hydra/launcher": "basic"}
+    (hydra_dir / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"mode": "MULTIRUN", "runtime": {"choices": choices}}}))
+    if metrics is not None:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if error is not None:
+        (run_dir / "error.json").write_text(json.dumps(error, indent=2))
+    if curve:
+        (run_dir / "csv").mkdir()
+        with open(run_dir / "csv" / "metrics.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, CURVE_KEYS)  # Lightning's CSVLogger: union of keys, empty cells
+            writer.writeheader()
+            for step, value in curve:
+                writer.writerow({"epoch": 0, "step": step, "train/loss": 5.0 - step / 100})
+                writer.writerow({"step": step, "val/tc_bpc": value, "val/en_bpc": 1.8})
+    return run_dir
+
+
+def metrics_for(step0: float, final: float, **extra) -> dict:
+    return {"init/strategy": "x", "base/tc_bpc": 7.4, "step0/tc_bpc": step0, "final/tc_bpc": final,
+            "base/en_bpc": 1.80, "step0/en_bpc": 1.81, "final/en_bpc": 1.82, "tokenizer/added": 8000,
+            "tokenizer/tc_tokens_per_char": 0.78, "params/trainable": 1_000_000, "train/tokens_per_sec": 900.0,
+            "train/steps": 30, **extra}
+
+
+FINALS = {("random", 1): 7.9, ("random", 2): 7.7, ("zip_tie", 1): 7.45, ("zip_tie", 2): 7.43,
+          ("mean", 1): 8.0, ("mean", 2): 8.2}
+
+
+@pytest.fixture(scope="module")
+def init_sweep(tmp_path_factory) -> Path:
+    """An init ablation: 3 strategies x 2 seeds, plus one failed and one still-running job."""
+    sweep = tmp_path_factory.mktemp("sweep") / "ablation_init" / "multirun" / "2026-11-27_08-00-00"
+    job = 0
+    for (init, seed), final in FINALS.items():
+        step0 = final + 0.6
+        write_run(sweep / str(job), ["experiment=ablation_init", f"init={init}", f"seed={seed}"],
+                  metrics_for(step0, final), curve=[(9, step0 - 0.3), (19, final + 0.1), (29, final)])
+        job += 1
+    write_run(sweep / str(job), ["experiment=ablation_init", "init=distill", "seed=1"],
+              error={"status": "failed", "type": "OutOfMemoryError", "message": "CUDA out of memory (simulated)",
+                     "traceback": "Traceback ...\nOutOfMemoryError", "overrides": ["init=distill", "seed=1"]})
+    write_run(sweep / str(job + 1), ["experiment=ablation_init", "init=distill", "seed=2"])  # neither file yet
+    return sweep
+
+
+def test_groups_by_swept_values_with_mean_and_std_over_seeds(init_sweep):
+    runs = collect_runs([init_sweep])
+    assert [r.path.name for r in runs] == [str(i) for i in range(8)]  # job order, not string order
+    assert swept_keys(runs) == ["init", "seed"]  # experiment= is the same everywhere: not swept
+    groups = group_runs(runs)
+    assert [g.values for g in groups] == [{"init": i} for i in ("random", "zip_tie", "mean", "distill")]
+    by_init = {g.values["init"]: g for g in groups}
+    stat = by_init["random"].stats["final/tc_bpc"]
+    assert stat.n == 2 and stat.mean == pytest.approx(7.8) and stat.std == pytest.approx(statistics.stdev([7.9, 7.7]))
+    distill = by_init["distill"]
+    assert (distill.count("failed"), distill.count("incomplete"), distill.count("ok")) == (1, 1, 0)
+    assert distill.stats == {}
+
+
+def test_writes_markdown_csv_and_a_self_contained_page(init_sweep, tmp_path):
+    dash = build_dashboard([init_sweep], tmp_path / "dash")
+    md = (tmp_path / "dash" / "results.md").read_text()
+    header, rule, *rows = md.strip().splitlines()
+    assert header.startswith("| init | runs | final/tc_bpc | step0/tc_bpc |")
+    assert len(rows) == 4 and rule.count("|") == header.count("|")
+    zip_row = next(r for r in rows if r.startswith("| zip_tie"))
+    assert "**7.440 ± 0.014**" in zip_row  # the best final/tc_bpc is bold
+    assert "0 + 1 failed + 1 incomplete" in next(r for r in rows if r.startswith("| distill"))
+
+    table = list(csv.DictReader(open(tmp_path / "dash" / "results.csv")))
+    assert [r["init"] for r in table] == ["random", "zip_tie", "mean", "distill"]
+    assert float(table[2]["final/tc_bpc mean"]) == pytest.approx(8.1)
+    assert table[3]["runs_failed"] == "1" and table[3]["final/tc_bpc mean"] == ""
+
+    html = dash.html.read_text()
+    assert re.search(r"<(img|script|link)[^>]+(src|href)=\"(?!data:)", html) is None, "page must be self-contained"
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(images) == 2  # learning curves, step 0 vs final (no vocabulary or rank was swept)
+    assert "OutOfMemoryError" in html and "CUDA out of memory (simulated)" in html
+    assert "no metrics.json and no error.json" in html
+
+
+def test_vocabulary_and_rank_figures_appear_when_swept(tmp_path):
+    sweep = tmp_path / "sweep"
+    for job, (vocab, r) in enumerate([(0, 8), (8000, 8), (16000, 64), (16000, 8)]):
+        fertility = 1.2 - vocab / 40000
+        write_run(sweep / str(job), [f"tokenizer.added_vocab={vocab}", f"lora.r={r}"],
+                  metrics_for(7.9, 7.5, **{"tokenizer/added": vocab, "tokenizer/tc_tokens_per_char": fertility,
+                                           "params/trainable": 4096 * r}))
+    dash = build_dashboard([sweep])
+    html = dash.html.read_text()
+    assert "Added vocabulary" in html and "LoRA rank" in html
+    assert [g.values for g in dash.groups][:2] == [{"tokenizer.added_vocab": 0, "lora.r": 8},
+                                                    {"tokenizer.added_vocab": 8000, "lora.r": 8}]
+
+
+def test_cli_reads_several_sweeps_and_rejects_a_directory_without_runs(init_sweep, tmp_path, capsys):
+    other = write_run(tmp_path / "other" / "0", ["init=subword_mean", "seed=1"], metrics_for(8.5, 7.6)).parent
+    assert dashboard_main([str(init_sweep), str(other), "--out", str(tmp_path / "both")]) == 0
+    printed = capsys.readouterr().out
+    assert "9 runs (1 failed) in 5 groups" in printed and "| subword_mean |" in printed
+    (tmp_path / "empty").mkdir()
+    assert dashboard_main([str(tmp_path / "empty")]) == 2
+    assert "no run directories" in capsys.readouterr().err
+
+
+def test_bad_files_name_the_file():
+    with pytest.raises(DashboardInputError, match="overrides.yaml: item 2"):
+        parse_overrides(["init=mean", "oops"], Path("x/.hydra/overrides.yaml"))
+
+
+def test_corrupt_metrics_json_names_file_and_line(tmp_path):
+    run = write_run(tmp_path / "0", ["init=mean"], metrics_for(8.0, 7.5))
+    (run / "metrics.json").write_text('{"final/tc_bpc": 7.5,\n "step0/tc_bpc": }')
+    with pytest.raises(DashboardInputError, match=r"metrics.json: line 2"):
+        collect_runs([tmp_path])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium); "
+                    "the page is still checked as HTML above")
+def test_page_renders_in_headless_chromium(init_sweep, tmp_path):
+    """Load the page in a real browser: the DOM holds the table, and the screenshot is not blank."""
+    from PIL import Image, ImageStat
+
+    dash = build_dashboard([init_sweep], tmp_path / "dash")
+    flags = [CHROMIUM, "--headless", "--disable-gpu", "--hide-scrollbars", "--no-first-run", "--no-sandbox",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    url = dash.html.resolve().as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert '<table id="results">' in dom.stdout and "zip_tie" in dom.stdout and "7.440 ± 0.014" in dom.stdout
+
+    shot = tmp_path / "page.png"
+    proc = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,2400", url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    image = Image.open(shot).convert("L")
+    assert image.size == (1280, 2400)
+    assert ImageStat.Stat(image).stddev[0] > 20, "screenshot is (nearly) blank"
+    # the figures rendered: the band of the page where the first figure sits is not blank either
+    figure_band = image.crop((100, 700, 1180, 1300))
+    assert ImageStat.Stat(figure_band).stddev[0] > 20

@@ -1,0 +1,133 @@
+"""Multi-GPU strategies. DDP runs here on CPU (gloo, 2 processes, unquantised); 4-bit DDP and
+FSDP-QLoRA need CUDA and skip with the reason."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, compose_config
+
+sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                    reason="needs 2 CUDA GPUs: bitsandbytes 4-bit DDP/FSDP-QLoRA are CUDA paths")
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "ddp_step.py"), str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_ddp_ranks_see_different_batches_and_agree_on_gradients(ddp_ranks):
+    r0, r1 = ddp_ranks
+    assert r0["strategy"] == "DDPStrategy" and r0["world_size"] == 2
+    assert not torch.equal(r0["batch"], r1["batch"])  # data parallel: each rank its own row
+    assert r0["grads"].keys() == r1["grads"].keys()
+    names = list(r0["grads"])
+    assert any("lora_A" in n for n in names) and any("trainable_tokens" in n for n in names)
+    for name in names:
+        torch.testing.assert_close(r0["grads"][name], r1["grads"][name], rtol=0, atol=0, msg=name)
+
+
+def test_ddp_gradients_are_the_mean_of_the_per_rank_gradients(ddp_ranks):
+    """All-reduce averaged: the same model on each rank's batch alone, averaged, gives DDP's gradients."""
+    from ddp_step import make_model
+
+    model = make_model()
+    reference = {}
+    for rank in ddp_ranks:
+        model.zero_grad(set_to_none=True)
+        ids = rank["batch"]
+        model(input_ids=ids, labels=ids).loss.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                reference[n] = reference.get(n, 0) + p.grad / 2
+    ddp = {n.removeprefix("model."): g for n, g in ddp_ranks[0]["grads"].items()}
+    assert ddp.keys() == reference.keys()
+    # lora_A gets no gradient at step 0 (lora_B starts at zero); lora_B and the new rows do
+    assert all(reference[n].abs().sum() > 0 for n in reference if "lora_B" in n or "trainable_tokens" in n)
+    for name, grad in reference.items():  # float sums in another order: tolerance relative to the scale
+        torch.testing.assert_close(ddp[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()) + 1e-12,
+                                   msg=name)
+
+
+@pytest.mark.slow
+def test_run_py_under_ddp_writes_the_run_once_from_rank_zero(tmp_path):
+    """trainer=ddp end to end on CPU: Lightning re-runs run.py for rank 1 into the same run directory;
+    rank 0 alone evaluates, saves the adapter and writes metrics.json."""
+    import json
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "experiment=smoke", "logger=csv", "trainer=ddp",
+         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "quant=none",
+         f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train/steps"] == 4 and "final/tc_bpc" in metrics
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "train_ddp_process_1.log").is_file()  # rank 1 ran, logging beside rank 0
+    assert "metrics:" not in (out / "train_ddp_process_1.log").read_text()  # and wrote no metrics
+
+
+def test_trainer_configs_build_lightning_strategies(tmp_path):
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    ddp = compose_config(["trainer=ddp"], tmp_path)
+    assert isinstance(instantiate(ddp.trainer.strategy), DDPStrategy)
+    assert ddp.trainer.accelerator == "gpu" and ddp.trainer.devices == 8
+    fsdp = compose_config(["trainer=fsdp", "quant.quant_storage=bfloat16", "model.dtype=bfloat16"], tmp_path)
+    strategy = instantiate(fsdp.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert isinstance(strategy.kwargs["auto_wrap_policy"], ModuleWrapPolicy)
+    assert strategy.kwargs["use_orig_params"] is True
+
+
+def test_fsdp_qlora_storage_must_match_model_dtype():
+    from bailong.model.build import load_base_model
+
+    with pytest.raises(ValueError, match="quant.quant_storage=bfloat16 needs model.dtype"):
+        load_base_model(str(ROOT / "models" / "mini-base"), dtype="float32",
+                        quant={"name": "nf4", "quant_storage": "bfloat16"})
+
+
+@needs_two_gpus
+def test_run_py_qlora_under_ddp_on_two_gpus(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "experiment=smoke", "logger=csv", "trainer=ddp",
+                           "trainer.devices=2", f"hydra.run.dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["train/steps"] == 4
+
+
+@needs_two_gpus
+def test_qlora_ddp_each_rank_loads_its_own_4bit_copy(monkeypatch):
+    from bailong.model.build import load_base_model
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    model = load_base_model(str(ROOT / "models" / "mini-base"), quant={"name": "nf4"}, dtype="bfloat16")
+    devices = {p.device for p in model.parameters()}
+    assert devices == {torch.device("cuda", 1)}
+
+
+@needs_two_gpus
+def test_fsdp_qlora_keeps_one_dtype_per_unit():
+    from bailong.model.build import build_model
+
+    model = build_model(str(ROOT / "models" / "mini-base"), vocab_size=5000, num_base=5000, rows=None,
+                        quant={"name": "nf4", "quant_storage": "bfloat16"}, lora={"r": 4}, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -1,0 +1,178 @@
+"""The LLM judge against a small OpenAI-compatible server started here on 127.0.0.1: success, timeout,
+HTTP 500 then success, malformed replies, refused requests, and resuming partial results."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from omegaconf import OmegaConf
+
+from bailong.eval.judge import Judge, JudgeError, JudgeRequestError, judge_answers
+from conftest import compose_config
+
+
+class FakeJudgeServer:
+    """Answers POST /v1/chat/completions from a script of actions, one per request; records requests.
+
+    Actions: ``("ok", text)``, ``("status", code)``, ``("sleep", seconds)`` then ok, ``("raw", body)``.
+    When the script runs out, ``default`` is used."""
+
+    def __init__(self, default=("ok", "Fine. Rating: [[7]]")):
+        self.script, self.default, self.requests = [], default, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                kind, value = server.script.pop(0) if server.script else server.default
+                if kind == "sleep":
+                    time.sleep(value)
+                    kind, value = "ok", "Late. [[6]]"
+                if kind == "status":
+                    self._send(value, b'{"error": "boom"}')
+                elif kind == "raw":
+                    self._send(200, value.encode())
+                else:
+                    reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": value}}]}
+                    self._send(200, json.dumps(reply).encode())
+
+            def _send(self, code, payload):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FakeJudgeServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def judge_cfg(server, tmp_path):
+    cfg = compose_config([f"judge.base_url={server.url}", "judge.model=fake-judge", "judge.timeout_s=0.5",
+                          "judge.max_retries=2", "judge.backoff_s=0.01", "judge.max_backoff_s=0.05"], tmp_path)
+    return cfg.judge
+
+
+def make_judge(cfg, waits=None):
+    return Judge(cfg, sleep=(waits.append if waits is not None else lambda s: None))
+
+
+def test_success_sends_the_conf_prompt_and_the_key_from_the_environment(server, judge_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("JUDGE_API_KEY", "sk-test-secret")
+    with make_judge(judge_cfg) as judge:
+        got = judge.grade("請寫一首詩。", "床前明月光", "tc")
+    assert got.rating == 7.0 and got.attempts == 1 and "[[7]]" in got.reply
+    (request,) = server.requests
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == "Bearer sk-test-secret"
+    body = request["body"]
+    assert body["model"] == "fake-judge" and body["temperature"] == 0.0
+    assert body["messages"][0] == {"role": "system", "content": "You are a helpful assistant."}
+    user = body["messages"][1]["content"]
+    assert "[Question]\n請寫一首詩。" in user and "[The Start of Assistant's Answer]\n床前明月光\n" in user
+    assert "must be written in Traditional Chinese" in user and '"[[rating]]"' in user
+
+
+def test_http_500_then_success_retries_with_backoff(server, judge_cfg):
+    server.script = [("status", 500), ("status", 503)]
+    waits = []
+    got = make_judge(judge_cfg, waits).grade("q", "a", "en")
+    assert got.rating == 7.0 and got.attempts == 3 and len(server.requests) == 3
+    assert waits == [0.01, 0.02]
+
+
+def test_timeout_then_success(server, judge_cfg):
+    server.script = [("sleep", 1.5)]
+    started = time.perf_counter()
+    got = make_judge(judge_cfg).grade("q", "a", "en")
+    assert got.attempts == 2 and got.rating == 7.0
+    assert time.perf_counter() - started < 1.4  # the slow reply was abandoned at timeout_s=0.5
+
+
+@pytest.mark.parametrize("action", [("ok", "Good answer, no rating."), ("ok", "Rating: [[11]]"),
+                                    ("raw", "not json"), ("raw", '{"choices": []}')])
+def test_malformed_replies_are_retried_a_bounded_number_of_times(server, judge_cfg, action):
+    server.default = action
+    with pytest.raises(JudgeError, match="no rating after 3 attempts; last: malformed reply"):
+        make_judge(judge_cfg).grade("q", "a", "en")
+    assert len(server.requests) == 3  # 1 + max_retries, never more
+
+
+def test_refused_requests_stop_at_once(server, judge_cfg, monkeypatch):
+    monkeypatch.delenv("JUDGE_API_KEY", raising=False)
+    server.default = ("status", 401)
+    with pytest.raises(JudgeRequestError, match="HTTP 401"):
+        make_judge(judge_cfg).grade("q", "a", "en")
+    assert len(server.requests) == 1 and "Authorization" not in server.requests[0]["headers"]
+
+
+def test_retry_after_is_honoured_up_to_the_cap(judge_cfg):
+    judge = make_judge(judge_cfg)
+    assert judge._backoff(0, "0.03") == 0.03
+    assert judge._backoff(0, "60") == judge_cfg.max_backoff_s
+    assert judge._backoff(1, None) == 0.02
+
+
+def test_partial_results_resume(server, judge_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("JUDGE_API_KEY", "sk-never-written")
+    answers = [{"id": f"i{k}", "question": f"q{k}", "answer": f"a{k}", "expected_lang": "en"} for k in range(3)]
+    path = tmp_path / "judgments.jsonl"
+    server.script = [("ok", "[[8]]"), ("status", 500), ("status", 500), ("status", 500), ("ok", "[[4]]")]
+    with make_judge(judge_cfg) as judge:
+        results, failed = judge_answers(judge, answers, path)
+    assert failed == 1 and [r["id"] for r in results] == ["i0", "i2"] and [r["rating"] for r in results] == [8, 4]
+    assert len(path.read_text().splitlines()) == 2
+
+    with path.open("a") as fh:  # a line cut short by a crash
+        fh.write('{"key": "abc", "rat')
+    server.requests.clear()
+    server.default = ("ok", "[[5]]")
+    with make_judge(judge_cfg) as judge:
+        results, failed = judge_answers(judge, answers, path)
+    assert failed == 0 and [r["rating"] for r in results] == [8, 5, 4]
+    assert [r["body"]["messages"][1]["content"].count("q1") for r in server.requests] == [1]  # only i1 asked again
+    assert "sk-never-written" not in path.read_text()
+
+
+def test_judge_needs_a_url(tmp_path):
+    cfg = compose_config([], tmp_path).judge
+    assert cfg.base_url is None  # off by default: nothing reaches the network unasked
+    with pytest.raises(ValueError, match="judge.base_url is not set"):
+        Judge(cfg)
+    assert "{question}" in cfg.prompt_template and "{answer}" in cfg.prompt_template
+    assert OmegaConf.select(cfg, "api_key_env") == "JUDGE_API_KEY"
+
+
+def test_bad_judge_settings_fail_before_any_request(server, tmp_path):
+    cfg = compose_config([f"judge.base_url={server.url}", "judge.prompt_template='Rate {answr}'"], tmp_path).judge
+    with pytest.raises(ValueError, match=r"judge.prompt_template: only \{question\}"):
+        Judge(cfg)
+    cfg = compose_config([f"judge.base_url={server.url}", "judge.timeout_s=0"], tmp_path).judge
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        Judge(cfg)
+    assert server.requests == []
