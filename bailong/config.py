@@ -333,18 +333,23 @@ def sweep_group(task_name: str) -> str:
     return task_name
 
 
-def override_values() -> dict[str, Any]:
-    """The run's command-line and swept overrides as ``{key: value}`` (``lora.r=8`` → ``{"lora.r": 8}``)."""
+def override_value(text: str) -> Any:
+    """An override's value typed as YAML (``8`` → 8, ``random`` → "random"); lists and dicts stay text."""
     import yaml
 
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (str, int, float, bool)) or value is None else text
+
+
+def override_values() -> dict[str, Any]:
+    """The run's command-line and swept overrides as ``{key: value}`` (``lora.r=8`` → ``{"lora.r": 8}``)."""
     values = {}
     for override in _task_overrides():
         key, _, text = override.lstrip("+~").partition("=")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        values[key] = value if isinstance(value, (str, int, float, bool)) or value is None else text
+        values[key] = override_value(text)
     return values
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from bailong.config import override_value
+
 METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.json"
 
@@ -107,11 +109,7 @@ def parse_overrides(overrides: list, source: Path) -> dict[str, Any]:
         key, sep, text = str(item).lstrip("+~").partition("=")
         if not sep:
             raise DashboardInputError(f"{source}: item {line} {item!r} is not a key=value override")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        parsed[key] = value if isinstance(value, (str, int, float, bool)) or value is None else text
+        parsed[key] = override_value(text)
     return parsed
 
 
