@@ -27,12 +27,12 @@ PAPER_SAMPLING = {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_pen
 
 def load_chat_model(path: str | Path) -> tuple[Any, Any]:
     """(model, tokenizer) from a run directory, an adapter directory or a merged (exported) model directory."""
-    from bailong.model.adapter import META_FILE, load_adapter
+    from bailong.model.adapter import META_FILE, find_adapter, load_adapter
 
     path = Path(path)
-    for candidate in (path / "adapter", path):
-        if (candidate / META_FILE).is_file():
-            return load_adapter(candidate)
+    adapter = find_adapter(path)
+    if adapter is not None:
+        return load_adapter(adapter)
     if (path / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -27,18 +27,10 @@ import peft
 import torch
 from transformers import GenerationConfig
 
-from bailong.model.adapter import META_FILE, load_adapter
+from bailong.model.adapter import META_FILE, find_adapter, load_adapter
 from bailong.model.build import DTYPES, is_quantised, load_base_model
 
 PAPER_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
-
-
-def find_adapter(path: str | Path) -> Path:
-    path = Path(path)
-    for candidate in (path / "adapter", path):
-        if (candidate / META_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(f"{path}: no {META_FILE} here or in adapter/: not a bailong run or adapter directory")
 
 
 def dequantised_weights(build: dict) -> dict[str, torch.Tensor]:
@@ -54,7 +46,9 @@ def dequantised_weights(build: dict) -> dict[str, torch.Tensor]:
 
 def merged_model(adapter_dir: str | Path) -> tuple[torch.nn.Module, Any, dict]:
     """(plain transformers model, tokenizer, build settings) with the adapter merged into dequantised weights."""
-    adapter_dir = find_adapter(adapter_dir)
+    path, adapter_dir = adapter_dir, find_adapter(adapter_dir)
+    if adapter_dir is None:
+        raise FileNotFoundError(f"{path}: no {META_FILE} here or in adapter/: not a bailong run or adapter directory")
     build = json.loads((adapter_dir / META_FILE).read_text())["build"]
     model, tokenizer = load_adapter(adapter_dir, quant={"name": "none"})  # full-precision base + adapter
     if is_quantised(build["quant"]):

@@ -25,7 +25,7 @@ from bailong.data.sft import SFTDataModule, load_chat_splits
 from bailong.data.splits import load_splits
 from bailong.eval.bpc import evaluate_texts, score_windows, scoring_mode
 from bailong.eval.sft_metrics import evaluate_instruct
-from bailong.model.adapter import META_FILE, load_adapter, save_adapter
+from bailong.model.adapter import META_FILE, find_adapter, load_adapter, save_adapter
 from bailong.model.build import build_model, count_parameters
 from bailong.train.sft import SFTModule
 
@@ -44,13 +44,13 @@ def check_sft(cfg: DictConfig) -> Path | None:
         raise ConfigError("sft.from_run is not set: give a pre-training run directory "
                           "(sft.from_run=outputs/pretrain/runs/<run>) or start from the base with sft.from_base=true")
     run_dir = Path(cfg.sft.from_run)
-    for candidate in (run_dir / "adapter", run_dir):
-        if (candidate / META_FILE).is_file():
-            build = json.loads((candidate / META_FILE).read_text())["build"]
-            if build["pretrained"] != cfg.model.pretrained:  # the adapter decides: it was trained on that base
-                log.warning("sft.from_run: the adapter was built on %s, not model.pretrained=%s; using the adapter's "
-                            "base, quantisation and LoRA settings", build["pretrained"], cfg.model.pretrained)
-            return candidate
+    adapter = find_adapter(run_dir)
+    if adapter is not None:
+        build = json.loads((adapter / META_FILE).read_text())["build"]
+        if build["pretrained"] != cfg.model.pretrained:  # the adapter decides: it was trained on that base
+            log.warning("sft.from_run: the adapter was built on %s, not model.pretrained=%s; using the adapter's "
+                        "base, quantisation and LoRA settings", build["pretrained"], cfg.model.pretrained)
+        return adapter
     raise ConfigError(f"sft.from_run={cfg.sft.from_run!r}: no adapter there ({run_dir}/adapter/{META_FILE} not found); "
                       "expected a finished pre-training run directory or its adapter/")
 

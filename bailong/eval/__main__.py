@@ -20,13 +20,12 @@ from bailong.data.splits import cap_chars
 def load_target(target: str, quant: str):
     from types import SimpleNamespace
 
-    from bailong.model.adapter import load_adapter
+    from bailong.model.adapter import find_adapter, load_adapter
     from bailong.model.build import load_base_model  # applies the bitsandbytes CPU repack guard
     from bailong.tokenization import extend_tokenizer, load_tokenizer
 
-    path = Path(target)
-    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
-    if (adapter / "adapter_config.json").is_file():
+    adapter = find_adapter(target)
+    if adapter is not None:
         model, tok = load_adapter(adapter)
         return "final", model, tok
     q = SimpleNamespace(name=quant, quant_type="nf4", double_quant=True, compute_dtype="bfloat16",

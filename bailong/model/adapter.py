@@ -98,6 +98,13 @@ def save_adapter(
     return out
 
 
+def find_adapter(path: str | Path) -> Path | None:
+    """The adapter directory of a run directory (``<run>/adapter``) or an adapter directory itself; None if
+    ``path`` is neither (e.g. a base or an exported model directory)."""
+    path = Path(path)
+    return next((d for d in (path / "adapter", path) if (d / META_FILE).is_file()), None)
+
+
 def load_adapter(
     adapter_dir: str | Path,
     *,
