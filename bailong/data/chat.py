@@ -21,7 +21,6 @@ sees: the model learns to answer and to stop, never to predict the user's words.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bailong.data.corpus import read_jsonl
+from bailong.data.corpus import read_jsonl, write_jsonl
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -135,12 +134,7 @@ def load_conversations(spec: Any) -> list[Conversation]:
 
 
 def write_conversations(conversations: Sequence[Conversation], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for conv in conversations:
-            fh.write(json.dumps({"messages": conv}, ensure_ascii=False) + "\n")
-    return path
+    return write_jsonl(({"messages": conv} for conv in conversations), path)
 
 
 # -- template and labels ---------------------------------------------------------------------------

@@ -76,6 +76,15 @@ def read_jsonl(path: str | Path, error: type[ValueError] = CorpusError) -> Itera
         yield where, record
 
 
+def write_jsonl(records: Iterable[Mapping], path: str | Path) -> Path:
+    """One JSON object per line, UTF-8 as is (Chinese stays readable); the reverse of ``read_jsonl``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return path
+
+
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     for where, record in read_jsonl(path):
         text = record.get(text_field)

@@ -33,7 +33,7 @@ from typing import Any
 
 from bailong.cache import atomic_dir, cache_key
 from bailong.data.chat import Conversation, write_conversations
-from bailong.data.corpus import CorpusError, read_jsonl, split_documents
+from bailong.data.corpus import CorpusError, read_jsonl, split_documents, write_jsonl
 
 CLAUSE = re.compile(r"[^，。？！；、\n]+")
 SYSTEM = {
@@ -191,8 +191,7 @@ def build_instruct_set(cfg: Any, *, val_fraction: float, split_seed: int, out_di
     for name, convs in sets.items():
         write_conversations([c["messages"] for c in convs], out / f"{name}.jsonl")
         # the task labels ride along in a side file: the chat files stay plain {"messages": ...}
-        (out / f"{name}.tasks.jsonl").write_text(
-            "".join(json.dumps({k: c[k] for k in ("task", "lang", "turns", "poem")}) + "\n" for c in convs))
+        write_jsonl(({k: c[k] for k in ("task", "lang", "turns", "poem")} for c in convs), out / f"{name}.tasks.jsonl")
         stats[name] = {"conversations": len(convs),
                        "by_task": dict(Counter(f"{c['lang']}/{c['task']}" for c in convs)),
                        "multi_turn": sum(c["turns"] > 1 for c in convs)}

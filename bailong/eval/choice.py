@@ -16,7 +16,6 @@ Errors name the file, the line and the key.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bailong.data.corpus import CorpusError, read_jsonl
+from bailong.data.corpus import CorpusError, read_jsonl, write_jsonl
 from bailong.data.packing import special_token_ids
 from bailong.eval.bpc import ScoringWindow, collate_windows, score_batch, scoring_mode
 
@@ -73,14 +72,11 @@ def load_mc_file(path: str | Path) -> list[MCItem]:
 
 
 def write_mc_file(items: Sequence[MCItem], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for it in items:
-            record = {"question": it.question, "choices": list(it.choices), "answer": it.answer}
-            record.update({k: v for k, v in (("lang", it.lang), ("id", it.id)) if v is not None})
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
+    def record(it: MCItem) -> dict:
+        optional = {k: v for k, v in (("lang", it.lang), ("id", it.id)) if v is not None}
+        return {"question": it.question, "choices": list(it.choices), "answer": it.answer, **optional}
+
+    return write_jsonl(map(record, items), path)
 
 
 def continuation_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from bailong.data.corpus import write_jsonl
 from bailong.eval.bench import run_bench
 from bailong.eval.choice import load_mc_file, score_choices, write_mc_file
 from bailong.eval.mc_sets import build_mc_sets
@@ -42,8 +43,7 @@ def mc_metrics(model: Any, tokenizer: Any, cfg: Any, out_dir: Path) -> dict[str,
     for name, items in sets.items():
         result = score_choices(model, tokenizer, items, max_len=cfg.mc.max_len, batch_size=cfg.mc.batch_size)
         metrics.update(result.metrics(f"mc/{name}"))
-        with (out_dir / "mc" / f"{name}_predictions.jsonl").open("w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in result.predictions)
+        write_jsonl(result.predictions, out_dir / "mc" / f"{name}_predictions.jsonl")
         log.info("mc/%s: accuracy %.3f over %d items (chance %.3f)", name, result.accuracy, result.n, result.chance)
     return metrics
 
