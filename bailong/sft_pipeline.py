@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from bailong.checks import ConfigError
 from bailong.data.chat import set_chat_template
 from bailong.data.sft import SFTDataModule, load_chat_splits
-from bailong.data.splits import load_splits
+from bailong.data.splits import Splits, load_splits
 from bailong.eval.bpc import evaluate_texts, score_windows, scoring_mode
 from bailong.eval.sft_metrics import evaluate_instruct
 from bailong.model.adapter import META_FILE, find_adapter, load_adapter, save_adapter
@@ -55,11 +55,10 @@ def check_sft(cfg: DictConfig) -> Path | None:
                       "expected a finished pre-training run directory or its adapter/")
 
 
-def start_from_base(cfg: DictConfig):
+def start_from_base(cfg: DictConfig, splits: Splits):
     """Stages 1–2 of pre-training: extended tokenizer, initialised new rows, 4-bit base + LoRA."""
     from bailong.pipeline import build_tokenizers, initial_rows
 
-    splits = load_splits(cfg.data)
     _, ext, base_tok, tok = build_tokenizers(cfg, splits)
     rows, _ = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
     model = build_model(
@@ -89,12 +88,13 @@ def run_sft(cfg: DictConfig) -> dict:
 
     adapter_dir = check_sft(cfg)  # before any model is loaded
     out = start_run(cfg)
+    splits = load_splits(cfg.data)  # the pre-training corpora: held-out text to score, and the base's tokenizer
     # start: a pre-training run's adapter (trainable again) or the base built as pre-training builds it
     if adapter_dir is not None:
         model, tok = load_adapter(adapter_dir, is_trainable=True)
         source = str(adapter_dir)
     else:
-        model, tok = start_from_base(cfg)
+        model, tok = start_from_base(cfg, splits)
         source = "base"
     set_chat_template(tok)
     tok.save_pretrained(out / "tokenizer")
@@ -107,7 +107,7 @@ def run_sft(cfg: DictConfig) -> dict:
                                seed=cfg.seed, packing=cfg.data.chat.packing, num_workers=cfg.data.num_workers)
     metrics.update({"sft/train_conversations": len(train_convs), "sft/val_conversations": len(val_convs),
                     "sft/train_rows": int(datamodule.train_rows["input_ids"].shape[0])})
-    held_out = load_splits(cfg.data).val()
+    held_out = splits.val()
 
     if cfg.sft.eval_before:
         metrics.update(prefixed("sft/before", evaluate_stage(model, tok, cfg, datamodule, held_out, out / "eval_before")))
