@@ -366,5 +366,32 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+
+def compose_config(overrides: Any = (), output_dir: Any = None):
+    """``conf/config.yaml`` composed as run.py composes it (schema included), outside ``@hydra.main``: for the
+    planner and evaluation CLIs, the benchmarks and the tests. ``output_dir`` is Hydra's runtime output
+    directory (what ``paths.output_dir`` resolves to); the result has no ``hydra`` node, as under @hydra.main."""
+    import os
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    root = Path(__file__).resolve().parents[1]
+    os.environ.setdefault("BAILONG_ROOT", str(root))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides or []), return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
 register_configs()
 register_resolvers()

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 GIB = 1024**3
-ROOT = Path(__file__).resolve().parents[1]
 
 # Architectures of hub bases, so a plan needs neither the network nor the weights.
 KNOWN_ARCHITECTURES = {
@@ -288,16 +286,6 @@ def estimate(s: Setup, gpu: str = "a100-80gb", mfu: float = 0.35, cuda_context_g
                 setup={**asdict(s), "vocab": s.vocab})
 
 
-def compose(overrides: list[str]):
-    """The run's config exactly as run.py composes it (schema included), without running anything."""
-    os.environ.setdefault("BAILONG_ROOT", str(ROOT))
-    import bailong.config  # noqa: F401  registers the schema
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
-
-
 def render(plan: Plan) -> str:
     s = plan.setup
     lines = [f"model {s['arch']['hidden']}h x {s['arch']['layers']} layers, vocab {s['vocab']}, "
@@ -323,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mfu", type=float, default=0.35, help="assumed fraction of peak bf16 throughput")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
-    plan = estimate(setup_from_config(compose(args.overrides)), gpu=args.gpu, mfu=args.mfu)
+    from bailong.config import compose_config  # hydra only: nothing of the model is loaded
+
+    plan = estimate(setup_from_config(compose_config(args.overrides)), gpu=args.gpu, mfu=args.mfu)
     print(json.dumps(asdict(plan), indent=2) if args.json else render(plan))
     return 0
 

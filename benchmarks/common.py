@@ -14,25 +14,7 @@ os.environ.setdefault("BAILONG_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never reach a hub
 os.environ.setdefault("WANDB_MODE", "offline")
 
-
-def compose(overrides: list[str], output_dir: str):
-    """``conf/config.yaml`` composed as run.py composes it (schema included), with Hydra's runtime set."""
-    import bailong.config  # noqa: F401  registers the schema
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = output_dir
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+from bailong.config import compose_config  # noqa: E402,F401  (the benchmarks compose configs as run.py does)
 
 
 def extended_tokenizer(cfg):

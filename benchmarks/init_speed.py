@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compose, machine, peak_rss_mib  # noqa: E402
+from common import compose_config, machine, peak_rss_mib  # noqa: E402
 
 NUM_BASE, NUM_NEW, HIDDEN = 32_000, 27_241, 4_096
 NON_LEARNED = ("random", "mean", "multivariate", "subword_mean", "zip_tie")
@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose([], str(Path(tmp) / "run"))
+        cfg = compose_config([], str(Path(tmp) / "run"))
     started = time.perf_counter()
     base_tok, tok, texts = tokenizers(cfg)
     setup_seconds = time.perf_counter() - started

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compose, extended_tokenizer, machine  # noqa: E402
+from common import compose_config, extended_tokenizer, machine  # noqa: E402
 
 
 def chars_per_sec(tokenizer, docs: list[str]) -> dict:
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose([], str(Path(tmp) / "run"))
+        cfg = compose_config([], str(Path(tmp) / "run"))
         splits, tok, _ = extended_tokenizer(cfg)
         base_tok = load_tokenizer(extend_tokenizer(cfg.model.pretrained, [], 0, Path(cfg.paths.cache_dir)).path)
         result = {"benchmark": "tokenize_speed", "machine": machine(), "tokenizers": {}}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    compose, extended_tokenizer, machine, matmul_flops, peak_rss_mib, reset_peak_rss, run_worker, save_random_llama,
+    compose_config, extended_tokenizer, machine, matmul_flops, peak_rss_mib, reset_peak_rss, run_worker, save_random_llama,
     window_peak_rss_mib,
 )
 
@@ -89,7 +89,7 @@ def build(model_name: str, work: Path):
     from bailong.model.build import build_model
 
     spec = MODELS[model_name]
-    cfg = compose([f"data.batch_size={spec['batch_size']}", f"data.seq_len={spec['seq_len']}"], str(work / "run"))
+    cfg = compose_config([f"data.batch_size={spec['batch_size']}", f"data.seq_len={spec['seq_len']}"], str(work / "run"))
     splits, tok, ext = extended_tokenizer(cfg)
     torch.manual_seed(cfg.seed)
     if model_name == "mini":

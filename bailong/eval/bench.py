@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bailong.config import compose_config
 from bailong.data.corpus import CorpusError, read_jsonl
 from bailong.eval.consistency import LANGS, identify_language, traditional_purity
 
@@ -151,22 +152,6 @@ def run_bench(model: Any, tokenizer: Any, bench_cfg: Any, judge_cfg: Any, out_di
     return metrics
 
 
-def compose_eval_config(overrides: Sequence[str] = ()) -> Any:
-    """``conf/config.yaml`` composed with ``overrides`` (the bench, judge, mc and data nodes are used);
-    data paths resolve against this checkout unless ``BAILONG_ROOT`` says otherwise."""
-    import os
-
-    import bailong.config  # noqa: F401  registers the schema
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    root = Path(__file__).resolve().parents[2]
-    os.environ.setdefault("BAILONG_ROOT", str(root))
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 def is_run_dir(path: Path) -> bool:
     return (path / "adapter" / "adapter_config.json").is_file()
 
@@ -200,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                       (args.judge_model, "judge.model"), (args.max_prompts, "bench.max_prompts")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
-    cfg = compose_eval_config(overrides)
+    cfg = compose_config(overrides)
     target = Path(args.target)
     is_run = is_run_dir(target)
     if args.out is None and not is_run:

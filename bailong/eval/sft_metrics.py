@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     import argparse
 
     from bailong.eval.__main__ import load_target
-    from bailong.eval.bench import compose_eval_config, is_run_dir
+    from bailong.config import compose_config
+    from bailong.eval.bench import is_run_dir
 
     ap = argparse.ArgumentParser(prog="python -m bailong.eval.sft_metrics", description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="run directory, adapter directory, or base model directory")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     target = Path(args.target)
     if args.out is None and not is_run_dir(target):
         ap.error(f"{target} is not a run directory (no adapter/): give --out for the outputs")
-    cfg = compose_eval_config(args.overrides)
+    cfg = compose_config(args.overrides)
     _, model, tokenizer = load_target(str(target), args.quant)
     metrics = evaluate_instruct(model, tokenizer, cfg, Path(args.out) if args.out else target / "instruct_eval",
                                 bench=not args.skip_bench)
