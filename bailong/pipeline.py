@@ -69,11 +69,7 @@ def run(cfg: DictConfig) -> dict:
                                                    batch_size=cfg.eval.batch_size)))
 
     # 3 data, 4 train
-    datamodule = PretrainDataModule(
-        tok, splits.tc_train, splits.en_train, splits.tc_val, splits.en_val, seq_len=cfg.data.seq_len,
-        batch_size=cfg.data.batch_size, tc_ratio=cfg.data.tc_ratio, seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
-    )
+    datamodule = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
     module = PretrainModule(model, **module_kwargs(cfg))
     trainer, loggers = fit(cfg, module, datamodule, metrics)
     if not trainer.is_global_zero:  # DDP: every rank holds the same weights; rank 0 evaluates and writes

@@ -20,13 +20,11 @@ from bailong.config import compose_config  # noqa: E402,F401  (the benchmarks co
 def extended_tokenizer(cfg):
     """The splits and the run's extended tokenizer (cached in .cache like a run's), plus its base size."""
     from bailong.data.splits import load_splits
-    from bailong.tokenization import extend_tokenizer, load_tokenizer
+    from bailong.pipeline import build_tokenizers
 
     splits = load_splits(cfg.data)
-    ext = extend_tokenizer(cfg.model.tokenizer or cfg.model.pretrained, splits.tc_train, cfg.tokenizer.added_vocab,
-                           Path(cfg.paths.cache_dir), character_coverage=cfg.tokenizer.character_coverage,
-                           seed=cfg.tokenizer.seed)
-    return splits, load_tokenizer(ext.path), ext
+    _, ext, _, tok = build_tokenizers(cfg, splits)
+    return splits, tok, ext
 
 
 def save_random_llama(path: Path, *, hidden: int, layers: int, vocab: int, intermediate: int, heads: int,

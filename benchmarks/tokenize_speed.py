@@ -57,9 +57,7 @@ def main() -> None:
             ext, base = result["tokenizers"][lang]["extended"], result["tokenizers"][lang]["base"]
             result["tokenizers"][lang]["extended_over_base_chars_per_sec"] = round(ext["chars_per_sec"] / base["chars_per_sec"], 2)
 
-        data = PretrainDataModule(tok, splits.tc_train, splits.en_train, splits.tc_val, splits.en_val,
-                                  seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, tc_ratio=cfg.data.tc_ratio,
-                                  seed=cfg.seed, num_workers=cfg.data.num_workers)
+        data = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
         t0 = time.perf_counter()
         data._build_train()  # what setup("fit") does for training: tokenise, plan the mix, pack
         setup_seconds = time.perf_counter() - t0

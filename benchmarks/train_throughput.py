@@ -103,9 +103,7 @@ def build(model_name: str, work: Path):
     rows = {"embed": torch.randn(vocab - num_base, hidden) * 0.02, "head": torch.randn(vocab - num_base, hidden) * 0.02}
     model = build_model(pretrained, vocab_size=vocab, num_base=num_base, rows=rows, quant=cfg.quant, lora=cfg.lora,
                         gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype)
-    data = PretrainDataModule(tok, splits.tc_train, splits.en_train, splits.tc_val, splits.en_val,
-                              seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, tc_ratio=cfg.data.tc_ratio,
-                              seed=cfg.seed, num_workers=cfg.data.num_workers)
+    data = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
     return cfg, tok, splits, data, model
 
 
@@ -113,6 +111,7 @@ def run_bailong(cfg, data, model, steps: int, work: Path) -> StepClock:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
+    from bailong.pipeline import module_kwargs
     from bailong.train.pretrain import PretrainModule
 
     clock = StepClock(None)
@@ -126,10 +125,7 @@ def run_bailong(cfg, data, model, steps: int, work: Path) -> StepClock:
         def on_train_batch_end(self, *args):
             clock.stop()
 
-    module = PretrainModule(model, lr=cfg.train.lr, max_steps=steps, optimizer=cfg.train.optimizer,
-                            embedding_lr=cfg.train.embedding_lr, weight_decay=cfg.train.weight_decay,
-                            betas=tuple(cfg.train.betas), warmup_steps=cfg.train.warmup_steps,
-                            min_lr_ratio=cfg.train.min_lr_ratio)
+    module = PretrainModule(model, **{**module_kwargs(cfg), "max_steps": steps})  # as run.py configures it
     trainer = instantiate(cfg.trainer, max_steps=steps, limit_val_batches=0, logger=False, callbacks=[Clock()],
                           enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(work))
     trainer.fit(module, datamodule=data)

@@ -23,7 +23,7 @@ from bailong.data.packing import (
     special_token_ids,
     tokenize_documents,
 )
-from bailong.data.splits import cap_chars, load_splits
+from bailong.data.splits import Splits, cap_chars, load_splits
 from bailong.eval.bpc import ScoringWindow, collate_windows, scoring_windows
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,10 @@ class PretrainDataModule(pl.LightningDataModule):
         self._val_windows: dict[str, list[ScoringWindow]] | None = None
 
     @classmethod
-    def from_config(cls, tokenizer: Any, data_cfg: Any, *, seed: int) -> PretrainDataModule:
-        """Load and split the corpora of a ``conf/data`` config as the pipeline does (``load_splits``:
-        split per file, validation capped at ``max_val_chars`` per language)."""
-        s = load_splits(data_cfg)
+    def from_config(cls, tokenizer: Any, data_cfg: Any, *, seed: int, splits: Splits | None = None) -> PretrainDataModule:
+        """The data module of a ``conf/data`` config, on ``splits`` (default: its corpora loaded and split as the
+        pipeline does, ``load_splits``: split per file, validation capped at ``max_val_chars`` per language)."""
+        s = splits if splits is not None else load_splits(data_cfg)
         return cls(
             tokenizer, s.tc_train, s.en_train, s.tc_val, s.en_val,
             seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size, tc_ratio=data_cfg.tc_ratio, seed=seed,
