@@ -29,7 +29,10 @@ def normalise(text: str) -> str:
 
 def shingles(text: str, ngram: int) -> set[bytes]:
     """Character n-grams of the normalised text (the whole text when shorter than ``ngram``)."""
-    t = normalise(text)
+    return _shingles(normalise(text), ngram)
+
+
+def _shingles(t: str, ngram: int) -> set[bytes]:
     if len(t) <= ngram:
         return {t.encode("utf-8")}
     return {t[i:i + ngram].encode("utf-8") for i in range(len(t) - ngram + 1)}
@@ -72,22 +75,26 @@ class Deduplicator:
             self._lsh = MinHashLSH(threshold=self.near, num_perm=self.num_perm)
 
     def minhash(self, text: str):
+        return self._minhash(normalise(text))
+
+    def _minhash(self, normalised: str):
         from datasketch import MinHash
 
         m = MinHash(num_perm=self.num_perm, seed=self.seed)
-        m.update_batch(list(shingles(text, self.ngram)))
+        m.update_batch(list(_shingles(normalised, self.ngram)))
         return m
 
     def keep(self, text: str) -> bool:
         self.stats.seen += 1
+        t = normalise(text)  # once: both checks compare normalised text
         if self.exact:
-            digest = hashlib.blake2b(normalise(text).encode("utf-8"), digest_size=16).digest()
+            digest = hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest()
             if digest in self._hashes:
                 self.stats.exact += 1
                 return False
             self._hashes.add(digest)
         if self._lsh is not None:
-            m = self.minhash(text)
+            m = self._minhash(t)
             if self._lsh.query(m):
                 self.stats.near += 1
                 return False
