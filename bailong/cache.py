@@ -17,17 +17,34 @@ def cache_key(inputs: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
+@contextmanager
+def computed_once(entry: Path) -> Iterator[None]:
+    """Hold ``.locks/<entry>.lock`` while checking for and computing a cache entry: the first process (rank 0 of a
+    DDP/srun job, or the first job of a sweep) computes it while the others wait, then they read it.
+
+    A file lock rather than a process-group barrier: under Lightning's launcher and srun every rank runs
+    the stages before ``fit`` before any process group exists, and sweep jobs share no group at all.
+    """
+    from filelock import FileLock
+
+    locks = entry.parent / ".locks"  # beside the entries, not among them: a listing shows results only
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{entry.name}.lock")):
+        yield
+
+
 def cached_json(directory: Path, inputs: Any, compute: Callable[[], dict]) -> dict:
-    """``compute()`` once per distinct ``inputs``; later calls read the stored result."""
+    """``compute()`` once per distinct ``inputs`` (concurrent callers wait for the first); later calls read
+    the stored result."""
     path = Path(directory) / f"{cache_key(inputs)}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # atomic: parallel jobs never read half a file
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result, fh)
-    os.replace(tmp, path)
+    with computed_once(path):
+        if path.is_file():
+            return json.loads(path.read_text())
+        result = compute()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # atomic: a reader never sees half a file
+        with os.fdopen(fd, "w") as fh:
+            json.dump(result, fh)
+        os.replace(tmp, path)
     return result
 
 

@@ -18,10 +18,11 @@ class ConfigError(ValueError):
 
 
 def check_config(cfg: DictConfig) -> None:
-    problems = []
-    if cfg.lora.r <= 0:
+    problems = finetune_problems(cfg)
+    lora_used = finetune_name(cfg) != "full"  # full fine-tuning ignores every lora.* key
+    if lora_used and cfg.lora.r <= 0:
         problems.append(f"lora.r={cfg.lora.r}: the LoRA rank must be a positive integer (e.g. 8, 16, 64)")
-    if cfg.lora.embeddings not in ("new_rows", "full", "lora", "frozen"):
+    if lora_used and cfg.lora.embeddings not in ("new_rows", "full", "lora", "frozen"):
         problems.append(f"lora.embeddings={cfg.lora.embeddings!r}: expected new_rows, full, lora or frozen")
     if cfg.tokenizer.added_vocab < 0:
         problems.append(f"tokenizer.added_vocab={cfg.tokenizer.added_vocab}: must be >= 0 (0 = no extension)")
@@ -43,8 +44,53 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.quant.name == "nf4":
         problems += quantisation_problems(cfg)
     problems += model_problems(cfg)
+    problems += speed_switch_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def finetune_name(cfg: DictConfig) -> str:
+    return OmegaConf.select(cfg, "finetune.name", default="lora")
+
+
+def finetune_problems(cfg: DictConfig) -> list[str]:
+    """``finetune=full`` trains every weight: no 4-bit weights (conf/finetune/full.yaml selects quant=none; an
+    explicit quant=nf4 beside it lands here)."""
+    name = finetune_name(cfg)
+    if name not in ("lora", "full"):
+        return [f"finetune.name={name!r}: expected lora or full"]
+    if name == "full" and cfg.quant.name == "nf4":
+        return ["finetune.name=full with quant.name=nf4: full fine-tuning updates every weight, and 4-bit weights "
+                "cannot be trained; use quant=none (drop the quant=nf4 override: finetune=full selects quant=none), "
+                "or finetune=lora for QLoRA"]
+    return []
+
+
+def speed_switch_problems(cfg: DictConfig) -> list[str]:
+    """``model.attn_implementation`` is a kernel transformers has and this machine can run;
+    ``model.pad_vocab_to_multiple_of`` is a positive integer."""
+    import importlib.util
+
+    from bailong.model.build import ATTN_IMPLEMENTATIONS
+
+    problems = []
+    attn = cfg.model.attn_implementation
+    if attn not in ATTN_IMPLEMENTATIONS:
+        problems.append(f"model.attn_implementation={attn!r}: expected one of "
+                        f"{', '.join(str(a) for a in ATTN_IMPLEMENTATIONS)}")
+    elif attn == "flash_attention_2":
+        accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
+        if importlib.util.find_spec("flash_attn") is None:
+            problems.append("model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                            "(pip install flash-attn); use sdpa")
+        elif accelerator == "cpu" or not device_available("CUDA"):
+            problems.append(f"model.attn_implementation=flash_attention_2 runs on CUDA GPUs only "
+                            f"(trainer.accelerator={accelerator!r}); use sdpa")
+    pad = cfg.model.pad_vocab_to_multiple_of
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 1:
+        problems.append(f"model.pad_vocab_to_multiple_of={pad!r}: expected a positive integer (1: no padding, "
+                        "64: tensor-core shapes)")
+    return problems
 
 
 def check_output_dir(out, ckpt_path: str | None) -> None:
@@ -139,7 +185,7 @@ def model_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"quant.name=nf4: {config.model_type} model {cfg.model.pretrained} has no nn.Linear layers "
                             "outside quant.skip_modules for bitsandbytes to quantise; use quant=none")
     missing = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
+    if missing and finetune_name(cfg) != "full":  # full fine-tuning has no LoRA targets
         problems.append(f"lora.target_modules: {missing} match no module of {config.model_type} "
                         f"({cfg.model.pretrained})")
     return problems

@@ -24,6 +24,16 @@ class PathsConfig:
 
 
 @dataclass
+class RandomBaseConfig:
+    """A base with a real model's shapes and seeded random weights, built at ``model.pretrained`` when
+    missing (bailong/model/random_base.py): real widths without downloading weights."""
+
+    architecture: str = "llama2_7b"  # a name in bailong.model.random_base.ARCHITECTURES
+    num_layers: int = 2
+    seed: int = 0
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     pretrained: str = MISSING  # local directory or Hugging Face hub id
@@ -32,6 +42,11 @@ class ModelConfig:
     dtype: str = "float32"  # dtype of the unquantised parts (embeddings, head, norms, LoRA)
     trust_remote_code: bool = False
     max_seq_len: int = 1024  # the model's position limit; data.seq_len may not exceed it
+    random_base: Optional[RandomBaseConfig] = None  # set: build a random base at `pretrained` if absent
+    attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 (flash-attn installed, GPU)
+    # the extended vocabulary's embedding/head rows rounded up (59,241 -> 59,264) for tensor-core shapes;
+    # padding rows are zero, never sampled and outside every softmax. 1: no padding
+    pad_vocab_to_multiple_of: int = 64
 
 
 @dataclass
@@ -92,6 +107,14 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     embeddings: str = "new_rows"  # new_rows | full | lora | frozen
+
+
+@dataclass
+class FinetuneConfig:
+    """What trains (conf/finetune/): ``lora`` (default) per ``lora.*`` on a frozen (4-bit) base, or ``full``:
+    every weight of the resized base, no LoRA, no quantisation (``lora.*`` ignored)."""
+
+    name: str = "lora"  # lora | full
 
 
 @dataclass
@@ -297,6 +320,7 @@ class Config:
     init: InitConfig = field(default_factory=InitConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -9,6 +9,7 @@ original ones, so the merge starts from the NF4 weights dequantised to full prec
 (``bitsandbytes.functional.dequantize_4bit``), loads the adapter onto that full-precision copy and lets
 peft merge it (``merge_and_unload``: W + B·A·alpha/r, trainable-token rows written into the matrices).
 Merging on the 4-bit model instead would quantise the merged weights again and lose the update.
+A full fine-tuning run (``finetune=full``) has nothing to merge: its export is a copy in ``--dtype``.
 
 What remains different from the adapter run is arithmetic, not weights: the 4-bit layers compute in
 ``quant.compute_dtype`` (bfloat16 by default), the merged model in ``--dtype``. ``tests/test_export.py``
@@ -27,16 +28,18 @@ import peft
 import torch
 from transformers import GenerationConfig
 
+from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP
 from bailong.model.adapter import META_FILE, find_adapter, load_adapter
 from bailong.model.build import DTYPES, is_quantised, load_base_model
+from bailong.model.device import run_device
 
 PAPER_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
 
 
-def dequantised_weights(build: dict) -> dict[str, torch.Tensor]:
+def dequantised_weights(build: dict, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """The base's 4-bit projection weights as the adapter run saw them, dequantised: ``{module name: weight}``."""
     quantised = load_base_model(build["pretrained"], quant=build["quant"], dtype=build["dtype"],
-                                revision=build["revision"], trust_remote_code=build["trust_remote_code"])
+                                revision=build["revision"], trust_remote_code=build["trust_remote_code"], device=device)
     weights = {}
     for name, module in quantised.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -44,16 +47,16 @@ def dequantised_weights(build: dict) -> dict[str, torch.Tensor]:
     return weights
 
 
-def merged_model(adapter_dir: str | Path) -> tuple[torch.nn.Module, Any, dict]:
+def merged_model(adapter_dir: str | Path, device: torch.device | None = None) -> tuple[torch.nn.Module, Any, dict]:
     """(plain transformers model, tokenizer, build settings) with the adapter merged into dequantised weights."""
     path, adapter_dir = adapter_dir, find_adapter(adapter_dir)
     if adapter_dir is None:
         raise FileNotFoundError(f"{path}: no {META_FILE} here or in adapter/: not a bailong run or adapter directory")
     build = json.loads((adapter_dir / META_FILE).read_text())["build"]
-    model, tokenizer = load_adapter(adapter_dir, quant={"name": "none"})  # full-precision base + adapter
+    model, tokenizer = load_adapter(adapter_dir, quant={"name": "none"}, device=device)  # full-precision base + adapter
     if is_quantised(build["quant"]):
         base = model.get_base_model()
-        for name, weight in dequantised_weights(build).items():
+        for name, weight in dequantised_weights(build, device).items():
             layer = base.get_submodule(name)
             if isinstance(layer, peft.tuners.tuners_utils.BaseTunerLayer):
                 layer = layer.get_base_layer()
@@ -61,19 +64,23 @@ def merged_model(adapter_dir: str | Path) -> tuple[torch.nn.Module, Any, dict]:
                 raise RuntimeError(f"{name}: dequantised weight {tuple(weight.shape)} != {tuple(layer.weight.shape)}")
             with torch.no_grad():
                 layer.weight.copy_(weight.to(layer.weight.dtype))
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload() if isinstance(model, peft.PeftModel) else model  # full fine-tuning: a copy
     merged.eval()
+    if merged.get_input_embeddings().weight.shape[0] > build["vocab_size"]:
+        # padding rows exist for tensor-core shapes in training; a tool that loads the export expects one row
+        # per token (llama.cpp, vLLM and others check the vocabulary against the matrices)
+        merged.resize_token_embeddings(build["vocab_size"], mean_resizing=False)
     return merged, tokenizer, build
 
 
-def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32", device: str = "auto") -> Path:
     """Write the merged model, its tokenizer (with chat template) and a generation config to ``out_dir``."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; choose a new directory")
-    model, tokenizer, build = merged_model(run_dir)
+    model, tokenizer, build = merged_model(run_dir, run_device(device))
     model = model.to(DTYPES[dtype])
     model.config.dtype = dtype
     model.generation_config = GenerationConfig(
@@ -94,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", help="run directory or adapter directory")
     parser.add_argument("out", help="new directory for the merged model")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
     args = parser.parse_args(argv)
-    print(export(args.run, args.out, dtype=args.dtype))
+    print(export(args.run, args.out, dtype=args.dtype, device=args.device))
 
 
 if __name__ == "__main__":

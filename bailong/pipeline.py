@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
@@ -20,11 +22,14 @@ from bailong.data.pretrain import PretrainDataModule
 from bailong.data.splits import Splits, load_splits
 from bailong.embedding import resize_and_initialize
 from bailong.eval.bpc import evaluate_texts
-from bailong.cache import atomic_dir, cache_key, cached_json, fingerprint, hash_texts
+from bailong.cache import atomic_dir, cache_key, cached_json, computed_once, fingerprint, hash_texts
 from bailong.model.adapter import save_adapter
 from bailong.redact import redact, secrets_from_env
 from bailong.model.build import build_model, count_parameters, load_base_model, new_rows
+from bailong.model.device import autocast, global_rank, run_device
+from bailong.model.random_base import ensure_random_base
 from bailong.tokenization import extend_tokenizer, load_tokenizer, tokens_per_char
+from bailong.train.callbacks import GatherFullState
 from bailong.train.pretrain import PretrainModule
 
 log = logging.getLogger(__name__)
@@ -47,39 +52,36 @@ def run(cfg: DictConfig) -> dict:
     tok.save_pretrained(out / "tokenizer")
     metrics.update(tokenizer_metrics(base_tok, tok, ext, splits))
 
-    # 2 model: base metrics → new rows by the init strategy (full precision) → 4-bit base + rows + LoRA
-    if cfg.eval.base:
+    # 2 model: base metrics → new rows by the init strategy (full precision) → 4-bit base + rows + LoRA;
+    # every forward pass outside Lightning's loop runs on the run's device (this rank's GPU under DDP)
+    device, rank_zero = run_device(cfg.trainer.accelerator), global_rank() == 0
+    if cfg.eval.base and rank_zero:
         metrics.update(base_metrics(cfg, base_tok, base.cache_key, splits))
     rows, init_report = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
     (out / "init_report.json").write_text(json.dumps(init_report, indent=2, ensure_ascii=False))
-    model = build_model(
-        cfg.model.pretrained, vocab_size=len(tok), num_base=ext.num_base, rows=rows, quant=cfg.quant,
-        lora=cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype,
-        revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-    )
+    model = make_model(cfg, tok, ext.num_base, rows, device)
     params = count_parameters(model)
     metrics.update({"params/trainable": params["trainable"], "params/total": params["total"],
-                    "params/trainable_pct": 100.0 * params["trainable"] / params["total"]})
+                    "params/trainable_pct": 100.0 * params["trainable"] / params["total"],
+                    "params/vocab_rows": model.bailong_build["padded_vocab_size"]})
     log.info("parameters: %s trainable of %s (%.2f%%)", params["trainable"], params["total"],
              metrics["params/trainable_pct"])
 
-    # step 0: the extended, initialised model before any update
-    seq_len = cfg.eval.seq_len or cfg.data.seq_len
-    metrics.update(prefixed("step0", evaluate_texts(model, tok, splits.val(), seq_len=seq_len,
-                                                   batch_size=cfg.eval.batch_size)))
+    # step 0: the extended, initialised model before any update (rank 0 reports; the others go on to fit)
+    if rank_zero:
+        metrics.update(prefixed("step0", evaluate_run_model(cfg, model, tok, splits.val())))
 
     # 3 data, 4 train
     datamodule = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
     module = PretrainModule(model, **module_kwargs(cfg))
     trainer, loggers = fit(cfg, module, datamodule, metrics)
-    if not trainer.is_global_zero:  # DDP: every rank holds the same weights; rank 0 evaluates and writes
+    model = trained_model(trainer, model, lambda: make_model(cfg, tok, ext.num_base, rows, device))
+    if not trainer.is_global_zero:  # DDP/FSDP: rank 0 evaluates and writes
         finish_wandb(loggers)
         return metrics
 
     # 5 evaluate the trained model on the same held-out text; save a reloadable adapter
-    model.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU: score it where it trained
-    metrics.update(prefixed("final", evaluate_texts(model, tok, splits.val(), seq_len=seq_len,
-                                                   batch_size=cfg.eval.batch_size)))
+    metrics.update(prefixed("final", evaluate_run_model(cfg, model, tok, splits.val())))
     save_adapter(model, tok, out / "adapter", rows=rows, config=redacted_config(cfg))
     return finish_run(out, metrics, loggers, trainer.global_step)
 
@@ -90,6 +92,8 @@ def start_run(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_output_dir(out, cfg.ckpt_path)  # never overwrite an earlier run's results
+    # model.random_base: build the random real-width base first (seconds; once), so the checks read its config
+    ensure_random_base(cfg.model)
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     return out
@@ -103,6 +107,45 @@ def build_tokenizers(cfg: DictConfig, splits: Splits):
                            character_coverage=cfg.tokenizer.character_coverage, seed=cfg.tokenizer.seed)
     base = extend_tokenizer(base_src, [], 0, cache, revision=cfg.model.revision)
     return base, ext, load_tokenizer(base.path), load_tokenizer(ext.path)
+
+
+def make_model(cfg: DictConfig, tok, num_base: int, rows: dict | None, device) -> torch.nn.Module:
+    """The model to train, as ``cfg`` asks: base + extended vocabulary + rows, then LoRA (or every weight)."""
+    model = build_model(
+        cfg.model.pretrained, vocab_size=len(tok), num_base=num_base, rows=rows, quant=cfg.quant, lora=cfg.lora,
+        gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype, revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code, finetune=cfg.finetune, device=device,
+        attn_implementation=cfg.model.attn_implementation, pad_vocab_to_multiple_of=cfg.model.pad_vocab_to_multiple_of,
+    )
+    if cfg.model.get("random_base") is not None:  # a reload rebuilds the random base if its cache is gone
+        model.bailong_build["random_base"] = OmegaConf.to_container(cfg.model.random_base, resolve=True)
+    return model
+
+
+def trained_model(trainer: pl.Trainer, model: torch.nn.Module, rebuild) -> torch.nn.Module:
+    """The trained model, whole, on the device it trained on, for rank 0 to evaluate and save.
+
+    Under FSDP each rank holds only a shard of every parameter: ``GatherFullState`` gathered the trainable
+    ones onto rank 0 before Lightning's teardown, and they are loaded here into a freshly built model (the
+    frozen base is rebuilt from disk, exactly as training built it). Elsewhere Lightning's teardown only
+    moved the model to the CPU: it goes back to the device.
+    """
+    gather = next((c for c in trainer.callbacks if isinstance(c, GatherFullState)), None)
+    if gather is None:
+        return model.to(trainer.strategy.root_device)
+    if not trainer.is_global_zero:
+        return model
+    fresh = rebuild()
+    gather.load_into(fresh)
+    return fresh
+
+
+def evaluate_run_model(cfg: DictConfig, model: torch.nn.Module, tok, texts: dict) -> dict:
+    """Bits/char of ``texts`` with the run's evaluation settings, under the autocast training used."""
+    device = next(model.parameters()).device
+    with autocast(device, cfg.trainer.precision):
+        return evaluate_texts(model, tok, texts, seq_len=cfg.eval.seq_len or cfg.data.seq_len,
+                              batch_size=cfg.eval.batch_size)
 
 
 def module_kwargs(cfg: DictConfig) -> dict:
@@ -119,6 +162,8 @@ def fit(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.LightningDat
     loggers = make_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    if isinstance(trainer.strategy, FSDPStrategy):  # rank 0 needs whole parameters to evaluate and save
+        trainer.callbacks.append(GatherFullState())
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)  # no unpickling
     metrics["train/seconds"] = time.perf_counter() - started
@@ -167,12 +212,14 @@ def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) 
     over init, rank or vocabulary shares one base evaluation."""
     seq_len = cfg.eval.seq_len or cfg.data.seq_len
     key = {**model_identity(cfg), "tokenizer": tokenizer_key, "quant": OmegaConf.to_container(cfg.quant), "texts": splits.val(),
-           "seq_len": seq_len, "batch_size": cfg.eval.batch_size}
+           "seq_len": seq_len, "batch_size": cfg.eval.batch_size, "precision": str(cfg.trainer.precision)}
 
     def compute() -> dict:
         model = load_base_model(cfg.model.pretrained, quant=cfg.quant, dtype=cfg.model.dtype,
-                                revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-        return evaluate_texts(model, base_tok, splits.val(), seq_len=seq_len, batch_size=cfg.eval.batch_size)
+                                revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+                                device=run_device(cfg.trainer.accelerator),
+                                attn_implementation=cfg.model.attn_implementation)
+        return evaluate_run_model(cfg, model, base_tok, splits.val())
 
     return prefixed("base", cached_json(Path(cfg.paths.cache_dir) / "base_metrics", key, compute))
 
@@ -181,22 +228,25 @@ def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Spl
     """Run the init strategy on a full-precision copy of the base; keep only the new rows.
 
     Cached by a hash of everything the rows depend on, so a sweep over LoRA rank or training settings
-    initialises once (zip-tie's shift and distillation run the base over the corpus)."""
+    initialises once (zip-tie's shift and distillation run the base over the corpus). The base runs on the
+    run's device; the first process computes while the others (DDP ranks, sweep jobs) wait and read."""
     key = cache_key({**model_identity(cfg), "tokenizer": tokenizer_key, "init": OmegaConf.to_container(cfg.init), "seed": cfg.seed,
                      "texts": hash_texts(splits.tc_train)})
     cached = Path(cfg.paths.cache_dir) / "init_rows" / key
-    if (cached / "report.json").is_file():
-        report = json.loads((cached / "report.json").read_text())
-        return load_file(cached / "rows.safetensors"), {**report, "cached": True}
-    num_base = len(base_tok)
-    model = load_base_model(cfg.model.pretrained, quant=None, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                            trust_remote_code=cfg.model.trust_remote_code)
-    report = resize_and_initialize(model, base_tok, tok, cfg.init, texts=splits.tc_train, seed=cfg.seed)
-    rows = new_rows(model, num_base)
-    del model
-    with atomic_dir(cached) as tmp:
-        save_file({k: v.contiguous() for k, v in rows.items()}, tmp / "rows.safetensors")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    with computed_once(cached):
+        if (cached / "report.json").is_file():
+            report = json.loads((cached / "report.json").read_text())
+            return load_file(cached / "rows.safetensors"), {**report, "cached": True}
+        model = load_base_model(cfg.model.pretrained, quant=None, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                                trust_remote_code=cfg.model.trust_remote_code, device=run_device(cfg.trainer.accelerator),
+                                attn_implementation=cfg.model.attn_implementation)
+        report = resize_and_initialize(model, base_tok, tok, cfg.init, texts=splits.tc_train, seed=cfg.seed)
+        rows = {k: v.cpu() for k, v in new_rows(model, len(base_tok)).items()}
+        report["device"] = str(next(model.parameters()).device)
+        del model
+        with atomic_dir(cached) as tmp:
+            save_file({k: v.contiguous() for k, v in rows.items()}, tmp / "rows.safetensors")
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return rows, {**report, "cached": False}
 
 

@@ -2,18 +2,31 @@
 
     python -m bailong.plan experiment=bailong_7b                 # table + fit per GPU class
     python -m bailong.plan experiment=bailong_7b lora.r=64 --json
+    python -m bailong.plan experiment=bailong_7b finetune=full quant=none   # full fine-tuning
 
-The estimate is built from what autograd actually keeps for this stack (peft LoRA on bitsandbytes
-``Linear4bit`` in a Llama), term by term, so each number can be checked (docs/scale.md):
+The estimate is built from what this stack actually allocates (peft LoRA on bitsandbytes ``Linear4bit`` in a
+Llama, trained through ``bailong.train.loss.causal_lm_loss``), term by term, so each number can be checked
+(docs/scale.md). The peak of a step is the resident state plus the largest of its moments:
 
-* static: 4-bit weights (0.5 byte/param + double-quantised absmax), the unquantised embedding, head and
-  norms (upcast to fp32 by ``prepare_model_for_kbit_training``), LoRA and new-row parameters (fp32),
-  their gradients and optimizer state (AdamW: 8 bytes/param; 8-bit AdamW: 2);
-* activations: per layer per token, the tensors saved for backward (RMSNorm inputs in fp32, LoRA dropout
-  masks and inputs, RoPE'd q/k/v and the attention output, SwiGLU's gate/up/product), or with gradient
-  checkpointing only each layer's input plus one recomputed layer; the head's merged weight; the logits,
-  whose loss upcasts to fp32 (3 x tokens x vocab x 4 bytes at the start of backward);
+* static (always resident): 4-bit weights (0.5 byte/param + double-quantised absmax), the unquantised
+  embedding, head (rows padded to ``model.pad_vocab_to_multiple_of``) and norms (upcast to fp32 by
+  ``prepare_model_for_kbit_training``), LoRA and new-row parameters, the original rows peft keeps, optimizer
+  state (2 states per trainable parameter: the parameter's dtype for AdamW, 1 byte + block absmax for 8-bit),
+  DDP's gradient buckets;
+* forward, at the last chunk of the fused loss: what each layer's ops keep for backward (RMSNorm inputs in
+  fp32, RoPE'd q/k/v and the attention output, SwiGLU's gate output, silu(gate) and up output, LoRA dropout
+  masks and inputs, autocast's bf16 weight casts; with gradient checkpointing only each layer's input), the
+  final norm's input and output, and the loss's buffers: the merged head matrix peft's trainable-token rows
+  imply, the hidden-state gradient, the fp32 gradient of the trained head rows and its per-chunk product, one
+  chunk of ``TRAIN_LOGIT_BUDGET`` logits;
+* backward: the loss's saved gradients turned into parameter gradients, one recomputed layer under
+  checkpointing, and at the end the embedding's dense gradient beside every parameter gradient;
+* optimizer step: every parameter gradient plus torch AdamW's temporaries (a parameter group's square roots
+  at once on CUDA; per tensor on the CPU);
 * GPU only: the CUDA context and allocator slack (``cuda_overhead``), excluded when compared with a CPU.
+
+``finetune=full`` trains every weight in ``model.dtype`` (no LoRA, no quantisation): weights, gradients and
+optimizer state each cover the whole model.
 
 Measured against CPU training steps in tests/test_plan.py (benchmarks/step_memory.py).
 """
@@ -25,17 +38,14 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from bailong.model.random_base import ARCHITECTURES, architecture_config, random_base_spec
+
 GIB = 1024**3
 
-# Architectures of hub bases, so a plan needs neither the network nor the weights.
-KNOWN_ARCHITECTURES = {
-    "meta-llama/Llama-2-7b-hf": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                                     num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
-                                     tie_word_embeddings=False),
-    "meta-llama/Llama-2-13b-hf": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
-                                      num_key_value_heads=40, intermediate_size=13824, vocab_size=32000,
-                                      tie_word_embeddings=False),
-}
+# Architectures of hub bases, so a plan needs neither the network nor the weights (the random-base table's
+# entries are those models' config.json values)
+KNOWN_ARCHITECTURES = {hub: ARCHITECTURES[name][2] for hub, name in (
+    ("meta-llama/Llama-2-7b-hf", "llama2_7b"), ("meta-llama/Llama-2-13b-hf", "llama2_13b"))}
 # name: (memory GiB, dense bf16 tensor TFLOP/s from the vendor datasheet)
 GPUS = {
     "rtx4090": (24, 165.0), "a10": (24, 125.0), "l4": (24, 121.0),
@@ -43,8 +53,10 @@ GPUS = {
 }
 FIT_CLASSES = (24, 40, 80)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-OPTIMIZER_BYTES = {"adamw": 8, "paged_adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+OPTIMIZERS = ("adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit")
+EIGHT_BIT_BLOCK = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 values of each state
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TRAIN_LOGIT_BUDGET = 2**24  # bailong.train.loss.TRAIN_LOGIT_BUDGET (a test keeps them equal; no torch import here)
 
 
 @dataclass
@@ -68,11 +80,16 @@ class Architecture:
 
 
 def architecture(model_cfg) -> Architecture:
-    """Read config.json of a local base, or the table above for a hub id; never loads weights."""
+    """The base's shapes without loading weights: its config.json if the directory exists, else the random
+    base's table (``model.random_base``, not built yet), else the table above for a hub id, else the hub's
+    config.json."""
     src = str(model_cfg.pretrained)
     config_file = Path(src) / "config.json"
+    spec = random_base_spec(model_cfg)
     if config_file.is_file():
         c = json.loads(config_file.read_text())
+    elif spec is not None:
+        c = architecture_config(spec)
     elif src in KNOWN_ARCHITECTURES:
         c = KNOWN_ARCHITECTURES[src]
     else:
@@ -108,6 +125,20 @@ class Setup:
     world_size: int
     accumulate: int = 1  # micro-batches per optimizer step
     upcast: bool = True  # prepare_model_for_kbit_training's fp32 upcast; FSDP-QLoRA keeps the storage dtype
+    pad_multiple: int = 1  # model.pad_vocab_to_multiple_of: embedding/head rows rounded up
+    full_finetune: bool = False  # finetune=full: every weight trains in model.dtype, no LoRA, no quantisation
+    # where the step runs: "cuda" (what the plan is for) or "cpu" (the benchmark that checks it). torch differs:
+    # on CUDA, AdamW steps all tensors at once and dropout keeps a bool mask; on the CPU, AdamW steps tensor
+    # by tensor and dropout keeps its mask in the input's dtype
+    device: str = "cuda"
+
+    def __post_init__(self):
+        if self.full_finetune and self.quantised:
+            raise ValueError("finetune=full with quant=nf4: 4-bit weights cannot train; use quant=none")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device={self.device!r}: expected cuda or cpu")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer={self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
 
     @property
     def param_bytes(self) -> int:
@@ -116,74 +147,134 @@ class Setup:
 
     @property
     def vocab(self) -> int:
+        """Tokens: the base vocabulary plus the appended pieces (what the loss's softmax covers)."""
         return self.arch.base_vocab + self.added_vocab
+
+    @property
+    def rows(self) -> int:
+        """Rows of the embedding and head matrices: the vocabulary rounded up to ``pad_multiple``."""
+        return -(-self.vocab // self.pad_multiple) * self.pad_multiple
 
     @property
     def tokens(self) -> int:
         return self.seq_len * self.micro_batch
 
+    @property
+    def head_rows_trained(self) -> int:
+        """Head rows whose gradient the fused loss computes: the new rows, the whole matrix, or none."""
+        if self.full_finetune or self.embeddings == "full":
+            return self.rows
+        return self.added_vocab if self.embeddings == "new_rows" else 0
 
-def setup_from_config(cfg) -> Setup:
+
+def setup_from_config(cfg, device: str = "cuda") -> Setup:
+    from omegaconf import OmegaConf
+
     strategy = cfg.trainer.strategy
     name = str(strategy.get("_target_", "") if hasattr(strategy, "get") else strategy).lower()
     kind = "fsdp" if "fsdp" in name else "ddp" if "ddp" in name else "single"
     devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
     precision = str(cfg.trainer.precision)
-    if cfg.lora.embeddings not in ("new_rows", "full", "lora", "frozen"):
+    full = OmegaConf.select(cfg, "finetune.name", default="lora") == "full"
+    if not full and cfg.lora.embeddings not in ("new_rows", "full", "lora", "frozen"):
         raise ValueError(f"lora.embeddings={cfg.lora.embeddings!r}: expected new_rows, full, lora or frozen")
-    if cfg.train.optimizer not in OPTIMIZER_BYTES:
-        raise ValueError(f"train.optimizer={cfg.train.optimizer!r}: expected one of {', '.join(OPTIMIZER_BYTES)}")
     return Setup(
         arch=architecture(cfg.model), added_vocab=cfg.tokenizer.added_vocab, seq_len=cfg.data.seq_len,
-        micro_batch=cfg.data.batch_size, quantised=cfg.quant.name == "nf4", double_quant=cfg.quant.get("double_quant", True),
+        micro_batch=cfg.data.batch_size, quantised=cfg.quant.name == "nf4",
+        double_quant=cfg.quant.get("double_quant", True),
         dtype_bytes=DTYPE_BYTES[cfg.model.dtype], autocast=precision in ("bf16-mixed", "16-mixed", "bf16", "16"),
-        lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout, targets=tuple(cfg.lora.target_modules),
+        lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout, targets=() if full else tuple(cfg.lora.target_modules),
         embeddings=cfg.lora.embeddings, optimizer=cfg.train.optimizer, checkpointing=cfg.train.gradient_checkpointing,
         strategy=kind, world_size=devices * cfg.trainer.num_nodes if kind != "single" else 1,
         accumulate=cfg.trainer.accumulate_grad_batches, upcast=cfg.quant.get("quant_storage", "uint8") == "uint8",
+        pad_multiple=cfg.model.get("pad_vocab_to_multiple_of", 1) or 1, full_finetune=full, device=device,
     )
 
 
+def parameter_counts(s: Setup) -> dict[str, int]:
+    """Parameters by kind: ``linear`` projections, ``matrices`` (embedding + head rows, padded), ``norms``,
+    ``lora``, ``rows`` (peft's trainable new-row deltas) and ``trainable`` (what gets gradients and state)."""
+    a, h = s.arch, s.arch.hidden
+    shapes = a.projection_shapes()
+    matrices = (1 if a.tied else 2)
+    counts = {"linear": a.layers * sum(i * o for i, o in shapes.values()), "matrices": matrices * s.rows * h,
+              "norms": (2 * a.layers + 1) * h, "lora": 0, "rows": 0}
+    if s.full_finetune:
+        counts["trainable"] = counts["linear"] + counts["matrices"] + counts["norms"]
+        return counts
+    counts["lora"] = a.layers * sum(s.lora_r * (shapes[t][0] + shapes[t][1]) for t in s.targets if t in shapes)
+    if s.embeddings == "new_rows":  # peft TrainableTokens: a delta per new row of each matrix
+        counts["rows"] = matrices * s.added_vocab * h
+    elif s.embeddings == "full":  # modules_to_save: a trainable copy of both matrices
+        counts["rows"] = counts["matrices"]
+    elif s.embeddings == "lora":
+        counts["lora"] += matrices * s.lora_r * (s.rows + h)
+    counts["trainable"] = counts["lora"] + counts["rows"]
+    return counts
+
+
+def trainable_groups(s: Setup) -> dict[str, list[int]]:
+    """Element counts of the trainable tensors, by optimizer parameter group, in the order the optimizer steps
+    them (bailong.train.pretrain._param_groups / _full_param_groups)."""
+    a, h = s.arch, s.arch.hidden
+    shapes, matrices = a.projection_shapes(), (1 if a.tied else 2)
+    if s.full_finetune:
+        return {"decoder": [i * o for _ in range(a.layers) for i, o in shapes.values()],
+                "norms": [h] * (2 * a.layers + 1), "embeddings": [s.rows * h] * matrices}
+    lora = [n for _ in range(a.layers) for t, (i, o) in shapes.items() if t in s.targets
+            for n in (s.lora_r * i, o * s.lora_r)]
+    if s.embeddings == "lora":
+        lora += [s.lora_r * s.rows, h * s.lora_r] * matrices
+    rows = {"new_rows": [s.added_vocab * h] * matrices, "full": [s.rows * h] * matrices}.get(s.embeddings, [])
+    return {"lora": lora, "rows": [n for n in rows if n]}
+
+
+def optimizer_state_bytes_per_param(s: Setup) -> float:
+    """Two states per parameter: AdamW's take the parameter's dtype; 8-bit ones a byte + block absmax."""
+    if s.optimizer in ("adamw", "paged_adamw"):
+        return 2 * s.param_bytes
+    return 2 * (1 + 4 / EIGHT_BIT_BLOCK)
+
+
 def static_bytes(s: Setup) -> dict[str, float]:
-    """Weights, trainable parameters, their gradients and optimizer state (per GPU)."""
-    a, h, v, n_new = s.arch, s.arch.hidden, s.vocab, s.added_vocab
-    linear = a.layers * sum(i * o for i, o in a.projection_shapes().values())
+    """What stays resident through a step (per GPU): weights, trainable parameters, optimizer state (and under
+    DDP the gradient buckets)."""
+    a = s.arch
+    n = parameter_counts(s)
     # NF4 packs 2 params/byte; one absmax per 64-block: 8-bit + a fp32 per 256 absmax when double-quantised
     per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if s.double_quant else 4 / 64) if s.quantised else s.dtype_bytes
-    other_bytes = s.param_bytes
-    matrices = 1 if a.tied else 2
-    unquantised = (matrices * v * h + (2 * a.layers + 1) * h) * other_bytes
-    shapes = a.projection_shapes()
-    lora = a.layers * sum(s.lora_r * (shapes[t][0] + shapes[t][1]) for t in s.targets if t in shapes)
-    extra_buffers = 0
-    if s.embeddings == "new_rows":  # peft TrainableTokens: a delta per new row + the original rows kept
-        rows = matrices * n_new * h
-        trainable, extra_buffers = lora + rows, rows * other_bytes
-    elif s.embeddings == "full":  # modules_to_save: a trainable copy of both matrices
-        trainable = lora + matrices * v * h
-    elif s.embeddings == "lora":
-        trainable = lora + matrices * s.lora_r * (v + h)
-    else:
-        trainable = lora
+    unquantised = (n["matrices"] + n["norms"]) * s.param_bytes
+    # peft TrainableTokens keeps the original values of the new rows beside the deltas
+    originals = n["rows"] * s.param_bytes if s.embeddings == "new_rows" and not s.full_finetune else 0
     shard = s.world_size if s.strategy == "fsdp" else 1
+    # full fine-tuning: the weights are the trainable parameters, so no separate copy
+    separate = 0 if s.full_finetune else n["trainable"]
     out = {
-        "weights_4bit" if s.quantised else "weights_linear": linear * per_param / shard,
-        "weights_unquantised": (unquantised + extra_buffers) / shard,
-        "trainable_params": trainable * s.param_bytes / shard,
-        "gradients": trainable * s.param_bytes / shard,
-        # AdamW's states take the parameter's dtype; 8-bit AdamW is 1 byte per state whatever the dtype
-        "optimizer_state": trainable * OPTIMIZER_BYTES[s.optimizer] * (s.param_bytes / 4 if
-                                                                        OPTIMIZER_BYTES[s.optimizer] == 8 else 1) / shard,
+        "weights_4bit" if s.quantised else "weights_linear": n["linear"] * per_param / shard,
+        "weights_unquantised": (unquantised + originals) / shard,
+        "trainable_params": separate * s.param_bytes / shard,
+        "optimizer_state": n["trainable"] * optimizer_state_bytes_per_param(s) / shard,
     }
-    # DDP: no term; conf/trainer/ddp.yaml sets gradient_as_bucket_view, so gradients live in the buckets
+    if s.strategy == "ddp":  # DDP allocates its all-reduce buckets up front; gradient_as_bucket_view
+        # (conf/trainer/ddp.yaml) makes every .grad a view into them, so the gradients cost nothing more
+        out["gradient_buckets"] = n["trainable"] * s.param_bytes
     if s.strategy == "fsdp":  # gathered for compute: one decoder layer (+ one prefetched) and the root unit
         # (embedding, head, final norm: not wrapped per layer, so unsharded for the whole step)
-        out["fsdp_gathered"] = 2 * linear / a.layers * per_param + unquantised
+        out["fsdp_gathered"] = 2 * n["linear"] / a.layers * per_param + unquantised
     return out
 
 
+def gradient_bytes(s: Setup) -> float:
+    """Every parameter gradient (same dtype as its parameter): alive from backward to ``zero_grad`` (under DDP
+    they live in the static gradient buckets instead)."""
+    if s.strategy == "ddp":
+        return 0
+    shard = s.world_size if s.strategy == "fsdp" else 1
+    return parameter_counts(s)["trainable"] * s.param_bytes / shard
+
+
 def layer_activation_bytes_per_token(s: Setup) -> float:
-    """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
+    """Bytes one decoder layer keeps for backward, per token: what each op saves (see the module docstring)."""
     a = s.arch
     h, kv, i = a.hidden, a.kv_dim, a.intermediate
     res = s.param_bytes  # residual stream / norm outputs follow the embedding and norm weights
@@ -195,68 +286,131 @@ def layer_activation_bytes_per_token(s: Setup) -> float:
     qkv = proj_out(res)
     sdpa_in = half or qkv
     mlp = proj_out(res)
+    total = 2 * h * 4  # the two RMSNorms keep their fp32 input
+    total += (2 * h + 2 * kv) * sdpa_in  # attention keeps RoPE'd q, k, v and its output
+    total += 3 * i * mlp  # SwiGLU: silu keeps gate's output; their product keeps silu(gate) and up's output
+    # each projection's input: norm outputs x1 (q, k, v) and x2 (gate, up), o_proj's (a contiguous copy of the
+    # attention output) and down_proj's (the SwiGLU product); kept only if a consumer below keeps it
     inputs = {"q_proj": (h, res, "x1"), "k_proj": (h, res, "x1"), "v_proj": (h, res, "x1"),
               "o_proj": (h, sdpa_in, "attn"), "gate_proj": (h, res, "x2"), "up_proj": (h, res, "x2"),
               "down_proj": (i, mlp, "prod")}
-    total = 2 * h * 4  # the two RMSNorms keep their fp32 input
-    total += (h + 2 * kv) * sdpa_in + h * sdpa_in  # attention keeps RoPE'd q, k, v and its output (= o_proj input)
-    total += 4 * i * mlp  # SwiGLU: gate out, silu(gate), up out, their product (= down_proj input)
-    shared_saved = {"attn", "prod"}  # already counted above
+    kept = set()
     for name, (width, xb, shared) in inputs.items():
-        lora = name in s.targets
-        cast = s.autocast and xb != 2  # autocast saves a bf16 copy of an fp32 input, per module
-        if not s.quantised:  # a plain nn.Linear keeps its input (4-bit matmul keeps nothing)
+        cast = s.autocast and xb != 2  # autocast keeps a bf16 copy of an fp32 input, per module
+        if s.full_finetune:  # a trained nn.Linear keeps its input; a frozen one (or a 4-bit matmul) keeps none
             if cast:
                 total += width * 2
             else:
-                shared_saved.add(shared)
-        if lora:
+                kept.add(shared)
+        if name in s.targets:
             if s.lora_dropout > 0:
-                total += width  # dropout mask (bool)
+                total += width * (1 if s.device == "cuda" else xb)  # dropout mask: bool on CUDA, input dtype on CPU
                 total += width * (2 if cast else xb)  # lora_A's input: the dropped-out copy
             elif cast:
                 total += width * 2
             else:
-                shared_saved.add(shared)
+                kept.add(shared)
             total += s.lora_r * (half or s.param_bytes)  # lora_B's input
-    total += sum(h * res for name in ("x1", "x2") if name in shared_saved)
-    return total
+    widths = {"x1": h * res, "x2": h * res, "attn": h * sdpa_in, "prod": i * mlp}
+    return total + sum(widths[name] for name in kept)
 
 
-def activation_bytes(s: Setup) -> dict[str, float]:
-    a, t, v, h = s.arch, s.tokens, s.vocab, s.arch.hidden
-    per_layer = layer_activation_bytes_per_token(s) * t
-    res = s.param_bytes
-    recomputed = 0.0
-    if s.checkpointing:  # each layer's input kept; one layer recomputed at a time in backward
-        layers = a.layers * t * h * res
-    else:
-        layers = a.layers * per_layer
-    head_weight = 0.0
-    if s.embeddings == "new_rows" or s.autocast:  # F.linear keeps the merged (or bf16-cast) head matrix
-        head_weight = v * h * (2 if s.autocast else s.param_bytes)
-    # final norm input (fp32) and head input; the loss upcasts logits to fp32: at the start of backward
-    # the log-softmax output, its incoming gradient and its input gradient coexist
-    head = t * h * (4 + res) + head_weight
-    logits = 3 * t * v * 4 + (t * v * 2 if s.autocast else 0)
-    if s.checkpointing:  # a layer is recomputed after the logits are freed: only its excess adds to the peak
-        recomputed = max(0.0, per_layer - logits)
-    return {"activations_layers": layers, "activations_recomputed_layer": recomputed, "activations_head": head,
-            "logits_and_loss": logits}
+def layer_weight_copies(s: Setup) -> tuple[float, float]:
+    """Bytes of bf16 weight copies one decoder layer's matmuls keep under autocast: ``(cached, per_call)``.
+
+    Autocast casts each fp32 matrix a matmul uses to bf16 and the matmul keeps the cast to compute its input's
+    gradient. Trained matrices (LoRA's, or every projection under full fine-tuning) are cast once and held by
+    autocast's cache until the forward ends, checkpointed or not; frozen fp32 projections are cast anew for
+    every call and live only as saved tensors. 4-bit weights are dequantised per call and not kept; bf16
+    weights need no cast."""
+    if not s.autocast:
+        return 0, 0
+    shapes = s.arch.projection_shapes()
+    projections = sum(i * o for i, o in shapes.values())
+    fp32_projections = not s.quantised and s.dtype_bytes == 4
+    if s.full_finetune:
+        return (2 * projections if fp32_projections else 0), 0
+    lora = sum(s.lora_r * (i + o) for t, (i, o) in shapes.items() if t in s.targets) if s.param_bytes == 4 else 0
+    return 2 * lora, (2 * projections if fp32_projections else 0)
+
+
+def phase_bytes(s: Setup) -> dict[str, dict[str, float]]:
+    """What a step holds beyond the static state at each of its largest moments, by term: ``forward`` (the
+    fused loss's last chunk), ``backward_loss`` (the loss's gradients handed back), ``backward_recompute``
+    (checkpointing: the last layer recomputed), ``backward_embedding`` (the embedding's gradient, last) and
+    ``optimizer`` (the step). The peak of a step is the static state plus the largest of them."""
+    a, t, h = s.arch, s.tokens, s.arch.hidden
+    res = pb = s.param_bytes  # the residual stream follows the (upcast) embedding and norm weights
+    cached, per_call = layer_weight_copies(s)
+    per_layer = layer_activation_bytes_per_token(s) * t + per_call
+    saved = {"activations_layers": a.layers * (t * h * res if s.checkpointing else per_layer),  # ckpt: inputs
+             # the final norm's fp32 input and its output (+ a contiguous copy when rows are cut from a batch)
+             "activations_final_norm": t * h * (4 + res) + (t * h * res if s.micro_batch > 1 else 0)}
+    # autocast's cached bf16 copies of trained fp32 matrices: through the forward; after it only where saved
+    forward_copies = {"autocast_weight_copies": a.layers * cached} if cached else {}
+    backward_copies = forward_copies if not s.checkpointing else {}
+    mm = 2 if s.autocast else pb  # the dtype the head's matmuls run in
+    chunk = max(1, TRAIN_LOGIT_BUDGET // s.rows)  # positions per chunk (the loss divides by the padded rows)
+    n_rows = s.head_rows_trained
+    new_rows = s.embeddings == "new_rows" and not s.full_finetune and s.added_vocab > 0
+    phases: dict[str, dict[str, float]] = {}
+    if s.full_finetune or s.embeddings != "lora":  # bailong.train.loss's fused linear + cross-entropy
+        # within a chunk, two moments: the head matmul (autocast casts the whole head to bf16; the bf16 logits
+        # before their fp32 copy) and the trained rows' product (in the matmul dtype, then copied to fp32)
+        cast_moment = (s.rows * h * 2 + chunk * s.vocab * 2) if s.autocast else 0
+        product_moment = n_rows * h * (mm + (4 if mm != 4 else 0)) + (chunk * s.vocab * pb if pb != 4 else 0)
+        phases["forward"] = {
+            **saved, **forward_copies,
+            # peft's trainable-token rows written into a copy of the whole head (index_copy), as its forward does
+            "loss_merged_head": s.rows * h * pb if new_rows else 0,
+            "loss_grad_hidden": t * h * res,
+            "loss_grad_rows": n_rows * h * 4,  # fp32 accumulator of the trained head rows' gradient
+            "loss_logit_chunk": chunk * s.vocab * 4,  # one chunk's fp32 logits, turned into probabilities in place
+            "loss_chunk_temporaries": max(cast_moment, product_moment),
+        }
+        # the loss node's backward scales its saved gradients into new tensors: the head rows' .grad
+        phases["backward_loss"] = {**saved, **backward_copies, "loss_saved_gradients": t * h * res + n_rows * h * 4,
+                                   "loss_gradients": t * h * res + n_rows * h * pb}
+    else:  # LoRA on lm_head: chunks under activation checkpointing, logits recomputed in backward
+        phases["forward"] = {**saved, **forward_copies,
+                             "loss_logit_chunk": chunk * s.vocab * (4 + (2 if s.autocast else 0))}
+        phases["backward_loss"] = {**saved, **backward_copies,
+                                   "loss_recomputed_chunk": 3 * chunk * s.vocab * 4 + t * h * res}
+    if s.checkpointing:  # every layer's input, one layer recomputed, the gradient flowing through it
+        phases["backward_recompute"] = {"activations_layers": saved["activations_layers"],
+                                        "recomputed_layer": per_layer + cached, "gradient_stream": 2 * t * h * res,
+                                        "head_row_gradients": n_rows * h * pb}
+    # last: the embedding's gradient, dense over every row, beside all other gradients (peft keeps its new rows)
+    phases["backward_embedding"] = {"gradients": gradient_bytes(s),
+                                    "embedding_dense_gradient": s.rows * h * pb if new_rows else 0}
+    step_tmp = 0
+    if s.optimizer == "adamw":  # torch's AdamW; bitsandbytes' optimizers step each tensor in place
+        groups = trainable_groups(s)
+        if s.device == "cuda":  # multi-tensor: the square roots of a whole group's second moments at once
+            step_tmp = max(sum(g) for g in groups.values()) * pb
+        else:  # per tensor: sqrt(v) and sqrt(v) / c, while the previous tensor's result is still referenced
+            sizes = sorted(n for g in groups.values() for n in g)[-2:]
+            step_tmp = (2 * sizes[-1] + (sizes[0] if len(sizes) > 1 else 0)) * pb
+    shard = s.world_size if s.strategy == "fsdp" else 1
+    phases["optimizer"] = {"gradients": gradient_bytes(s), "optimizer_step_temporaries": step_tmp / shard}
+    return phases
 
 
 def step_flops(s: Setup) -> float:
-    """Forward 2N, backward 2N (input gradients only: the base is frozen), +2N recompute when checkpointing."""
+    """Forward 2N and backward 2N (input gradients; + 2N weight gradients under full fine-tuning: a LoRA base
+    is frozen), + 2N recompute with checkpointing; causal attention 2·seq·hidden per layer forward, twice that
+    backward."""
     a = s.arch
     n = a.layers * sum(i * o for i, o in a.projection_shapes().values()) + s.vocab * a.hidden
     attention = a.layers * 2 * s.seq_len * a.hidden  # causal QK^T and AV per token, forward
-    passes = 3 + (1 if s.checkpointing else 0)  # forward + 2x backward (+ recompute)
-    return s.tokens * passes * (2 * n + attention)
+    passes = 2 + (1 if s.full_finetune else 0) + (1 if s.checkpointing else 0)
+    attention_passes = 3 + (1 if s.checkpointing else 0)
+    return s.tokens * (passes * 2 * n + attention_passes * attention)
 
 
 @dataclass
 class Plan:
-    components_gib: dict[str, float]
+    components_gib: dict[str, float]  # the static terms, the peak phase's terms and the GPU overhead: sum = total
     cpu_comparable_gib: float  # everything but the CUDA context and allocator slack
     total_gib: float
     fits: dict[str, bool]
@@ -266,34 +420,53 @@ class Plan:
     gpu: str
     assumed_mfu: float
     setup: dict
+    static_gib: float = 0.0  # resident through the step
+    peak_phase: str = ""  # which moment of the step is the peak
+    phases_gib: dict[str, float] | None = None  # static + each moment (CPU-comparable)
+    parameters: dict[str, int] | None = None  # parameter_counts
+
+
+def peak_bytes(s: Setup) -> tuple[dict[str, float], dict[str, dict[str, float]], str]:
+    """(static terms, every moment's terms, the peak moment's name)."""
+    static, phases = static_bytes(s), phase_bytes(s)
+    peak = max(phases, key=lambda k: sum(phases[k].values()))
+    return static, phases, peak
 
 
 def estimate(s: Setup, gpu: str = "a100-80gb", mfu: float = 0.35, cuda_context_gib: float = 0.75,
              allocator_slack: float = 0.05) -> Plan:
     if gpu not in GPUS:
         raise ValueError(f"--gpu {gpu!r}: expected one of {', '.join(GPUS)}")
-    parts = {**static_bytes(s), **activation_bytes(s)}
+    static, phases, peak = peak_bytes(s)
+    static_total = sum(static.values())
+    parts = {**static, **{f"{peak}/{k}": v for k, v in phases[peak].items()}}
     comparable = sum(parts.values())
     parts["cuda_overhead"] = cuda_context_gib * GIB + allocator_slack * comparable
     total = sum(parts.values())
     seconds = s.accumulate * step_flops(s) / (GPUS[gpu][1] * 1e12 * mfu)
-    flipped = replace(s, checkpointing=not s.checkpointing)
-    flipped_total = sum({**static_bytes(flipped), **activation_bytes(flipped)}.values()) * (1 + allocator_slack)
+    f_static, f_phases, f_peak = peak_bytes(replace(s, checkpointing=not s.checkpointing))
+    flipped = (sum(f_static.values()) + sum(f_phases[f_peak].values())) * (1 + allocator_slack)
     return Plan(components_gib={k: v / GIB for k, v in parts.items()}, cpu_comparable_gib=comparable / GIB,
                 total_gib=total / GIB, fits={f"{g}GB": total / GIB <= g for g in FIT_CLASSES},
                 step_seconds=seconds, tokens_per_step=s.tokens * s.world_size * s.accumulate, gpu=gpu,
-                assumed_mfu=mfu, total_gib_checkpointing_flipped=(flipped_total + cuda_context_gib * GIB) / GIB,
-                setup={**asdict(s), "vocab": s.vocab})
+                assumed_mfu=mfu, total_gib_checkpointing_flipped=(flipped + cuda_context_gib * GIB) / GIB,
+                setup={**asdict(s), "vocab": s.vocab, "rows": s.rows}, static_gib=static_total / GIB,
+                peak_phase=peak, phases_gib={k: (static_total + sum(v.values())) / GIB for k, v in phases.items()},
+                parameters=parameter_counts(s))
 
 
 def render(plan: Plan) -> str:
     s = plan.setup
-    lines = [f"model {s['arch']['hidden']}h x {s['arch']['layers']} layers, vocab {s['vocab']}, "
-             f"{'NF4' if s['quantised'] else 'unquantised'} + LoRA r{s['lora_r']}, seq {s['seq_len']} x micro-batch "
-             f"{s['micro_batch']}, checkpointing {'on' if s['checkpointing'] else 'off'}, "
-             f"{s['strategy']} x{s['world_size']}", "per-GPU memory (GiB):"]
-    lines += [f"  {k:<30}{v:8.2f}" for k, v in plan.components_gib.items()]
-    lines += [f"  {'total':<30}{plan.total_gib:8.2f}",
+    mode = ("full fine-tuning" if s["full_finetune"] else
+            f"{'NF4' if s['quantised'] else 'unquantised'} + LoRA r{s['lora_r']}")
+    lines = [f"model {s['arch']['hidden']}h x {s['arch']['layers']} layers, vocab {s['vocab']} ({s['rows']} rows), "
+             f"{mode}, seq {s['seq_len']} x micro-batch {s['micro_batch']}, "
+             f"checkpointing {'on' if s['checkpointing'] else 'off'}, {s['strategy']} x{s['world_size']}",
+             f"parameters: {plan.parameters['trainable']:,} trainable", "per-GPU memory (GiB):"]
+    lines += [f"  {k:<44}{v:8.2f}" for k, v in plan.components_gib.items()]
+    lines += [f"  {'total':<44}{plan.total_gib:8.2f}",
+              "  (each moment of the step, static state included, without the CUDA terms: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in plan.phases_gib.items()) + ")",
               f"  (gradient checkpointing {'off' if s['checkpointing'] else 'on'}: "
               f"{plan.total_gib_checkpointing_flipped:.2f} GiB)", ""]
     for name, ok in plan.fits.items():

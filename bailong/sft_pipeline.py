@@ -23,10 +23,11 @@ from bailong.checks import ConfigError
 from bailong.data.chat import set_chat_template
 from bailong.data.sft import SFTDataModule, load_chat_splits
 from bailong.data.splits import Splits, load_splits
-from bailong.eval.bpc import evaluate_texts, score_windows, scoring_mode
+from bailong.eval.bpc import score_windows, scoring_mode
 from bailong.eval.sft_metrics import evaluate_instruct
 from bailong.model.adapter import META_FILE, find_adapter, load_adapter, save_adapter
-from bailong.model.build import build_model, count_parameters
+from bailong.model.build import count_parameters
+from bailong.model.device import autocast, global_rank, run_device
 from bailong.train.sft import SFTModule
 
 log = logging.getLogger(__name__)
@@ -55,46 +56,55 @@ def check_sft(cfg: DictConfig) -> Path | None:
                       "expected a finished pre-training run directory or its adapter/")
 
 
-def start_from_base(cfg: DictConfig, splits: Splits):
-    """Stages 1–2 of pre-training: extended tokenizer, initialised new rows, 4-bit base + LoRA."""
-    from bailong.pipeline import build_tokenizers, initial_rows
+def start_from_base(cfg: DictConfig, splits: Splits, device):
+    """Stages 1–2 of pre-training: extended tokenizer, initialised new rows, 4-bit base + LoRA; and how to
+    build that model again (rank 0 rebuilds it after FSDP training)."""
+    from bailong.pipeline import build_tokenizers, initial_rows, make_model
 
     _, ext, base_tok, tok = build_tokenizers(cfg, splits)
     rows, _ = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
-    model = build_model(
-        cfg.model.pretrained, vocab_size=len(tok), num_base=ext.num_base, rows=rows, quant=cfg.quant, lora=cfg.lora,
-        gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype, revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-    return model, tok
+    return make_model(cfg, tok, ext.num_base, rows, device), tok, lambda: make_model(cfg, tok, ext.num_base, rows, device)
 
 
 def evaluate_stage(model: Any, tok: Any, cfg: DictConfig, datamodule: SFTDataModule, held_out: dict,
                    out_dir: Path) -> dict[str, Any]:
     """Instruction-following scores plus bits/char of held-out text and of held-out answers."""
-    metrics = dict(evaluate_instruct(model, tok, cfg, out_dir))
-    seq_len = cfg.eval.seq_len or cfg.data.seq_len
-    for key, value in evaluate_texts(model, tok, held_out, seq_len=seq_len, batch_size=cfg.eval.batch_size).items():
+    from bailong.pipeline import evaluate_run_model
+
+    with autocast(next(model.parameters()).device, cfg.trainer.precision):  # as training computed
+        metrics = dict(evaluate_instruct(model, tok, cfg, out_dir))
+        if datamodule.val_chats:
+            with scoring_mode(model):
+                metrics["chat_bpc"] = score_windows(model, datamodule.val_batches())["bpc"]
+    for key, value in evaluate_run_model(cfg, model, tok, held_out).items():
         if key.endswith(("_bpc", "_bpb")):
             metrics[key] = value
-    if datamodule.val_chats:
-        with scoring_mode(model):
-            metrics["chat_bpc"] = score_windows(model, datamodule.val_batches())["bpc"]
     return metrics
 
 
 def run_sft(cfg: DictConfig) -> dict:
-    from bailong.pipeline import finish_run, finish_wandb, fit, module_kwargs, prefixed, redacted_config, start_run
+    from bailong.pipeline import (
+        finish_run,
+        finish_wandb,
+        fit,
+        module_kwargs,
+        prefixed,
+        redacted_config,
+        start_run,
+        trained_model,
+    )
 
     adapter_dir = check_sft(cfg)  # before any model is loaded
     out = start_run(cfg)
     splits = load_splits(cfg.data)  # the pre-training corpora: held-out text to score, and the base's tokenizer
     # start: a pre-training run's adapter (trainable again) or the base built as pre-training builds it
+    device, rank_zero = run_device(cfg.trainer.accelerator), global_rank() == 0
     if adapter_dir is not None:
-        model, tok = load_adapter(adapter_dir, is_trainable=True)
+        model, tok = load_adapter(adapter_dir, is_trainable=True, device=device)
         source = str(adapter_dir)
+        rebuild = lambda: load_adapter(adapter_dir, is_trainable=True, device=device)[0]  # noqa: E731
     else:
-        model, tok = start_from_base(cfg, splits)
+        model, tok, rebuild = start_from_base(cfg, splits, device)
         source = "base"
     set_chat_template(tok)
     tok.save_pretrained(out / "tokenizer")
@@ -109,17 +119,17 @@ def run_sft(cfg: DictConfig) -> dict:
                     "sft/train_rows": int(datamodule.train_rows["input_ids"].shape[0])})
     held_out = splits.val()
 
-    if cfg.sft.eval_before:
+    if cfg.sft.eval_before and rank_zero:
         metrics.update(prefixed("sft/before", evaluate_stage(model, tok, cfg, datamodule, held_out, out / "eval_before")))
 
     module = SFTModule(model, **module_kwargs(cfg))
     trainer, loggers = fit(cfg, module, datamodule, metrics)
-    if not trainer.is_global_zero:  # DDP: rank 0 evaluates and writes
+    model = trained_model(trainer, model, rebuild)
+    if not trainer.is_global_zero:  # DDP/FSDP: rank 0 evaluates and writes
         finish_wandb(loggers)
         return metrics
 
     if cfg.sft.eval_after:
-        model.to(trainer.strategy.root_device)
         after = evaluate_stage(model, tok, cfg, datamodule, held_out, out / "eval_after")
         metrics.update(prefixed("sft/after", after))
         metrics.update({k: v for k, v in after.items() if k.startswith(("mc/", "bench/"))})

@@ -102,7 +102,9 @@ def build(model_name: str, work: Path):
     hidden = spec.get("hidden", 256)
     rows = {"embed": torch.randn(vocab - num_base, hidden) * 0.02, "head": torch.randn(vocab - num_base, hidden) * 0.02}
     model = build_model(pretrained, vocab_size=vocab, num_base=num_base, rows=rows, quant=cfg.quant, lora=cfg.lora,
-                        gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype)
+                        gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype,
+                        attn_implementation=cfg.model.attn_implementation,
+                        pad_vocab_to_multiple_of=cfg.model.pad_vocab_to_multiple_of)
     data = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
     return cfg, tok, splits, data, model
 

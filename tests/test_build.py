@@ -232,7 +232,8 @@ def test_unguarded_eval_forward_repacks_and_the_guard_refuses_it(tiny):
 def test_gradient_checkpointing_trains(tiny):
     for quant in (NF4, NONE):
         model = build(tiny, quant=quant, gradient_checkpointing=True)
-        assert model.get_base_model().is_activation_checkpointing
+        base = model.get_base_model()  # the property is transformers >= 5.23's name; older 5.x: is_gradient_*
+        assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
         grads = lora_grads(model, batch())
         assert any(g.abs().sum() > 0 for g in grads.values())
 

@@ -7,8 +7,8 @@ from omegaconf import OmegaConf
 
 from tests.conftest import ROOT
 
-GROUPS = ["model", "tokenizer", "init", "quant", "lora", "data", "trainer", "logger", "callbacks", "experiment",
-          "mc", "bench", "judge", "hparams_search"]
+GROUPS = ["model", "tokenizer", "init", "quant", "lora", "finetune", "data", "trainer", "logger", "callbacks",
+          "experiment", "mc", "bench", "judge", "hparams_search"]
 
 
 def options(group: str) -> list[str]:

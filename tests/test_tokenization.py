@@ -255,7 +255,9 @@ def test_parallel_jobs_get_one_complete_tokenizer(corpora, min_added, tmp_path):
     for job in jobs:
         job.join()
     assert len(results) == 2 and results[0].path == results[1].path
-    assert [p.name for p in (tmp_path / "tokenizers").iterdir()] == [results[0].cache_key]
+    assert sorted(r.cached for r in results) == [False, True]  # one built it while the other waited, then read it
+    entries = [p.name for p in (tmp_path / "tokenizers").iterdir() if p.name != ".locks"]
+    assert entries == [results[0].cache_key]  # no half-written or temporary directory left
     assert len(load_tokenizer(results[0].path)) == results[0].vocab_size
 
 

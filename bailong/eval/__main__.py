@@ -16,21 +16,28 @@ from pathlib import Path
 from bailong.data.corpus import load_documents
 from bailong.data.splits import cap_chars
 
+DEVICE_CHOICES = ("auto", "cpu", "gpu", "cuda", "mps")  # as trainer.accelerator
+DEVICE_HELP = "where the model runs (auto: this process's GPU when there is one, else the CPU)"
 
-def load_target(target: str, quant: str):
+
+def load_target(target: str, quant: str, device: str = "auto"):
+    """``(metrics prefix, model, tokenizer)`` for a run, an adapter or a base, loaded on ``device``
+    (``auto``: this process's GPU when there is one, else the CPU)."""
     from types import SimpleNamespace
 
     from bailong.model.adapter import find_adapter, load_adapter
     from bailong.model.build import load_base_model  # applies the bitsandbytes CPU repack guard
+    from bailong.model.device import run_device
     from bailong.tokenization import extend_tokenizer, load_tokenizer
 
+    device = run_device(device)
     adapter = find_adapter(target)
     if adapter is not None:
-        model, tok = load_adapter(adapter)
+        model, tok = load_adapter(adapter, device=device)
         return "final", model, tok
     q = SimpleNamespace(name=quant, quant_type="nf4", double_quant=True, compute_dtype="bfloat16",
                         quant_storage="uint8")
-    model = load_base_model(target, quant=q)
+    model = load_base_model(target, quant=q, device=device)
     # the base tokenizer exactly as runs build it for their base/* metrics (added_vocab=0)
     cache = Path(os.environ.get("BAILONG_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
     return "base", model, load_tokenizer(extend_tokenizer(target, [], 0, cache).path)
@@ -48,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--quant", choices=["nf4", "none"], default="nf4", help="for a base model")
+    ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
     args = ap.parse_args(argv)
     if not args.tc and not args.en:
         ap.error("give at least one file with --tc or --en")
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         if files:
             docs = load_documents([{"path": f, "text_field": args.text_field} for f in files])
             texts[lang] = cap_chars(docs, args.max_chars)
-    prefix, model, tok = load_target(args.target, args.quant)
+    prefix, model, tok = load_target(args.target, args.quant, args.device)
     scores = evaluate_texts(model, tok, texts, seq_len=args.seq_len, batch_size=args.batch_size)
     result = {f"{prefix}/{k}": v for k, v in scores.items()}
     print(json.dumps(result, indent=2, ensure_ascii=False))

@@ -167,7 +167,7 @@ def merge_metrics(run_dir: Path, new: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bailong.eval.__main__ import load_target
+    from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, load_target
 
     ap = argparse.ArgumentParser(prog="python -m bailong.eval.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="run directory, adapter directory, or base model directory")
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--judge-model", help="judge model name (default: judge.model)")
     ap.add_argument("--max-prompts", type=int)
     ap.add_argument("--quant", choices=["nf4", "none"], default="nf4", help="for a base model")
+    ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. bench.do_sample=true judge.timeout_s=120")
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is None and not is_run:
         ap.error(f"{target} is not a run directory (no adapter/): give --out for the outputs")
     out = Path(args.out) if args.out else target / "bench"
-    _, model, tokenizer = load_target(str(target), args.quant)
+    _, model, tokenizer = load_target(str(target), args.quant, args.device)
     metrics = run_bench(model, tokenizer, cfg.bench, cfg.judge, out)
     if is_run and args.out is None:
         merge_metrics(target, metrics)

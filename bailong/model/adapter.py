@@ -14,6 +14,10 @@ Layout of ``out_dir``::
     tokenizer files                                  tokenizer.save_pretrained
     bailong_adapter.json                             build settings load_adapter needs
     config.yaml                                      the resolved experiment config, for the record
+
+A full fine-tuning model (``finetune=full``: no peft, every weight trained) is saved whole instead: the
+directory is a standalone Hugging Face model (``model.safetensors``, ``config.json``, the tokenizer) plus
+``bailong_adapter.json`` (the build record) and ``config.yaml``, and ``load_adapter`` loads it as a base.
 """
 from __future__ import annotations
 
@@ -28,7 +32,16 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from bailong.model.build import _plain, disable_cpu_repack, is_quantised, load_base_model, write_rows
+from bailong.model.build import (
+    _plain,
+    disable_cpu_repack,
+    is_quantised,
+    load_base_model,
+    mask_padding_logits,
+    resize_rows,
+    write_rows,
+)
+from bailong.model.random_base import ensure_random_base
 
 META_FILE = "bailong_adapter.json"
 ROWS_FILE = "new_rows.safetensors"
@@ -47,14 +60,15 @@ def _base_weight(model: peft.PeftModel, module: torch.nn.Module) -> torch.Tensor
             return module.weight
 
 
-def stored_rows(model: peft.PeftModel, num_base: int) -> dict[str, torch.Tensor]:
-    """The appended rows of the frozen embedding and head of a peft model."""
+def stored_rows(model: peft.PeftModel, num_base: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The appended token rows ``num_base .. vocab_size - 1`` of the frozen embedding and head of a peft
+    model (the zero padding rows past them are not the tokenizer's)."""
     base = model.get_base_model()
     embed = _base_weight(model, base.get_input_embeddings())
     head = _base_weight(model, base.get_output_embeddings())
-    rows = {"embed": embed[num_base:].detach().clone()}
+    rows = {"embed": embed[num_base:vocab_size].detach().clone()}
     if head is not embed:
-        rows["head"] = head[num_base:].detach().clone()
+        rows["head"] = head[num_base:vocab_size].detach().clone()
     return rows
 
 
@@ -80,11 +94,14 @@ def save_adapter(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, save_embedding_layers=False)
+    if build.get("finetune") == "full":  # every weight trained: the whole model, loadable by from_pretrained alone
+        model.save_pretrained(out)  # safetensors (transformers 5 writes no other format)
+    else:
+        model.save_pretrained(out, save_embedding_layers=False)
 
     num_base, files = build["num_base"], {}
     if build["embeddings"] in ROWS_STORED_BY_US and build["vocab_size"] > num_base:
-        frozen = stored_rows(model, num_base)
+        frozen = stored_rows(model, num_base, build["vocab_size"])
         for key, value in (rows or {}).items():
             if key in frozen and not torch.equal(value.to(frozen[key].dtype), frozen[key]):
                 raise ValueError(f"rows[{key!r}] differs from the model's frozen appended rows: wrong rows passed?")
@@ -112,6 +129,7 @@ def load_adapter(
     quant: Any = None,
     dtype: str | None = None,
     is_trainable: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[peft.PeftModel, Any]:
     """Rebuild a saved adapter on a fresh base: ``(model, tokenizer)``; eval mode unless ``is_trainable``.
 
@@ -124,26 +142,53 @@ def load_adapter(
     meta = json.loads((path / META_FILE).read_text())
     build = meta["build"]
     quant = quant if quant is not None else build["quant"]
+    if build.get("finetune") == "full":
+        return _load_full_model(path, build, quant=quant, dtype=dtype, is_trainable=is_trainable, device=device)
+    if build.get("random_base") and not pretrained:  # trained on a random real-width base: rebuilt if missing
+        ensure_random_base({"pretrained": build["pretrained"], "random_base": build["random_base"]})
     model = load_base_model(
         pretrained or build["pretrained"],
         quant=quant,
         dtype=dtype or build["dtype"],
         revision=build["revision"],
         trust_remote_code=build["trust_remote_code"],
+        device=device,
+        attn_implementation=build.get("attn_implementation", "sdpa"),
     )
     num_base, vocab_size = build["num_base"], build["vocab_size"]
-    if vocab_size != num_base:
-        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    rows_in_model = build.get("padded_vocab_size", vocab_size)  # adapters saved before padding existed: unpadded
+    if rows_in_model != num_base:
+        resize_rows(model, rows_in_model)  # every appended row is overwritten: by peft's stored values or new_rows
+        with torch.no_grad():
+            for weight in {id(w): w for w in (model.get_input_embeddings().weight,
+                                               model.get_output_embeddings().weight)}.values():
+                weight[num_base:] = 0
     if "rows" in meta["files"]:
         rows = load_file(str(path / meta["files"]["rows"]))
-        write_rows(model, num_base, rows)
+        write_rows(model, num_base, rows, vocab_size)
     if is_quantised(quant):  # as build_model did: unquantised parts upcast to fp32, so the logits match
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # new_rows / full modes: the resized rows stay as random placeholders; peft's stored values replace them
     model = peft.PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
     model.train(is_trainable)
     disable_cpu_repack(model)
+    mask_padding_logits(model, vocab_size)
     model.bailong_build = build
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
 
+
+def _load_full_model(path: Path, build: dict, *, quant: Any, dtype: str | None, is_trainable: bool,
+                     device: str | torch.device | None = None):
+    """A full fine-tuning run's directory is a whole model: loaded as a base is (no peft; 4-bit if ``quant``
+    asks, for evaluation only), with its build record; eval mode and frozen unless ``is_trainable``."""
+    if is_trainable and is_quantised(quant):
+        raise ValueError(f"{path}: a full fine-tuning model reloaded with quant.name=nf4 cannot train; use quant none")
+    model = load_base_model(str(path), quant=quant, dtype=dtype or build["dtype"],
+                            trust_remote_code=build["trust_remote_code"], device=device,
+                            attn_implementation=build.get("attn_implementation", "sdpa"))
+    mask_padding_logits(model, build["vocab_size"])  # padding rows past the tokenizer: -inf, as build_model set
+    model.requires_grad_(is_trainable)
+    model.train(is_trainable)
+    model.bailong_build = build
+    return model, AutoTokenizer.from_pretrained(str(path))

@@ -8,7 +8,6 @@ rows after quantising equals "initialise, then quantise".
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,11 +15,18 @@ import bitsandbytes as bnb
 import peft
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from bailong.model.device import local_rank
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_STORAGE = {**DTYPES, "uint8": torch.uint8}
 EMBEDDING_MODES = ("new_rows", "full", "lora", "frozen")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FINETUNE_MODES = ("lora", "full")  # conf/finetune/: LoRA on a frozen (4-bit) base, or every weight
+# transformers' attention kernels: sdpa (torch's fused attention), eager (the reference loop),
+# flash_attention_2 (needs the flash-attn package and a GPU); None lets transformers choose
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", None)
 
 
 def _field(obj: Any, key: str, default: Any = None) -> Any:
@@ -96,16 +102,24 @@ def load_base_model(
     dtype: str = "float32",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = "sdpa",
 ) -> PreTrainedModel:
     """The base causal LM (local directory or hub id), 4-bit when ``quant.name == 'nf4'``, repack-guarded.
 
-    ``dtype`` is the dtype of everything not quantised. Like ``from_pretrained`` it returns eval mode.
+    ``dtype`` is the dtype of everything not quantised. ``device`` is where the weights load (straight
+    there: a 7B base never passes through CPU memory on a GPU run); ``None`` keeps the old default: 4-bit
+    models on this rank's GPU when there is one, the rest on the CPU. Like ``from_pretrained`` it returns
+    eval mode.
     """
     quant_config = bnb_config(quant)
     if quant_config is not None and quant_config.bnb_4bit_quant_storage != torch.uint8:
         if quant_config.bnb_4bit_quant_storage != _dtype(dtype, "model.dtype"):  # FSDP-QLoRA: one dtype per unit
             raise ValueError(f"quant.quant_storage={_field(quant, 'quant_storage')} needs model.dtype to match "
                              f"(got {dtype}): FSDP shards a layer's 4-bit and unquantised weights as one dtype")
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model.attn_implementation={attn_implementation!r}: expected one of "
+                         f"{', '.join(str(a) for a in ATTN_IMPLEMENTATIONS)}")
     model = AutoModelForCausalLM.from_pretrained(
         pretrained,
         quantization_config=quant_config,
@@ -113,10 +127,19 @@ def load_base_model(
         revision=revision,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,  # never unpickle .bin weights
-        device_map=rank_device_map(quant_config),
+        device_map=rank_device_map(quant_config) if device is None else device_map(device),
+        attn_implementation=attn_implementation,
     )
     disable_cpu_repack(model)
     return model
+
+
+def device_map(device: str | torch.device) -> dict[str, Any] | None:
+    """``from_pretrained``'s placement for one device: everything there (``None``, the default, for the CPU)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    return {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
 
 
 def rank_device_map(quant_config: BitsAndBytesConfig | None) -> dict[str, int] | None:
@@ -125,9 +148,7 @@ def rank_device_map(quant_config: BitsAndBytesConfig | None) -> dict[str, int] |
     ``None`` (load on the CPU) for unquantised models and CPU runs: Lightning moves those itself."""
     if quant_config is None or not torch.cuda.is_available():
         return None
-    # LOCAL_RANK: Lightning's launcher and torchrun; SLURM_LOCALID: srun starts every rank itself
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    return {"": local_rank}
+    return {"": local_rank()}
 
 
 def new_rows(model: PreTrainedModel, num_base: int) -> dict[str, torch.Tensor]:
@@ -145,10 +166,15 @@ def module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
-def write_rows(model: PreTrainedModel, num_base: int, rows: Mapping[str, torch.Tensor]) -> None:
-    """Write ``rows['embed']`` / ``rows['head']`` into token ids ``num_base ...`` of a resized model."""
+def write_rows(model: PreTrainedModel, num_base: int, rows: Mapping[str, torch.Tensor],
+               vocab_size: int | None = None) -> None:
+    """Write ``rows['embed']`` / ``rows['head']`` into token ids ``num_base .. vocab_size - 1`` of a resized
+    model (``vocab_size``: default, the model's rows; rows past it are padding and stay as they are)."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    vocab, hidden = embed.weight.shape
+    hidden, vocab = embed.weight.shape[1], vocab_size or embed.weight.shape[0]
+    if vocab > embed.weight.shape[0]:
+        raise ValueError(f"rows for ids {num_base}..{vocab - 1} but the resized model has only "
+                         f"{embed.weight.shape[0]} embedding rows")
     ids = torch.arange(num_base, vocab)
     targets = [("embed", embed.weight)]
     if head.weight is not embed.weight:  # tied weights: one matrix, written once
@@ -165,6 +191,81 @@ def write_rows(model: PreTrainedModel, num_base: int, rows: Mapping[str, torch.T
             )
         with torch.no_grad():
             weight[ids] = rows[key].to(device=weight.device, dtype=weight.dtype)
+
+
+def padded_size(vocab_size: int, multiple: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple`` (1: unchanged). Matrices whose row count is
+    a multiple of 64 map onto tensor-core tiles; 59,241 rows become 59,264."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"model.pad_vocab_to_multiple_of={multiple!r}: expected a positive integer (1: no padding)")
+    return -(-vocab_size // multiple) * multiple
+
+
+def extend_vocabulary(model: PreTrainedModel, num_base: int, vocab_size: int,
+                      rows: Mapping[str, torch.Tensor] | None, pad_to_multiple_of: int = 1) -> int:
+    """Resize the base's embedding and head to ``vocab_size`` rounded up to ``pad_to_multiple_of``, write
+    the new rows by token id and zero the padding rows (no token maps to them, and ``mask_padding_logits``
+    keeps them out of every softmax). Returns the padded row count."""
+    base_rows = model.get_input_embeddings().weight.shape[0]
+    if not 0 < num_base <= base_rows:
+        raise ValueError(f"num_base={num_base}: the base model has {base_rows} embedding rows")
+    if vocab_size < num_base:
+        raise ValueError(f"vocab_size={vocab_size} is smaller than num_base={num_base}: old ids never move")
+    if vocab_size > num_base and rows is None:
+        raise ValueError(f"rows=None but vocab_size={vocab_size} > num_base={num_base}: new rows are needed")
+    padded = padded_size(vocab_size, pad_to_multiple_of)
+    if padded == base_rows or (vocab_size == num_base and padded < base_rows):
+        return base_rows  # nothing to append, and the base's matrices already have the rows (masked past vocab_size)
+    resize_rows(model, padded)
+    if vocab_size > num_base:
+        write_rows(model, num_base, rows, vocab_size)
+    with torch.no_grad():
+        for weight in {id(w): w for w in (model.get_input_embeddings().weight,
+                                           model.get_output_embeddings().weight)}.values():
+            weight[vocab_size:] = 0
+    return padded
+
+
+def resize_rows(model: PreTrainedModel, rows: int) -> None:
+    """``resize_token_embeddings`` to ``rows`` for a caller that writes every appended row itself: without
+    drawing from the global RNG (the new ``nn.Embedding``/``nn.Linear`` initialise themselves even under
+    ``no_init_weights``), so what is drawn later — LoRA's init, the data order — does not depend on how many
+    rows were appended or padded."""
+    device = model.get_input_embeddings().weight.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), no_init_weights():
+        model.resize_token_embeddings(rows, mean_resizing=False)
+
+
+def mask_padding_logits(model: torch.nn.Module, vocab_size: int) -> None:
+    """Give the padding rows' logits -inf wherever the model's head computes them, so sampling never draws
+    a padding id and every softmax (bits/char, multiple choice, generation) is over the real vocabulary.
+
+    The hook sits on the module the model calls (peft's wrapper, if any). The fused training loss bypasses
+    it and slices the weight to ``scored_vocab(model)`` instead (``bailong.train.loss``).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    rows = _base_weight_rows(head)
+    model.bailong_scored_vocab = vocab_size
+    if rows <= vocab_size:
+        return
+
+    def mask(module, args, logits):
+        return logits.index_fill(-1, torch.arange(vocab_size, logits.shape[-1], device=logits.device),
+                                 float("-inf"))
+
+    head.register_forward_hook(mask)
+
+
+def _base_weight_rows(head: torch.nn.Module) -> int:
+    while not isinstance(getattr(head, "weight", None), torch.Tensor):  # peft wrappers keep the layer inside
+        head = getattr(head, "original_module", None) or head.get_base_layer()
+    return head.weight.shape[0]
+
+
+def scored_vocab(model: torch.nn.Module) -> int:
+    """The rows of the head that stand for tokens: the tokenizer's size, not the padded matrix's."""
+    return getattr(model, "bailong_scored_vocab", None) or model.config.vocab_size
 
 
 def check_lora(lora: Any) -> tuple[int, float, float, str]:
@@ -217,23 +318,28 @@ def build_model(
     dtype: str = "float32",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    finetune: Any = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = "sdpa",
+    pad_vocab_to_multiple_of: int = 1,
 ) -> peft.PeftModel:
-    """The model to train: base (4-bit if ``quant.name == 'nf4'``) resized to ``vocab_size``, new rows
-    written by token id, LoRA per ``lora``; in train mode, repack-guarded."""
-    check_lora(lora)  # fail before minutes of loading
+    """The model to train: base (4-bit if ``quant.name == 'nf4'``) loaded on ``device``, resized to
+    ``vocab_size`` (rounded up to ``pad_vocab_to_multiple_of`` rows), new rows written by token id, LoRA per
+    ``lora``; in train mode, repack-guarded.
+
+    ``finetune.name == 'full'`` (``finetune`` may also be the name): full fine-tuning on the same base,
+    resized and with the same rows, unquantised, every parameter trainable, no peft, ``lora`` ignored; the
+    transformers model itself is returned."""
+    full = is_full_finetuning(finetune, quant)
+    if not full:
+        check_lora(lora)  # fail before minutes of loading
     model = load_base_model(pretrained, quant=quant, dtype=dtype, revision=revision,
-                            trust_remote_code=trust_remote_code)
-    base_rows = model.get_input_embeddings().weight.shape[0]
-    if not 0 < num_base <= base_rows:
-        raise ValueError(f"num_base={num_base}: the base model has {base_rows} embedding rows")
-    if vocab_size < num_base:
-        raise ValueError(f"vocab_size={vocab_size} is smaller than num_base={num_base}: old ids never move")
-    if vocab_size > num_base:
-        if rows is None:
-            raise ValueError(f"rows=None but vocab_size={vocab_size} > num_base={num_base}: new rows are needed")
-        # mean_resizing off: every new row is written below by the chosen init strategy
-        model.resize_token_embeddings(vocab_size, mean_resizing=False)
-        write_rows(model, num_base, rows)
+                            trust_remote_code=trust_remote_code, device=device, attn_implementation=attn_implementation)
+    padded_vocab = extend_vocabulary(model, num_base, vocab_size, rows, pad_vocab_to_multiple_of)
+    # what save_adapter records so load_adapter can rebuild the same base
+    build = {"pretrained": pretrained, "revision": revision, "trust_remote_code": trust_remote_code, "dtype": dtype,
+             "quant": _plain(quant), "vocab_size": vocab_size, "num_base": num_base,
+             "padded_vocab_size": padded_vocab, "attn_implementation": attn_implementation}
 
     checkpoint_kwargs = {"use_reentrant": False}  # no need for input grads; works with frozen embeddings
     if is_quantised(quant):
@@ -241,24 +347,49 @@ def build_model(
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpoint_kwargs
         )
-    elif gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    elif gradient_checkpointing:  # activation_checkpointing_enable is transformers >= 5.23; older 5.x: gradient_*
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
 
+    if full:  # every weight trains: no peft (4-bit weights were refused above)
+        model = train_every_weight(model, build)
+        mask_padding_logits(model, vocab_size)
+        return model
     config = lora_config(model, lora, list(range(num_base, vocab_size)))
     model = peft.get_peft_model(model, config)
     model.train()  # from_pretrained returned eval mode and Lightning keeps modules as they are
     disable_cpu_repack(model)
+    mask_padding_logits(model, vocab_size)
     storage = _field(quant, "quant_storage", "uint8") if is_quantised(quant) else "uint8"
     if storage != "uint8":  # FSDP-QLoRA: undo prepare_model_for_kbit_training's fp32 upcast (one dtype per unit)
         for p in model.parameters():
             if not isinstance(p, bnb.nn.Params4bit) and p.is_floating_point():
                 p.data = p.data.to(QUANT_STORAGE[storage])
-    # what save_adapter records so load_adapter can rebuild the same base
-    model.bailong_build = {
-        "pretrained": pretrained, "revision": revision, "trust_remote_code": trust_remote_code, "dtype": dtype,
-        "quant": _plain(quant), "vocab_size": vocab_size, "num_base": num_base,
-        "embeddings": _field(lora, "embeddings", "new_rows"),
-    }
+    model.bailong_build = {**build, "embeddings": _field(lora, "embeddings", "new_rows")}
+    return model
+
+
+def is_full_finetuning(finetune: Any, quant: Any) -> bool:
+    """Whether ``finetune`` (a config, a dict, a name, or None for the default, LoRA) asks for full
+    fine-tuning; refuses it with 4-bit weights, which cannot train."""
+    name = finetune if isinstance(finetune, str) else _field(finetune, "name", "lora")
+    if name not in FINETUNE_MODES:
+        raise ValueError(f"finetune.name={name!r}: expected one of {', '.join(FINETUNE_MODES)}")
+    if name == "full" and is_quantised(quant):
+        raise ValueError("finetune.name=full with quant.name=nf4: full fine-tuning updates every weight and 4-bit "
+                         "weights cannot be trained; use quant=none (finetune=full selects it unless quant=nf4 is "
+                         "also given)")
+    return name == "full"
+
+
+def train_every_weight(model: PreTrainedModel, build: dict) -> PreTrainedModel:
+    """Full fine-tuning: every parameter of the resized, unquantised base trainable, in train mode, with the
+    build record save_adapter needs (``finetune: full``: it saves the whole model, not an adapter)."""
+    model.requires_grad_(True)
+    model.train()  # from_pretrained returned eval mode and Lightning keeps modules as they are
+    model.bailong_build = {**build, "embeddings": None, "finetune": "full"}  # lora.embeddings has no meaning here
     return model
 
 

@@ -22,6 +22,8 @@ from tokenizers import Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from bailong.cache import computed_once
+
 from .merge import append_pieces, candidate_pieces, new_characters
 from .train import (
     TokenizerConfigError,
@@ -263,19 +265,21 @@ def extend_tokenizer(
     key = cache_key(base_bytes, tc_texts, added_vocab, options)
     root = Path(cache_dir) / "tokenizers"
     final = root / key
-    if (final / MANIFEST).is_file():
-        return _result(final, json.loads((final / MANIFEST).read_text()), cached=True)
+    with computed_once(final):  # DDP ranks and sweep jobs: the first builds it, the others wait and read it
+        if (final / MANIFEST).is_file():
+            return _result(final, json.loads((final / MANIFEST).read_text()), cached=True)
+        return _build(final, key, base, base_bytes, base_source, tc_texts, added_vocab, options, num_threads)
 
+
+def _build(final: Path, key: str, base, base_bytes: bytes, base_source: str, tc_texts: list[str],
+           added_vocab: int, options: dict, num_threads: int | None) -> ExtendedTokenizer:
     base_proto = load_model_proto(base_bytes, base_source)
     check_base_supported(base_proto, base_source)
     record: dict = {}
     pieces: list[str] = []
     if added_vocab > 0:
         threads = num_threads or max(1, min(os.cpu_count() or 1, 8))
-        pieces, record = choose_pieces(
-            base_proto, tc_texts, added_vocab,
-            character_coverage=character_coverage, seed=seed, num_threads=threads,
-        )
+        pieces, record = choose_pieces(base_proto, tc_texts, added_vocab, num_threads=threads, **options)
     merged = append_pieces(base_proto, pieces)
     _check_spm_loads(merged)
     tokenizer = hf_tokenizer_from_proto(merged)
@@ -291,7 +295,7 @@ def extend_tokenizer(
         "vocab_size": len(merged.pieces),
         **{k: v for k, v in record.items() if k != "new_chars"},
     }
-    _write_atomically(root, final, merged, tokenizer, manifest)
+    _write_atomically(final.parent, final, merged, tokenizer, manifest)
     return _result(final, json.loads((final / MANIFEST).read_text()), cached=False)
 
 

@@ -91,3 +91,46 @@ class KillAtStep(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class GatherFullState(pl.Callback):
+    """FSDP: the trainable parameters' whole values, gathered from every rank's shard onto rank 0's CPU when
+    training ends, before Lightning's teardown moves the sharded module off the GPU (the pipeline adds
+    this callback itself under ``FSDPStrategy``; every rank takes part in the gather).
+
+    ``state`` maps the names of the unwrapped model (``model.named_parameters()`` of the LightningModule's
+    ``model``) to tensors; only rank 0 holds it.
+    """
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # offload only from a GPU: on the CPU "offloading" is no copy and rank0_only then leaves the other
+        # ranks with freed memory (see bailong.train.strategies)
+        on_gpu = trainer.strategy.root_device.type == "cuda"
+        with FSDP.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=on_gpu, offload_to_cpu=on_gpu):
+            if trainer.is_global_zero:
+                self.state = {unwrapped_name(n): p.detach().cpu().clone()
+                              for n, p in pl_module.model.named_parameters() if p.requires_grad}
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Copy the gathered values into ``model`` (built as the trained one was); every one must land."""
+        if self.state is None:
+            raise RuntimeError("GatherFullState has no state: training did not end on this rank (rank 0 only)")
+        params = dict(model.named_parameters())
+        missing = sorted(set(self.state) - set(params))
+        if missing:
+            raise RuntimeError(f"gathered FSDP parameters not in the rebuilt model: {missing[:5]}")
+        with torch.no_grad():
+            for name, value in self.state.items():
+                if params[name].shape != value.shape:
+                    raise RuntimeError(f"{name}: gathered shape {tuple(value.shape)} != {tuple(params[name].shape)}")
+                params[name].copy_(value)
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without the ``_fsdp_wrapped_module.`` segments FSDP's wrappers add."""
+    return name.replace("_fsdp_wrapped_module.", "")

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from bailong.model.build import scored_vocab
+
 IGNORE_INDEX = -100
 TRAIN_LOGIT_BUDGET = 2**24  # logits alive at once in a training step (64 MB in float32)
 
@@ -114,8 +116,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_logits = probs.to(weight.dtype)
             grad_hidden[start:start + chunk] = (grad_logits @ weight).to(hidden.dtype)
             if grad_rows is not None:  # only the rows that train: the frozen ones need no gradient at all
-                g = grad_logits if ids is None else _columns(grad_logits, ids)
-                grad_rows += (g.T @ h.to(weight.dtype)).float()
+                if ids is None:  # the whole matrix trains; padding rows past ``weight`` get no gradient
+                    grad_rows[: weight.shape[0]] += (grad_logits.T @ h.to(weight.dtype)).float()
+                else:
+                    grad_rows += (_columns(grad_logits, ids).T @ h.to(weight.dtype)).float()
         ctx.save_for_backward(grad_hidden, grad_rows)
         ctx.rows_dtype = rows.dtype if rows is not None else None
         return total
@@ -161,7 +165,9 @@ def causal_lm_loss(
     chunk = max(1, logit_budget // model.config.vocab_size)
     weights = head_weights(head) if torch.is_grad_enabled() else None
     if weights is not None:
-        total = _FusedLinearCrossEntropy.apply(hidden, weights.rows, weights.weight, weights.ids, targets, chunk)
+        # a padded vocabulary (bailong.model.build.extend_vocabulary): the softmax is over the real tokens only
+        weight = weights.weight[: scored_vocab(model)]
+        total = _FusedLinearCrossEntropy.apply(hidden, weights.rows, weight, weights.ids, targets, chunk)
         return total / n
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk):

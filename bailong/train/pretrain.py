@@ -13,7 +13,10 @@ from bailong.train.loss import TRAIN_LOGIT_BUDGET, causal_lm_loss
 
 def _param_groups(model: torch.nn.Module, lr: float, embedding_lr: float | None, weight_decay: float):
     """LoRA matrices at ``lr``; the new embedding/head rows (peft trainable tokens or saved modules) at
-    ``embedding_lr``, since freshly initialised rows usually want a different step size than LoRA."""
+    ``embedding_lr``, since freshly initialised rows usually want a different step size than LoRA.
+    A full fine-tuning model (``finetune=full``) is split by ``_full_param_groups``."""
+    if (getattr(model, "bailong_build", None) or {}).get("finetune") == "full":
+        return _full_param_groups(model, lr, embedding_lr, weight_decay)
     lora, rows = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -24,6 +27,26 @@ def _param_groups(model: torch.nn.Module, lr: float, embedding_lr: float | None,
     if rows:
         groups.append({"params": rows, "lr": embedding_lr or lr, "weight_decay": 0.0, "name": "embeddings"})
     return [g for g in groups if g["params"]]
+
+
+def _full_param_groups(model: torch.nn.Module, lr: float, embedding_lr: float | None, weight_decay: float):
+    """Full fine-tuning: the embedding and head matrices at ``embedding_lr`` (default ``lr``), everything else
+    at ``lr``.
+
+    Why this split: those two matrices hold the freshly initialised rows, which get ``embedding_lr`` in a LoRA
+    run too, so one setting means the same for both modes; an AdamW group holds whole tensors, so the old rows
+    of the matrices move at that lr as well (a per-row lr would need another optimizer). Weight decay:
+    ``weight_decay`` on the decoder's weight matrices; none on the embedding/head matrices (as for LoRA's
+    rows: decay would pull the rows of rare tokens, which seldom get a gradient, toward zero) nor on the
+    1-D RMSNorm scales (decay pulls them toward 0, not toward their neutral 1)."""
+    matrices = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    groups: dict[str, list] = {"decoder": [], "norms": [], "embeddings": []}
+    for p in model.parameters():  # a tied head is the embedding's own parameter: listed once
+        if p.requires_grad:
+            groups["embeddings" if id(p) in matrices else "norms" if p.ndim < 2 else "decoder"].append(p)
+    settings = {"decoder": (lr, weight_decay), "norms": (lr, 0.0), "embeddings": (embedding_lr or lr, 0.0)}
+    return [{"params": params, "lr": settings[name][0], "weight_decay": settings[name][1], "name": name}
+            for name, params in groups.items() if params]
 
 
 def make_optimizer(name: str, groups: list[dict], betas: tuple[float, float]) -> torch.optim.Optimizer:
@@ -98,6 +121,19 @@ class PretrainModule(pl.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True)
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """``trainer.gradient_clip_val`` by global norm, also under FSDP: Lightning's FSDP precision plugin refuses
+        norm clipping, so there the FSDP root clips (its ``clip_grad_norm_`` takes the norm over every shard)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: FSDP runs clip by norm")
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hp
