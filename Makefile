@@ -4,15 +4,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast install clean bench
+.PHONY: run test test-fast install clean bench gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned in pyproject.toml (==2.13.0): pip takes the CPU build; an unpinned torch pulls CUDA.
-$(STAMP): $(PY) pyproject.toml
+# Exact tested versions from constraints.txt (torch==2.13.0: the CPU wheel where it lies on disk, cp311 here);
+# pyproject.toml holds ranges only, so `pip install -e .` into a CUDA environment keeps its torch.
+$(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +35,11 @@ bench: $(STAMP)
 	for b in train_throughput init_speed tokenize_speed; do \
 	  OMP_NUM_THREADS=$(BENCH_THREADS) MKL_NUM_THREADS=$(BENCH_THREADS) $(PY) benchmarks/$$b.py \
 	    > outputs/bench/$$b.json || exit 1; cat outputs/bench/$$b.json; done
+
+# The CUDA checks in one JSON, under 8 minutes on one GPU (docs/gpu.md). No install step: on a GPU machine run it
+# with that machine's Python (`make gpu-check PY=python3`); `make gpu-check ARGS=--cpu-smoke` runs it on a CPU.
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache outputs/*/ .pytest_cache
