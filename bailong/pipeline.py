@@ -1,7 +1,7 @@
 """The whole experiment, stage by stage: tokenizer → model → data → train → evaluate.
 
 Each stage is one call into its package; this file only wires them together and writes the run
-directory (see DESIGN.md for the layout).
+directory (README, "What a run writes", has the layout).
 """
 from __future__ import annotations
 

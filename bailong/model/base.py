@@ -2,9 +2,8 @@
 
 It stands in for Llama 2 7B where no weights can be downloaded. Like Llama 2 it has a byte-fallback
 SentencePiece BPE tokenizer made of English pieces plus a few hundred frequent Han characters, and it
-is pre-trained on mostly English text with a minority of Traditional Chinese (DESIGN.md, "The
-embedded mini base": a base that saw Chinese only as bytes leaves nothing for the init strategies
-to transfer).
+is pre-trained on mostly English text with a minority of Traditional Chinese (models/mini-base/README.md:
+a base that saw Chinese only as bytes leaves nothing for the init strategies to transfer).
 
 Read top to bottom: tokenizer -> model config -> packed batches -> training loop -> save.
 ``build_mini_base`` runs them all. Everything is seeded and single-process, so the same torch
@@ -58,7 +57,7 @@ class MiniBaseConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    bf16_autocast: bool = True  # fastest on CPUs with AVX512-BF16 (STACK_NOTES)
+    bf16_autocast: bool = True  # fastest on CPUs with AVX512-BF16 (measured on this project's build machines)
     log_every: int = 10
     eval_every: int = 100  # loss on a few fixed held-out rows per language, for the log only
 
@@ -271,8 +270,8 @@ def save_tokenizer(sp_model: bytes, out_dir: Path) -> PreTrainedTokenizerBase:
     """tokenizer.model (read by the tokenizer-extension code) plus the files AutoTokenizer loads."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(sp_model)
-    # LlamaTokenizer converts tokenizer.model itself (LlamaTokenizerFast(vocab_file=...) does not:
-    # STACK_NOTES); transformers 5 adds no BOS unless told, Llama 2's tokenizer does.
+    # LlamaTokenizer converts tokenizer.model itself (LlamaTokenizerFast(vocab_file=...) silently returns a
+    # 3-token tokenizer in transformers 5); transformers 5 adds no BOS unless told, Llama 2's tokenizer does.
     LlamaTokenizer.from_pretrained(str(out_dir), legacy=False, add_bos_token=True,
                                    add_eos_token=False).save_pretrained(str(out_dir))
     return AutoTokenizer.from_pretrained(str(out_dir))

