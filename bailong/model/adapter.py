@@ -38,6 +38,7 @@ from bailong.model.build import (
     is_quantised,
     load_base_model,
     mask_padding_logits,
+    match_quant_storage,
     resize_rows,
     write_rows,
 )
@@ -170,6 +171,7 @@ def load_adapter(
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # new_rows / full modes: the resized rows stay as random placeholders; peft's stored values replace them
     model = peft.PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+    match_quant_storage(model, quant)  # as build_model left it: FSDP-QLoRA trained every parameter in bf16
     model.train(is_trainable)
     disable_cpu_repack(model)
     mask_padding_logits(model, vocab_size)

@@ -362,13 +362,20 @@ def build_model(
     model.train()  # from_pretrained returned eval mode and Lightning keeps modules as they are
     disable_cpu_repack(model)
     mask_padding_logits(model, vocab_size)
-    storage = _field(quant, "quant_storage", "uint8") if is_quantised(quant) else "uint8"
-    if storage != "uint8":  # FSDP-QLoRA: undo prepare_model_for_kbit_training's fp32 upcast (one dtype per unit)
-        for p in model.parameters():
-            if not isinstance(p, bnb.nn.Params4bit) and p.is_floating_point():
-                p.data = p.data.to(QUANT_STORAGE[storage])
+    match_quant_storage(model, quant)
     model.bailong_build = {**build, "embeddings": _field(lora, "embeddings", "new_rows")}
     return model
+
+
+def match_quant_storage(model: torch.nn.Module, quant: Any) -> None:
+    """FSDP-QLoRA (``quant.quant_storage`` a float dtype): undo ``prepare_model_for_kbit_training``'s fp32 upcast,
+    so every parameter of a unit has the storage dtype FSDP flattens it into; a no-op for uint8 storage."""
+    storage = _field(quant, "quant_storage", "uint8") if is_quantised(quant) else "uint8"
+    if storage == "uint8":
+        return
+    for p in model.parameters():
+        if not isinstance(p, bnb.nn.Params4bit) and p.is_floating_point():
+            p.data = p.data.to(QUANT_STORAGE[storage])
 
 
 def is_full_finetuning(finetune: Any, quant: Any) -> bool:
