@@ -11,6 +11,7 @@ import bitsandbytes as bnb
 import peft
 import pytest
 import torch
+from test_adapter import logits
 from test_build import HIDDEN, NF4, NONE, NUM_BASE, NUM_NEW, VOCAB, batch, build, lora, make_tiny_base
 from transformers import AutoModelForCausalLM
 
@@ -134,12 +135,6 @@ def trained(tiny, **kw):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     return model
-
-
-def logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("pad", [1, 128])  # 128: 448 tokens in 512 rows, the padding logits -inf after reload too

@@ -41,6 +41,7 @@ from bailong.model.build import (
     match_quant_storage,
     resize_rows,
     write_rows,
+    zero_rows,
 )
 from bailong.model.random_base import ensure_random_base
 
@@ -160,10 +161,7 @@ def load_adapter(
     rows_in_model = build.get("padded_vocab_size", vocab_size)  # adapters saved before padding existed: unpadded
     if rows_in_model != num_base:
         resize_rows(model, rows_in_model)  # every appended row is overwritten: by peft's stored values or new_rows
-        with torch.no_grad():
-            for weight in {id(w): w for w in (model.get_input_embeddings().weight,
-                                               model.get_output_embeddings().weight)}.values():
-                weight[num_base:] = 0
+        zero_rows(model, num_base)
     if "rows" in meta["files"]:
         rows = load_file(str(path / meta["files"]["rows"]))
         write_rows(model, num_base, rows, vocab_size)

@@ -219,10 +219,7 @@ def extend_vocabulary(model: PreTrainedModel, num_base: int, vocab_size: int,
     resize_rows(model, padded)
     if vocab_size > num_base:
         write_rows(model, num_base, rows, vocab_size)
-    with torch.no_grad():
-        for weight in {id(w): w for w in (model.get_input_embeddings().weight,
-                                           model.get_output_embeddings().weight)}.values():
-            weight[vocab_size:] = 0
+    zero_rows(model, vocab_size)
     return padded
 
 
@@ -234,6 +231,14 @@ def resize_rows(model: PreTrainedModel, rows: int) -> None:
     device = model.get_input_embeddings().weight.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), no_init_weights():
         model.resize_token_embeddings(rows, mean_resizing=False)
+
+
+def zero_rows(model: PreTrainedModel, start: int) -> None:
+    """Zero the embedding and head rows from ``start`` on (a tied matrix once)."""
+    with torch.no_grad():
+        for weight in {id(w): w for w in (model.get_input_embeddings().weight,
+                                           model.get_output_embeddings().weight)}.values():
+            weight[start:] = 0
 
 
 def mask_padding_logits(model: torch.nn.Module, vocab_size: int) -> None:

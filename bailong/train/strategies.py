@@ -29,7 +29,7 @@ class CPUFSDPStrategy(FSDPStrategy):
 
         if self.root_device.type == "cpu" and not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             # Lightning's own wrapping with device_id=cpu; it then only sets up activation checkpointing
-            kwargs = {k: v for k, v in self.kwargs.items()}
+            kwargs = dict(self.kwargs)
             self.kwargs.pop("auto_wrap_policy", None)  # applied here: Lightning would warn it is ignored
             model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
                                              mixed_precision=self.mixed_precision_config,
