@@ -74,25 +74,50 @@ def is_multirun() -> bool:
 
 
 def record_failure(out: Path, err: BaseException, cfg: DictConfig) -> None:
-    """Write ``error.json`` (atomically) and close the job's W&B run, marked failed."""
+    """Write ``error.json`` (atomically, secrets redacted, readable like the run's other files) and close the
+    job's W&B run, marked failed. A disk too full for the record leaves no partial file and says so in the log."""
+    from bailong.redact import redact_text, run_secrets
+
     hc = HydraConfig.get() if HydraConfig.initialized() else None
+    overrides = list(hc.overrides.task) if hc else []
+    secrets = run_secrets(cfg, overrides)
     record = {
         "status": "failed",
         "type": type(err).__name__,
-        "message": str(err),
-        "traceback": "".join(traceback.format_exception(err)),
-        "overrides": list(hc.overrides.task) if hc else [],
+        "message": redact_text(str(err), secrets),
+        "traceback": redact_text("".join(traceback.format_exception(err)), secrets),
+        "overrides": [redact_text(o, secrets) for o in overrides],
         "job_num": OmegaConf.select(hc, "job.num", default=None) if hc else None,
         "sweep_metric": cfg.sweep_metric,
         "returned": cfg.failed_run_value if is_multirun() else None,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(record, fh, indent=2, ensure_ascii=False)
-    os.replace(tmp, out / ERROR_FILE)
+    try:
+        write_atomically(out / ERROR_FILE, json.dumps(record, indent=2, ensure_ascii=False))
+    except OSError as write_err:  # e.g. the disk is full: the failure itself must still be reported
+        log.error("could not write %s (%s: %s); the run failed with %s: %s", out / ERROR_FILE,
+                  type(write_err).__name__, write_err, record["type"], record["message"])
     finish_wandb_run(exit_code=1)  # else the next job of the multirun would log into this W&B run
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole or is left as it was: a temp file beside it, fsynced, renamed over it, and
+    removed if anything fails (a full disk). Its mode is that of the run's other files (0666 less the umask):
+    mkstemp's 0600 would hide the record from a colleague reading the sweep."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def finish_wandb_run(exit_code: int) -> None:

@@ -1,6 +1,14 @@
-"""Results cached by a hash of their inputs, shared by the jobs of a sweep (written atomically)."""
+"""Results cached by a hash of their inputs, shared by the jobs of a sweep (written atomically).
+
+Layout: ``<cache_dir>/<kind>/<entry>`` (kinds: tokenizers, base_metrics, init_rows, instruct,
+random_bases), and ``<cache_dir>/<kind>/.locks/<entry>.lock``, held by whichever process computes or
+writes the entry; its mtime records the entry's last use. A writer fills a hidden temporary sibling
+(``.<entry>.…``) under that lock and renames it into place, so ``python -m bailong.cache prune`` can tell
+an orphan left by a killed writer (its lock is free) from one being written (see bailong/cache_cli.py).
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +18,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
+
+LOCKS = ".locks"  # beside the entries, not among them: a listing shows results only
+_HELD: set[Path] = set()  # lock files this process holds (computed_once), so atomic_dir does not wait on itself
+
+
+def default_cache_dir() -> Path:
+    """The cache directory the config defaults to (``paths.cache_dir``): ``$BAILONG_CACHE``, else
+    ``$BAILONG_ROOT/.cache``, the root being the repository when unset (as run.py sets it)."""
+    if os.environ.get("BAILONG_CACHE"):
+        return Path(os.environ["BAILONG_CACHE"])
+    return Path(os.environ.get("BAILONG_ROOT") or Path(__file__).resolve().parents[1]) / ".cache"
+
+
+def lock_path(entry: Path) -> Path:
+    """The lock file of a cache entry: ``<kind>/.locks/<entry>.lock`` (absolute: one name per file in ``_HELD``)."""
+    entry = Path(os.path.abspath(entry))
+    return entry.parent / LOCKS / f"{entry.name}.lock"
 
 
 def cache_key(inputs: Any) -> str:
@@ -27,10 +52,16 @@ def computed_once(entry: Path) -> Iterator[None]:
     """
     from filelock import FileLock
 
-    locks = entry.parent / ".locks"  # beside the entries, not among them: a listing shows results only
-    locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(locks / f"{entry.name}.lock")):
-        yield
+    lock = lock_path(entry)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
+        with contextlib.suppress(OSError):  # best effort: the entry's last use, which `prune --older-than` reads
+            os.utime(lock)
+        _HELD.add(lock)
+        try:
+            yield
+        finally:
+            _HELD.discard(lock)
 
 
 def cached_json(directory: Path, inputs: Any, compute: Callable[[], dict]) -> dict:
@@ -41,7 +72,8 @@ def cached_json(directory: Path, inputs: Any, compute: Callable[[], dict]) -> di
         if path.is_file():
             return json.loads(path.read_text())
         result = compute()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # atomic: a reader never sees half a file
+        # atomic: a reader never sees half a file; the name says whose temp it is (for prune)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
             json.dump(result, fh)
         os.replace(tmp, path)
@@ -67,15 +99,25 @@ def hash_texts(texts: list[str]) -> str:
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Write a directory's files into a temporary sibling, then rename it into place: parallel sweep
-    jobs see the whole directory or none of it (the first finisher wins)."""
+    jobs see the whole directory or none of it (the first finisher wins). The entry's lock is held
+    meanwhile (already held under ``computed_once``): a temp whose lock is free has lost its writer."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        yield tmp
+    lock = lock_path(target)
+    with contextlib.nullcontext() if lock in _HELD else computed_once(target):
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         try:
-            os.rename(tmp, target)
-        except OSError:  # another job got there first: its result is as good as ours
+            yield tmp
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another job got there first: its result is as good as ours
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
+
+
+if __name__ == "__main__":  # python -m bailong.cache {list,prune}
+    from bailong.cache_cli import main
+
+    raise SystemExit(main())

@@ -20,15 +20,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP
+from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP
 from bailong.eval.generate import PromptTooLongError, generate
 
 PAPER_SAMPLING = {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
 
 
-def load_chat_model(path: str | Path, device: str = "auto") -> tuple[Any, Any]:
+def load_chat_model(path: str | Path, device: str = "auto", trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) from a run directory, an adapter directory or a merged (exported) model directory,
-    on ``device`` (``auto``: this process's GPU when there is one, else the CPU)."""
+    on ``device`` (``auto``: this process's GPU when there is one, else the CPU); a model's own code runs only
+    if ``trust_remote_code`` (the user's flag)."""
     from bailong.model.adapter import META_FILE, find_adapter, load_adapter
     from bailong.model.build import device_map
     from bailong.model.device import run_device
@@ -36,12 +37,13 @@ def load_chat_model(path: str | Path, device: str = "auto") -> tuple[Any, Any]:
     path, device = Path(path), run_device(device)
     adapter = find_adapter(path)
     if adapter is not None:
-        return load_adapter(adapter, device=device)
+        return load_adapter(adapter, device=device, trust_remote_code=trust_remote_code)
     if (path / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, device_map=device_map(device))
-        return model.eval(), AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, device_map=device_map(device),
+                                                     trust_remote_code=trust_remote_code)
+        return model.eval(), AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     raise FileNotFoundError(
         f"{path}: not a run directory (no adapter/{META_FILE}), an adapter directory or a model directory (no config.json)"
     )
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--seed", type=int, default=None, help="makes sampled replies repeatable")
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     args = parser.parse_args(argv)
     for name in ("temperature", "top_p"):
         if getattr(args, name) <= 0:
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.top_k < 0 or args.repetition_penalty <= 0 or args.max_new_tokens < 1:
         parser.error("--top-k must be >= 0, --repetition-penalty > 0, --max-new-tokens >= 1")
 
-    model, tokenizer = load_chat_model(args.model, args.device)
+    model, tokenizer = load_chat_model(args.model, args.device, args.trust_remote_code)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "do_sample": not args.greedy,
                 "seed": args.seed}

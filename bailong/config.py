@@ -288,7 +288,7 @@ class JudgeConfig:
     rating_pattern: str = "\\[\\[(\\d+\\.?\\d*)\\]\\]"
     temperature: float = 0.0
     max_tokens: int = 1024
-    timeout_s: float = 60.0
+    timeout_s: float = 60.0  # per attempt, wall clock: connect, send and the whole reply (a trickling server is cut off)
     max_retries: int = 4  # attempts after the first, on timeouts, 429/5xx and malformed replies
     backoff_s: float = 1.0  # wait before retry k: backoff_s * 2**k, at most max_backoff_s
     max_backoff_s: float = 30.0
@@ -339,7 +339,7 @@ def register_configs() -> None:
 
 # Resolvers that name a run by its place in a sweep (conf/logger/wandb.yaml): one W&B group per sweep,
 # the swept values as tags and config, so the W&B UI compares a sweep's runs without hand work.
-def _task_overrides() -> list[str]:
+def task_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -371,7 +371,7 @@ def override_value(text: str) -> Any:
 def override_values() -> dict[str, Any]:
     """The run's command-line and swept overrides as ``{key: value}`` (``lora.r=8`` → ``{"lora.r": 8}``)."""
     values = {}
-    for override in _task_overrides():
+    for override in task_overrides():
         key, _, text = override.lstrip("+~").partition("=")
         values[key] = override_value(text)
     return values
@@ -379,7 +379,7 @@ def override_values() -> dict[str, Any]:
 
 def override_tags(*fixed: str) -> list[str]:
     """``fixed`` tags, then one ``key=value`` tag per override not already among them (W&B allows 64 chars)."""
-    tags = list(fixed) + [o.lstrip("+~") for o in _task_overrides()]
+    tags = list(fixed) + [o.lstrip("+~") for o in task_overrides()]
     return [t[:64] for t in dict.fromkeys(tags)]
 
 

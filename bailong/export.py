@@ -28,18 +28,21 @@ import peft
 import torch
 from transformers import GenerationConfig
 
-from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP
-from bailong.model.adapter import META_FILE, find_adapter, load_adapter
+from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP
+from bailong.model.adapter import META_FILE, find_adapter, load_adapter, read_meta
 from bailong.model.build import DTYPES, is_quantised, load_base_model
 from bailong.model.device import run_device
 
 PAPER_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
 
 
-def dequantised_weights(build: dict, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """The base's 4-bit projection weights as the adapter run saw them, dequantised: ``{module name: weight}``."""
+def dequantised_weights(build: dict, device: torch.device | None = None,
+                        trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """The base's 4-bit projection weights as the adapter run saw them, dequantised: ``{module name: weight}``
+    (``trust_remote_code``: the user's consent, checked by ``load_adapter`` before this runs)."""
     quantised = load_base_model(build["pretrained"], quant=build["quant"], dtype=build["dtype"],
-                                revision=build["revision"], trust_remote_code=build["trust_remote_code"], device=device)
+                                revision=build.get("revision"), device=device,
+                                trust_remote_code=bool(build.get("trust_remote_code")) and trust_remote_code)
     weights = {}
     for name, module in quantised.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -47,16 +50,18 @@ def dequantised_weights(build: dict, device: torch.device | None = None) -> dict
     return weights
 
 
-def merged_model(adapter_dir: str | Path, device: torch.device | None = None) -> tuple[torch.nn.Module, Any, dict]:
+def merged_model(adapter_dir: str | Path, device: torch.device | None = None,
+                 trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any, dict]:
     """(plain transformers model, tokenizer, build settings) with the adapter merged into dequantised weights."""
     path, adapter_dir = adapter_dir, find_adapter(adapter_dir)
     if adapter_dir is None:
         raise FileNotFoundError(f"{path}: no {META_FILE} here or in adapter/: not a bailong run or adapter directory")
-    build = json.loads((adapter_dir / META_FILE).read_text())["build"]
-    model, tokenizer = load_adapter(adapter_dir, quant={"name": "none"}, device=device)  # full-precision base + adapter
+    build = read_meta(adapter_dir)["build"]
+    model, tokenizer = load_adapter(adapter_dir, quant={"name": "none"}, device=device,  # full-precision base + adapter
+                                    trust_remote_code=trust_remote_code)
     if is_quantised(build["quant"]):
         base = model.get_base_model()
-        for name, weight in dequantised_weights(build, device).items():
+        for name, weight in dequantised_weights(build, device, trust_remote_code).items():
             layer = base.get_submodule(name)
             if isinstance(layer, peft.tuners.tuners_utils.BaseTunerLayer):
                 layer = layer.get_base_layer()
@@ -73,14 +78,16 @@ def merged_model(adapter_dir: str | Path, device: torch.device | None = None) ->
     return merged, tokenizer, build
 
 
-def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32", device: str = "auto") -> Path:
-    """Write the merged model, its tokenizer (with chat template) and a generation config to ``out_dir``."""
+def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32", device: str = "auto",
+           trust_remote_code: bool = False) -> Path:
+    """Write the merged model, its tokenizer (with chat template) and a generation config to ``out_dir``
+    (``trust_remote_code``: the user's consent to run the base's own code, if the adapter's base has any)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; choose a new directory")
-    model, tokenizer, build = merged_model(run_dir, run_device(device))
+    model, tokenizer, build = merged_model(run_dir, run_device(device), trust_remote_code)
     model = model.to(DTYPES[dtype])
     model.config.dtype = dtype
     model.generation_config = GenerationConfig(
@@ -102,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="new directory for the merged model")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     args = parser.parse_args(argv)
-    print(export(args.run, args.out, dtype=args.dtype, device=args.device))
+    print(export(args.run, args.out, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code))
 
 
 if __name__ == "__main__":

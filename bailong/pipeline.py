@@ -24,7 +24,7 @@ from bailong.embedding import resize_and_initialize
 from bailong.eval.bpc import evaluate_texts
 from bailong.cache import atomic_dir, cache_key, cached_json, computed_once, fingerprint, hash_texts
 from bailong.model.adapter import save_adapter
-from bailong.redact import redact, secrets_from_env
+from bailong.redact import check_env_var_name, redact, run_secrets
 from bailong.model.build import build_model, count_parameters, load_base_model, new_rows
 from bailong.model.device import autocast, global_rank, run_device
 from bailong.model.random_base import ensure_random_base
@@ -91,6 +91,7 @@ def start_run(cfg: DictConfig) -> Path:
     """The run directory, after the cheap checks that must pass before any heavy work."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_env_var_name("judge.api_key_env", OmegaConf.select(cfg, "judge.api_key_env"))
     check_output_dir(out, cfg.ckpt_path)  # never overwrite an earlier run's results
     # model.random_base: build the random real-width base first (seconds; once), so the checks read its config
     ensure_random_base(cfg.model)
@@ -227,22 +228,32 @@ def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) 
 def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Splits) -> tuple[dict, dict]:
     """Run the init strategy on a full-precision copy of the base; keep only the new rows.
 
-    Cached by a hash of everything the rows depend on, so a sweep over LoRA rank or training settings
-    initialises once (zip-tie's shift and distillation run the base over the corpus). The base runs on the
-    run's device; the first process computes while the others (DDP ranks, sweep jobs) wait and read."""
-    key = cache_key({**model_identity(cfg), "tokenizer": tokenizer_key, "init": OmegaConf.to_container(cfg.init), "seed": cfg.seed,
-                     "texts": hash_texts(splits.tc_train)})
+    Cached by a hash of what the rows depend on (``rows_depend_on``: the strategy's own options, the seed
+    and the corpus only where they change its rows), so a sweep over LoRA rank, training settings or, for
+    ``mean``, the seed initialises once (zip-tie's shift and distillation run the base over the corpus).
+    The base runs on the run's device; the first process computes while the others (DDP ranks, sweep
+    jobs) wait and read. Computing leaves the global RNGs as reading does: the run's result does not
+    depend on whether the rows were cached."""
+    from bailong.embedding import global_rng_kept, rows_depend_on
+
+    depends_on = rows_depend_on(cfg.init, cfg.seed)
+    key = cache_key({**model_identity(cfg), "tokenizer": tokenizer_key, "init": depends_on,
+                     "texts": hash_texts(splits.tc_train) if depends_on["corpus"] else None})
     cached = Path(cfg.paths.cache_dir) / "init_rows" / key
     with computed_once(cached):
         if (cached / "report.json").is_file():
             report = json.loads((cached / "report.json").read_text())
             return load_file(cached / "rows.safetensors"), {**report, "cached": True}
-        model = load_base_model(cfg.model.pretrained, quant=None, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                                trust_remote_code=cfg.model.trust_remote_code, device=run_device(cfg.trainer.accelerator),
-                                attn_implementation=cfg.model.attn_implementation)
-        report = resize_and_initialize(model, base_tok, tok, cfg.init, texts=splits.tc_train, seed=cfg.seed)
+        device = run_device(cfg.trainer.accelerator)
+        with global_rng_kept(device):  # loading and resizing may draw: a cache hit draws nothing
+            model = load_base_model(cfg.model.pretrained, quant=None, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                                    trust_remote_code=cfg.model.trust_remote_code, device=device,
+                                    attn_implementation=cfg.model.attn_implementation)
+            report = resize_and_initialize(model, base_tok, tok, cfg.init, texts=splits.tc_train, seed=cfg.seed)
         rows = {k: v.cpu() for k, v in new_rows(model, len(base_tok)).items()}
         report["device"] = str(next(model.parameters()).device)
+        # for `python -m bailong.cache list`: which run computed the entry (any run with this key reads it)
+        report["computed_by_run"] = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False)
         del model
         with atomic_dir(cached) as tmp:
             save_file({k: v.contiguous() for k, v in rows.items()}, tmp / "rows.safetensors")
@@ -251,28 +262,38 @@ def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Spl
 
 
 def config_secrets(cfg: DictConfig) -> list[str]:
-    judge_env = OmegaConf.select(cfg, "judge.api_key_env", default=None)
-    return secrets_from_env([judge_env] if judge_env else [])
+    """The run's secrets (bailong.redact.run_secrets): environment keys, secret-named or key-shaped values in the
+    config and in its command-line overrides."""
+    from bailong.config import task_overrides
+
+    return run_secrets(cfg, task_overrides())
 
 
 def redacted_config(cfg: DictConfig) -> dict:
-    """The resolved config as it may be written or sent anywhere: no API key from the environment in it."""
+    """The resolved config as it may be written or sent anywhere: no secret in it, by key name or by value."""
     return redact(OmegaConf.to_container(cfg, resolve=True), config_secrets(cfg))
 
 
 def make_loggers(cfg: DictConfig) -> list:
+    """The configured Lightning loggers, with secrets redacted from their settings and hyper-parameters; a resumed
+    run (``ckpt_path``) continues its CSV curve and its W&B run (bailong/train/loggers.py)."""
     import os
 
-    loggers, secrets = [], config_secrets(cfg)
+    from hydra.utils import get_class
+
+    from bailong.train.loggers import record_wandb_id, resume_kwargs
+
+    loggers, secrets, out = [], config_secrets(cfg), Path(cfg.paths.output_dir)
     for name, lg_cfg in cfg.logger.items():
         if lg_cfg is None:
             continue
-        kwargs = {}
+        kwargs = resume_kwargs(get_class(lg_cfg._target_), out, cfg.ckpt_path)
         if name == "wandb" and lg_cfg.get("offline") is None:
             kwargs["offline"] = not os.environ.get("WANDB_API_KEY")  # never reach the network unasked
         # resolved and redacted first: a logger's own settings (W&B config, tags) are uploaded too
         lg = instantiate(redact(OmegaConf.to_container(lg_cfg, resolve=True), secrets), **kwargs)
         lg.log_hyperparams(redacted_config(cfg))
+        record_wandb_id(lg, out)
         loggers.append(lg)
     return loggers
 

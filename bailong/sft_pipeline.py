@@ -12,7 +12,6 @@ answers (``chat_bpc``). Keys: ``sft/before/...``, ``sft/after/...``; the after-S
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from bailong.data.sft import SFTDataModule, load_chat_splits
 from bailong.data.splits import Splits, load_splits
 from bailong.eval.bpc import score_windows, scoring_mode
 from bailong.eval.sft_metrics import evaluate_instruct
-from bailong.model.adapter import META_FILE, find_adapter, load_adapter, save_adapter
+from bailong.model.adapter import META_FILE, check_remote_code, find_adapter, load_adapter, read_meta, save_adapter
 from bailong.model.build import count_parameters
 from bailong.model.device import autocast, global_rank, run_device
 from bailong.train.sft import SFTModule
@@ -47,7 +46,8 @@ def check_sft(cfg: DictConfig) -> Path | None:
     run_dir = Path(cfg.sft.from_run)
     adapter = find_adapter(run_dir)
     if adapter is not None:
-        build = json.loads((adapter / META_FILE).read_text())["build"]
+        build = read_meta(adapter)["build"]
+        check_remote_code(adapter, build, cfg.model.trust_remote_code)  # before any model is loaded
         if build["pretrained"] != cfg.model.pretrained:  # the adapter decides: it was trained on that base
             log.warning("sft.from_run: the adapter was built on %s, not model.pretrained=%s; using the adapter's "
                         "base, quantisation and LoRA settings", build["pretrained"], cfg.model.pretrained)
@@ -100,9 +100,11 @@ def run_sft(cfg: DictConfig) -> dict:
     # start: a pre-training run's adapter (trainable again) or the base built as pre-training builds it
     device, rank_zero = run_device(cfg.trainer.accelerator), global_rank() == 0
     if adapter_dir is not None:
-        model, tok = load_adapter(adapter_dir, is_trainable=True, device=device)
+        # the user's own model.trust_remote_code, never the adapter's record of it (load_adapter)
+        load = dict(is_trainable=True, device=device, trust_remote_code=cfg.model.trust_remote_code)
+        model, tok = load_adapter(adapter_dir, **load)
         source = str(adapter_dir)
-        rebuild = lambda: load_adapter(adapter_dir, is_trainable=True, device=device)[0]  # noqa: E731
+        rebuild = lambda: load_adapter(adapter_dir, **load)[0]  # noqa: E731
     else:
         model, tok, rebuild = start_from_base(cfg, splits, device)
         source = "base"

@@ -1,8 +1,11 @@
 """The LLM judge against a small OpenAI-compatible server started here on 127.0.0.1: success, timeout,
-HTTP 500 then success, malformed replies, refused requests, and resuming partial results."""
+a server trickling its reply, HTTP 500 then success, malformed replies, refused requests, resuming partial
+results, and a planted API key that must reach no log record, error message or stored judgment."""
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,14 +13,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from omegaconf import OmegaConf
 
+import bailong.eval.judge as judge_module
+from bailong.eval.bench import run_bench
 from bailong.eval.judge import Judge, JudgeError, JudgeRequestError, judge_answers
 from conftest import compose_config
+
+PLANTED_KEY = "sk-planted-0123456789"
 
 
 class FakeJudgeServer:
     """Answers POST /v1/chat/completions from a script of actions, one per request; records requests.
 
-    Actions: ``("ok", text)``, ``("status", code)``, ``("sleep", seconds)`` then ok, ``("raw", body)``.
+    Actions: ``("ok", text)``, ``("status", code)``, ``("sleep", seconds)`` then ok, ``("raw", body)``,
+    ``("echo", code)`` (the request's Authorization header in the error body, or in the reply for 200),
+    ``("trickle_body", seconds)`` / ``("trickle_response", seconds)`` (an ok reply whose body, or the whole
+    response from its status line on, is sent one byte per ``seconds``: 20 s or more in all).
     When the script runs out, ``default`` is used."""
 
     def __init__(self, default=("ok", "Fine. Rating: [[7]]")):
@@ -35,13 +45,37 @@ class FakeJudgeServer:
                 if kind == "sleep":
                     time.sleep(value)
                     kind, value = "ok", "Late. [[6]]"
-                if kind == "status":
+                if kind in ("trickle_body", "trickle_response"):
+                    self._trickle(kind, value)
+                elif kind == "echo":
+                    sent = f"you sent Authorization: {self.headers.get('Authorization')}"
+                    if value == 200:
+                        self._send(200, self._reply(sent + " Rating: [[5]]"))
+                    else:
+                        self._send(value, json.dumps({"error": sent}).encode())
+                elif kind == "status":
                     self._send(value, b'{"error": "boom"}')
                 elif kind == "raw":
                     self._send(200, value.encode())
                 else:
-                    reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": value}}]}
-                    self._send(200, json.dumps(reply).encode())
+                    self._send(200, self._reply(value))
+
+            @staticmethod
+            def _reply(text):
+                return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}).encode()
+
+            def _trickle(self, kind, seconds_per_byte):
+                reply = self._reply("Slow" + "." * 100 + " [[6]]")
+                head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(reply)}"
+                        "\r\n\r\n").encode()
+                try:
+                    if kind == "trickle_body":
+                        self.wfile.write(head)
+                    for byte in reply if kind == "trickle_body" else head + reply:
+                        self.wfile.write(bytes([byte]))
+                        time.sleep(seconds_per_byte)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+                    pass
 
             def _send(self, code, payload):
                 self.send_response(code)
@@ -78,6 +112,11 @@ def judge_cfg(server, tmp_path):
     return cfg.judge
 
 
+def judge_config(tmp_path, url, *overrides):
+    return compose_config([f"judge.base_url='{url}'", "judge.model=fake-judge", "judge.backoff_s=0.01",
+                           "judge.max_backoff_s=0.05", *overrides], tmp_path).judge
+
+
 def make_judge(cfg, waits=None):
     return Judge(cfg, sleep=(waits.append if waits is not None else lambda s: None))
 
@@ -112,6 +151,20 @@ def test_timeout_then_success(server, judge_cfg):
     got = make_judge(judge_cfg).grade("q", "a", "en")
     assert got.attempts == 2 and got.rating == 7.0
     assert time.perf_counter() - started < 1.4  # the slow reply was abandoned at timeout_s=0.5
+
+
+@pytest.mark.parametrize("action", ["trickle_body", "trickle_response"])
+def test_timeout_bounds_the_whole_attempt_against_a_trickling_server(server, tmp_path, caplog, action):
+    # one byte every 0.2 s never trips httpx's per-read timeout of 1 s; the whole reply would take over 20 s
+    cfg = judge_config(tmp_path, server.url, "judge.timeout_s=1", "judge.max_retries=1")
+    server.script = [(action, 0.2)]
+    started = time.monotonic()
+    with make_judge(cfg) as judge:
+        got = judge.grade("q", "a", "en")
+    elapsed = time.monotonic() - started
+    assert got.attempts == 2 and got.rating == 7.0  # the trickled attempt was abandoned and retried
+    assert elapsed < 3.0, f"the trickled attempt held the judge {elapsed:.1f}s with timeout_s=1"
+    assert "timed out: no complete reply within judge.timeout_s=1.0s" in caplog.text
 
 
 @pytest.mark.parametrize("action", [("ok", "Good answer, no rating."), ("ok", "Rating: [[11]]"),
@@ -176,3 +229,73 @@ def test_bad_judge_settings_fail_before_any_request(server, tmp_path):
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         Judge(cfg)
     assert server.requests == []
+
+
+def leaked(secrets, texts):
+    return [s for s in secrets if any(s in t for t in texts)]
+
+
+@pytest.mark.parametrize("redaction", ["on", "off"])
+@pytest.mark.parametrize("status", [401, 500])
+@pytest.mark.parametrize("key_in", ["env", "url"])
+def test_a_planted_key_reaches_no_log_record_and_no_error(server, tmp_path, monkeypatch, caplog, key_in, status,
+                                                         redaction):
+    """The key in the environment or as the URL's password; a server that echoes the Authorization header.
+    With redaction switched off the same checks must find the key, or they prove nothing."""
+    caplog.set_level(logging.DEBUG)  # httpx's request lines (INFO) and httpcore's traces (DEBUG) included
+    # the process-wide redaction an earlier CLI test may have installed (bailong.redact.install_log_filter) is not
+    # the judge's own: off here, so this test sees what the Judge alone does
+    monkeypatch.setattr(logging, "_logRecordFactory", getattr(logging.getLogRecordFactory(), "bailong_base",
+                                                              logging.getLogRecordFactory()))
+    if redaction == "off":
+        monkeypatch.setattr(judge_module, "redact_text", lambda text, secrets=(): text)
+        monkeypatch.setattr(judge_module, "SecretFilter", lambda secrets: logging.Filter())
+    if key_in == "env":
+        monkeypatch.setenv("JUDGE_API_KEY", PLANTED_KEY)
+        url, secrets, credential = server.url, [PLANTED_KEY], f"Bearer {PLANTED_KEY}"
+    else:
+        monkeypatch.delenv("JUDGE_API_KEY", raising=False)
+        url = server.url.replace("http://", f"http://judge:{PLANTED_KEY}@")
+        basic = base64.b64encode(f"judge:{PLANTED_KEY}".encode()).decode()
+        secrets, credential = [PLANTED_KEY, basic], f"Basic {basic}"
+    server.default = ("echo", status)
+    cfg = judge_config(tmp_path, url, "judge.timeout_s=5", "judge.max_retries=1")
+    with pytest.raises(JudgeRequestError if status == 401 else JudgeError, match=f"HTTP {status}") as err:
+        with make_judge(cfg) as judge:
+            judge.grade("q", "a", "en")
+    assert server.requests[0]["headers"]["Authorization"] == credential  # sent, so echoed back
+    texts = [str(err.value)] + [record.getMessage() for record in caplog.records]
+    if redaction == "off":
+        assert leaked(secrets, texts)
+        return
+    assert leaked(secrets, texts) == [], "\n".join(texts)
+    scheme = credential.split()[0]  # the server's message is kept, the key is not
+    assert f"you sent Authorization: {scheme} <redacted>" in str(err.value)
+    if key_in == "url":
+        assert any(record.name == "httpx" and "judge:<redacted>@" in record.getMessage() for record in caplog.records)
+    assert judge.http_log_filter not in logging.getLogger("httpx").filters  # removed on close
+
+
+def test_a_reply_that_echoes_the_key_is_stored_redacted(server, judge_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("JUDGE_API_KEY", PLANTED_KEY)
+    server.default = ("echo", 200)
+    answers = [{"id": "i0", "question": "q", "answer": "a", "expected_lang": "en"}]
+    with make_judge(judge_cfg) as judge:
+        results, failed = judge_answers(judge, answers, tmp_path / "judgments.jsonl")
+    assert failed == 0 and results[0]["rating"] == 5.0
+    stored = (tmp_path / "judgments.jsonl").read_text()
+    assert PLANTED_KEY not in stored and "you sent Authorization: Bearer <redacted>" in stored
+
+
+@pytest.mark.parametrize("value, shape", [(PLANTED_KEY, "looks like an API key itself"),
+                                          ("my judge key", "is not a variable name")])
+def test_a_key_in_api_key_env_is_refused_without_repeating_it(server, tmp_path, caplog, value, shape):
+    caplog.set_level(logging.DEBUG)
+    cfg = judge_config(tmp_path, server.url, f"judge.api_key_env='{value}'")
+    with pytest.raises(ValueError, match=f"judge.api_key_env must name the environment variable.*{shape}") as err:
+        Judge(cfg)
+    assert value not in str(err.value) and value not in caplog.text
+    assert server.requests == []
+    bench = compose_config([], tmp_path).bench  # the bench refuses it before generating any answer
+    with pytest.raises(ValueError, match="judge.api_key_env must name"):
+        run_bench(None, None, bench, cfg, tmp_path / "bench")

@@ -88,9 +88,27 @@ def test_bad_config_value_fails_before_heavy_work(tmp_path):
 
 
 @pytest.mark.slow
+def curve(run_dir) -> list[dict]:
+    """The learning curve of ``csv/metrics.csv``: each row's step, loss, bits/char and learning rates (not the
+    wall-clock columns, nor the run's closing summary row, which says whether caches were hit)."""
+    import csv
+
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    keep = ("train/loss", "val/", "lr-")
+    curve = [{k: v for k, v in row.items() if v != "" and (k == "step" or k.startswith(keep))} for row in rows]
+    return [row for row in curve if len(row) > 1]
+
+
+def wandb_run_ids(run_dir) -> set[str]:
+    return {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+
+
 def test_killed_run_resumes_to_the_same_result(tmp_path):
-    common = SMOKE + ["trainer.max_steps=6", "trainer.val_check_interval=3", "train.checkpoint_every_n_steps=2",
-                      "lora.dropout=0.1"]
+    smoke_with_wandb = ["data.seq_len=128", "data.batch_size=4", "data.max_val_chars=2000", "train.warmup_steps=1",
+                        "trainer.enable_progress_bar=false", "logger=csv_wandb"]  # experiment=smoke turns W&B off
+    common = smoke_with_wandb + ["trainer.max_steps=6", "trainer.val_check_interval=3", "train.checkpoint_every_n_steps=2",
+                                 "trainer.log_every_n_steps=1", "lora.dropout=0.1"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     proc = run_py(common + [f"hydra.run.dir={straight}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -109,6 +127,12 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert b["train/steps"] == a["train/steps"] == 6
     for key in ("final/tc_bpc", "final/en_bpc"):
         assert b[key] == pytest.approx(a[key], rel=1e-9, abs=0), key
+    # the whole learning curve survives the crash (Lightning's CSVLogger alone would have deleted steps 0-1)
+    straight_curve, resumed_curve = curve(straight), curve(crashed)
+    assert [r["step"] for r in resumed_curve] == [r["step"] for r in straight_curve]
+    assert resumed_curve == straight_curve
+    # and the W&B run continues: the resumed process logged into the crashed run's id, not a new one
+    assert len(list((crashed / "wandb").glob("offline-run-*"))) == 2 and len(wandb_run_ids(crashed)) == 1
 
 
 def test_eval_command_scores_a_run_and_a_base(smoke_run, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Tokenizer extension on the real 32k Llama-2-layout base (mistral-v1) and a few hundred real documents."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -15,12 +16,14 @@ from bailong.data.corpus import load_documents, split_documents
 from bailong.tokenization import TokenizerConfigError, extend_tokenizer, load_tokenizer, tokens_per_char
 from bailong.tokenization.merge import contains_cjk, new_characters, scores_below
 from bailong.tokenization.train import (
+    cjk_script_counts,
     load_model_proto,
     normalized_sentences,
     required_characters,
     train_bpe,
     trainer_options,
     training_sentences,
+    warn_if_not_traditional_chinese,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +226,69 @@ def test_long_lines_are_cut_under_the_byte_limit_without_losing_text():
     assert sentences[0] == "first"
     assert all(len(s.encode("utf-8")) <= 500 for s in sentences)
     assert "".join(sentences[1:]) == line
+
+
+# ---- the TC corpus's script ------------------------------------------------------------------
+
+JAPANESE = "これは日本語の文章です。カタカナのテキストもあります。"
+KOREAN = "이것은 한국어 문장입니다."
+SIMPLIFIED = "这是一个简体中文的句子，我们说的话都在这里。"
+
+
+def _count(texts, *ranges):
+    """Characters of ``texts`` in the code point ranges: an independent count to check the census by."""
+    return sum(any(lo <= ord(c) <= hi for lo, hi in ranges) for text in texts for c in text)
+
+
+HAN_RANGES = [(0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3134F)]
+
+
+def test_kana_and_hangul_in_the_tc_corpus_are_warned_about_with_their_share(corpora, caplog):
+    texts = corpora["tc_train"][:20] + [JAPANESE * 50, KOREAN * 20]
+    kana, hangul = _count(texts, (0x3041, 0x30FA)), _count(texts, (0xAC00, 0xD7A3))
+    han = _count(texts, *HAN_RANGES)
+    share = (kana + hangul) / (kana + hangul + han)
+    assert share > 0.01 and kana and hangul
+    with caplog.at_level(logging.WARNING, logger="bailong.tokenization.train"):
+        warnings = warn_if_not_traditional_chinese(texts, "data.tc (train split)")
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == warnings
+    [message] = warnings
+    assert message.startswith(f"data.tc (train split): {share:.1%} of the CJK letters in the TC corpus are not Han")
+    assert f"Han {han:,}, Bopomofo 0, kana {kana:,}, Hangul {hangul:,}" in message
+    assert "first in document 20: " in message and "Check data.tc (train split)" in message
+
+
+def test_a_clean_tc_corpus_gives_no_script_warning(corpora, caplog):
+    # a Japanese brand in katakana and Bopomofo (注音, Taiwan's phonetic script) belong in TC text
+    texts = corpora["tc_train"] + ["我在東京買了ソニー的相機。注音符號：ㄅㄆㄇㄈ。"]
+    with caplog.at_level(logging.WARNING, logger="bailong.tokenization.train"):
+        assert warn_if_not_traditional_chinese(texts, "data.tc (train split)") == []
+    assert not caplog.records
+    scripts, _, _ = cjk_script_counts(texts)
+    assert (scripts["kana"], scripts["Bopomofo"]) == (len("ソニー"), len("ㄅㄆㄇㄈ"))  # the corpus itself has none
+    assert scripts["Han"] == _count(texts, *HAN_RANGES)
+
+
+def test_simplified_chinese_in_the_tc_corpus_is_warned_about(corpora, caplog):
+    texts = corpora["tc_train"][:20] + [SIMPLIFIED * 30]
+    with caplog.at_level(logging.WARNING, logger="bailong.tokenization.train"):
+        [message] = warn_if_not_traditional_chinese(texts, "data.tc (train split)")
+    most_frequent = f"(这 {SIMPLIFIED.count('这') * 30}, "
+    assert f"of the Han characters in the TC corpus are Simplified-only forms {most_frequent}" in message
+    assert "first in document 20: " in message and "OpenCC" in message
+    assert [r.getMessage() for r in caplog.records] == [message]
+
+
+def test_extension_warns_about_a_japanese_tc_corpus_only_when_it_adds_pieces(corpora, tmp_path, caplog):
+    texts = corpora["tc_train"][:20] + [JAPANESE * 50]
+    with caplog.at_level(logging.WARNING, logger="bailong.tokenization.train"):
+        extend_tokenizer(BASE_MODEL, texts, 0, tmp_path)
+        assert not caplog.records
+        with pytest.raises(TokenizerConfigError, match="too small"):  # the warning comes before the pieces
+            extend_tokenizer(BASE_MODEL, texts, 1, tmp_path, corpus_name="my corpus")
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and record.getMessage().startswith("my corpus: ")
+    assert "kana/Hangul as TC pieces" in record.getMessage()
 
 
 # ---- caching ---------------------------------------------------------------------------------

@@ -1,16 +1,18 @@
 """Initialisation of the embedding and output rows of new tokens, one strategy per module.
 
     report = resize_and_initialize(model, base_tokenizer, tokenizer, init_cfg, texts=None, seed=0)
+    key_inputs = rows_depend_on(init_cfg, seed)  # what the rows depend on: the init rows' cache key
 
 Importing this package registers every strategy: random, mean, multivariate, subword_mean,
 zip_tie, distill (see ``available_strategies()``).
 """
 from bailong.embedding import distill, mean, multivariate, random_init, subword_mean, zip_tie  # noqa: F401  (register)
-from bailong.embedding.initialize import resize_and_initialize, row_norm_stats
+from bailong.embedding.initialize import global_rng_kept, resize_and_initialize, row_norm_stats, rows_depend_on
 from bailong.embedding.pieces import EmbeddingInitError, NewTokens, find_new_tokens
 from bailong.embedding.registry import (
     InitContext,
     NewRows,
+    RowInputs,
     available_strategies,
     get_strategy,
     register,
@@ -21,10 +23,13 @@ __all__ = [
     "InitContext",
     "NewRows",
     "NewTokens",
+    "RowInputs",
     "available_strategies",
     "find_new_tokens",
     "get_strategy",
+    "global_rng_kept",
     "register",
     "resize_and_initialize",
     "row_norm_stats",
+    "rows_depend_on",
 ]

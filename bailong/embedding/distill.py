@@ -16,6 +16,7 @@ Rows start from zip_tie (its options apply) or subword_mean.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -23,9 +24,9 @@ import torch
 
 from bailong.embedding.corpus_pass import shuffled
 from bailong.embedding.pieces import EmbeddingInitError
-from bailong.embedding.registry import InitContext, NewRows, register
+from bailong.embedding.registry import InitContext, NewRows, RowInputs, register
 from bailong.embedding.subword_mean import subword_mean_rows
-from bailong.embedding.zip_tie import ZipTieOptions, zip_tie_rows
+from bailong.embedding.zip_tie import ZipTieOptions, zip_tie_row_inputs, zip_tie_rows
 
 OUTPUT_LOSSES = ("match", "ce", "none")
 
@@ -105,7 +106,18 @@ def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@register("distill", DistillOptions)
+def distill_row_inputs(options: DistillOptions) -> RowInputs:
+    """Training samples contexts and batches with the seed from the corpus; with no steps the rows are the
+    starting rule's, and depend on what that rule's rows depend on."""
+    if options.steps > 0:
+        return RowInputs(dataclasses.asdict(options), seed=True, corpus=True)
+    if options.start_from == "zip_tie":
+        start = zip_tie_row_inputs(options)
+        return RowInputs({"start_from": "zip_tie", "steps": 0, **start.options}, start.seed, start.corpus)
+    return RowInputs({"start_from": "subword_mean", "steps": 0})
+
+
+@register("distill", DistillOptions, distill_row_inputs)
 def distill_rows(ctx: InitContext, options: DistillOptions) -> NewRows:
     if not ctx.texts:
         raise EmbeddingInitError("distill learns from the TC corpus: pass texts (training documents)")

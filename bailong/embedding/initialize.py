@@ -4,13 +4,20 @@ Runs on the full-precision model, before quantisation. ``mean_resizing`` is off:
 own fill of the new rows is overwritten here, by explicit token id, for both the input embedding
 and the (untied, as in Llama 2) output head. Old rows are copied by ``resize_token_embeddings``
 and never written again.
+
+The global RNGs (torch, Python's ``random``, NumPy) are left as they were found: whatever runs after
+the initialisation — LoRA's init, the data order — starts from the same state whether the rows were
+computed or read from a cache.
 """
 from __future__ import annotations
 
-import dataclasses
+import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.initialization import no_init_weights
 
@@ -27,6 +34,35 @@ def row_norm_stats(rows: torch.Tensor) -> dict[str, float]:
     return {"mean": norms.mean().item(), "std": std, "min": norms.min().item(), "max": norms.max().item()}
 
 
+@contextmanager
+def global_rng_kept(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Restore the global RNGs on exit: torch's CPU generator (and ``device``'s, for a CUDA device),
+    Python's ``random`` and NumPy's. Resizing draws from torch's even under ``no_init_weights`` (the new
+    ``nn.Embedding``/``nn.Linear`` initialise themselves); a cached run skips the resize, so without this
+    a run's LoRA init and data order would depend on whether its rows were cached."""
+    device = torch.device(device)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def rows_depend_on(init_cfg, seed: int) -> dict[str, Any]:
+    """What the new rows depend on besides the base model and the two tokenizers, as JSON for a cache key:
+    the strategy, the options that change its rows, the seed (``None`` if it changes nothing) and whether
+    the TC corpus does. Raises ``EmbeddingInitError`` for a bad config, as ``resize_and_initialize`` would."""
+    items = config_items(init_cfg)
+    if not items.get("name"):
+        raise EmbeddingInitError("init config has no `name`; set it to one of the registered strategies")
+    strategy = get_strategy(items["name"])
+    inputs = strategy.row_inputs(parse_options(strategy, items))
+    return {"strategy": strategy.name, "options": inputs.options, "seed": seed if inputs.seed else None,
+            "corpus": inputs.corpus}
+
+
 def _is_tied(model) -> bool:
     head = model.get_output_embeddings()
     return head is None or head.weight is model.get_input_embeddings().weight
@@ -37,12 +73,12 @@ def resize_and_initialize(model, base_tokenizer, tokenizer, init_cfg, texts=None
 
     ``init_cfg`` has ``name`` (a registered strategy) plus that strategy's options; ``texts`` are
     TC training documents for strategies that estimate from the corpus (zip_tie shift, distill).
+    The global RNGs are left as they were (``global_rng_kept``). The report's ``options`` and ``seed`` are
+    those the rows depend on (``rows_depend_on``): a cached report is true of every run that shares it.
     """
-    items = config_items(init_cfg)
-    if not items.get("name"):
-        raise EmbeddingInitError("init config has no `name`; set it to one of the registered strategies")
-    strategy = get_strategy(items["name"])
-    options = parse_options(strategy, items)
+    depends_on = rows_depend_on(init_cfg, seed)
+    strategy = get_strategy(depends_on["strategy"])
+    options = parse_options(strategy, config_items(init_cfg))
     new = find_new_tokens(base_tokenizer, tokenizer)
 
     embed = model.get_input_embeddings()
@@ -58,16 +94,17 @@ def resize_and_initialize(model, base_tokenizer, tokenizer, init_cfg, texts=None
 
     start = time.perf_counter()
     # no_init_weights: transformers would fill the new rows with random values (twice for the embedding,
-    # twice for the head: seconds at Llama-2 shapes, and draws from the global RNG) only for the strategy
-    # to overwrite every one of them below
-    with no_init_weights():
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    info: dict[str, Any] = {}
-    if new.num_new:
-        ctx = InitContext(model, base_tokenizer, tokenizer, new, list(texts) if texts is not None else None, seed)
-        rows = strategy.fn(ctx, options)
-        _write_rows(model, new.num_base, rows.embed, rows.head, tied)
-        info = rows.info
+    # twice for the head: seconds at Llama-2 shapes) only for the strategy to overwrite every one of them
+    # below; global_rng_kept: what is still drawn (the new modules' own init, any strategy's) is undone
+    with global_rng_kept(embed.weight.device):
+        with no_init_weights():
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        info: dict[str, Any] = {}
+        if new.num_new:
+            ctx = InitContext(model, base_tokenizer, tokenizer, new, list(texts) if texts is not None else None, seed)
+            rows = strategy.fn(ctx, options)
+            _write_rows(model, new.num_base, rows.embed, rows.head, tied)
+            info = rows.info
     seconds = time.perf_counter() - start
 
     weight = model.get_input_embeddings().weight
@@ -76,8 +113,8 @@ def resize_and_initialize(model, base_tokenizer, tokenizer, init_cfg, texts=None
         after["head"] = row_norm_stats(model.get_output_embeddings().weight[new.num_base :])
     return {
         "strategy": strategy.name,
-        "options": dataclasses.asdict(options),
-        "seed": seed,
+        "options": depends_on["options"],
+        "seed": depends_on["seed"],
         "num_base": new.num_base,
         "num_new": new.num_new,
         "vocab_size": len(tokenizer),

@@ -7,12 +7,13 @@ the number of rows), as in transformers.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from bailong.embedding.pieces import EmbeddingInitError
-from bailong.embedding.registry import InitContext, NewRows, register
+from bailong.embedding.registry import InitContext, NewRows, RowInputs, register
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,11 @@ def sample_rows(rows: torch.Tensor, scale: float, n: int, gen: torch.Generator) 
     return (mean + (z.float() @ factor.T.float()).double()).float()  # float32 product: the rows are float32
 
 
-@register("multivariate", MultivariateOptions)
+def multivariate_row_inputs(options: MultivariateOptions) -> RowInputs:
+    return RowInputs(dataclasses.asdict(options), seed=True)  # the Gaussian draw is seeded by the run seed
+
+
+@register("multivariate", MultivariateOptions, multivariate_row_inputs)
 def multivariate_rows(ctx: InitContext, options: MultivariateOptions) -> NewRows:
     gen = ctx.generator()
     n = ctx.new.num_new

@@ -1,12 +1,13 @@
 """``random``: the model's own initializer, normal(0, config.initializer_range), for embed and head."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from bailong.embedding.pieces import EmbeddingInitError
-from bailong.embedding.registry import InitContext, NewRows, register
+from bailong.embedding.registry import InitContext, NewRows, RowInputs, register
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,12 @@ class RandomOptions:
             raise EmbeddingInitError(f"random init std must be > 0, got {self.std}")
 
 
-@register("random", RandomOptions)
+def random_row_inputs(options: RandomOptions) -> RowInputs:
+    """The draw depends on the seed (``std: null`` resolves from the model config, part of the model's key)."""
+    return RowInputs(dataclasses.asdict(options), seed=True)
+
+
+@register("random", RandomOptions, random_row_inputs)
 def random_rows(ctx: InitContext, options: RandomOptions) -> NewRows:
     std = options.std if options.std is not None else ctx.model.config.initializer_range
     shape = (ctx.new.num_new, ctx.embed_weight.shape[1])

@@ -4,6 +4,10 @@ Each strategy is one function ``fn(ctx: InitContext, options) -> NewRows`` regis
 dataclass of its options. ``parse_options`` reads those options from the ``init`` config, which may
 be a flat structured config holding every strategy's keys: keys of other strategies are ignored,
 keys no strategy knows are an error (a typo would otherwise be silently dropped).
+
+Each strategy also declares what its rows depend on (``RowInputs``): the options that change them,
+whether the run seed does, whether the TC corpus does. Cached rows are keyed on exactly that, so runs
+that differ only in what the rows ignore (the seed of ``mean``, ``std`` under ``zip_tie``) share one entry.
 """
 from __future__ import annotations
 
@@ -67,24 +71,41 @@ class NoOptions:
 
 
 @dataclass(frozen=True)
+class RowInputs:
+    """What a strategy's new rows depend on besides the base model and the two tokenizers."""
+
+    options: dict[str, Any]  # the options whose values change the rows
+    seed: bool = False  # the run seed changes the rows (a draw, a sample, a document order)
+    corpus: bool = False  # the TC training texts change the rows
+
+
+def every_option(options: Any) -> RowInputs:
+    """The default declaration: every option matters, neither the seed nor the corpus does."""
+    return RowInputs(dataclasses.asdict(options))
+
+
+@dataclass(frozen=True)
 class Strategy:
     name: str
     fn: Callable[[InitContext, Any], NewRows]
     options: type
+    row_inputs: Callable[[Any], RowInputs] = every_option  # parsed options -> what the rows depend on
 
 
 _STRATEGIES: dict[str, Strategy] = {}
 
 
-def register(name: str, options: type = NoOptions) -> Callable:
-    """Decorator: ``@register("mean")`` over ``fn(ctx, options) -> NewRows``."""
+def register(name: str, options: type = NoOptions, row_inputs: Callable[[Any], RowInputs] = every_option) -> Callable:
+    """Decorator: ``@register("mean")`` over ``fn(ctx, options) -> NewRows``; ``row_inputs(options)`` says
+    what the rows depend on (default: every option, not the seed, not the corpus). Declaring too little makes
+    a cache hand out rows computed for other inputs, so a strategy that draws or reads text must say so."""
     if not dataclasses.is_dataclass(options):
         raise TypeError(f"options of strategy {name!r} must be a dataclass, got {options!r}")
 
     def add(fn: Callable[[InitContext, Any], NewRows]) -> Callable:
         if name in _STRATEGIES:
             raise ValueError(f"init strategy {name!r} is registered twice")
-        _STRATEGIES[name] = Strategy(name, fn, options)
+        _STRATEGIES[name] = Strategy(name, fn, options, row_inputs)
         return fn
 
     return add

@@ -17,6 +17,7 @@ is not in the material we have, so the input rule and the output rule are separa
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import torch
 
 from bailong.embedding.corpus_pass import CorpusStats, collect_corpus_stats
 from bailong.embedding.pieces import PIECE_RULES, EmbeddingInitError, compose_rows
-from bailong.embedding.registry import InitContext, NewRows, register
+from bailong.embedding.registry import InitContext, NewRows, RowInputs, register
 
 OUTPUT_RULES = PIECE_RULES + ("first_shift",)
 SHIFT_ESTIMATES = ("occurrence", "prefix")
@@ -159,4 +160,14 @@ def zip_tie_rows(ctx: InitContext, options: ZipTieOptions) -> NewRows:
     return NewRows(embed, head, info)
 
 
-register("zip_tie", ZipTieOptions)(zip_tie_rows)
+def zip_tie_row_inputs(options: ZipTieOptions) -> RowInputs:
+    """Piece rules read only the base rows. ``first_shift`` runs the base over the corpus in the seeded
+    document order: the order decides which text shares a chunk (the context every position sees), so the
+    seed changes the rows even when the whole corpus fits under ``shift_max_tokens``."""
+    if options.output_rule == "first_shift":
+        own = {f.name: getattr(options, f.name) for f in dataclasses.fields(ZipTieOptions)}  # not distill's own
+        return RowInputs(own, seed=True, corpus=True)
+    return RowInputs({"input_rule": options.input_rule, "output_rule": options.output_rule})
+
+
+register("zip_tie", ZipTieOptions, zip_tie_row_inputs)(zip_tie_rows)

@@ -143,10 +143,15 @@ def judge_rows(rows: Sequence[dict], judge_cfg: Any, out_dir: Path) -> dict[str,
 def run_bench(model: Any, tokenizer: Any, bench_cfg: Any, judge_cfg: Any, out_dir: str | Path) -> dict[str, float]:
     """Generate, score by rules and (if ``judge_cfg.base_url``) by the judge; files under ``out_dir``."""
     out = Path(out_dir)
+    judging = judge_cfg is not None and bool(judge_cfg.base_url)
+    if judging:  # a bad judge setting fails now, not after generating every answer
+        from bailong.eval.judge import check_judge_config
+
+        check_judge_config(judge_cfg)
     prompts = load_prompts(bench_cfg.prompts)[: bench_cfg.max_prompts or None]
     rows = generate_answers(model, tokenizer, prompts, bench_cfg, out / "generations.jsonl")
     metrics = summarize_rules(rows)
-    if judge_cfg is not None and judge_cfg.base_url:
+    if judging:
         metrics.update(judge_rows(rows, judge_cfg, out))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
     return metrics
@@ -167,7 +172,8 @@ def merge_metrics(run_dir: Path, new: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, load_target
+    from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP, load_target
+    from bailong.redact import install_log_filter, run_secrets
 
     ap = argparse.ArgumentParser(prog="python -m bailong.eval.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="run directory, adapter directory, or base model directory")
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-prompts", type=int)
     ap.add_argument("--quant", choices=["nf4", "none"], default="nf4", help="for a base model")
     ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
+    ap.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. bench.do_sample=true judge.timeout_s=120")
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
@@ -187,12 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
         if flag is not None:
             overrides.append(f"{key}={flag}")
     cfg = compose_config(overrides)
+    install_log_filter(run_secrets(cfg, overrides))  # no log line shows a key, wherever it came from
     target = Path(args.target)
     is_run = is_run_dir(target)
     if args.out is None and not is_run:
         ap.error(f"{target} is not a run directory (no adapter/): give --out for the outputs")
     out = Path(args.out) if args.out else target / "bench"
-    _, model, tokenizer = load_target(str(target), args.quant, args.device)
+    _, model, tokenizer = load_target(str(target), args.quant, args.device, args.trust_remote_code)
     metrics = run_bench(model, tokenizer, cfg.bench, cfg.judge, out)
     if is_run and args.out is None:
         merge_metrics(target, metrics)

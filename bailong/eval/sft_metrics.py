@@ -66,8 +66,9 @@ def evaluate_instruct(model: Any, tokenizer: Any, cfg: Any, out_dir: str | Path,
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
-    from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, load_target
+    from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP, load_target
     from bailong.config import compose_config
+    from bailong.redact import install_log_filter, run_secrets
     from bailong.eval.bench import is_run_dir
 
     ap = argparse.ArgumentParser(prog="python -m bailong.eval.sft_metrics", description=__doc__.split("\n\n")[0])
@@ -76,13 +77,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-bench", action="store_true", help="multiple choice only")
     ap.add_argument("--quant", choices=["nf4", "none"], default="nf4", help="for a base model")
     ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
+    ap.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. mc.items_per_lang=500")
     args = ap.parse_intermixed_args(argv)
     target = Path(args.target)
     if args.out is None and not is_run_dir(target):
         ap.error(f"{target} is not a run directory (no adapter/): give --out for the outputs")
     cfg = compose_config(args.overrides)
-    _, model, tokenizer = load_target(str(target), args.quant, args.device)
+    install_log_filter(run_secrets(cfg, args.overrides))  # no log line shows a key, wherever it came from
+    _, model, tokenizer = load_target(str(target), args.quant, args.device, args.trust_remote_code)
     metrics = evaluate_instruct(model, tokenizer, cfg, Path(args.out) if args.out else target / "instruct_eval",
                                 bench=not args.skip_bench)
     print(json.dumps(metrics, indent=2, ensure_ascii=False))

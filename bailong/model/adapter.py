@@ -124,6 +124,38 @@ def find_adapter(path: str | Path) -> Path | None:
     return next((d for d in (path / "adapter", path) if (d / META_FILE).is_file()), None)
 
 
+def check_remote_code(path: Path, build: Mapping, trust_remote_code: bool) -> None:
+    """Refuse an adapter whose base runs its own Python code unless the *user* allowed it.
+
+    ``bailong_adapter.json`` records whether the base was loaded with ``trust_remote_code``, but an adapter
+    directory is often someone else's download: what it says may never turn remote code on. Only the
+    caller's ``trust_remote_code`` (a command-line flag or the user's config) does."""
+    if build.get("trust_remote_code") and not trust_remote_code:
+        raise PermissionError(
+            f"{path / META_FILE}: this adapter was built on a base loaded with trust_remote_code=True "
+            f"({build.get('pretrained')!r}), which runs Python code that comes with the model. bailong never runs it "
+            "because a downloaded file asks: read that code, then pass --trust-remote-code (python -m bailong.chat, "
+            "bailong.eval, bailong.eval.bench, bailong.export) or set model.trust_remote_code=true (sft.from_run)")
+
+
+def read_meta(path: Path) -> dict:
+    """``bailong_adapter.json`` of an adapter directory, checked for the keys ``load_adapter`` reads."""
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path}: no {META_FILE}; not a directory written by save_adapter")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_file}: not valid JSON ({err})") from None
+    build = meta.get("build") if isinstance(meta, dict) else None
+    missing = [k for k in ("pretrained", "quant", "dtype", "num_base", "vocab_size") if not isinstance(build, dict)
+               or k not in build]
+    if missing or not isinstance(meta.get("files", {}), dict):
+        raise ValueError(f"{meta_file}: expected {{\"build\": {{...}}, \"files\": {{...}}}} with build keys "
+                         f"pretrained, quant, dtype, num_base, vocab_size; missing {missing or 'files'}")
+    return meta
+
+
 def load_adapter(
     adapter_dir: str | Path,
     *,
@@ -132,28 +164,32 @@ def load_adapter(
     dtype: str | None = None,
     is_trainable: bool = False,
     device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[peft.PeftModel, Any]:
     """Rebuild a saved adapter on a fresh base: ``(model, tokenizer)``; eval mode unless ``is_trainable``.
 
     ``pretrained``, ``quant`` and ``dtype`` default to what the adapter was built with (a moved base
-    directory or a different quantisation can be given here).
+    directory or a different quantisation can be given here). ``trust_remote_code`` is the caller's own
+    consent to run a base's Python code; the adapter's record of it only ever makes loading refuse
+    (``check_remote_code``).
     """
     path = Path(adapter_dir)
-    if not (path / META_FILE).is_file():
-        raise FileNotFoundError(f"{path}: no {META_FILE}; not a directory written by save_adapter")
-    meta = json.loads((path / META_FILE).read_text())
+    meta = read_meta(path)
     build = meta["build"]
+    check_remote_code(path, build, trust_remote_code)
+    trust_remote_code = bool(build.get("trust_remote_code")) and trust_remote_code  # what the base needs, if allowed
     quant = quant if quant is not None else build["quant"]
     if build.get("finetune") == "full":
-        return _load_full_model(path, build, quant=quant, dtype=dtype, is_trainable=is_trainable, device=device)
+        return _load_full_model(path, build, quant=quant, dtype=dtype, is_trainable=is_trainable, device=device,
+                                trust_remote_code=trust_remote_code)
     if build.get("random_base") and not pretrained:  # trained on a random real-width base: rebuilt if missing
         ensure_random_base({"pretrained": build["pretrained"], "random_base": build["random_base"]})
     model = load_base_model(
         pretrained or build["pretrained"],
         quant=quant,
         dtype=dtype or build["dtype"],
-        revision=build["revision"],
-        trust_remote_code=build["trust_remote_code"],
+        revision=build.get("revision"),
+        trust_remote_code=trust_remote_code,
         device=device,
         attn_implementation=build.get("attn_implementation", "sdpa"),
     )
@@ -174,21 +210,21 @@ def load_adapter(
     disable_cpu_repack(model)
     mask_padding_logits(model, vocab_size)
     model.bailong_build = build
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 
 def _load_full_model(path: Path, build: dict, *, quant: Any, dtype: str | None, is_trainable: bool,
-                     device: str | torch.device | None = None):
+                     device: str | torch.device | None = None, trust_remote_code: bool = False):
     """A full fine-tuning run's directory is a whole model: loaded as a base is (no peft; 4-bit if ``quant``
     asks, for evaluation only), with its build record; eval mode and frozen unless ``is_trainable``."""
     if is_trainable and is_quantised(quant):
         raise ValueError(f"{path}: a full fine-tuning model reloaded with quant.name=nf4 cannot train; use quant none")
     model = load_base_model(str(path), quant=quant, dtype=dtype or build["dtype"],
-                            trust_remote_code=build["trust_remote_code"], device=device,
+                            trust_remote_code=trust_remote_code, device=device,
                             attn_implementation=build.get("attn_implementation", "sdpa"))
     mask_padding_logits(model, build["vocab_size"])  # padding rows past the tokenizer: -inf, as build_model set
     model.requires_grad_(is_trainable)
     model.train(is_trainable)
     model.bailong_build = build
-    return model, AutoTokenizer.from_pretrained(str(path))
+    return model, AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)

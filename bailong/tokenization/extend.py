@@ -36,6 +36,7 @@ from .train import (
     train_bpe,
     trainer_options,
     training_sentences,
+    warn_if_not_traditional_chinese,
 )
 
 # Bump when a change to this package changes the tokenizer it writes: old cache entries then miss.
@@ -246,12 +247,15 @@ def extend_tokenizer(
     seed: int = 0,
     num_threads: int | None = None,
     revision: str | None = None,
+    corpus_name: str = "data.tc (train split)",
 ) -> ExtendedTokenizer:
     """Append ``added_vocab`` TC pieces to ``base`` (0: the base as it is); reuse a cached result.
 
     Old ids never move and appended pieces all contain a CJK character and score below every base
     piece, so text without CJK characters encodes exactly as with the base. ``revision`` applies to
     a hub base; the cache key hashes the base's bytes, so it needs no revision of its own.
+    ``corpus_name`` names ``tc_texts`` in the warning given when they look Japanese, Korean or
+    Simplified rather than Traditional Chinese (on cache hits too: the corpus is still wrong).
     """
     tc_texts = list(tc_texts)
     if isinstance(added_vocab, bool) or not isinstance(added_vocab, int) or added_vocab < 0:
@@ -260,6 +264,8 @@ def extend_tokenizer(
         raise TokenizerConfigError(f"tokenizer.character_coverage={character_coverage}: expected a value in (0, 1]")
     if added_vocab > 0 and not any(t.strip() for t in tc_texts):
         raise TokenizerConfigError(f"tokenizer.added_vocab={added_vocab} needs TC training text, got none")
+    if added_vocab > 0:  # without extension the texts add no pieces
+        warn_if_not_traditional_chinese(tc_texts, corpus_name)
     base_bytes, base_source = read_base_model(base, revision)
     options = {"character_coverage": character_coverage, "seed": seed}
     key = cache_key(base_bytes, tc_texts, added_vocab, options)
