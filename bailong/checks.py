@@ -1,9 +1,13 @@
 """Configuration checks that run before any heavy work; each error names the key and the valid range."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
+import math
+import re
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -11,6 +15,13 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
 # Lightning accelerator name -> the torch dispatch key whose bitsandbytes kernels a 4-bit model needs
 ACCELERATOR_DEVICE = {"cpu": "CPU", "gpu": "CUDA", "cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+# AdamW moves every weight by about lr per step whatever the gradient's scale, so an lr above 1 moves weights of
+# size ~0.01-1 by more than their own size each step: never sane. Continued pre-training uses 1e-5..1e-3.
+MAX_LR = 1.0
+HIGH_LR = 1e-2  # above this: allowed, with a warning
+# key names that hold a credential: such a key added with + gets the "put it in the environment" advice
+SECRET_NAME = re.compile(r"api_?key|token|secret|password|passwd|credential", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -18,7 +29,10 @@ class ConfigError(ValueError):
 
 
 def check_config(cfg: DictConfig) -> None:
-    problems = finetune_problems(cfg)
+    """Raise ``ConfigError`` listing every problem of ``cfg`` found without loading a model's weights: keys the
+    schema does not have, values out of range, an accelerator this machine lacks; warn about risky values."""
+    problems = unknown_key_problems(cfg)
+    problems += finetune_problems(cfg)
     lora_used = finetune_name(cfg) != "full"  # full fine-tuning ignores every lora.* key
     if lora_used and cfg.lora.r <= 0:
         problems.append(f"lora.r={cfg.lora.r}: the LoRA rank must be a positive integer (e.g. 8, 16, 64)")
@@ -41,6 +55,8 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"quant.name={cfg.quant.name!r}: expected nf4 or none")
     if cfg.trainer.max_steps <= 0:
         problems.append(f"trainer.max_steps={cfg.trainer.max_steps}: must be a positive number of steps")
+    problems += train_problems(cfg)
+    problems += accelerator_problems(cfg)
     if cfg.quant.name == "nf4":
         problems += quantisation_problems(cfg)
     problems += model_problems(cfg)
@@ -94,7 +110,12 @@ def speed_switch_problems(cfg: DictConfig) -> list[str]:
 
 
 def check_output_dir(out, ckpt_path: str | None) -> None:
-    """Refuse to start where an earlier run's results would be overwritten, unless resuming (``ckpt_path``)."""
+    """Refuse to start where an earlier run's results would be overwritten, unless resuming (``ckpt_path``).
+
+    The advice for an unfinished run names a checkpoint that loads (``checkpoint_problem``), never a damaged one
+    (a write cut short by a full disk or a kill), and lists the damaged ones. Which: ``last_good.ckpt`` when it is
+    the newest file (a NaN/inf or blown-up loss stopped the run: resume from the state before the damage, with a
+    lower ``train.lr``), else ``last.ckpt``, else the newest loadable one."""
     from pathlib import Path
 
     out = Path(out)
@@ -103,11 +124,54 @@ def check_output_dir(out, ckpt_path: str | None) -> None:
     if (out / "metrics.json").is_file():
         raise ConfigError(f"{out}/metrics.json exists: this directory holds a finished run, and runs never "
                           "overwrite one another; choose another hydra.run.dir (or resume with ckpt_path=...)")
-    ckpts = sorted((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
-    if ckpts:
-        last = out / "checkpoints" / "last.ckpt"
-        raise ConfigError(f"{out}/checkpoints holds checkpoints of an unfinished run: resume it with "
-                          f"ckpt_path={last if last.is_file() else ckpts[-1]}, or choose another hydra.run.dir")
+    folder = out / "checkpoints"
+    ckpts = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if not ckpts:
+        return
+    damaged = {p: problem for p in ckpts if (problem := checkpoint_problem(p))}
+    good = [p for p in ckpts if p not in damaged]
+    listed = "; ".join(f"{p.name} ({problem})" for p, problem in damaged.items())
+    if not good:
+        raise ConfigError(f"{folder} holds checkpoints of an unfinished run, but none loads: {listed}. Choose another "
+                          "hydra.run.dir, or delete those files to start this one over")
+    newest = max(good, key=lambda p: p.stat().st_mtime)
+    last = folder / "last.ckpt"
+    if newest.name == "last_good.ckpt":
+        advice = (f"it stopped on a non-finite or blown-up loss: resume from the state before the damage with "
+                  f"ckpt_path={newest} and a lower train.lr")
+    else:
+        advice = f"resume it with ckpt_path={last if last in good else newest}"
+    message = f"{folder} holds checkpoints of an unfinished run: {advice}, or choose another hydra.run.dir"
+    if damaged:
+        message += f". Damaged (they do not load, do not resume from them): {listed}"
+    raise ConfigError(message)
+
+
+def checkpoint_problem(path) -> str | None:
+    """Why the Lightning checkpoint at ``path`` would not load, or None if it does: a dangling link, a file that
+    is not a whole zip archive (truncated: the archive's directory is at its end), a member whose CRC fails, or
+    contents ``torch.load(weights_only=True)`` refuses. Reads the file once; loads no tensor data (mmap)."""
+    import zipfile
+    from pathlib import Path
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        return "a link to a missing file" if path.is_symlink() else "not a file"
+    if path.stat().st_size == 0:
+        return "empty"
+    if not zipfile.is_zipfile(path):
+        return "truncated or not a checkpoint: not a whole zip archive"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            return f"corrupt: member {bad} fails its CRC check"
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # zipfile.BadZipFile, pickle/unpickling errors, RuntimeError from torch
+        return f"does not load: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    return None
 
 
 def quantisation_problems(cfg: DictConfig) -> list[str]:
@@ -119,20 +183,147 @@ def quantisation_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"quant.compute_dtype={q.compute_dtype!r}: 4-bit layers compute in one of {', '.join(COMPUTE_DTYPES)}")
     if q.quant_storage not in QUANT_STORAGE:
         problems.append(f"quant.quant_storage={q.quant_storage!r}: expected one of {', '.join(QUANT_STORAGE)}")
-    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
-    if accelerator == "auto":
-        accelerator = "gpu" if device_available("CUDA") else "cpu"
+    accelerator = run_accelerator(cfg)
     device = ACCELERATOR_DEVICE.get(accelerator)
     if device is None:
         problems.append(f"quant.name=nf4 with trainer.accelerator={accelerator!r}: bitsandbytes 4-bit runs on "
                         f"{', '.join(ACCELERATOR_DEVICE)}; use quant=none there")
-    elif not device_available(device):
-        problems.append(f"trainer.accelerator={accelerator!r}: no {device} device is visible to torch "
-                        "(use trainer=cpu, or quant=none on another accelerator)")
-    elif not bitsandbytes_4bit_on(device):
+    elif device_available(device) and not bitsandbytes_4bit_on(device):  # a missing device: accelerator_problems
         problems.append(f"quant.name=nf4: the installed bitsandbytes has no 4-bit kernels for {device} "
                         f"(trainer.accelerator={accelerator!r}); use quant=none or a device it supports")
     return problems
+
+
+def run_accelerator(cfg: DictConfig) -> str:
+    """``trainer.accelerator``, with ``auto`` resolved as Lightning resolves it here (a CUDA GPU if visible)."""
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
+    if accelerator == "auto":
+        accelerator = "gpu" if device_available("CUDA") else "cpu"
+    return accelerator
+
+
+def accelerator_problems(cfg: DictConfig) -> list[str]:
+    """The accelerator exists on this machine, with at least ``trainer.devices`` CUDA devices, whatever
+    ``quant`` is: otherwise Lightning would fail only after the tokenizer, base evaluation and init ran."""
+    accelerator = run_accelerator(cfg)
+    device = ACCELERATOR_DEVICE.get(accelerator)
+    if device is None:  # tpu, hpu, a custom accelerator: Lightning checks those itself
+        return []
+    if not device_available(device):
+        other = ", or quant=none on another accelerator" if cfg.quant.name == "nf4" else ""
+        return [f"trainer.accelerator={accelerator!r}: no {device} device is visible to torch "
+                f"(use trainer=cpu{other})"]
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    if device == "CUDA" and isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        import torch
+
+        visible = torch.cuda.device_count()
+        if devices > visible:
+            return [f"trainer.devices={devices}: only {visible} CUDA device(s) are visible to torch; "
+                    f"valid: 1..{visible} (or -1 for all)"]
+    return []
+
+
+def train_problems(cfg: DictConfig) -> list[str]:
+    """``train.*`` values AdamW and the warm-up/cosine schedule can use: a learning rate in (0, MAX_LR], warm-up
+    steps >= 0, a floor ratio in [0, 1], betas in [0, 1), weight decay >= 0, a known optimizer. Warns (does not
+    refuse) above ``HIGH_LR``."""
+    train, problems = cfg.train, []
+    for key in ("lr", "embedding_lr"):
+        lr = train[key]
+        if lr is None and key == "embedding_lr":  # default: train.lr
+            continue
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or not 0 < lr <= MAX_LR:
+            problems.append(f"train.{key}={lr}: the learning rate must be a finite number in (0, {MAX_LR:g}]; "
+                            f"AdamW moves each weight by about lr per step, so continued pre-training uses "
+                            f"1e-5..1e-3 (default train.lr=2e-4)")
+        elif lr > HIGH_LR:
+            log.warning("train.%s=%g is above %g: AdamW then moves each weight by more than %g per step, which "
+                        "usually wrecks a pretrained model; continued pre-training uses 1e-5..1e-3", key, lr, HIGH_LR,
+                        HIGH_LR)
+    if train.warmup_steps < 0:
+        problems.append(f"train.warmup_steps={train.warmup_steps}: must be >= 0 (0 = no warm-up)")
+    if not 0.0 <= train.min_lr_ratio <= 1.0:
+        problems.append(f"train.min_lr_ratio={train.min_lr_ratio}: the cosine floor as a share of the peak lr "
+                        "must be in [0, 1]")
+    betas = list(train.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        problems.append(f"train.betas={betas}: AdamW takes two decay rates, each in [0, 1) (default [0.9, 0.95])")
+    if not math.isfinite(train.weight_decay) or train.weight_decay < 0:
+        problems.append(f"train.weight_decay={train.weight_decay}: must be a finite number >= 0 (0 = none)")
+    if train.checkpoint_every_n_steps < 0:
+        problems.append(f"train.checkpoint_every_n_steps={train.checkpoint_every_n_steps}: must be >= 0 "
+                        "(0 = only at validation)")
+    if train.optimizer not in OPTIMIZERS:
+        problems.append(f"train.optimizer={train.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    elif train.optimizer.startswith("paged") and not device_available("CUDA"):
+        problems.append(f"train.optimizer={train.optimizer!r} pages optimizer state to CUDA memory: needs a GPU; "
+                        "use adamw")
+    return problems
+
+
+# -- keys the schema does not have ----------------------------------------------------------------------------
+def unknown_key_problems(cfg: DictConfig) -> list[str]:
+    """Keys in ``cfg`` that ``bailong.config.Config`` does not define: Hydra refuses them in files and plain
+    overrides, but ``+key=value`` adds them unchecked, and nothing would read them (``+lora.rank=8`` is not
+    ``lora.r``). Free-form nodes (``logger``, ``callbacks``, fields typed ``Any`` such as ``trainer.strategy`` or
+    ``data_files``) may hold any key; ``trainer`` may also hold any argument of its ``_target_`` (Lightning's
+    Trainer). Each problem names the key and suggests close matches; a value is never printed."""
+    problems: list[str] = []
+    _walk_unknown(cfg, "", problems)
+    return problems
+
+
+def _walk_unknown(node, path: str, problems: list[str]) -> None:
+    if isinstance(node, ListConfig):
+        for i in range(len(node)):
+            _walk_unknown(node._get_node(i), f"{path}.{i}", problems)  # Hydra's spelling: +data.tc.0.foo=...
+        return
+    if not isinstance(node, DictConfig) or node._is_missing() or node._is_none() or node._is_interpolation():
+        return
+    schema = node._metadata.object_type
+    if not dataclasses.is_dataclass(schema):  # a free-form node: any key, not looked into
+        return
+    fields = {f.name for f in dataclasses.fields(schema)}
+    allowed = fields | _target_arguments(node)
+    for key in node.keys():
+        child_path = f"{path}.{key}" if path else str(key)
+        if key not in allowed:
+            problems.append(_unknown_key_message(child_path, str(key), path, sorted(fields)))
+        else:
+            _walk_unknown(node._get_node(key), child_path, problems)
+
+
+def _target_arguments(node: DictConfig) -> set[str]:
+    """The keyword arguments of the class a node instantiates (``_target_``), e.g. every Trainer argument."""
+    import inspect
+
+    target = node._get_node("_target_") if "_target_" in node else None
+    if target is None or target._is_interpolation():
+        return set()
+    try:
+        from hydra.utils import get_class
+
+        return set(inspect.signature(get_class(str(target._value()))).parameters)
+    except Exception:  # an unimportable target fails when instantiated, with Hydra's own message
+        return set()
+
+
+def _unknown_key_message(key_path: str, key: str, parent: str, fields: list[str]) -> str:
+    where = parent or "the top level"
+    parts = [f"{key_path}: {where} has no key {key!r}; it was added with +{key_path}=..., and nothing reads it "
+             "(+ adds keys unchecked)"]
+    if SECRET_NAME.search(key):  # no "did you mean judge.api_key_env": that field takes a variable's name
+        env = " (judge.api_key_env names it; default JUDGE_API_KEY)" if parent == "judge" else ""
+        parts.append("credentials never go into the config or on the command line, where they would be saved and "
+                     f"logged: export the key in an environment variable{env} instead")
+        return "; ".join(parts)
+    close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
+    if close:
+        parts.append("did you mean " + " or ".join(f"{parent + '.' if parent else ''}{c}" for c in close) + "?")
+    if len(fields) <= 12:
+        parts.append(f"{where}'s keys: {', '.join(fields)}")
+    return "; ".join(parts)
 
 
 def bitsandbytes_4bit_on(device: str) -> bool:

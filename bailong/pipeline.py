@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from bailong.checks import check_config, check_output_dir
 from bailong.data.pretrain import PretrainDataModule
 from bailong.data.splits import Splits, load_splits
-from bailong.embedding import resize_and_initialize
+from bailong.embedding import global_rng_kept, resize_and_initialize, rows_depend_on
 from bailong.eval.bpc import evaluate_texts
 from bailong.cache import atomic_dir, cache_key, cached_json, computed_once, fingerprint, hash_texts
 from bailong.model.adapter import save_adapter
@@ -30,6 +30,7 @@ from bailong.model.device import autocast, global_rank, run_device
 from bailong.model.random_base import ensure_random_base
 from bailong.tokenization import extend_tokenizer, load_tokenizer, tokens_per_char
 from bailong.train.callbacks import GatherFullState
+from bailong.train.checkpoint_io import AtomicCheckpointIO
 from bailong.train.pretrain import PretrainModule
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,8 @@ def fit(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.LightningDat
     """Lightning fit with the configured trainer, loggers and callbacks; adds ``train/*`` to ``metrics``."""
     loggers = make_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                      plugins=[AtomicCheckpointIO()])  # checkpoints are whole or absent
     if isinstance(trainer.strategy, FSDPStrategy):  # rank 0 needs whole parameters to evaluate and save
         trainer.callbacks.append(GatherFullState())
     started = time.perf_counter()
@@ -234,8 +236,6 @@ def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Spl
     The base runs on the run's device; the first process computes while the others (DDP ranks, sweep
     jobs) wait and read. Computing leaves the global RNGs as reading does: the run's result does not
     depend on whether the rows were cached."""
-    from bailong.embedding import global_rng_kept, rows_depend_on
-
     depends_on = rows_depend_on(cfg.init, cfg.seed)
     key = cache_key({**model_identity(cfg), "tokenizer": tokenizer_key, "init": depends_on,
                      "texts": hash_texts(splits.tc_train) if depends_on["corpus"] else None})

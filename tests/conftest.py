@@ -23,3 +23,17 @@ def root() -> Path:
 @pytest.fixture
 def make_config():
     return compose_config
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with a 64-token vocabulary, saved with save_pretrained (the guard and fault tests)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    path = tmp_path_factory.mktemp("tiny_base")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -99,3 +100,83 @@ def test_lora_targets_missing_from_the_model(make_config, tmp_path):
 
 def test_the_default_config_passes(make_config, tmp_path):
     check_config(make_config([], tmp_path))
+
+
+# -- learning rate and the other optimiser settings --------------------------------------------------------------
+@pytest.mark.parametrize("value", ["1e20", "1e38", "1e6", "2", "-0.01", "0", "nan", "inf"])
+@pytest.mark.parametrize("key", ["lr", "embedding_lr"])
+def test_learning_rates_outside_what_adamw_can_use_are_refused(make_config, tmp_path, key, value):
+    shown = str(float(value))  # the message shows the value as the config holds it (1e20 -> 1e+20)
+    with pytest.raises(ConfigError, match=rf"train\.{key}={re.escape(shown)}: the learning rate must be a finite "
+                                          r"number in \(0, 1\]"):
+        check_config(make_config([f"train.{key}={value}"], tmp_path))
+
+
+def test_a_high_learning_rate_is_allowed_with_a_warning(make_config, tmp_path, caplog):
+    check_config(make_config(["train.lr=0.05"], tmp_path))
+    assert "train.lr=0.05 is above 0.01" in caplog.text
+    caplog.clear()
+    check_config(make_config(["train.lr=1e-3", "train.embedding_lr=5e-3"], tmp_path))
+    assert "is above" not in caplog.text
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.warmup_steps=-1", r"train\.warmup_steps=-1: must be >= 0"),
+    ("train.min_lr_ratio=1.5", r"train\.min_lr_ratio=1\.5: the cosine floor .* must be in \[0, 1\]"),
+    ("train.betas=[0.9,1.0]", r"train\.betas=\[0\.9, 1\.0\]: AdamW takes two decay rates, each in \[0, 1\)"),
+    ("train.betas=[0.9]", r"train\.betas=\[0\.9\]: AdamW takes two decay rates"),
+    ("train.weight_decay=-0.1", r"train\.weight_decay=-0\.1: must be a finite number >= 0"),
+    ("train.optimizer=sgd", r"train\.optimizer='sgd': expected one of adamw, adamw_8bit"),
+    ("train.checkpoint_every_n_steps=-5", r"train\.checkpoint_every_n_steps=-5: must be >= 0"),
+])
+def test_other_training_settings_out_of_range(make_config, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(make_config([override], tmp_path))
+
+
+# -- an accelerator this machine lacks, whatever the quantisation ------------------------------------------------
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_a_missing_gpu_is_refused_before_anything_loads(make_config, tmp_path, monkeypatch, quant):
+    monkeypatch.setattr(checks, "device_available", lambda device: device == "CPU")  # a machine without a GPU
+    with pytest.raises(ConfigError) as err:
+        check_config(make_config(["trainer=gpu", f"quant={quant}"], tmp_path))
+    assert str(err.value).count("no CUDA device is visible") == 1  # said once, for any quant
+    assert "trainer.accelerator='gpu': no CUDA device is visible to torch (use trainer=cpu" in str(err.value)
+
+
+def test_more_gpus_than_visible_are_refused(make_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(checks, "device_available", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    problems = checks.accelerator_problems(make_config(["trainer=ddp", "quant=none"], tmp_path))  # devices: 8
+    assert problems == ["trainer.devices=8: only 2 CUDA device(s) are visible to torch; valid: 1..2 (or -1 for all)"]
+    assert checks.accelerator_problems(make_config(["trainer=ddp", "trainer.devices=2"], tmp_path)) == []
+
+
+# -- keys the schema does not have (added with +) ----------------------------------------------------------------
+def test_a_key_added_with_plus_that_nothing_reads_is_refused(make_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"lora\.rank: lora has no key 'rank'; it was added with \+lora\.rank=\.\.\., "
+                                          r"and nothing reads it .* lora's keys: alpha, dropout, embeddings, r, "
+                                          r"target_modules"):
+        check_config(make_config(["+lora.rank=8"], tmp_path))
+    with pytest.raises(ConfigError, match=r"data\.seqlen: data has no key 'seqlen'.*; did you mean data\.seq_len\?"):
+        check_config(make_config(["+data.seqlen=64"], tmp_path))
+    with pytest.raises(ConfigError, match=r"data\.tc\.0\.foo: data\.tc\.0 has no key 'foo'"):
+        check_config(make_config(["+data.tc.0.foo=1"], tmp_path))
+
+
+def test_a_key_pasted_into_the_config_is_refused_without_echoing_it(make_config, tmp_path):
+    planted = "sk-planted-9f8e7d6c5b4a"
+    with pytest.raises(ConfigError) as err:
+        check_config(make_config([f"+judge.api_key={planted}"], tmp_path))
+    message = str(err.value)
+    assert "judge.api_key: judge has no key 'api_key'" in message
+    assert "export the key in an environment variable (judge.api_key_env names it; default JUDGE_API_KEY)" in message
+    assert planted not in message
+
+
+def test_free_form_nodes_and_trainer_arguments_may_be_added(make_config, tmp_path):
+    check_config(make_config(["+callbacks.kill._target_=bailong.train.callbacks.KillAtStep", "+callbacks.kill.step=3",
+                              "+logger.csv.prefix=run", "+trainer.detect_anomaly=true",
+                              "+trainer.limit_train_batches=2"], tmp_path))
+    with pytest.raises(ConfigError, match=r"trainer\.detect_anomalies: trainer has no key 'detect_anomalies'"):
+        check_config(make_config(["+trainer.detect_anomalies=true"], tmp_path))

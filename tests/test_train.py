@@ -1,8 +1,13 @@
 """The training module's pieces: schedule, optimizers, parameter groups, checkpoint contents."""
 from __future__ import annotations
 
+import logging
+
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from bailong.train.pretrain import PretrainModule, _param_groups, make_optimizer, warmup_cosine
 
@@ -56,3 +61,53 @@ def test_checkpoint_keeps_only_trainable_parameters_and_rng():
     draw = torch.rand(3)
     module.on_load_checkpoint(ckpt)  # restores the RNG as it was at save time
     assert torch.equal(torch.rand(3), draw)
+
+
+class TwoKindsModule(PretrainModule):
+    """PretrainModule's optimiser, schedule and checkpoints around TwoKinds (a squared-output loss)."""
+
+    def training_step(self, batch, batch_idx):
+        return (self.model.lora_A(batch) + self.model.trainable_tokens(batch)).pow(2).mean()
+
+
+class GroupSettings(pl.Callback):
+    """Each step's optimizer groups as the step starts: (lr, weight_decay) per group."""
+
+    def __init__(self):
+        self.steps: dict[int, list[tuple[float, float]]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        groups = trainer.optimizers[0].param_groups
+        self.steps[trainer.global_step] = [(g["lr"], g["weight_decay"]) for g in groups]
+
+
+def fit_two_kinds(tmp_path, callbacks, ckpt_path=None, **hp):
+    torch.manual_seed(0)
+    module = TwoKindsModule(TwoKinds(), max_steps=6, warmup_steps=2, **hp)
+    trainer = pl.Trainer(max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callbacks, default_root_dir=tmp_path)
+    loader = DataLoader(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), batch_size=2)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
+
+
+def test_a_resume_trains_at_the_configured_learning_rate_not_the_checkpoints(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bailong.train.pretrain")
+    saved = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    straight = GroupSettings()
+    fit_two_kinds(tmp_path, [saved, straight], lr=1e-2, embedding_lr=1e-1)
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    assert "resumed at step" not in caplog.text  # a fresh run changes nothing
+
+    same = GroupSettings()  # the same settings: the restored optimizer is left as it is
+    fit_two_kinds(tmp_path / "same", [same], ckpt_path=ckpt, lr=1e-2, embedding_lr=1e-1)
+    assert "resumed at step" not in caplog.text
+    assert [same.steps[s] for s in (3, 4, 5)] == [straight.steps[s] for s in (3, 4, 5)]
+
+    lowered = GroupSettings()
+    fit_two_kinds(tmp_path / "lowered", [lowered], ckpt_path=ckpt, lr=2e-3, weight_decay=0.01)
+    for step in (3, 4, 5):  # the new peak, at the restored schedule's position; embedding_lr null: train.lr
+        factor = warmup_cosine(step, 2, 6, 0.1)
+        assert lowered.steps[step] == [pytest.approx((2e-3 * factor, 0.01), rel=1e-12),
+                                       pytest.approx((2e-3 * factor, 0.0), rel=1e-12)], step
+    assert ("resumed at step 3 with the config's optimizer settings, not the checkpoint's: lora lr 0.01 -> 0.002; "
+            "lora weight_decay 0.0 -> 0.01; embeddings lr 0.1 -> 0.002") in caplog.text

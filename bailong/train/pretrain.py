@@ -1,6 +1,7 @@
 """Continued pre-training as a LightningModule: the whole training step, top to bottom."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -9,6 +10,8 @@ import torch
 
 from bailong.eval.bpc import score_batch
 from bailong.train.loss import TRAIN_LOGIT_BUDGET, causal_lm_loss
+
+log = logging.getLogger(__name__)
 
 
 def _param_groups(model: torch.nn.Module, lr: float, embedding_lr: float | None, weight_decay: float):
@@ -116,8 +119,7 @@ class PretrainModule(pl.LightningModule):
                               position_ids=batch.get("position_ids"), logit_budget=self.logit_budget)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
-                "lower train.lr or check the data (last good checkpoint is in checkpoints/)"
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}; lower train.lr or check the data"
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True)
         return loss
@@ -138,11 +140,53 @@ class PretrainModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hp
         groups = _param_groups(self.model, hp["lr"], hp["embedding_lr"], hp["weight_decay"])
+        # what the config asks, per group: a resumed run's restored optimizer is set back to it (on_train_start)
+        self._configured_groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
+                                    "betas": tuple(hp["betas"])} for g in groups]
         opt = make_optimizer(hp["optimizer"], groups, hp["betas"])
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, hp["warmup_steps"], hp["max_steps"], hp["min_lr_ratio"])
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A resumed run trains with the config's learning rates, weight decay and betas, not the checkpoint's.
+
+        Lightning restores the optimizer's and the scheduler's state after ``configure_optimizers``, and with them
+        the saved run's lr (resuming after a blow-up with a lower ``train.lr`` would otherwise go on at the old one).
+        Each group's peak lr (``initial_lr``, the scheduler's ``base_lrs``) is set to the config's and its current lr
+        to that peak times the schedule's factor at the restored step: the schedule keeps its place. Each change is
+        logged. Adam's moment estimates are kept."""
+        configured = getattr(self, "_configured_groups", None)
+        if not configured or not self.trainer.optimizers:
+            return
+        optimizer = self.trainer.optimizers[0]
+        schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+        scheduler = schedulers[0] if schedulers else None
+        changes = []
+        for i, (group, want) in enumerate(zip(optimizer.param_groups, configured)):
+            name = group.get("name", want["name"])
+            peak = group.get("initial_lr", group["lr"])
+            if peak != want["lr"]:
+                changes.append(f"{name} lr {peak:g} -> {want['lr']:g}")
+                group["initial_lr"] = want["lr"]
+                if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                    scheduler.base_lrs[i] = want["lr"]
+                    group["lr"] = want["lr"] * scheduler.lr_lambdas[i](scheduler.last_epoch)
+                else:
+                    group["lr"] = want["lr"]
+            for key in ("weight_decay", "betas"):
+                if key not in group:
+                    continue
+                current = tuple(group[key]) if key == "betas" else group[key]
+                if current != want[key]:
+                    changes.append(f"{name} {key} {current} -> {want[key]}")
+                    group[key] = want[key]
+        if scheduler is not None:
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        if changes and self.trainer.is_global_zero:
+            log.info("resumed at step %d with the config's optimizer settings, not the checkpoint's: %s",
+                     self.global_step, "; ".join(changes))
 
     # -- validation: bits per character -----------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
