@@ -36,6 +36,9 @@ KEY_PREFIX = re.compile(r"^(sk-|sk_|pk-|rk-|hf_|ghp_|gho_|ghu_|ghs_|github_pat_|
 KEY_SHAPED = re.compile(r"^[A-Za-z0-9_\-+=]{32,}$")  # a long token: no spaces, dots or path separators
 ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]+)@")
+# a key in a URL's query string (Google's ?key=AIza…, ?api_key=…, ?access_token=…)
+URL_QUERY_KEY = re.compile(r"(?P<name>[?&](?:api_?key|key|token|access_token|auth|sig|signature)=)[^&#\s]+",
+                           re.IGNORECASE)
 
 
 def looks_like_secret(value: Any) -> bool:
@@ -120,17 +123,20 @@ def redact(obj: Any, secrets: Iterable[str] | None = None) -> Any:
                 else redact(v, secrets) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v, secrets) for v in obj)
-    if isinstance(obj, str) and (any(s in obj for s in secrets) or URL_PASSWORD.search(obj)):
+    if isinstance(obj, str) and (any(s in obj for s in secrets) or URL_PASSWORD.search(obj)
+                                 or URL_QUERY_KEY.search(obj)):
         return REDACTED
     return obj
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every secret value, and the password of every ``scheme://user:password@`` URL, replaced."""
+    """``text`` with every secret value, the password of every ``scheme://user:password@`` URL and the value of every
+    key-named query parameter (``?key=…``) replaced."""
     for secret in sorted(secrets, key=len, reverse=True):
         if secret:
             text = text.replace(secret, REDACTED)
-    return URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    text = URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    return URL_QUERY_KEY.sub(lambda m: f"{m['name']}{REDACTED}", text)
 
 
 def redact_record(record: logging.LogRecord, secrets: Iterable[str]) -> None:

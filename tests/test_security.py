@@ -149,3 +149,25 @@ def test_a_key_on_the_command_line_is_refused_and_recorded_without_it(tmp_path, 
     assert message in error["message"], error["message"]
     assert (out / "error.json").stat().st_mode & 0o044, "error.json is readable like the run's other files"
     assert leaks(out, proc) == []
+
+
+def test_what_counts_as_a_secret_and_how_text_is_redacted():
+    from bailong.redact import REDACTED, check_env_var_name, redact_text, run_secrets
+
+    cfg = {"judge": {"api_key_env": "JUDGE_API_KEY", "base_url": "http://127.0.0.1:8000/v1"},
+           "model": {"revision": "0123456789abcdef0123456789abcdef01234567"},  # a commit hash is no secret
+           "logger": {"wandb": {"notes": "sk-ant-typed-into-notes-123"}}}
+    overrides = ["init=mean", "+judge.api_key=plain-words-key-42", "judge.api_key_env=0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+                 "bench.system_prompt=hf_typedTokenValue123"]
+    assert set(run_secrets(cfg, overrides)) == {"sk-ant-typed-into-notes-123", "plain-words-key-42",
+                                                "0a1b2c3d4e5f60718293a4b5c6d7e8f9", "hf_typedTokenValue123"}
+    text = ("calling http://judge:pw-0123@host/v1 and https://g.example/v1?alt=json&key=AIzaSy000&x=1 "
+            "with plain-words-key-42; keyword=fine ?keyword=fine")
+    assert redact_text(text, ["plain-words-key-42"]) == (
+        f"calling http://judge:{REDACTED}@host/v1 and https://g.example/v1?alt=json&key={REDACTED}&x=1 "
+        f"with {REDACTED}; keyword=fine ?keyword=fine")
+    check_env_var_name("judge.api_key_env", "MY_JUDGE_KEY_2")  # a name passes
+    for pasted in ("sk-proj-abcdef123456", "0a1b2c3d4e5f60718293a4b5c6d7e8f9", "my key"):
+        with pytest.raises(ValueError, match="not shown") as err:
+            check_env_var_name("judge.api_key_env", pasted)
+        assert pasted not in str(err.value)
