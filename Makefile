@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast install clean bench gpu-check
+.PHONY: run test test-fast lint install clean bench gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# ruff (the version pinned in constraints.txt, settings in pyproject.toml): lint, then check the formatting.
+# `$(VENV)/bin/ruff format .` applies the formatting; .pre-commit-config.yaml runs the same on each commit.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Speed and memory against the standard QLoRA recipe (~15 min at one thread); JSON also in outputs/bench/.
 # One thread by default: on a shared machine more threads slow everyone (set BENCH_THREADS to change).

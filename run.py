@@ -11,6 +11,7 @@ instead, so the sweep goes on: Hydra's BasicSweeper would otherwise stop with an
 hydra-optuna-sweeper 1.3 stops at the first failure (its default ``max_failure_rate`` is 0) and crashes on
 a NaN return.
 """
+
 import gc
 import json
 import logging
@@ -18,7 +19,7 @@ import math
 import os
 import tempfile
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("BAILONG_ROOT", str(Path(__file__).resolve().parent))
@@ -40,7 +41,10 @@ class SweepMetricError(RuntimeError):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from bailong.pipeline import run  # heavy imports after Hydra has validated the config
+    from bailong.console import configure_console  # heavy imports after Hydra has validated the config
+
+    configure_console()  # after Hydra's logging setup, before the pipeline loads the libraries it quiets
+    from bailong.pipeline import run
 
     out = Path(cfg.paths.output_dir)
     (out / ERROR_FILE).unlink(missing_ok=True)  # a resumed run in the same directory starts clean
@@ -64,8 +68,10 @@ def sweep_value(metrics: dict, key: str, required: bool = True) -> float | None:
         return None
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
-        raise SweepMetricError(f"sweep_metric={key!r} is {value!r} in metrics.json; expected a finite number "
-                               f"(numeric keys: {', '.join(numeric)})")
+        raise SweepMetricError(
+            f"sweep_metric={key!r} is {value!r} in metrics.json; expected a finite number "
+            f"(numeric keys: {', '.join(numeric)})"
+        )
     return float(value)
 
 
@@ -90,13 +96,19 @@ def record_failure(out: Path, err: BaseException, cfg: DictConfig) -> None:
         "job_num": OmegaConf.select(hc, "job.num", default=None) if hc else None,
         "sweep_metric": cfg.sweep_metric,
         "returned": cfg.failed_run_value if is_multirun() else None,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
         write_atomically(out / ERROR_FILE, json.dumps(record, indent=2, ensure_ascii=False))
     except OSError as write_err:  # e.g. the disk is full: the failure itself must still be reported
-        log.error("could not write %s (%s: %s); the run failed with %s: %s", out / ERROR_FILE,
-                  type(write_err).__name__, write_err, record["type"], record["message"])
+        log.error(
+            "could not write %s (%s: %s); the run failed with %s: %s",
+            out / ERROR_FILE,
+            type(write_err).__name__,
+            write_err,
+            record["type"],
+            record["message"],
+        )
     finish_wandb_run(exit_code=1)  # else the next job of the multirun would log into this W&B run
 
 

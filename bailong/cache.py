@@ -6,6 +6,7 @@ writes the entry; its mtime records the entry's last use. A writer fills a hidde
 (``.<entry>.…``) under that lock and renames it into place, so ``python -m bailong.cache prune`` can tell
 an orphan left by a killed writer (its lock is free) from one being written (see bailong/cache_cli.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,10 +15,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 LOCKS = ".locks"  # beside the entries, not among them: a listing shows results only
 _HELD: set[Path] = set()  # lock files this process holds (computed_once), so atomic_dir does not wait on itself

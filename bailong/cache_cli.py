@@ -10,6 +10,7 @@ is gone); with ``--older-than DAYS`` also the entries nobody has used for that l
 Nothing is removed while another process holds its lock: prune takes the lock itself, and a run that then
 asks for a removed entry computes it again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,20 @@ TEMP_NAMES = (
     re.compile(r"^\.(?P<entry>.+)\.[a-z0-9_]{8}$"),  # atomic_dir: .<entry>.<random>
 )
 MANIFESTS = ("report.json", "extension.json", "random_base.json", "stats.json")  # what an entry says about itself
-SUMMARY_KEYS = ("strategy", "seed", "num_new", "device", "base", "added_vocab", "num_added", "architecture",
-                "num_layers", "tc_bpc", "en_bpc", "computed_by_run")
+SUMMARY_KEYS = (
+    "strategy",
+    "seed",
+    "num_new",
+    "device",
+    "base",
+    "added_vocab",
+    "num_added",
+    "architecture",
+    "num_layers",
+    "tc_bpc",
+    "en_bpc",
+    "computed_by_run",
+)
 
 try:
     import fcntl
@@ -175,8 +188,11 @@ def summary(path: Path) -> str:
         value = data.get(key)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             parts.append(f"{key}={round(value, 4) if isinstance(value, float) else value}")
-    parts += [f"{k}={v['conversations']} conversations" for k, v in data.items()
-              if isinstance(v, dict) and "conversations" in v]
+    parts += [
+        f"{k}={v['conversations']} conversations"
+        for k, v in data.items()
+        if isinstance(v, dict) and "conversations" in v
+    ]
     return " ".join(parts)
 
 
@@ -211,17 +227,50 @@ def scan(cache_dir: Path, kinds: list[str] | None = None, now: float | None = No
                 owner = temp_owner(name)
                 locks = entry_locks(kind_dir, owner) if owner else kind_locks(kind_dir)
                 alive = now - stat.st_mtime < ORPHAN_MIN_AGE_S or is_held(locks)
-                items.append(Item(kind, name, path, "temp", size_of(path), stat.st_mtime, stat.st_mtime, owner,
-                                  "being written" if alive else "orphan"))
+                items.append(
+                    Item(
+                        kind,
+                        name,
+                        path,
+                        "temp",
+                        size_of(path),
+                        stat.st_mtime,
+                        stat.st_mtime,
+                        owner,
+                        "being written" if alive else "orphan",
+                    )
+                )
             else:
                 locks = entry_locks(kind_dir, name)
                 used = max([stat.st_mtime, *(p.stat().st_mtime for p in locks)])
-                items.append(Item(kind, name, path, "entry", size_of(path), stat.st_mtime, used, None,
-                                  "in use" if is_held(locks) else "", summary(path)))
+                items.append(
+                    Item(
+                        kind,
+                        name,
+                        path,
+                        "entry",
+                        size_of(path),
+                        stat.st_mtime,
+                        used,
+                        None,
+                        "in use" if is_held(locks) else "",
+                        summary(path),
+                    )
+                )
         for path in sorted((kind_dir / LOCKS).glob("*.lock")):
             stat = path.lstat()
-            items.append(Item(kind, f"{LOCKS}/{path.name}", path, "lock", stat.st_size, stat.st_mtime, stat.st_mtime,
-                              path.name[:-5]))
+            items.append(
+                Item(
+                    kind,
+                    f"{LOCKS}/{path.name}",
+                    path,
+                    "lock",
+                    stat.st_size,
+                    stat.st_mtime,
+                    stat.st_mtime,
+                    path.name[:-5],
+                )
+            )
         for item in items:
             if item.kind == kind and item.what == "lock":
                 item.state = "held" if is_held([item.path]) else "" if item.owner in names else "stale"
@@ -247,8 +296,13 @@ def _unlink_locks(locks: list[Path]) -> None:
         lock.unlink(missing_ok=True)
 
 
-def prune(cache_dir: Path, kinds: list[str] | None = None, older_than_days: float | None = None,
-          dry_run: bool = False, now: float | None = None) -> list[dict]:
+def prune(
+    cache_dir: Path,
+    kinds: list[str] | None = None,
+    older_than_days: float | None = None,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> list[dict]:
     """Remove orphan temporaries, stale locks and (with ``older_than_days``) entries unused for that long;
     return what was (or, ``dry_run``, would be) removed and what was kept, with the reason for each."""
     now = time.time() if now is None else now
@@ -256,8 +310,16 @@ def prune(cache_dir: Path, kinds: list[str] | None = None, older_than_days: floa
     verb = "would remove" if dry_run else "removed"
 
     def record(item: Item, action: str, reason: str) -> None:
-        actions.append({"action": action, "kind": item.kind, "name": item.name, "what": item.what,
-                        "bytes": item.bytes, "reason": reason})
+        actions.append(
+            {
+                "action": action,
+                "kind": item.kind,
+                "name": item.name,
+                "what": item.what,
+                "bytes": item.bytes,
+                "reason": reason,
+            }
+        )
 
     items = scan(cache_dir, kinds, now)
     doomed_entries: set[tuple[str, str]] = set()
@@ -342,19 +404,22 @@ def total_bytes(items: list[Item]) -> int:
 
 def print_listing(cache_dir: Path, items: list[Item], now: float) -> None:
     entries = [i for i in items if i.what == "entry"]
-    print(f"{cache_dir}: {count(len(entries), 'entry', 'entries')}, "
-          f"{format_size(total_bytes(items))} in all")
+    print(f"{cache_dir}: {count(len(entries), 'entry', 'entries')}, {format_size(total_bytes(items))} in all")
     for kind in sorted({i.kind for i in items}):
         mine = [i for i in items if i.kind == kind]
         locks = [i for i in mine if i.what == "lock"]
         stale = sum(i.state == "stale" for i in locks)
         entries_here = sum(i.what == "entry" for i in mine)
-        print(f"\n{kind}: {count(entries_here, 'entry', 'entries')}, {format_size(total_bytes(mine))}; "
-              f"{count(len(locks), 'lock file')} ({stale} stale)")
+        print(
+            f"\n{kind}: {count(entries_here, 'entry', 'entries')}, {format_size(total_bytes(mine))}; "
+            f"{count(len(locks), 'lock file')} ({stale} stale)"
+        )
         for i in (i for i in mine if i.what == "entry"):
             state = f"  [{i.state}]" if i.state else ""
-            print(f"  {i.name:<28} {format_size(i.bytes):>9}  used {format_age(now - i.last_used):>7} ago  "
-                  f"made {format_age(now - i.modified):>7} ago{state}  {i.summary}")
+            print(
+                f"  {i.name:<28} {format_size(i.bytes):>9}  used {format_age(now - i.last_used):>7} ago  "
+                f"made {format_age(now - i.modified):>7} ago{state}  {i.summary}"
+            )
         for i in (i for i in mine if i.what == "temp"):
             note = "orphan: prune removes it" if i.state == "orphan" else "being written"
             print(f"  {i.name:<28} {format_size(i.bytes):>9}  temporary, {format_age(now - i.modified)} old, {note}")
@@ -372,24 +437,44 @@ def parse_days(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bailong.cache", description="List or prune bailong's cache of tokenizers, base metrics, "
-        "init rows, instruction sets and random bases (entries named by a hash of their inputs).")
+        prog="python -m bailong.cache",
+        description="List or prune bailong's cache of tokenizers, base metrics, "
+        "init rows, instruction sets and random bases (entries named by a hash of their inputs).",
+    )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                        help=f"the cache (default: $BAILONG_CACHE, else $BAILONG_ROOT/.cache; here {default_cache_dir()})")
-    common.add_argument("--kind", action="append", default=None, metavar="KIND",
-                        help=f"only this kind (repeatable): {', '.join(KINDS)}")
+    common.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"the cache (default: $BAILONG_CACHE, else $BAILONG_ROOT/.cache; here {default_cache_dir()})",
+    )
+    common.add_argument(
+        "--kind", action="append", default=None, metavar="KIND", help=f"only this kind (repeatable): {', '.join(KINDS)}"
+    )
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
     commands = parser.add_subparsers(dest="command", metavar="{list,prune}")
-    commands.add_parser("list", parents=[common], help="entries per kind: size, last use, what produced them",
-                        description="Entries per kind with size, last use and what produced them; writers' "
-                        "temporaries and whether they are orphans.")
+    commands.add_parser(
+        "list",
+        parents=[common],
+        help="entries per kind: size, last use, what produced them",
+        description="Entries per kind with size, last use and what produced them; writers' "
+        "temporaries and whether they are orphans.",
+    )
     prune_parser = commands.add_parser(
-        "prune", parents=[common], help="remove orphans, stale locks and (--older-than) unused entries",
+        "prune",
+        parents=[common],
+        help="remove orphans, stale locks and (--older-than) unused entries",
         description="Remove orphan temporaries (writer killed) and stale lock files; with --older-than also "
-        "entries unused for that many days. Never removes what another process holds the lock of.")
-    prune_parser.add_argument("--older-than", type=parse_days, default=None, metavar="DAYS",
-                              help="also remove entries not used for DAYS days (fractions allowed; 0: all)")
+        "entries unused for that many days. Never removes what another process holds the lock of.",
+    )
+    prune_parser.add_argument(
+        "--older-than",
+        type=parse_days,
+        default=None,
+        metavar="DAYS",
+        help="also remove entries not used for DAYS days (fractions allowed; 0: all)",
+    )
     prune_parser.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     return parser
 
@@ -409,15 +494,25 @@ def main(argv: list[str] | None = None) -> int:
         present = {p.name for p in kind_dirs(cache_dir, None)}
         unknown = [k for k in args.kind if k not in KINDS and k not in present]
         if unknown:
-            parser.error(f"--kind {unknown[0]!r}: not a cache kind; expected one of "
-                         f"{', '.join(sorted(set(KINDS) | present))}")
+            parser.error(
+                f"--kind {unknown[0]!r}: not a cache kind; expected one of {', '.join(sorted(set(KINDS) | present))}"
+            )
 
     now = time.time()
     if args.command == "list":
         items = scan(cache_dir, args.kind, now)
         if args.json:
-            print(json.dumps({"cache_dir": str(cache_dir), "total_bytes": total_bytes(items),
-                              "items": [i.as_json() for i in items]}, indent=2, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "cache_dir": str(cache_dir),
+                        "total_bytes": total_bytes(items),
+                        "items": [i.as_json() for i in items],
+                    },
+                    indent=2,
+                    ensure_ascii=False,
+                )
+            )
         else:
             print_listing(cache_dir, items, now)
         return 0
@@ -427,20 +522,36 @@ def main(argv: list[str] | None = None) -> int:
     removed = sum(a["bytes"] for a in actions if a["action"] != "kept")
     after = before - removed if args.dry_run else total_bytes(scan(cache_dir, None, time.time()))
     if args.json:
-        print(json.dumps({"cache_dir": str(cache_dir), "dry_run": args.dry_run, "bytes_before": before,
-                          "bytes_after": after, "actions": actions}, indent=2, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "cache_dir": str(cache_dir),
+                    "dry_run": args.dry_run,
+                    "bytes_before": before,
+                    "bytes_after": after,
+                    "actions": actions,
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
         return 0
     for a in actions:
         if not (a["what"] == "lock" and a["action"] != "kept"):  # lock files are counted below, not listed
             print(f"{a['action']:<12} {a['kind']}/{a['name']} ({a['what']}, {format_size(a['bytes'])}): {a['reason']}")
     locks = sum(a["what"] == "lock" and a["action"] != "kept" for a in actions)
     if locks:
-        print(f"{'would remove' if args.dry_run else 'removed':<12} {count(locks, 'stale lock file')} (of entries that are gone)")
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb:<12} {count(locks, 'stale lock file')} (of entries that are gone)")
     if not actions:
-        print("nothing to remove" + ("" if args.older_than is not None else
-                                     " (entries are removed only with --older-than DAYS)"))
-    print(f"{cache_dir}: {format_size(before)} before, {format_size(after)} after"
-          + (" (dry run: nothing removed)" if args.dry_run else ""))
+        print(
+            "nothing to remove"
+            + ("" if args.older_than is not None else " (entries are removed only with --older-than DAYS)")
+        )
+    print(
+        f"{cache_dir}: {format_size(before)} before, {format_size(after)} after"
+        + (" (dry run: nothing removed)" if args.dry_run else "")
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ Interactive commands: ``/reset`` forgets the conversation, ``/system TEXT`` sets
 ``/exit`` (or Ctrl-D) quits. With ``--prompt`` (repeatable: one user turn each) the whole conversation
 is printed as JSON: ``{"model", "settings", "messages", "turns": [{"user", "assistant"}]}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,18 +42,20 @@ def load_chat_model(path: str | Path, device: str = "auto", trust_remote_code: b
     if (path / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, device_map=device_map(device),
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), use_safetensors=True, device_map=device_map(device), trust_remote_code=trust_remote_code
+        )
         return model.eval(), AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     raise FileNotFoundError(
-        f"{path}: not a run directory (no adapter/{META_FILE}), an adapter directory or a model directory (no config.json)"
+        f"{path}: not a run directory (no adapter/{META_FILE}), an adapter directory "
+        "or a model directory (no config.json)"
     )
 
 
 def reply(model: Any, tokenizer: Any, messages: list[dict], settings: dict, streamer: Any = None) -> str:
     """The assistant's answer; when the chat outgrows the model's positions the oldest turns are dropped."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     while True:
         try:
             return generate(model, tokenizer, system + turns, streamer=streamer, **settings)
@@ -94,9 +97,10 @@ def interactive(model: Any, tokenizer: Any, settings: dict, system: str | None =
             messages = [m for m in messages if m["role"] == "system"]
             continue
         if line.startswith("/system"):
-            text = line[len("/system"):].strip()
+            text = line[len("/system") :].strip()
             messages = ([{"role": "system", "content": text}] if text else []) + [
-                m for m in messages if m["role"] != "system"]
+                m for m in messages if m["role"] != "system"
+            ]
             continue
         messages.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
@@ -126,9 +130,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--top-k must be >= 0, --repetition-penalty > 0, --max-new-tokens >= 1")
 
     model, tokenizer = load_chat_model(args.model, args.device, args.trust_remote_code)
-    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "do_sample": not args.greedy,
-                "seed": args.seed}
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "do_sample": not args.greedy,
+        "seed": args.seed,
+    }
     if args.prompt:
         result = run_prompts(model, tokenizer, args.prompt, settings, system=args.system)
         print(json.dumps({"model": str(args.model), "settings": settings, **result}, ensure_ascii=False, indent=2))

@@ -1,4 +1,5 @@
 """Configuration checks that run before any heavy work; each error names the key and the valid range."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,8 +50,10 @@ def check_config(cfg: DictConfig) -> None:
             problems.append(f"data.{key}={cfg.data[key]}: must be a positive integer")
     seq = cfg.eval.seq_len or cfg.data.seq_len
     if max(cfg.data.seq_len, seq) > cfg.model.max_seq_len:
-        problems.append(f"data.seq_len={cfg.data.seq_len} / eval.seq_len={cfg.eval.seq_len}: over the model's "
-                        f"maximum model.max_seq_len={cfg.model.max_seq_len}")
+        problems.append(
+            f"data.seq_len={cfg.data.seq_len} / eval.seq_len={cfg.eval.seq_len}: over the model's "
+            f"maximum model.max_seq_len={cfg.model.max_seq_len}"
+        )
     if cfg.quant.name not in ("nf4", "none"):
         problems.append(f"quant.name={cfg.quant.name!r}: expected nf4 or none")
     if cfg.trainer.max_steps <= 0:
@@ -76,9 +79,11 @@ def finetune_problems(cfg: DictConfig) -> list[str]:
     if name not in ("lora", "full"):
         return [f"finetune.name={name!r}: expected lora or full"]
     if name == "full" and cfg.quant.name == "nf4":
-        return ["finetune.name=full with quant.name=nf4: full fine-tuning updates every weight, and 4-bit weights "
-                "cannot be trained; use quant=none (drop the quant=nf4 override: finetune=full selects quant=none), "
-                "or finetune=lora for QLoRA"]
+        return [
+            "finetune.name=full with quant.name=nf4: full fine-tuning updates every weight, and 4-bit weights "
+            "cannot be trained; use quant=none (drop the quant=nf4 override: finetune=full selects quant=none), "
+            "or finetune=lora for QLoRA"
+        ]
     return []
 
 
@@ -92,20 +97,27 @@ def speed_switch_problems(cfg: DictConfig) -> list[str]:
     problems = []
     attn = cfg.model.attn_implementation
     if attn not in ATTN_IMPLEMENTATIONS:
-        problems.append(f"model.attn_implementation={attn!r}: expected one of "
-                        f"{', '.join(str(a) for a in ATTN_IMPLEMENTATIONS)}")
+        problems.append(
+            f"model.attn_implementation={attn!r}: expected one of {', '.join(str(a) for a in ATTN_IMPLEMENTATIONS)}"
+        )
     elif attn == "flash_attention_2":
         accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
         if importlib.util.find_spec("flash_attn") is None:
-            problems.append("model.attn_implementation=flash_attention_2 needs the flash-attn package "
-                            "(pip install flash-attn); use sdpa")
+            problems.append(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                "(pip install flash-attn); use sdpa"
+            )
         elif accelerator == "cpu" or not device_available("CUDA"):
-            problems.append(f"model.attn_implementation=flash_attention_2 runs on CUDA GPUs only "
-                            f"(trainer.accelerator={accelerator!r}); use sdpa")
+            problems.append(
+                f"model.attn_implementation=flash_attention_2 runs on CUDA GPUs only "
+                f"(trainer.accelerator={accelerator!r}); use sdpa"
+            )
     pad = cfg.model.pad_vocab_to_multiple_of
     if isinstance(pad, bool) or not isinstance(pad, int) or pad < 1:
-        problems.append(f"model.pad_vocab_to_multiple_of={pad!r}: expected a positive integer (1: no padding, "
-                        "64: tensor-core shapes)")
+        problems.append(
+            f"model.pad_vocab_to_multiple_of={pad!r}: expected a positive integer (1: no padding, "
+            "64: tensor-core shapes)"
+        )
     return problems
 
 
@@ -122,8 +134,10 @@ def check_output_dir(out, ckpt_path: str | None) -> None:
     if ckpt_path:
         return
     if (out / "metrics.json").is_file():
-        raise ConfigError(f"{out}/metrics.json exists: this directory holds a finished run, and runs never "
-                          "overwrite one another; choose another hydra.run.dir (or resume with ckpt_path=...)")
+        raise ConfigError(
+            f"{out}/metrics.json exists: this directory holds a finished run, and runs never "
+            "overwrite one another; choose another hydra.run.dir (or resume with ckpt_path=...)"
+        )
     folder = out / "checkpoints"
     ckpts = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
     if not ckpts:
@@ -132,13 +146,17 @@ def check_output_dir(out, ckpt_path: str | None) -> None:
     good = [p for p in ckpts if p not in damaged]
     listed = "; ".join(f"{p.name} ({problem})" for p, problem in damaged.items())
     if not good:
-        raise ConfigError(f"{folder} holds checkpoints of an unfinished run, but none loads: {listed}. Choose another "
-                          "hydra.run.dir, or delete those files to start this one over")
+        raise ConfigError(
+            f"{folder} holds checkpoints of an unfinished run, but none loads: {listed}. Choose another "
+            "hydra.run.dir, or delete those files to start this one over"
+        )
     newest = max(good, key=lambda p: p.stat().st_mtime)
     last = folder / "last.ckpt"
     if newest.name == "last_good.ckpt":
-        advice = (f"it stopped on a non-finite or blown-up loss: resume from the state before the damage with "
-                  f"ckpt_path={newest} and a lower train.lr")
+        advice = (
+            f"it stopped on a non-finite or blown-up loss: resume from the state before the damage with "
+            f"ckpt_path={newest} and a lower train.lr"
+        )
     else:
         advice = f"resume it with ckpt_path={last if last in good else newest}"
     message = f"{folder} holds checkpoints of an unfinished run: {advice}, or choose another hydra.run.dir"
@@ -169,7 +187,7 @@ def checkpoint_problem(path) -> str | None:
         if bad is not None:
             return f"corrupt: member {bad} fails its CRC check"
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # zipfile.BadZipFile, pickle/unpickling errors, RuntimeError from torch
+    except Exception as err:  # noqa: BLE001  zipfile.BadZipFile, pickle/unpickling errors, RuntimeError from torch
         return f"does not load: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
     return None
 
@@ -180,17 +198,23 @@ def quantisation_problems(cfg: DictConfig) -> list[str]:
     if q.quant_type not in ("nf4", "fp4"):
         problems.append(f"quant.quant_type={q.quant_type!r}: expected nf4 or fp4")
     if q.compute_dtype not in COMPUTE_DTYPES:
-        problems.append(f"quant.compute_dtype={q.compute_dtype!r}: 4-bit layers compute in one of {', '.join(COMPUTE_DTYPES)}")
+        problems.append(
+            f"quant.compute_dtype={q.compute_dtype!r}: 4-bit layers compute in one of {', '.join(COMPUTE_DTYPES)}"
+        )
     if q.quant_storage not in QUANT_STORAGE:
         problems.append(f"quant.quant_storage={q.quant_storage!r}: expected one of {', '.join(QUANT_STORAGE)}")
     accelerator = run_accelerator(cfg)
     device = ACCELERATOR_DEVICE.get(accelerator)
     if device is None:
-        problems.append(f"quant.name=nf4 with trainer.accelerator={accelerator!r}: bitsandbytes 4-bit runs on "
-                        f"{', '.join(ACCELERATOR_DEVICE)}; use quant=none there")
+        problems.append(
+            f"quant.name=nf4 with trainer.accelerator={accelerator!r}: bitsandbytes 4-bit runs on "
+            f"{', '.join(ACCELERATOR_DEVICE)}; use quant=none there"
+        )
     elif device_available(device) and not bitsandbytes_4bit_on(device):  # a missing device: accelerator_problems
-        problems.append(f"quant.name=nf4: the installed bitsandbytes has no 4-bit kernels for {device} "
-                        f"(trainer.accelerator={accelerator!r}); use quant=none or a device it supports")
+        problems.append(
+            f"quant.name=nf4: the installed bitsandbytes has no 4-bit kernels for {device} "
+            f"(trainer.accelerator={accelerator!r}); use quant=none or a device it supports"
+        )
     return problems
 
 
@@ -211,16 +235,17 @@ def accelerator_problems(cfg: DictConfig) -> list[str]:
         return []
     if not device_available(device):
         other = ", or quant=none on another accelerator" if cfg.quant.name == "nf4" else ""
-        return [f"trainer.accelerator={accelerator!r}: no {device} device is visible to torch "
-                f"(use trainer=cpu{other})"]
+        return [f"trainer.accelerator={accelerator!r}: no {device} device is visible to torch (use trainer=cpu{other})"]
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
     if device == "CUDA" and isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
         import torch
 
         visible = torch.cuda.device_count()
         if devices > visible:
-            return [f"trainer.devices={devices}: only {visible} CUDA device(s) are visible to torch; "
-                    f"valid: 1..{visible} (or -1 for all)"]
+            return [
+                f"trainer.devices={devices}: only {visible} CUDA device(s) are visible to torch; "
+                f"valid: 1..{visible} (or -1 for all)"
+            ]
     return []
 
 
@@ -234,31 +259,41 @@ def train_problems(cfg: DictConfig) -> list[str]:
         if lr is None and key == "embedding_lr":  # default: train.lr
             continue
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or not 0 < lr <= MAX_LR:
-            problems.append(f"train.{key}={lr}: the learning rate must be a finite number in (0, {MAX_LR:g}]; "
-                            f"AdamW moves each weight by about lr per step, so continued pre-training uses "
-                            f"1e-5..1e-3 (default train.lr=2e-4)")
+            problems.append(
+                f"train.{key}={lr}: the learning rate must be a finite number in (0, {MAX_LR:g}]; "
+                f"AdamW moves each weight by about lr per step, so continued pre-training uses "
+                f"1e-5..1e-3 (default train.lr=2e-4)"
+            )
         elif lr > HIGH_LR:
-            log.warning("train.%s=%g is above %g: AdamW then moves each weight by more than %g per step, which "
-                        "usually wrecks a pretrained model; continued pre-training uses 1e-5..1e-3", key, lr, HIGH_LR,
-                        HIGH_LR)
+            log.warning(
+                "train.%s=%g is above %g: AdamW then moves each weight by more than %g per step, which "
+                "usually wrecks a pretrained model; continued pre-training uses 1e-5..1e-3",
+                key,
+                lr,
+                HIGH_LR,
+                HIGH_LR,
+            )
     if train.warmup_steps < 0:
         problems.append(f"train.warmup_steps={train.warmup_steps}: must be >= 0 (0 = no warm-up)")
     if not 0.0 <= train.min_lr_ratio <= 1.0:
-        problems.append(f"train.min_lr_ratio={train.min_lr_ratio}: the cosine floor as a share of the peak lr "
-                        "must be in [0, 1]")
+        problems.append(
+            f"train.min_lr_ratio={train.min_lr_ratio}: the cosine floor as a share of the peak lr must be in [0, 1]"
+        )
     betas = list(train.betas)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         problems.append(f"train.betas={betas}: AdamW takes two decay rates, each in [0, 1) (default [0.9, 0.95])")
     if not math.isfinite(train.weight_decay) or train.weight_decay < 0:
         problems.append(f"train.weight_decay={train.weight_decay}: must be a finite number >= 0 (0 = none)")
     if train.checkpoint_every_n_steps < 0:
-        problems.append(f"train.checkpoint_every_n_steps={train.checkpoint_every_n_steps}: must be >= 0 "
-                        "(0 = only at validation)")
+        problems.append(
+            f"train.checkpoint_every_n_steps={train.checkpoint_every_n_steps}: must be >= 0 (0 = only at validation)"
+        )
     if train.optimizer not in OPTIMIZERS:
         problems.append(f"train.optimizer={train.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     elif train.optimizer.startswith("paged") and not device_available("CUDA"):
-        problems.append(f"train.optimizer={train.optimizer!r} pages optimizer state to CUDA memory: needs a GPU; "
-                        "use adamw")
+        problems.append(
+            f"train.optimizer={train.optimizer!r} pages optimizer state to CUDA memory: needs a GPU; use adamw"
+        )
     return problems
 
 
@@ -305,18 +340,22 @@ def _target_arguments(node: DictConfig) -> set[str]:
         from hydra.utils import get_class
 
         return set(inspect.signature(get_class(str(target._value()))).parameters)
-    except Exception:  # an unimportable target fails when instantiated, with Hydra's own message
+    except Exception:  # noqa: BLE001  an unimportable target fails when instantiated, with Hydra's own message
         return set()
 
 
 def _unknown_key_message(key_path: str, key: str, parent: str, fields: list[str]) -> str:
     where = parent or "the top level"
-    parts = [f"{key_path}: {where} has no key {key!r}; it was added with +{key_path}=..., and nothing reads it "
-             "(+ adds keys unchecked)"]
+    parts = [
+        f"{key_path}: {where} has no key {key!r}; it was added with +{key_path}=..., and nothing reads it "
+        "(+ adds keys unchecked)"
+    ]
     if SECRET_NAME.search(key):  # no "did you mean judge.api_key_env": that field takes a variable's name
         env = " (judge.api_key_env names it; default JUDGE_API_KEY)" if parent == "judge" else ""
-        parts.append("credentials never go into the config or on the command line, where they would be saved and "
-                     f"logged: export the key in an environment variable{env} instead")
+        parts.append(
+            "credentials never go into the config or on the command line, where they would be saved and "
+            f"logged: export the key in an environment variable{env} instead"
+        )
         return "; ".join(parts)
     close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
     if close:
@@ -334,8 +373,9 @@ def bitsandbytes_4bit_on(device: str) -> bool:
 
     op = "bitsandbytes::dequantize_4bit"
     try:
-        return any(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-                   for key in (device, "CompositeExplicitAutograd"))
+        return any(
+            torch._C._dispatch_has_kernel_for_dispatch_key(op, key) for key in (device, "CompositeExplicitAutograd")
+        )
     except RuntimeError:  # the op is not registered at all: a bitsandbytes without 4-bit support
         return False
 
@@ -363,8 +403,10 @@ def model_problems(cfg: DictConfig) -> list[str]:
     limit = getattr(config, "max_position_embeddings", None)
     seq = max(cfg.data.seq_len, OmegaConf.select(cfg, "eval.seq_len", default=None) or 0)
     if limit is not None and seq > limit:
-        problems.append(f"data.seq_len={cfg.data.seq_len} / eval.seq_len={OmegaConf.select(cfg, 'eval.seq_len')}: "
-                        f"over {cfg.model.pretrained}'s max_position_embeddings={limit}; valid: 2..{limit}")
+        problems.append(
+            f"data.seq_len={cfg.data.seq_len} / eval.seq_len={OmegaConf.select(cfg, 'eval.seq_len')}: "
+            f"over {cfg.model.pretrained}'s max_position_embeddings={limit}; valid: 2..{limit}"
+        )
     names = _module_names(cfg, config)
     if names is None:
         return problems
@@ -373,12 +415,15 @@ def model_problems(cfg: DictConfig) -> list[str]:
         # transformers' bitsandbytes integration replaces nn.Linear and GPT-2-style Conv1D projections
         linear = [n for n, kind in names.items() if kind in ("Linear", "Conv1D") and n.rsplit(".", 1)[-1] not in skip]
         if not linear:
-            problems.append(f"quant.name=nf4: {config.model_type} model {cfg.model.pretrained} has no nn.Linear layers "
-                            "outside quant.skip_modules for bitsandbytes to quantise; use quant=none")
+            problems.append(
+                f"quant.name=nf4: {config.model_type} model {cfg.model.pretrained} has no nn.Linear layers "
+                "outside quant.skip_modules for bitsandbytes to quantise; use quant=none"
+            )
     missing = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing and finetune_name(cfg) != "full":  # full fine-tuning has no LoRA targets
-        problems.append(f"lora.target_modules: {missing} match no module of {config.model_type} "
-                        f"({cfg.model.pretrained})")
+        problems.append(
+            f"lora.target_modules: {missing} match no module of {config.model_type} ({cfg.model.pretrained})"
+        )
     return problems
 
 
@@ -386,8 +431,9 @@ def _model_config(cfg: DictConfig):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(cfg.model.pretrained, revision=cfg.model.revision,
-                                          trust_remote_code=cfg.model.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            cfg.model.pretrained, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
     except (OSError, ValueError) as err:  # a hub id with no network or no access: loading will say why
         log.warning("model checks skipped: cannot read %s's config (%s)", cfg.model.pretrained, err)
         return None

@@ -2,15 +2,20 @@
 
 Registered as ``config_schema`` and listed first in ``conf/config.yaml``'s defaults, so Hydra rejects a
 misspelt key (``lora.rank=8``) and a value of the wrong type before anything runs. Unknown group
-options (``init=zip_tye``) are rejected by Hydra itself with the list of valid choices.
+options (``init=zip_tye``) are rejected by Hydra itself with the list of valid choices. The ``init`` group's
+options are the init strategies' own options classes, registered with the strategies (bailong/embedding/).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+# importing the strategies registers each one's options class as the `init` group option of its name
+from bailong.embedding import InitOptions
 
 
 @dataclass
@@ -37,13 +42,13 @@ class RandomBaseConfig:
 class ModelConfig:
     name: str = MISSING
     pretrained: str = MISSING  # local directory or Hugging Face hub id
-    tokenizer: Optional[str] = None  # base tokenizer (dir, .model file or hub id); default: pretrained
-    revision: Optional[str] = None
+    tokenizer: str | None = None  # base tokenizer (dir, .model file or hub id); default: pretrained
+    revision: str | None = None
     dtype: str = "float32"  # dtype of the unquantised parts (embeddings, head, norms, LoRA)
     trust_remote_code: bool = False
     max_seq_len: int = 1024  # the model's position limit; data.seq_len may not exceed it
-    random_base: Optional[RandomBaseConfig] = None  # set: build a random base at `pretrained` if absent
-    attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 (flash-attn installed, GPU)
+    random_base: RandomBaseConfig | None = None  # set: build a random base at `pretrained` if absent
+    attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2 (flash-attn installed, GPU)
     # the extended vocabulary's embedding/head rows rounded up (59,241 -> 59,264) for tensor-core shapes;
     # padding rows are zero, never sampled and outside every softmax. 1: no padding
     pad_vocab_to_multiple_of: int = 64
@@ -55,37 +60,6 @@ class TokenizerConfig:
     added_vocab: int = 8000  # pieces appended to the base vocabulary (0 = keep the base tokenizer)
     character_coverage: float = 0.9995
     seed: int = 0
-
-
-@dataclass
-class InitConfig:
-    """Options of the init strategies (bailong/embedding/); each conf/init/<name>.yaml sets its own."""
-
-    name: str = MISSING
-    # random
-    std: Optional[float] = None  # None: the model's initializer_range
-    # multivariate
-    covariance_scale: float = 1.0
-    # zip_tie (and distill's starting point)
-    input_rule: str = "last"
-    output_rule: str = "first_shift"
-    shift_estimate: str = "prefix"
-    shift_bias: float = 0.5
-    absorbed_mass_bias: bool = True  # also correct for the probability mass the new tokens take
-    shift_ridge: float = 1e-3
-    shift_max_tokens: int = 400_000
-    shift_seq_len: int = 512
-    shift_batch_size: int = 8
-    # distill
-    start_from: str = "zip_tie"
-    steps: int = 200
-    lr: float = 3e-3
-    contexts_per_token: int = 4
-    context_len: int = 32
-    batch_size: int = 16
-    output_loss: str = "none"
-    hidden_loss_weight: float = 1.0
-    max_corpus_tokens: int = 1_000_000
 
 
 @dataclass
@@ -120,15 +94,15 @@ class FinetuneConfig:
 @dataclass
 class CorpusConfig:
     path: str = MISSING
-    format: Optional[str] = None  # txt | jsonl | hub (default: from the file name)
+    format: str | None = None  # txt | jsonl | hub (default: from the file name)
     text_field: str = "text"
-    name: Optional[str] = None  # hub: data set configuration
+    name: str | None = None  # hub: data set configuration
     split: str = "train"  # hub: split to read
-    data_files: Optional[Any] = None  # hub: e.g. the "json" builder on local files
-    revision: Optional[str] = None
+    data_files: Any | None = None  # hub: e.g. the "json" builder on local files
+    revision: str | None = None
     streaming: bool = False
-    max_docs: Optional[int] = None  # documents kept (after conversion and deduplication)
-    convert: Optional[str] = None  # OpenCC conversion per document, e.g. s2twp (Simplified -> Taiwan Traditional)
+    max_docs: int | None = None  # documents kept (after conversion and deduplication)
+    convert: str | None = None  # OpenCC conversion per document, e.g. s2twp (Simplified -> Taiwan Traditional)
 
 
 @dataclass
@@ -136,7 +110,7 @@ class DedupConfig:
     """Document-level dedup per language, across its corpora, before the split (bailong/data/dedup.py)."""
 
     exact: bool = True  # hash of the normalised text
-    near: Optional[float] = 0.8  # MinHash LSH Jaccard threshold over character shingles; null: exact only
+    near: float | None = 0.8  # MinHash LSH Jaccard threshold over character shingles; null: exact only
     num_perm: int = 128
     ngram: int = 5  # characters per shingle
 
@@ -146,14 +120,14 @@ class ChatCorpusConfig:
     """One chat corpus: JSON Lines of {"messages": [{"role", "content"}]} or a hub data set in that format."""
 
     path: str = MISSING
-    format: Optional[str] = None  # jsonl | hub (default: from the file name)
+    format: str | None = None  # jsonl | hub (default: from the file name)
     messages_field: str = "messages"
-    name: Optional[str] = None  # hub: data set configuration
+    name: str | None = None  # hub: data set configuration
     split: str = "train"
-    data_files: Optional[Any] = None
-    revision: Optional[str] = None
+    data_files: Any | None = None
+    revision: str | None = None
     streaming: bool = False
-    max_records: Optional[int] = None
+    max_records: int | None = None
 
 
 @dataclass
@@ -161,8 +135,8 @@ class InstructConfig:
     """The instruction set generated from the Tang poems (bailong/data/instruct.py)."""
 
     poems: str = "${paths.data_dir}/zh_tw/poetry_tang.jsonl.gz"
-    max_train: Optional[int] = None  # conversations (at most one per poem)
-    max_val: Optional[int] = 64
+    max_train: int | None = None  # conversations (at most one per poem)
+    max_val: int | None = 64
     en_share: float = 0.4  # conversations asked in English
     multi_turn_share: float = 0.3
     system_share: float = 0.2
@@ -171,7 +145,7 @@ class InstructConfig:
 
 @dataclass
 class ChatDataConfig:
-    instruct: Optional[InstructConfig] = None  # generated Tang-poem set (null: none)
+    instruct: InstructConfig | None = None  # generated Tang-poem set (null: none)
     files: list[ChatCorpusConfig] = field(default_factory=list)  # chat corpora, split by data.val_fraction
     max_val: int = 64  # held-out conversations per source scored as val/chat_bpc
     packing: bool = True  # whole conversations packed into data.seq_len rows (block-diagonal attention)
@@ -187,17 +161,17 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 8
     num_workers: int = 0
-    max_val_chars: Optional[int] = 20000  # per language, so evaluation takes seconds on a CPU
+    max_val_chars: int | None = 20000  # per language, so evaluation takes seconds on a CPU
     # off by default (the shipped data pack is clean); hub corpora turn it on: {exact: true, near: 0.8}
     dedup: DedupConfig = field(default_factory=lambda: DedupConfig(exact=False, near=None))
-    chat: Optional[ChatDataConfig] = None  # SFT stage: the chat data (conf/data/sft_chat.yaml)
+    chat: ChatDataConfig | None = None  # SFT stage: the chat data (conf/data/sft_chat.yaml)
 
 
 @dataclass
 class TrainConfig:
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit
     lr: float = 2e-4
-    embedding_lr: Optional[float] = None  # new-row parameters; default: lr
+    embedding_lr: float | None = None  # new-row parameters; default: lr
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 10
@@ -219,12 +193,12 @@ class TrainerConfig:
     max_steps: int = 100
     max_epochs: int = -1
     val_check_interval: Any = 50
-    check_val_every_n_epoch: Optional[int] = None
+    check_val_every_n_epoch: int | None = None
     limit_val_batches: Any = 1.0
     num_sanity_val_steps: int = 0
     log_every_n_steps: int = 5
     accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: float | None = 1.0
     deterministic: Any = False
     enable_progress_bar: bool = True
     enable_model_summary: bool = False
@@ -234,7 +208,7 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 8
-    seq_len: Optional[int] = None  # default: data.seq_len
+    seq_len: int | None = None  # default: data.seq_len
     base: bool = True  # also score the base model with the base tokenizer (cached)
 
 
@@ -262,7 +236,7 @@ class BenchConfig:
 
     name: str = "default"
     prompts: str = MISSING  # JSONL: {"id", "category", "lang", "prompt", "expected_lang"?}
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     max_new_tokens: int = 128
     do_sample: bool = False  # greedy by default: rule scores do not move between runs
     temperature: float = 0.6
@@ -270,7 +244,7 @@ class BenchConfig:
     top_k: int = 40
     repetition_penalty: float = 1.1
     seed: int = 0
-    max_prompts: Optional[int] = None
+    max_prompts: int | None = None
 
 
 @dataclass
@@ -280,7 +254,7 @@ class JudgeConfig:
     and never stored in configs or outputs."""
 
     name: str = "mt_bench_single"
-    base_url: Optional[str] = None  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    base_url: str | None = None  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
     model: str = "gpt-4o-mini"
     api_key_env: str = "JUDGE_API_KEY"
     system_prompt: str = ""
@@ -288,7 +262,9 @@ class JudgeConfig:
     rating_pattern: str = "\\[\\[(\\d+\\.?\\d*)\\]\\]"
     temperature: float = 0.0
     max_tokens: int = 1024
-    timeout_s: float = 60.0  # per attempt, wall clock: connect, send and the whole reply (a trickling server is cut off)
+    timeout_s: float = (
+        60.0  # per attempt, wall clock: connect, send and the whole reply (a trickling server is cut off)
+    )
     max_retries: int = 4  # attempts after the first, on timeouts, 429/5xx and malformed replies
     backoff_s: float = 1.0  # wait before retry k: backoff_s * 2**k, at most max_backoff_s
     max_backoff_s: float = 30.0
@@ -298,7 +274,7 @@ class JudgeConfig:
 class SFTConfig:
     """The SFT stage (bailong/sft_pipeline.py, ``stage: sft``)."""
 
-    from_run: Optional[str] = None  # a pre-training run directory (its adapter/ is fine-tuned further)
+    from_run: str | None = None  # a pre-training run directory (its adapter/ is fine-tuned further)
     from_base: bool = False  # instead: the base + extended tokenizer + init rows, as pre-training builds them
     eval_before: bool = True  # evaluate_instruct + held-out bits/char before fine-tuning
     eval_after: bool = True
@@ -309,7 +285,7 @@ class Config:
     task_name: str = "pretrain"
     stage: str = "pretrain"  # pretrain | sft
     seed: int = 1234
-    ckpt_path: Optional[str] = None  # resume from a Lightning checkpoint
+    ckpt_path: str | None = None  # resume from a Lightning checkpoint
     sweep_metric: str = "final/tc_bpc"  # what run.py returns to a Hydra sweeper
     # what a failed multirun job returns instead (error.json holds why): the worst value of a minimised
     # metric; not NaN, which hydra-optuna-sweeper 1.3 cannot record. Use -inf for a maximised metric.
@@ -317,7 +293,9 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    init: InitConfig = field(default_factory=InitConfig)
+    # the `init` group option: one strategy's own options class (bailong/embedding/), which rejects the
+    # keys of every other strategy when Hydra composes
+    init: InitOptions = MISSING
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -384,11 +362,13 @@ def override_tags(*fixed: str) -> list[str]:
 
 
 def register_resolvers() -> None:
-    for name, fn in (("bailong.sweep_group", sweep_group), ("bailong.override_values", override_values),
-                     ("bailong.override_tags", override_tags)):
+    for name, fn in (
+        ("bailong.sweep_group", sweep_group),
+        ("bailong.override_values", override_values),
+        ("bailong.override_tags", override_tags),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
-
 
 
 def compose_config(overrides: Any = (), output_dir: Any = None):

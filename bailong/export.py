@@ -16,6 +16,7 @@ What remains different from the adapter run is arithmetic, not weights: the 4-bi
 checks the logits against the adapter run with its compute dtype set to float32 (same numbers up to
 float32 summation order) and as trained (bfloat16 rounding of the activations).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,19 @@ from bailong.model.device import run_device
 PAPER_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
 
 
-def dequantised_weights(build: dict, device: torch.device | None = None,
-                        trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+def dequantised_weights(
+    build: dict, device: torch.device | None = None, trust_remote_code: bool = False
+) -> dict[str, torch.Tensor]:
     """The base's 4-bit projection weights as the adapter run saw them, dequantised: ``{module name: weight}``
     (``trust_remote_code``: the user's consent, checked by ``load_adapter`` before this runs)."""
-    quantised = load_base_model(build["pretrained"], quant=build["quant"], dtype=build["dtype"],
-                                revision=build.get("revision"), device=device,
-                                trust_remote_code=bool(build.get("trust_remote_code")) and trust_remote_code)
+    quantised = load_base_model(
+        build["pretrained"],
+        quant=build["quant"],
+        dtype=build["dtype"],
+        revision=build.get("revision"),
+        device=device,
+        trust_remote_code=bool(build.get("trust_remote_code")) and trust_remote_code,
+    )
     weights = {}
     for name, module in quantised.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -50,15 +57,20 @@ def dequantised_weights(build: dict, device: torch.device | None = None,
     return weights
 
 
-def merged_model(adapter_dir: str | Path, device: torch.device | None = None,
-                 trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any, dict]:
+def merged_model(
+    adapter_dir: str | Path, device: torch.device | None = None, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, Any, dict]:
     """(plain transformers model, tokenizer, build settings) with the adapter merged into dequantised weights."""
     path, adapter_dir = adapter_dir, find_adapter(adapter_dir)
     if adapter_dir is None:
         raise FileNotFoundError(f"{path}: no {META_FILE} here or in adapter/: not a bailong run or adapter directory")
     build = read_meta(adapter_dir)["build"]
-    model, tokenizer = load_adapter(adapter_dir, quant={"name": "none"}, device=device,  # full-precision base + adapter
-                                    trust_remote_code=trust_remote_code)
+    model, tokenizer = load_adapter(
+        adapter_dir,
+        quant={"name": "none"},
+        device=device,  # full-precision base + adapter
+        trust_remote_code=trust_remote_code,
+    )
     if is_quantised(build["quant"]):
         base = model.get_base_model()
         for name, weight in dequantised_weights(build, device, trust_remote_code).items():
@@ -78,8 +90,14 @@ def merged_model(adapter_dir: str | Path, device: torch.device | None = None,
     return merged, tokenizer, build
 
 
-def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32", device: str = "auto",
-           trust_remote_code: bool = False) -> Path:
+def export(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> Path:
     """Write the merged model, its tokenizer (with chat template) and a generation config to ``out_dir``
     (``trust_remote_code``: the user's consent to run the base's own code, if the adapter's base has any)."""
     if dtype not in DTYPES:
@@ -91,15 +109,27 @@ def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32", 
     model = model.to(DTYPES[dtype])
     model.config.dtype = dtype
     model.generation_config = GenerationConfig(
-        **PAPER_SAMPLING, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **PAPER_SAMPLING,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "bailong_export.json").write_text(json.dumps(
-        {"source": str(find_adapter(run_dir)), "dtype": dtype, "dequantised_from": build["quant"],
-         "base": build["pretrained"], "vocab_size": build["vocab_size"], "num_base": build["num_base"]},
-        indent=2, ensure_ascii=False))
+    (out / "bailong_export.json").write_text(
+        json.dumps(
+            {
+                "source": str(find_adapter(run_dir)),
+                "dtype": dtype,
+                "dequantised_from": build["quant"],
+                "base": build["pretrained"],
+                "vocab_size": build["vocab_size"],
+                "num_base": build["num_base"],
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+    )
     return out
 
 

@@ -3,6 +3,7 @@
 Each stage is one call into its package; this file only wires them together and writes the run
 directory (README, "What a run writes", has the layout).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,22 +13,22 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from bailong.cache import atomic_dir, cache_key, cached_json, computed_once, fingerprint, hash_texts
 from bailong.checks import check_config, check_output_dir
 from bailong.data.pretrain import PretrainDataModule
 from bailong.data.splits import Splits, load_splits
 from bailong.embedding import global_rng_kept, resize_and_initialize, rows_depend_on
 from bailong.eval.bpc import evaluate_texts
-from bailong.cache import atomic_dir, cache_key, cached_json, computed_once, fingerprint, hash_texts
 from bailong.model.adapter import save_adapter
-from bailong.redact import check_env_var_name, redact, run_secrets
 from bailong.model.build import build_model, count_parameters, load_base_model, new_rows
 from bailong.model.device import autocast, global_rank, run_device
 from bailong.model.random_base import ensure_random_base
+from bailong.redact import check_env_var_name, redact, run_secrets
 from bailong.tokenization import extend_tokenizer, load_tokenizer, tokens_per_char
 from bailong.train.callbacks import GatherFullState
 from bailong.train.checkpoint_io import AtomicCheckpointIO
@@ -62,11 +63,17 @@ def run(cfg: DictConfig) -> dict:
     (out / "init_report.json").write_text(json.dumps(init_report, indent=2, ensure_ascii=False))
     model = make_model(cfg, tok, ext.num_base, rows, device)
     params = count_parameters(model)
-    metrics.update({"params/trainable": params["trainable"], "params/total": params["total"],
-                    "params/trainable_pct": 100.0 * params["trainable"] / params["total"],
-                    "params/vocab_rows": model.bailong_build["padded_vocab_size"]})
-    log.info("parameters: %s trainable of %s (%.2f%%)", params["trainable"], params["total"],
-             metrics["params/trainable_pct"])
+    metrics.update(
+        {
+            "params/trainable": params["trainable"],
+            "params/total": params["total"],
+            "params/trainable_pct": 100.0 * params["trainable"] / params["total"],
+            "params/vocab_rows": model.bailong_build["padded_vocab_size"],
+        }
+    )
+    log.info(
+        "parameters: %s trainable of %s (%.2f%%)", params["trainable"], params["total"], metrics["params/trainable_pct"]
+    )
 
     # step 0: the extended, initialised model before any update (rank 0 reports; the others go on to fit)
     if rank_zero:
@@ -105,8 +112,15 @@ def build_tokenizers(cfg: DictConfig, splits: Splits):
     """``(base, extended, base_tok, tok)``: the extended tokenizer and the base one built the same way
     (added_vocab=0), so base ids encode identically in both."""
     base_src, cache = cfg.model.tokenizer or cfg.model.pretrained, Path(cfg.paths.cache_dir)
-    ext = extend_tokenizer(base_src, splits.tc_train, cfg.tokenizer.added_vocab, cache, revision=cfg.model.revision,
-                           character_coverage=cfg.tokenizer.character_coverage, seed=cfg.tokenizer.seed)
+    ext = extend_tokenizer(
+        base_src,
+        splits.tc_train,
+        cfg.tokenizer.added_vocab,
+        cache,
+        revision=cfg.model.revision,
+        character_coverage=cfg.tokenizer.character_coverage,
+        seed=cfg.tokenizer.seed,
+    )
     base = extend_tokenizer(base_src, [], 0, cache, revision=cfg.model.revision)
     return base, ext, load_tokenizer(base.path), load_tokenizer(ext.path)
 
@@ -114,10 +128,20 @@ def build_tokenizers(cfg: DictConfig, splits: Splits):
 def make_model(cfg: DictConfig, tok, num_base: int, rows: dict | None, device) -> torch.nn.Module:
     """The model to train, as ``cfg`` asks: base + extended vocabulary + rows, then LoRA (or every weight)."""
     model = build_model(
-        cfg.model.pretrained, vocab_size=len(tok), num_base=num_base, rows=rows, quant=cfg.quant, lora=cfg.lora,
-        gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype, revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code, finetune=cfg.finetune, device=device,
-        attn_implementation=cfg.model.attn_implementation, pad_vocab_to_multiple_of=cfg.model.pad_vocab_to_multiple_of,
+        cfg.model.pretrained,
+        vocab_size=len(tok),
+        num_base=num_base,
+        rows=rows,
+        quant=cfg.quant,
+        lora=cfg.lora,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        dtype=cfg.model.dtype,
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        finetune=cfg.finetune,
+        device=device,
+        attn_implementation=cfg.model.attn_implementation,
+        pad_vocab_to_multiple_of=cfg.model.pad_vocab_to_multiple_of,
     )
     if cfg.model.get("random_base") is not None:  # a reload rebuilds the random base if its cache is gone
         model.bailong_build["random_base"] = OmegaConf.to_container(cfg.model.random_base, resolve=True)
@@ -146,33 +170,41 @@ def evaluate_run_model(cfg: DictConfig, model: torch.nn.Module, tok, texts: dict
     """Bits/char of ``texts`` with the run's evaluation settings, under the autocast training used."""
     device = next(model.parameters()).device
     with autocast(device, cfg.trainer.precision):
-        return evaluate_texts(model, tok, texts, seq_len=cfg.eval.seq_len or cfg.data.seq_len,
-                              batch_size=cfg.eval.batch_size)
+        return evaluate_texts(
+            model, tok, texts, seq_len=cfg.eval.seq_len or cfg.data.seq_len, batch_size=cfg.eval.batch_size
+        )
 
 
 def module_kwargs(cfg: DictConfig) -> dict:
     """The LightningModule's optimisation settings from ``train`` and ``trainer``."""
-    return dict(lr=cfg.train.lr, max_steps=cfg.trainer.max_steps, optimizer=cfg.train.optimizer,
-                embedding_lr=cfg.train.embedding_lr, weight_decay=cfg.train.weight_decay,
-                betas=tuple(cfg.train.betas), warmup_steps=cfg.train.warmup_steps,
-                min_lr_ratio=cfg.train.min_lr_ratio)
+    return dict(
+        lr=cfg.train.lr,
+        max_steps=cfg.trainer.max_steps,
+        optimizer=cfg.train.optimizer,
+        embedding_lr=cfg.train.embedding_lr,
+        weight_decay=cfg.train.weight_decay,
+        betas=tuple(cfg.train.betas),
+        warmup_steps=cfg.train.warmup_steps,
+        min_lr_ratio=cfg.train.min_lr_ratio,
+    )
 
 
-def fit(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.LightningDataModule,
-        metrics: dict) -> tuple[pl.Trainer, list]:
+def fit(
+    cfg: DictConfig, module: pl.LightningModule, datamodule: pl.LightningDataModule, metrics: dict
+) -> tuple[pl.Trainer, list]:
     """Lightning fit with the configured trainer, loggers and callbacks; adds ``train/*`` to ``metrics``."""
     loggers = make_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                      plugins=[AtomicCheckpointIO()])  # checkpoints are whole or absent
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )  # checkpoints are whole or absent
     if isinstance(trainer.strategy, FSDPStrategy):  # rank 0 needs whole parameters to evaluate and save
         trainer.callbacks.append(GatherFullState())
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)  # no unpickling
     metrics["train/seconds"] = time.perf_counter() - started
     metrics["train/steps"] = trainer.global_step
-    metrics["train/tokens_per_sec"] = next(
-        (c.tokens_per_sec for c in callbacks if hasattr(c, "tokens_per_sec")), None)
+    metrics["train/tokens_per_sec"] = next((c.tokens_per_sec for c in callbacks if hasattr(c, "tokens_per_sec")), None)
     return trainer, loggers
 
 
@@ -185,7 +217,9 @@ def finish_run(out: Path, metrics: dict, loggers: list, step: int) -> dict:
     finish_wandb(loggers)
     (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
     (out / "metrics.json.tmp").replace(out / "metrics.json")
-    log.info("metrics: %s", json.dumps(metrics, ensure_ascii=False))
+    from bailong.summary import run_summary  # the console's last lines; metrics.json has every number
+
+    log.info("%s", run_summary(metrics, out))
     return metrics
 
 
@@ -214,14 +248,26 @@ def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) 
     """Bits/char of the base with its own tokenizer, quantised as this run trains it. Cached: a sweep
     over init, rank or vocabulary shares one base evaluation."""
     seq_len = cfg.eval.seq_len or cfg.data.seq_len
-    key = {**model_identity(cfg), "tokenizer": tokenizer_key, "quant": OmegaConf.to_container(cfg.quant), "texts": splits.val(),
-           "seq_len": seq_len, "batch_size": cfg.eval.batch_size, "precision": str(cfg.trainer.precision)}
+    key = {
+        **model_identity(cfg),
+        "tokenizer": tokenizer_key,
+        "quant": OmegaConf.to_container(cfg.quant),
+        "texts": splits.val(),
+        "seq_len": seq_len,
+        "batch_size": cfg.eval.batch_size,
+        "precision": str(cfg.trainer.precision),
+    }
 
     def compute() -> dict:
-        model = load_base_model(cfg.model.pretrained, quant=cfg.quant, dtype=cfg.model.dtype,
-                                revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-                                device=run_device(cfg.trainer.accelerator),
-                                attn_implementation=cfg.model.attn_implementation)
+        model = load_base_model(
+            cfg.model.pretrained,
+            quant=cfg.quant,
+            dtype=cfg.model.dtype,
+            revision=cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code,
+            device=run_device(cfg.trainer.accelerator),
+            attn_implementation=cfg.model.attn_implementation,
+        )
         return evaluate_run_model(cfg, model, base_tok, splits.val())
 
     return prefixed("base", cached_json(Path(cfg.paths.cache_dir) / "base_metrics", key, compute))
@@ -237,8 +283,14 @@ def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Spl
     jobs) wait and read. Computing leaves the global RNGs as reading does: the run's result does not
     depend on whether the rows were cached."""
     depends_on = rows_depend_on(cfg.init, cfg.seed)
-    key = cache_key({**model_identity(cfg), "tokenizer": tokenizer_key, "init": depends_on,
-                     "texts": hash_texts(splits.tc_train) if depends_on["corpus"] else None})
+    key = cache_key(
+        {
+            **model_identity(cfg),
+            "tokenizer": tokenizer_key,
+            "init": depends_on,
+            "texts": hash_texts(splits.tc_train) if depends_on["corpus"] else None,
+        }
+    )
     cached = Path(cfg.paths.cache_dir) / "init_rows" / key
     with computed_once(cached):
         if (cached / "report.json").is_file():
@@ -246,9 +298,15 @@ def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Spl
             return load_file(cached / "rows.safetensors"), {**report, "cached": True}
         device = run_device(cfg.trainer.accelerator)
         with global_rng_kept(device):  # loading and resizing may draw: a cache hit draws nothing
-            model = load_base_model(cfg.model.pretrained, quant=None, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                                    trust_remote_code=cfg.model.trust_remote_code, device=device,
-                                    attn_implementation=cfg.model.attn_implementation)
+            model = load_base_model(
+                cfg.model.pretrained,
+                quant=None,
+                dtype=cfg.model.dtype,
+                revision=cfg.model.revision,
+                trust_remote_code=cfg.model.trust_remote_code,
+                device=device,
+                attn_implementation=cfg.model.attn_implementation,
+            )
             report = resize_and_initialize(model, base_tok, tok, cfg.init, texts=splits.tc_train, seed=cfg.seed)
         rows = {k: v.cpu() for k, v in new_rows(model, len(base_tok)).items()}
         report["device"] = str(next(model.parameters()).device)

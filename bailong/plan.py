@@ -30,6 +30,7 @@ optimizer state each cover the whole model.
 
 Measured against CPU training steps in tests/test_plan.py (benchmarks/step_memory.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,12 +45,18 @@ GIB = 1024**3
 
 # Architectures of hub bases, so a plan needs neither the network nor the weights (the random-base table's
 # entries are those models' config.json values)
-KNOWN_ARCHITECTURES = {hub: ARCHITECTURES[name][2] for hub, name in (
-    ("meta-llama/Llama-2-7b-hf", "llama2_7b"), ("meta-llama/Llama-2-13b-hf", "llama2_13b"))}
+KNOWN_ARCHITECTURES = {
+    hub: ARCHITECTURES[name][2]
+    for hub, name in (("meta-llama/Llama-2-7b-hf", "llama2_7b"), ("meta-llama/Llama-2-13b-hf", "llama2_13b"))
+}
 # name: (memory GiB, dense bf16 tensor TFLOP/s from the vendor datasheet)
 GPUS = {
-    "rtx4090": (24, 165.0), "a10": (24, 125.0), "l4": (24, 121.0),
-    "a100-40gb": (40, 312.0), "a100-80gb": (80, 312.0), "h100-80gb": (80, 989.0),
+    "rtx4090": (24, 165.0),
+    "a10": (24, 125.0),
+    "l4": (24, 121.0),
+    "a100-40gb": (40, 312.0),
+    "a100-80gb": (80, 312.0),
+    "h100-80gb": (80, 989.0),
 }
 FIT_CLASSES = (24, 40, 80)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -75,8 +82,15 @@ class Architecture:
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
 
 def architecture(model_cfg) -> Architecture:
@@ -98,9 +112,15 @@ def architecture(model_cfg) -> Architecture:
         c = AutoConfig.from_pretrained(src, revision=model_cfg.revision).to_dict()
     if c.get("model_type", "llama") not in ("llama", "mistral", "qwen2"):
         raise ValueError(f"model.pretrained={src}: the planner models Llama-style decoders, got {c['model_type']}")
-    return Architecture(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
-                        c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"],
-                        c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
+    return Architecture(
+        c["hidden_size"],
+        c["num_hidden_layers"],
+        c["num_attention_heads"],
+        c.get("num_key_value_heads") or c["num_attention_heads"],
+        c["intermediate_size"],
+        c["vocab_size"],
+        bool(c.get("tie_word_embeddings", False)),
+    )
 
 
 @dataclass
@@ -179,15 +199,27 @@ def setup_from_config(cfg, device: str = "cuda") -> Setup:
     if not full and cfg.lora.embeddings not in ("new_rows", "full", "lora", "frozen"):
         raise ValueError(f"lora.embeddings={cfg.lora.embeddings!r}: expected new_rows, full, lora or frozen")
     return Setup(
-        arch=architecture(cfg.model), added_vocab=cfg.tokenizer.added_vocab, seq_len=cfg.data.seq_len,
-        micro_batch=cfg.data.batch_size, quantised=cfg.quant.name == "nf4",
+        arch=architecture(cfg.model),
+        added_vocab=cfg.tokenizer.added_vocab,
+        seq_len=cfg.data.seq_len,
+        micro_batch=cfg.data.batch_size,
+        quantised=cfg.quant.name == "nf4",
         double_quant=cfg.quant.get("double_quant", True),
-        dtype_bytes=DTYPE_BYTES[cfg.model.dtype], autocast=precision in ("bf16-mixed", "16-mixed", "bf16", "16"),
-        lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout, targets=() if full else tuple(cfg.lora.target_modules),
-        embeddings=cfg.lora.embeddings, optimizer=cfg.train.optimizer, checkpointing=cfg.train.gradient_checkpointing,
-        strategy=kind, world_size=devices * cfg.trainer.num_nodes if kind != "single" else 1,
-        accumulate=cfg.trainer.accumulate_grad_batches, upcast=cfg.quant.get("quant_storage", "uint8") == "uint8",
-        pad_multiple=cfg.model.get("pad_vocab_to_multiple_of", 1) or 1, full_finetune=full, device=device,
+        dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
+        autocast=precision in ("bf16-mixed", "16-mixed", "bf16", "16"),
+        lora_r=cfg.lora.r,
+        lora_dropout=cfg.lora.dropout,
+        targets=() if full else tuple(cfg.lora.target_modules),
+        embeddings=cfg.lora.embeddings,
+        optimizer=cfg.train.optimizer,
+        checkpointing=cfg.train.gradient_checkpointing,
+        strategy=kind,
+        world_size=devices * cfg.trainer.num_nodes if kind != "single" else 1,
+        accumulate=cfg.trainer.accumulate_grad_batches,
+        upcast=cfg.quant.get("quant_storage", "uint8") == "uint8",
+        pad_multiple=cfg.model.get("pad_vocab_to_multiple_of", 1) or 1,
+        full_finetune=full,
+        device=device,
     )
 
 
@@ -196,9 +228,14 @@ def parameter_counts(s: Setup) -> dict[str, int]:
     ``lora``, ``rows`` (peft's trainable new-row deltas) and ``trainable`` (what gets gradients and state)."""
     a, h = s.arch, s.arch.hidden
     shapes = a.projection_shapes()
-    matrices = (1 if a.tied else 2)
-    counts = {"linear": a.layers * sum(i * o for i, o in shapes.values()), "matrices": matrices * s.rows * h,
-              "norms": (2 * a.layers + 1) * h, "lora": 0, "rows": 0}
+    matrices = 1 if a.tied else 2
+    counts = {
+        "linear": a.layers * sum(i * o for i, o in shapes.values()),
+        "matrices": matrices * s.rows * h,
+        "norms": (2 * a.layers + 1) * h,
+        "lora": 0,
+        "rows": 0,
+    }
     if s.full_finetune:
         counts["trainable"] = counts["linear"] + counts["matrices"] + counts["norms"]
         return counts
@@ -219,10 +256,18 @@ def trainable_groups(s: Setup) -> dict[str, list[int]]:
     a, h = s.arch, s.arch.hidden
     shapes, matrices = a.projection_shapes(), (1 if a.tied else 2)
     if s.full_finetune:
-        return {"decoder": [i * o for _ in range(a.layers) for i, o in shapes.values()],
-                "norms": [h] * (2 * a.layers + 1), "embeddings": [s.rows * h] * matrices}
-    lora = [n for _ in range(a.layers) for t, (i, o) in shapes.items() if t in s.targets
-            for n in (s.lora_r * i, o * s.lora_r)]
+        return {
+            "decoder": [i * o for _ in range(a.layers) for i, o in shapes.values()],
+            "norms": [h] * (2 * a.layers + 1),
+            "embeddings": [s.rows * h] * matrices,
+        }
+    lora = [
+        n
+        for _ in range(a.layers)
+        for t, (i, o) in shapes.items()
+        if t in s.targets
+        for n in (s.lora_r * i, o * s.lora_r)
+    ]
     if s.embeddings == "lora":
         lora += [s.lora_r * s.rows, h * s.lora_r] * matrices
     rows = {"new_rows": [s.added_vocab * h] * matrices, "full": [s.rows * h] * matrices}.get(s.embeddings, [])
@@ -291,9 +336,15 @@ def layer_activation_bytes_per_token(s: Setup) -> float:
     total += 3 * i * mlp  # SwiGLU: silu keeps gate's output; their product keeps silu(gate) and up's output
     # each projection's input: norm outputs x1 (q, k, v) and x2 (gate, up), o_proj's (a contiguous copy of the
     # attention output) and down_proj's (the SwiGLU product); kept only if a consumer below keeps it
-    inputs = {"q_proj": (h, res, "x1"), "k_proj": (h, res, "x1"), "v_proj": (h, res, "x1"),
-              "o_proj": (h, sdpa_in, "attn"), "gate_proj": (h, res, "x2"), "up_proj": (h, res, "x2"),
-              "down_proj": (i, mlp, "prod")}
+    inputs = {
+        "q_proj": (h, res, "x1"),
+        "k_proj": (h, res, "x1"),
+        "v_proj": (h, res, "x1"),
+        "o_proj": (h, sdpa_in, "attn"),
+        "gate_proj": (h, res, "x2"),
+        "up_proj": (h, res, "x2"),
+        "down_proj": (i, mlp, "prod"),
+    }
     kept = set()
     for name, (width, xb, shared) in inputs.items():
         cast = s.autocast and xb != 2  # autocast keeps a bf16 copy of an fp32 input, per module
@@ -343,9 +394,11 @@ def phase_bytes(s: Setup) -> dict[str, dict[str, float]]:
     res = pb = s.param_bytes  # the residual stream follows the (upcast) embedding and norm weights
     cached, per_call = layer_weight_copies(s)
     per_layer = layer_activation_bytes_per_token(s) * t + per_call
-    saved = {"activations_layers": a.layers * (t * h * res if s.checkpointing else per_layer),  # ckpt: inputs
-             # the final norm's fp32 input and its output (+ a contiguous copy when rows are cut from a batch)
-             "activations_final_norm": t * h * (4 + res) + (t * h * res if s.micro_batch > 1 else 0)}
+    saved = {
+        "activations_layers": a.layers * (t * h * res if s.checkpointing else per_layer),  # ckpt: inputs
+        # the final norm's fp32 input and its output (+ a contiguous copy when rows are cut from a batch)
+        "activations_final_norm": t * h * (4 + res) + (t * h * res if s.micro_batch > 1 else 0),
+    }
     # autocast's cached bf16 copies of trained fp32 matrices: through the forward; after it only where saved
     forward_copies = {"autocast_weight_copies": a.layers * cached} if cached else {}
     backward_copies = forward_copies if not s.checkpointing else {}
@@ -360,7 +413,8 @@ def phase_bytes(s: Setup) -> dict[str, dict[str, float]]:
         cast_moment = (s.rows * h * 2 + chunk * s.vocab * 2) if s.autocast else 0
         product_moment = n_rows * h * (mm + (4 if mm != 4 else 0)) + (chunk * s.vocab * pb if pb != 4 else 0)
         phases["forward"] = {
-            **saved, **forward_copies,
+            **saved,
+            **forward_copies,
             # peft's trainable-token rows written into a copy of the whole head (index_copy), as its forward does
             "loss_merged_head": s.rows * h * pb if new_rows else 0,
             "loss_grad_hidden": t * h * res,
@@ -369,20 +423,35 @@ def phase_bytes(s: Setup) -> dict[str, dict[str, float]]:
             "loss_chunk_temporaries": max(cast_moment, product_moment),
         }
         # the loss node's backward scales its saved gradients into new tensors: the head rows' .grad
-        phases["backward_loss"] = {**saved, **backward_copies, "loss_saved_gradients": t * h * res + n_rows * h * 4,
-                                   "loss_gradients": t * h * res + n_rows * h * pb}
+        phases["backward_loss"] = {
+            **saved,
+            **backward_copies,
+            "loss_saved_gradients": t * h * res + n_rows * h * 4,
+            "loss_gradients": t * h * res + n_rows * h * pb,
+        }
     else:  # LoRA on lm_head: chunks under activation checkpointing, logits recomputed in backward
-        phases["forward"] = {**saved, **forward_copies,
-                             "loss_logit_chunk": chunk * s.vocab * (4 + (2 if s.autocast else 0))}
-        phases["backward_loss"] = {**saved, **backward_copies,
-                                   "loss_recomputed_chunk": 3 * chunk * s.vocab * 4 + t * h * res}
+        phases["forward"] = {
+            **saved,
+            **forward_copies,
+            "loss_logit_chunk": chunk * s.vocab * (4 + (2 if s.autocast else 0)),
+        }
+        phases["backward_loss"] = {
+            **saved,
+            **backward_copies,
+            "loss_recomputed_chunk": 3 * chunk * s.vocab * 4 + t * h * res,
+        }
     if s.checkpointing:  # every layer's input, one layer recomputed, the gradient flowing through it
-        phases["backward_recompute"] = {"activations_layers": saved["activations_layers"],
-                                        "recomputed_layer": per_layer + cached, "gradient_stream": 2 * t * h * res,
-                                        "head_row_gradients": n_rows * h * pb}
+        phases["backward_recompute"] = {
+            "activations_layers": saved["activations_layers"],
+            "recomputed_layer": per_layer + cached,
+            "gradient_stream": 2 * t * h * res,
+            "head_row_gradients": n_rows * h * pb,
+        }
     # last: the embedding's gradient, dense over every row, beside all other gradients (peft keeps its new rows)
-    phases["backward_embedding"] = {"gradients": gradient_bytes(s),
-                                    "embedding_dense_gradient": s.rows * h * pb if new_rows else 0}
+    phases["backward_embedding"] = {
+        "gradients": gradient_bytes(s),
+        "embedding_dense_gradient": s.rows * h * pb if new_rows else 0,
+    }
     step_tmp = 0
     if s.optimizer == "adamw":  # torch's AdamW; bitsandbytes' optimizers step each tensor in place
         groups = trainable_groups(s)
@@ -433,8 +502,9 @@ def peak_bytes(s: Setup) -> tuple[dict[str, float], dict[str, dict[str, float]],
     return static, phases, peak
 
 
-def estimate(s: Setup, gpu: str = "a100-80gb", mfu: float = 0.35, cuda_context_gib: float = 0.75,
-             allocator_slack: float = 0.05) -> Plan:
+def estimate(
+    s: Setup, gpu: str = "a100-80gb", mfu: float = 0.35, cuda_context_gib: float = 0.75, allocator_slack: float = 0.05
+) -> Plan:
     if gpu not in GPUS:
         raise ValueError(f"--gpu {gpu!r}: expected one of {', '.join(GPUS)}")
     static, phases, peak = peak_bytes(s)
@@ -446,34 +516,55 @@ def estimate(s: Setup, gpu: str = "a100-80gb", mfu: float = 0.35, cuda_context_g
     seconds = s.accumulate * step_flops(s) / (GPUS[gpu][1] * 1e12 * mfu)
     f_static, f_phases, f_peak = peak_bytes(replace(s, checkpointing=not s.checkpointing))
     flipped = (sum(f_static.values()) + sum(f_phases[f_peak].values())) * (1 + allocator_slack)
-    return Plan(components_gib={k: v / GIB for k, v in parts.items()}, cpu_comparable_gib=comparable / GIB,
-                total_gib=total / GIB, fits={f"{g}GB": total / GIB <= g for g in FIT_CLASSES},
-                step_seconds=seconds, tokens_per_step=s.tokens * s.world_size * s.accumulate, gpu=gpu,
-                assumed_mfu=mfu, total_gib_checkpointing_flipped=(flipped + cuda_context_gib * GIB) / GIB,
-                setup={**asdict(s), "vocab": s.vocab, "rows": s.rows}, static_gib=static_total / GIB,
-                peak_phase=peak, phases_gib={k: (static_total + sum(v.values())) / GIB for k, v in phases.items()},
-                parameters=parameter_counts(s))
+    return Plan(
+        components_gib={k: v / GIB for k, v in parts.items()},
+        cpu_comparable_gib=comparable / GIB,
+        total_gib=total / GIB,
+        fits={f"{g}GB": total / GIB <= g for g in FIT_CLASSES},
+        step_seconds=seconds,
+        tokens_per_step=s.tokens * s.world_size * s.accumulate,
+        gpu=gpu,
+        assumed_mfu=mfu,
+        total_gib_checkpointing_flipped=(flipped + cuda_context_gib * GIB) / GIB,
+        setup={**asdict(s), "vocab": s.vocab, "rows": s.rows},
+        static_gib=static_total / GIB,
+        peak_phase=peak,
+        phases_gib={k: (static_total + sum(v.values())) / GIB for k, v in phases.items()},
+        parameters=parameter_counts(s),
+    )
 
 
 def render(plan: Plan) -> str:
     s = plan.setup
-    mode = ("full fine-tuning" if s["full_finetune"] else
-            f"{'NF4' if s['quantised'] else 'unquantised'} + LoRA r{s['lora_r']}")
-    lines = [f"model {s['arch']['hidden']}h x {s['arch']['layers']} layers, vocab {s['vocab']} ({s['rows']} rows), "
-             f"{mode}, seq {s['seq_len']} x micro-batch {s['micro_batch']}, "
-             f"checkpointing {'on' if s['checkpointing'] else 'off'}, {s['strategy']} x{s['world_size']}",
-             f"parameters: {plan.parameters['trainable']:,} trainable", "per-GPU memory (GiB):"]
+    mode = (
+        "full fine-tuning"
+        if s["full_finetune"]
+        else f"{'NF4' if s['quantised'] else 'unquantised'} + LoRA r{s['lora_r']}"
+    )
+    lines = [
+        f"model {s['arch']['hidden']}h x {s['arch']['layers']} layers, vocab {s['vocab']} ({s['rows']} rows), "
+        f"{mode}, seq {s['seq_len']} x micro-batch {s['micro_batch']}, "
+        f"checkpointing {'on' if s['checkpointing'] else 'off'}, {s['strategy']} x{s['world_size']}",
+        f"parameters: {plan.parameters['trainable']:,} trainable",
+        "per-GPU memory (GiB):",
+    ]
     lines += [f"  {k:<44}{v:8.2f}" for k, v in plan.components_gib.items()]
-    lines += [f"  {'total':<44}{plan.total_gib:8.2f}",
-              "  (each moment of the step, static state included, without the CUDA terms: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in plan.phases_gib.items()) + ")",
-              f"  (gradient checkpointing {'off' if s['checkpointing'] else 'on'}: "
-              f"{plan.total_gib_checkpointing_flipped:.2f} GiB)", ""]
+    lines += [
+        f"  {'total':<44}{plan.total_gib:8.2f}",
+        "  (each moment of the step, static state included, without the CUDA terms: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in plan.phases_gib.items())
+        + ")",
+        f"  (gradient checkpointing {'off' if s['checkpointing'] else 'on'}: "
+        f"{plan.total_gib_checkpointing_flipped:.2f} GiB)",
+        "",
+    ]
     for name, ok in plan.fits.items():
         lines.append(f"  {name:>5}: {'fits' if ok else 'WARNING: does not fit'}")
-    lines.append(f"time per step: {plan.step_seconds:.2f} s on {plan.gpu} at {plan.assumed_mfu:.0%} of its "
-                 f"{GPUS[plan.gpu][1]:.0f} bf16 TFLOP/s ({plan.tokens_per_step:,} tokens/step, "
-                 f"{s['accumulate']} micro-batches per GPU)")
+    lines.append(
+        f"time per step: {plan.step_seconds:.2f} s on {plan.gpu} at {plan.assumed_mfu:.0%} of its "
+        f"{GPUS[plan.gpu][1]:.0f} bf16 TFLOP/s ({plan.tokens_per_step:,} tokens/step, "
+        f"{s['accumulate']} micro-batches per GPU)"
+    )
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ wherever the value turns up:
 - ``check_env_var_name`` refuses a key-shaped value in a field that names an environment variable
   (``judge.api_key_env``), without repeating the value.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,9 @@ KEY_SHAPED = re.compile(r"^[A-Za-z0-9_\-+=]{32,}$")  # a long token: no spaces, 
 ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]+)@")
 # a key in a URL's query string (Google's ?key=AIza…, ?api_key=…, ?access_token=…)
-URL_QUERY_KEY = re.compile(r"(?P<name>[?&](?:api_?key|key|token|access_token|auth|sig|signature)=)[^&#\s]+",
-                           re.IGNORECASE)
+URL_QUERY_KEY = re.compile(
+    r"(?P<name>[?&](?:api_?key|key|token|access_token|auth|sig|signature)=)[^&#\s]+", re.IGNORECASE
+)
 
 
 def looks_like_secret(value: Any) -> bool:
@@ -48,8 +50,12 @@ def looks_like_secret(value: Any) -> bool:
         return False
     if KEY_PREFIX.match(value):
         return True
-    return bool(KEY_SHAPED.match(value)) and any(c.isdigit() for c in value) and any(c.isalpha() for c in value) \
-        and not value.isupper()  # ALL_CAPS_WITH_DIGITS_2 is a variable name
+    return (
+        bool(KEY_SHAPED.match(value))
+        and any(c.isdigit() for c in value)
+        and any(c.isalpha() for c in value)
+        and not value.isupper()
+    )  # ALL_CAPS_WITH_DIGITS_2 is a variable name
 
 
 def check_env_var_name(key: str, value: Any) -> None:
@@ -59,9 +65,12 @@ def check_env_var_name(key: str, value: Any) -> None:
         return
     if looks_like_secret(value) or not isinstance(value, str) or not ENV_VAR_NAME.match(value):
         shape = "looks like an API key itself" if looks_like_secret(value) else "is not a variable name"
-        raise ValueError(f"{key} must name the environment variable that holds the key (e.g. {key}=JUDGE_API_KEY), "
-                         f"but its value {shape} ({len(str(value))} characters, not shown). Put the key in the "
-                         "environment: export JUDGE_API_KEY=…; a key in the config would be written to logs and outputs")
+        raise ValueError(
+            f"{key} must name the environment variable that holds the key (e.g. {key}=JUDGE_API_KEY), "
+            f"but its value {shape} ({len(str(value))} characters, not shown). Put the key in the "
+            "environment: export JUDGE_API_KEY=…; a key in the config would be written to logs and "
+            "outputs"
+        )
 
 
 def secrets_from_env(extra_vars: Iterable[str] = ()) -> list[str]:
@@ -77,8 +86,11 @@ def secrets_in(obj: Any, key: str = "") -> list[str]:
         return [s for k, v in obj.items() for s in secrets_in(v, str(k))]
     if isinstance(obj, (list, tuple)):
         return [s for v in obj for s in secrets_in(v, key)]
-    if isinstance(obj, str) and len(obj) >= MIN_SECRET_LEN and (SECRET_KEY.search(key) or KEY_PREFIX.match(obj)
-                                                               or (key.endswith("_env") and looks_like_secret(obj))):
+    if (
+        isinstance(obj, str)
+        and len(obj) >= MIN_SECRET_LEN
+        and (SECRET_KEY.search(key) or KEY_PREFIX.match(obj) or (key.endswith("_env") and looks_like_secret(obj)))
+    ):
         return [obj]
     return []
 
@@ -109,8 +121,11 @@ def run_secrets(cfg: Any = None, overrides: Iterable[str] = ()) -> list[str]:
         except Exception:  # noqa: BLE001  an unresolvable interpolation: take the values as written
             plain = OmegaConf.to_container(cfg, resolve=False)
     judge_env = plain.get("judge", {}).get("api_key_env") if isinstance(plain, Mapping) else None
-    found = [*secrets_from_env([judge_env] if isinstance(judge_env, str) else []), *secrets_in(plain or {}),
-             *secrets_in_overrides(overrides)]
+    found = [
+        *secrets_from_env([judge_env] if isinstance(judge_env, str) else []),
+        *secrets_in(plain or {}),
+        *secrets_in_overrides(overrides),
+    ]
     return sorted(set(found), key=len, reverse=True)
 
 
@@ -119,12 +134,17 @@ def redact(obj: Any, secrets: Iterable[str] | None = None) -> Any:
     contain a secret value, become ``REDACTED``."""
     secrets = list(secrets_from_env() if secrets is None else secrets)
     if isinstance(obj, Mapping):
-        return {k: REDACTED if isinstance(k, str) and SECRET_KEY.search(k) and isinstance(obj[k], str) and obj[k]
-                else redact(v, secrets) for k, v in obj.items()}
+        return {
+            k: REDACTED
+            if isinstance(k, str) and SECRET_KEY.search(k) and isinstance(obj[k], str) and obj[k]
+            else redact(v, secrets)
+            for k, v in obj.items()
+        }
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v, secrets) for v in obj)
-    if isinstance(obj, str) and (any(s in obj for s in secrets) or URL_PASSWORD.search(obj)
-                                 or URL_QUERY_KEY.search(obj)):
+    if isinstance(obj, str) and (
+        any(s in obj for s in secrets) or URL_PASSWORD.search(obj) or URL_QUERY_KEY.search(obj)
+    ):
         return REDACTED
     return obj
 

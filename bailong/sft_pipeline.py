@@ -10,6 +10,7 @@ per character of the held-out TC/EN text (what SFT costs in language modelling) 
 answers (``chat_bpc``). Keys: ``sft/before/...``, ``sft/after/...``; the after-SFT ``mc/*`` and
 ``bench/*`` are also written unprefixed for the dashboard.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,19 +42,27 @@ def check_sft(cfg: DictConfig) -> Path | None:
             raise ConfigError(f"sft.from_run={cfg.sft.from_run!r} and sft.from_base=true: choose one start")
         return None
     if not cfg.sft.from_run:
-        raise ConfigError("sft.from_run is not set: give a pre-training run directory "
-                          "(sft.from_run=outputs/pretrain/runs/<run>) or start from the base with sft.from_base=true")
+        raise ConfigError(
+            "sft.from_run is not set: give a pre-training run directory "
+            "(sft.from_run=outputs/pretrain/runs/<run>) or start from the base with sft.from_base=true"
+        )
     run_dir = Path(cfg.sft.from_run)
     adapter = find_adapter(run_dir)
     if adapter is not None:
         build = read_meta(adapter)["build"]
         check_remote_code(adapter, build, cfg.model.trust_remote_code)  # before any model is loaded
         if build["pretrained"] != cfg.model.pretrained:  # the adapter decides: it was trained on that base
-            log.warning("sft.from_run: the adapter was built on %s, not model.pretrained=%s; using the adapter's "
-                        "base, quantisation and LoRA settings", build["pretrained"], cfg.model.pretrained)
+            log.warning(
+                "sft.from_run: the adapter was built on %s, not model.pretrained=%s; using the adapter's "
+                "base, quantisation and LoRA settings",
+                build["pretrained"],
+                cfg.model.pretrained,
+            )
         return adapter
-    raise ConfigError(f"sft.from_run={cfg.sft.from_run!r}: no adapter there ({run_dir}/adapter/{META_FILE} not found); "
-                      "expected a finished pre-training run directory or its adapter/")
+    raise ConfigError(
+        f"sft.from_run={cfg.sft.from_run!r}: no adapter there ({run_dir}/adapter/{META_FILE} not found); "
+        "expected a finished pre-training run directory or its adapter/"
+    )
 
 
 def start_from_base(cfg: DictConfig, splits: Splits, device):
@@ -63,11 +72,16 @@ def start_from_base(cfg: DictConfig, splits: Splits, device):
 
     _, ext, base_tok, tok = build_tokenizers(cfg, splits)
     rows, _ = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
-    return make_model(cfg, tok, ext.num_base, rows, device), tok, lambda: make_model(cfg, tok, ext.num_base, rows, device)
+    return (
+        make_model(cfg, tok, ext.num_base, rows, device),
+        tok,
+        lambda: make_model(cfg, tok, ext.num_base, rows, device),
+    )
 
 
-def evaluate_stage(model: Any, tok: Any, cfg: DictConfig, datamodule: SFTDataModule, held_out: dict,
-                   out_dir: Path) -> dict[str, Any]:
+def evaluate_stage(
+    model: Any, tok: Any, cfg: DictConfig, datamodule: SFTDataModule, held_out: dict, out_dir: Path
+) -> dict[str, Any]:
     """Instruction-following scores plus bits/char of held-out text and of held-out answers."""
     from bailong.pipeline import evaluate_run_model
 
@@ -111,18 +125,36 @@ def run_sft(cfg: DictConfig) -> dict:
     set_chat_template(tok)
     tok.save_pretrained(out / "tokenizer")
     params = count_parameters(model)
-    metrics: dict[str, Any] = {"sft/source": source, "params/trainable": params["trainable"],
-                               "params/total": params["total"]}
+    metrics: dict[str, Any] = {
+        "sft/source": source,
+        "params/trainable": params["trainable"],
+        "params/total": params["total"],
+    }
 
     train_convs, val_convs = load_chat_splits(cfg.data, cfg.paths.cache_dir)
-    datamodule = SFTDataModule(tok, train_convs, val_convs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                               seed=cfg.seed, packing=cfg.data.chat.packing, num_workers=cfg.data.num_workers)
-    metrics.update({"sft/train_conversations": len(train_convs), "sft/val_conversations": len(val_convs),
-                    "sft/train_rows": int(datamodule.train_rows["input_ids"].shape[0])})
+    datamodule = SFTDataModule(
+        tok,
+        train_convs,
+        val_convs,
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        packing=cfg.data.chat.packing,
+        num_workers=cfg.data.num_workers,
+    )
+    metrics.update(
+        {
+            "sft/train_conversations": len(train_convs),
+            "sft/val_conversations": len(val_convs),
+            "sft/train_rows": int(datamodule.train_rows["input_ids"].shape[0]),
+        }
+    )
     held_out = splits.val()
 
     if cfg.sft.eval_before and rank_zero:
-        metrics.update(prefixed("sft/before", evaluate_stage(model, tok, cfg, datamodule, held_out, out / "eval_before")))
+        metrics.update(
+            prefixed("sft/before", evaluate_stage(model, tok, cfg, datamodule, held_out, out / "eval_before"))
+        )
 
     module = SFTModule(model, **module_kwargs(cfg))
     trainer, loggers = fit(cfg, module, datamodule, metrics)

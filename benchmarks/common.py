@@ -1,4 +1,5 @@
 """Shared pieces of the benchmarks: the run's real config, the corpora, a random Llama, timing."""
+
 from __future__ import annotations
 
 import json
@@ -27,17 +28,34 @@ def extended_tokenizer(cfg):
     return splits, tok, ext
 
 
-def save_random_llama(path: Path, *, hidden: int, layers: int, vocab: int, intermediate: int, heads: int,
-                      max_positions: int = 4096, seed: int = 0) -> Path:
+def save_random_llama(
+    path: Path,
+    *,
+    hidden: int,
+    layers: int,
+    vocab: int,
+    intermediate: int,
+    heads: int,
+    max_positions: int = 4096,
+    seed: int = 0,
+) -> Path:
     """A randomly initialised Llama saved as safetensors (what a hub checkpoint looks like to the loader)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     return path
 
@@ -68,8 +86,9 @@ def window_peak_rss_mib() -> float | None:
 def run_worker(script: Path, args: list[str], timeout: float) -> dict:
     """Run ``script --worker ...`` in a fresh process (its own peak RSS) and parse its last JSON line."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ})
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ}
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -81,8 +100,11 @@ def machine() -> dict:
     """What the numbers were measured on: thread count and the load other processes put on the CPUs."""
     import torch
 
-    return {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "load_average_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def matmul_flops(dtype_name: str, n: int = 1024, repeats: int = 10) -> float:

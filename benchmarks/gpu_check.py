@@ -25,6 +25,7 @@ one runs; when the time budget (default 7.5 min) runs short, the parts left are 
 Output: ``benchmarks/results/gpu_check-<gpu>-<date>.json`` (``--cpu-smoke``: under ``outputs/gpu_check/``; its
 numbers are a test's, not results). docs/gpu.md explains every field. Exit status 1 if a part failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,15 @@ STARTED = time.monotonic()
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # no install needed
 from common import ROOT, compose_config  # noqa: E402  (sets the hub and W&B offline)
 from gpu_check_model import (  # noqa: E402
-    GIB, error_record, free_memory, merged, part_attention, part_hf, part_padding, part_qlora, release_model,
+    GIB,
+    error_record,
+    free_memory,
+    merged,
+    part_attention,
+    part_hf,
+    part_padding,
+    part_qlora,
+    release_model,
 )
 
 PARTS = ("smoke", "qlora_7b", "hf_trainer", "attention", "vocab_padding")
@@ -53,9 +62,17 @@ GRACE_S = 20  # the watchdog ends the process this long after the budget (budget
 
 # the paper's recipe on the random 7B-width base; micro-batches of 1 per optimizer step (the recipe accumulates
 # 16, which changes nothing per micro-batch but the optimizer's share), no checkpoint or logger callbacks
-RECIPE_7B = ["experiment=bailong_7b", "model=llama2_7b_widths", "model.random_base.num_layers=32", "data=pretrain_tc",
-             "data.seq_len=2048", "data.batch_size=1", "trainer.accumulate_grad_batches=1", "logger=csv",
-             "callbacks=none"]
+RECIPE_7B = [
+    "experiment=bailong_7b",
+    "model=llama2_7b_widths",
+    "model.random_base.num_layers=32",
+    "data=pretrain_tc",
+    "data.seq_len=2048",
+    "data.batch_size=1",
+    "trainer.accumulate_grad_batches=1",
+    "logger=csv",
+    "callbacks=none",
+]
 
 
 @dataclass
@@ -79,32 +96,62 @@ class Profile:
 
 
 GPU = Profile(
-    "gpu", "cuda", smoke=["experiment=smoke", "trainer=gpu", "logger=csv"], smoke_own_caches=True, model=RECIPE_7B,
-    warmup=3, timed=5, max_micro_batch=64, memory_gib=24.0, budget_s=450.0, search_s=150.0,
-    needs_s={"smoke": 60, "qlora_7b": 150, "hf_trainer": 40, "attention": 70, "vocab_padding": 70})
+    "gpu",
+    "cuda",
+    smoke=["experiment=smoke", "trainer=gpu", "logger=csv"],
+    smoke_own_caches=True,
+    model=RECIPE_7B,
+    warmup=3,
+    timed=5,
+    max_micro_batch=64,
+    memory_gib=24.0,
+    budget_s=450.0,
+    search_s=150.0,
+    needs_s={"smoke": 60, "qlora_7b": 150, "hf_trainer": 40, "attention": 70, "vocab_padding": 70},
+)
 CPU_SMOKE = Profile(
-    "cpu-smoke", "cpu",
-    smoke=merged(GPU.smoke, ["trainer=cpu", "init=mean", "trainer.max_steps=1", "data.seq_len=64",
-                             "data.max_val_chars=200"]),
+    "cpu-smoke",
+    "cpu",
+    smoke=merged(
+        GPU.smoke, ["trainer=cpu", "init=mean", "trainer.max_steps=1", "data.seq_len=64", "data.max_val_chars=200"]
+    ),
     smoke_own_caches=False,
-    model=merged(RECIPE_7B, ["model.random_base=null", "trainer.accelerator=cpu", "train.optimizer=adamw",
-                             "data.seq_len=128"]),
-    warmup=1, timed=2, max_micro_batch=2, memory_gib=None, budget_s=900.0, search_s=300.0,
+    model=merged(
+        RECIPE_7B, ["model.random_base=null", "trainer.accelerator=cpu", "train.optimizer=adamw", "data.seq_len=128"]
+    ),
+    warmup=1,
+    timed=2,
+    max_micro_batch=2,
+    memory_gib=None,
+    budget_s=900.0,
+    search_s=300.0,
     needs_s={part: 5 for part in PARTS},
     tiny_base=dict(hidden=256, layers=2, heads=4, intermediate=768, vocab=32000),
-    switched=["devices: cpu instead of cuda; bf16-mixed autocast on the CPU, except part smoke (trainer=cpu: "
-              "32-true, which evaluates several times faster on a CPU)",
-              "base: random Llama hidden 256 x 2 layers, Llama-2 tokenizer (32,000 + 27,241 pieces), not 7B widths",
-              "seq 128, micro-batches 1 and 2 (no CUDA memory to fill), 1 warm-up + 2 timed steps",
-              "train.optimizer=adamw (paged 8-bit AdamW needs CUDA)",
-              "smoke: init=mean, 1 step, seq 64, 200 held-out characters per language; both sides on the CPU "
-              "and sharing the repository's cache (tokenizer, rows and base metrics computed once)",
-              "flash_attention_2 skipped (needs CUDA and flash-attn)"])
+    switched=[
+        "devices: cpu instead of cuda; bf16-mixed autocast on the CPU, except part smoke (trainer=cpu: "
+        "32-true, which evaluates several times faster on a CPU)",
+        "base: random Llama hidden 256 x 2 layers, Llama-2 tokenizer (32,000 + 27,241 pieces), not 7B widths",
+        "seq 128, micro-batches 1 and 2 (no CUDA memory to fill), 1 warm-up + 2 timed steps",
+        "train.optimizer=adamw (paged 8-bit AdamW needs CUDA)",
+        "smoke: init=mean, 1 step, seq 64, 200 held-out characters per language; both sides on the CPU "
+        "and sharing the repository's cache (tokenizer, rows and base metrics computed once)",
+        "flash_attention_2 skipped (needs CUDA and flash-attn)",
+    ],
+)
 
 # dense bf16 tensor TFLOP/s by device name (first match wins); a str is a key of bailong.plan.GPUS
-PEAK_BF16 = ((r"H200 NVL", 835.0), (r"H200", 989.0), (r"H100 NVL", 835.0), (r"H100 PCIe", 756.0),
-             (r"H100", "h100-80gb"), (r"A100", "a100-80gb"), (r"L40S", 362.0), (r"RTX 4090", "rtx4090"),
-             (r"\bA10\b", "a10"), (r"\bL4\b", "l4"))
+PEAK_BF16 = (
+    (r"H200 NVL", 835.0),
+    (r"H200", 989.0),
+    (r"H100 NVL", 835.0),
+    (r"H100 PCIe", 756.0),
+    (r"H100", "h100-80gb"),
+    (r"A100", "a100-80gb"),
+    (r"L40S", 362.0),
+    (r"RTX 4090", "rtx4090"),
+    (r"\bA10\b", "a10"),
+    (r"\bL4\b", "l4"),
+)
 
 
 def peak_bf16(name: str) -> tuple[float | None, str]:
@@ -125,12 +172,18 @@ class Report:
         self.path, self.budget_s, self.selected = path, budget_s, selected
         self.lock = threading.RLock()
         self.children: list[subprocess.Popen] = []
-        self.data = {"check": "gpu_check", "mode": profile.name,
-                     "started": datetime.now().isoformat(timespec="seconds"), "budget_seconds": budget_s,
-                     "parts": {p: {"status": "pending"} for p in PARTS}}
+        self.data = {
+            "check": "gpu_check",
+            "mode": profile.name,
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "budget_seconds": budget_s,
+            "parts": {p: {"status": "pending"} for p in PARTS},
+        }
         if profile.switched:
-            self.data["cpu_smoke"] = {"note": "a test of the code paths at tiny shapes; its numbers are not results",
-                                      "switched": profile.switched}
+            self.data["cpu_smoke"] = {
+                "note": "a test of the code paths at tiny shapes; its numbers are not results",
+                "switched": profile.switched,
+            }
 
     def elapsed(self) -> float:
         return time.monotonic() - STARTED
@@ -155,8 +208,11 @@ class Report:
             entry.update(status="skipped", reason=blocked)
             return None
         if self.remaining() < needs_s:
-            entry.update(status="skipped", reason=f"time budget: {max(0.0, self.remaining()):.0f} s left of "
-                                                  f"{self.budget_s:.0f}, this part needs about {needs_s:.0f} s")
+            entry.update(
+                status="skipped",
+                reason=f"time budget: {max(0.0, self.remaining()):.0f} s left of "
+                f"{self.budget_s:.0f}, this part needs about {needs_s:.0f} s",
+            )
             self.write()
             return None
         entry.update(status="running", started_at_s=round(self.elapsed(), 1))
@@ -199,6 +255,7 @@ class Report:
 
 def summary(parts: dict) -> dict:
     """The headline numbers, each from its part (None where the part did not produce it)."""
+
     def get(part, *keys):
         node = parts.get(part, {})
         for k in keys:
@@ -226,8 +283,9 @@ def run_smoke(overrides: list[str], work: Path, own_cache: bool) -> dict:
     """``experiment=smoke`` through ``bailong.pipeline.run`` in ``work``, with its own cache there or not."""
     from bailong.pipeline import run
 
-    cfg = compose_config(merged(overrides, [f"paths.cache_dir={work / 'cache'}"] if own_cache else []),
-                         output_dir=work / "run")
+    cfg = compose_config(
+        merged(overrides, [f"paths.cache_dir={work / 'cache'}"] if own_cache else []), output_dir=work / "run"
+    )
     started = time.perf_counter()
     metrics = run(cfg)
     return {"seconds": round(time.perf_counter() - started, 1), "metrics": metrics}
@@ -242,12 +300,29 @@ def start_reference(ctx) -> None:
     overrides = merged(ctx.profile.smoke, ["trainer.accelerator=cpu"])
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     log = open(work / "log.txt", "w")  # noqa: SIM115 - closed in finish_smoke
-    proc = subprocess.Popen([sys.executable, __file__, "--smoke-worker", json.dumps(overrides), str(work),
-                             str(int(ctx.profile.smoke_own_caches))],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--smoke-worker",
+            json.dumps(overrides),
+            str(work),
+            str(int(ctx.profile.smoke_own_caches)),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     ctx.report.children.append(proc)
-    ctx.reference = SimpleNamespace(proc=proc, work=work, log=log, overrides=overrides, threads=int(threads),
-                                    started_at_s=round(ctx.report.elapsed(), 1))
+    ctx.reference = SimpleNamespace(
+        proc=proc,
+        work=work,
+        log=log,
+        overrides=overrides,
+        threads=int(threads),
+        started_at_s=round(ctx.report.elapsed(), 1),
+    )
 
 
 def part_smoke(ctx, entry: dict) -> None:
@@ -268,8 +343,13 @@ def finish_smoke(ctx) -> None:
         ref.proc.kill()
         ref.proc.wait()
     ref.log.close()
-    side = {"overrides": ref.overrides, "threads": ref.threads, "started_at_s": ref.started_at_s,
-            "finished_at_s": round(ctx.report.elapsed(), 1), "returncode": ref.proc.returncode}
+    side = {
+        "overrides": ref.overrides,
+        "threads": ref.threads,
+        "started_at_s": ref.started_at_s,
+        "finished_at_s": round(ctx.report.elapsed(), 1),
+        "returncode": ref.proc.returncode,
+    }
     result = ref.work / "result.json"
     if ref.proc.returncode == 0 and result.is_file():
         side.update(json.loads(result.read_text()))
@@ -277,8 +357,14 @@ def finish_smoke(ctx) -> None:
         why = "killed at the end of the time budget" if ref.proc.returncode in (-9, 137) else "failed"
         side["log_tail"] = (ref.work / "log.txt").read_text(errors="replace")[-3000:]
         if entry.get("status") == "running":
-            entry.update(status="error", error={"type": "CpuReferenceFailed", "message": f"the CPU reference {why} "
-                                                f"(exit {ref.proc.returncode}); its log's end is in cpu_reference"})
+            entry.update(
+                status="error",
+                error={
+                    "type": "CpuReferenceFailed",
+                    "message": f"the CPU reference {why} "
+                    f"(exit {ref.proc.returncode}); its log's end is in cpu_reference",
+                },
+            )
     entry["cpu_reference"] = side
     entry.pop("waiting_for", None)
     if "metrics" in side and "device_side" in entry:
@@ -323,9 +409,14 @@ def compare_metrics(device: dict, cpu: dict) -> dict:
             rows[key] = {"device": a, "cpu": b, "within": ok}
         if not ok:
             outside.append(key)
-    return {"within_tolerance": not outside and bool(rows), "outside": outside, "metrics": rows,
-            "only_device": sorted(set(device) - set(cpu)), "only_cpu": sorted(set(cpu) - set(device)),
-            "tolerances": "bits/char, bits/byte, bits: 1% before training, 2% after; counts equal; speed not compared"}
+    return {
+        "within_tolerance": not outside and bool(rows),
+        "outside": outside,
+        "metrics": rows,
+        "only_device": sorted(set(device) - set(cpu)),
+        "only_cpu": sorted(set(cpu) - set(device)),
+        "tolerances": "bits/char, bits/byte, bits: 1% before training, 2% after; counts equal; speed not compared",
+    }
 
 
 # -- the environment and main ---------------------------------------------------------------------------------
@@ -350,8 +441,13 @@ def environment(ctx) -> dict:
     device = {"name": "cpu", "cpus": os.cpu_count()}
     if ctx.cuda:
         p = torch.cuda.get_device_properties(0)
-        device = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": p.total_memory / GIB,
-                  "multiprocessors": p.multi_processor_count, "cpus": os.cpu_count()}
+        device = {
+            "name": p.name,
+            "capability": f"{p.major}.{p.minor}",
+            "memory_gib": p.total_memory / GIB,
+            "multiprocessors": p.multi_processor_count,
+            "cpus": os.cpu_count(),
+        }
         peak, source = peak_bf16(p.name)
         if ctx.args.peak_tflops:
             peak, source = ctx.args.peak_tflops, "--peak-tflops"
@@ -397,24 +493,46 @@ def main(argv: list[str] | None = None) -> int:
         (work / "result.json").write_text(json.dumps(run_smoke(overrides, work, own == "1"), default=str))
         return 0
     profile = CPU_SMOKE if args.cpu_smoke else GPU
-    profile = replace(profile, **{k: v for k, v in dict(
-        budget_s=args.budget, memory_gib=args.memory_gib, max_micro_batch=args.max_micro_batch,
-        warmup=args.warmup, timed=args.steps).items() if v is not None})
+    profile = replace(
+        profile,
+        **{
+            k: v
+            for k, v in dict(
+                budget_s=args.budget,
+                memory_gib=args.memory_gib,
+                max_micro_batch=args.max_micro_batch,
+                warmup=args.warmup,
+                timed=args.steps,
+            ).items()
+            if v is not None
+        },
+    )
     import torch
 
     if profile.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: torch sees no CUDA device; `--cpu-smoke` runs the same code paths on the CPU",
-              file=sys.stderr)
+        print(
+            "gpu_check: torch sees no CUDA device; `--cpu-smoke` runs the same code paths on the CPU", file=sys.stderr
+        )
         return 2
     out = (args.out or default_out(profile)).resolve()
     report = Report(out, profile, profile.budget_s, args.parts)
-    watchdog = threading.Timer(max(1.0, profile.budget_s + GRACE_S - report.elapsed()), lambda: (
-        report.abort(f"the check ran past its budget of {profile.budget_s:.0f} s + {GRACE_S} s"), os._exit(3)))
+    watchdog = threading.Timer(
+        max(1.0, profile.budget_s + GRACE_S - report.elapsed()),
+        lambda: (report.abort(f"the check ran past its budget of {profile.budget_s:.0f} s + {GRACE_S} s"), os._exit(3)),
+    )
     watchdog.daemon = True
     watchdog.start()
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        ctx = SimpleNamespace(args=args, profile=profile, report=report, tmp=Path(tmp), cuda=profile.device == "cuda",
-                              prepared=None, model=None, peak_tflops=None)
+        ctx = SimpleNamespace(
+            args=args,
+            profile=profile,
+            report=report,
+            tmp=Path(tmp),
+            cuda=profile.device == "cuda",
+            prepared=None,
+            model=None,
+            peak_tflops=None,
+        )
         report.data.update(environment(ctx))
         report.data["output"] = str(out)
         report.write()

@@ -6,6 +6,7 @@ Each ``part_*(ctx, entry)`` fills ``entry`` (the part's node of the JSON) as it 
 steps, the card emulated), ``report`` (the budget), ``tmp``, ``cuda``, ``peak_tflops``; ``prepared`` and ``model``
 carry the tokenizer, rows and loaded model from one part to the next.
 """
+
 from __future__ import annotations
 
 import gc
@@ -34,8 +35,11 @@ def merged(*lists: list[str]) -> list[str]:
 
 
 def error_record(e: BaseException) -> dict:
-    return {"type": type(e).__name__, "message": str(e)[:2000],
-            "traceback": "".join(traceback.format_exception(e))[-3000:]}
+    return {
+        "type": type(e).__name__,
+        "message": str(e)[:2000],
+        "traceback": "".join(traceback.format_exception(e))[-3000:],
+    }
 
 
 def free_memory() -> None:
@@ -49,8 +53,7 @@ def prepare(ctx) -> SimpleNamespace:
     too: a base that could not be built blocks the parts after it at once)."""
     if ctx.prepared is not None:
         if isinstance(ctx.prepared, BaseException):
-            raise RuntimeError(f"preparation failed in an earlier part: {type(ctx.prepared).__name__}: "
-                               f"{ctx.prepared}")
+            raise RuntimeError(f"preparation failed in an earlier part: {type(ctx.prepared).__name__}: {ctx.prepared}")
         return ctx.prepared
     try:
         ctx.prepared = _prepare(ctx)
@@ -72,25 +75,40 @@ def _prepare(ctx) -> SimpleNamespace:
     cfg = compose_config(overrides, output_dir=ctx.tmp / "qlora_7b")
     base = ensure_random_base(cfg.model, device=ctx.profile.device)  # a no-op for the tiny base
     manifest = base / "random_base.json"
-    info["base"] = {"path": str(base), "seconds": round(time.perf_counter() - started, 1),
-                    **(json.loads(manifest.read_text()) if manifest.is_file() else {"tiny": ctx.profile.tiny_base})}
+    info["base"] = {
+        "path": str(base),
+        "seconds": round(time.perf_counter() - started, 1),
+        **(json.loads(manifest.read_text()) if manifest.is_file() else {"tiny": ctx.profile.tiny_base}),
+    }
     started = time.perf_counter()
     splits, tok, ext = extended_tokenizer(cfg)
     data = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
     data.setup("fit")
-    info["data"] = {"tokenizer_and_packing_seconds": round(time.perf_counter() - started, 1), "vocab_size": len(tok),
-                    "num_base": ext.num_base, "packed_rows": int(data.train_sequences.shape[0]),
-                    "seq_len": int(data.train_sequences.shape[1])}
-    return SimpleNamespace(cfg=cfg, overrides=overrides, tok=tok, splits=splits, data=data, num_base=ext.num_base,
-                           info=info)
+    info["data"] = {
+        "tokenizer_and_packing_seconds": round(time.perf_counter() - started, 1),
+        "vocab_size": len(tok),
+        "num_base": ext.num_base,
+        "packed_rows": int(data.train_sequences.shape[0]),
+        "seq_len": int(data.train_sequences.shape[1]),
+    }
+    return SimpleNamespace(
+        cfg=cfg, overrides=overrides, tok=tok, splits=splits, data=data, num_base=ext.num_base, info=info
+    )
 
 
 def tiny_base(path: Path, spec: dict) -> Path:
     from bailong.model.base import save_tokenizer
-    from bailong.model.random_base import ROOT as BASE_ROOT, TOKENIZERS
+    from bailong.model.random_base import ROOT as BASE_ROOT
+    from bailong.model.random_base import TOKENIZERS
 
-    save_random_llama(path, hidden=spec["hidden"], layers=spec["layers"], vocab=spec["vocab"],
-                      intermediate=spec["intermediate"], heads=spec["heads"])
+    save_random_llama(
+        path,
+        hidden=spec["hidden"],
+        layers=spec["layers"],
+        vocab=spec["vocab"],
+        intermediate=spec["intermediate"],
+        heads=spec["heads"],
+    )
     save_tokenizer((BASE_ROOT / TOKENIZERS["llama2"]).read_bytes(), path)
     return path
 
@@ -115,12 +133,16 @@ def build(ctx, prep, cfg):
     model = make_model(cfg, prep.tok, prep.num_base, rows, run_device(cfg.trainer.accelerator))
     sync(ctx)
     base = model.get_base_model()
-    info = {"seconds": round(time.perf_counter() - started, 1), "vocab_size": len(prep.tok),
-            "embedding_rows": int(base.get_input_embeddings().weight.shape[0]),
-            "head_rows": int(base.get_output_embeddings().weight.shape[0]),
-            "attn_implementation": getattr(base.config, "_attn_implementation", None),
-            "layers": base.config.num_hidden_layers, "parameters": count_parameters(model),
-            "allocated_gib": torch.cuda.memory_allocated() / GIB if ctx.cuda else None}
+    info = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "vocab_size": len(prep.tok),
+        "embedding_rows": int(base.get_input_embeddings().weight.shape[0]),
+        "head_rows": int(base.get_output_embeddings().weight.shape[0]),
+        "attn_implementation": getattr(base.config, "_attn_implementation", None),
+        "layers": base.config.num_hidden_layers,
+        "parameters": count_parameters(model),
+        "allocated_gib": torch.cuda.memory_allocated() / GIB if ctx.cuda else None,
+    }
     return model, info
 
 
@@ -153,8 +175,11 @@ def step_timer(ctx):
         def summary(self, warmup: int) -> dict:
             steps = [b - a for a, b in zip(self.marks, self.marks[1:])]
             timed = self.marks[-1] - self.marks[warmup]
-            return {"steps_timed": len(steps) - warmup, "tokens_per_sec": sum(self.positions[warmup:]) / timed,
-                    "seconds_per_step": [round(s, 3) for s in steps]}
+            return {
+                "steps_timed": len(steps) - warmup,
+                "tokens_per_sec": sum(self.positions[warmup:]) / timed,
+                "seconds_per_step": [round(s, 3) for s in steps],
+            }
 
     return StepTimer()
 
@@ -180,9 +205,17 @@ def train_trial(ctx, prep, cfg, model, micro_batch: int) -> dict:
     rows = rows.repeat(-(-need // len(rows)), 1)[:need]
     timer = step_timer(ctx)
     module = StaysOnDevice(model, **{**module_kwargs(cfg), "max_steps": steps})
-    trainer = instantiate(cfg.trainer, max_steps=steps, limit_val_batches=0, logger=False, callbacks=[timer],
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                          default_root_dir=str(ctx.tmp / "trainer"))
+    trainer = instantiate(
+        cfg.trainer,
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(ctx.tmp / "trainer"),
+    )
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -192,8 +225,10 @@ def train_trial(ctx, prep, cfg, model, micro_batch: int) -> dict:
             p.grad = None
     out = timer.summary(ctx.profile.warmup)
     if ctx.cuda:
-        out.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
-                   peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+        out.update(
+            peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+            peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
+        )
     return out
 
 
@@ -206,11 +241,16 @@ def planned(cfg, micro_batch: int) -> dict:
     plan = estimate(setup)
     optimizer = plan.components_gib.get("optimizer_state", 0.0)
     paged = setup.optimizer.startswith("paged")
-    return {"total_gib": plan.total_gib, "cpu_comparable_gib": plan.cpu_comparable_gib,
-            "optimizer_state_gib": optimizer, "optimizer_paged": paged,
-            "torch_allocated_gib": plan.cpu_comparable_gib - (optimizer if paged else 0.0),
-            "peak_phase": getattr(plan, "peak_phase", None), "rows": plan.setup.get("rows"),
-            "fits": plan.fits}
+    return {
+        "total_gib": plan.total_gib,
+        "cpu_comparable_gib": plan.cpu_comparable_gib,
+        "optimizer_state_gib": optimizer,
+        "optimizer_paged": paged,
+        "torch_allocated_gib": plan.cpu_comparable_gib - (optimizer if paged else 0.0),
+        "peak_phase": getattr(plan, "peak_phase", None),
+        "rows": plan.setup.get("rows"),
+        "fits": plan.fits,
+    }
 
 
 def flops_per_token(cfg) -> dict:
@@ -220,11 +260,16 @@ def flops_per_token(cfg) -> dict:
     from bailong.plan import architecture, setup_from_config, step_flops
 
     a, seq = architecture(cfg.model), cfg.data.seq_len
-    n = (a.layers * sum(i * o for i, o in a.projection_shapes().values())
-         + (a.base_vocab + cfg.tokenizer.added_vocab) * a.hidden)
+    n = (
+        a.layers * sum(i * o for i, o in a.projection_shapes().values())
+        + (a.base_vocab + cfg.tokenizer.added_vocab) * a.hidden
+    )
     setup = setup_from_config(cfg)
-    return {"model": 6 * n + 6 * a.layers * seq * a.hidden, "n": n,
-            "planner": step_flops(replace(setup, micro_batch=1)) / seq}
+    return {
+        "model": 6 * n + 6 * a.layers * seq * a.hidden,
+        "n": n,
+        "planner": step_flops(replace(setup, micro_batch=1)) / seq,
+    }
 
 
 def try_micro_batch(ctx, prep, cfg, model, micro_batch: int) -> dict:
@@ -267,8 +312,12 @@ def cap_memory(ctx) -> dict | None:
     limit = (ctx.profile.memory_gib - CUDA_CONTEXT_GIB) * GIB
     if limit < total:
         torch.cuda.set_per_process_memory_fraction(limit / total)
-    return {"card_gib": ctx.profile.memory_gib, "allocator_limit_gib": min(limit, total) / GIB,
-            "cuda_context_assumed_gib": CUDA_CONTEXT_GIB, "device_gib": total / GIB}
+    return {
+        "card_gib": ctx.profile.memory_gib,
+        "allocator_limit_gib": min(limit, total) / GIB,
+        "cuda_context_assumed_gib": CUDA_CONTEXT_GIB,
+        "device_gib": total / GIB,
+    }
 
 
 def part_qlora(ctx, entry: dict) -> None:
@@ -279,13 +328,15 @@ def part_qlora(ctx, entry: dict) -> None:
     entry["flops_per_token"] = flops_per_token(prep.cfg)
     entry["notes"] = {
         "mfu": "(6*N + 6*layers*seq*hidden) * tokens_per_sec / device.peak_bf16_tflops; N = projection weights + "
-               "vocab*hidden (the head's matmul); planner_flops_utilization uses bailong.plan.step_flops instead",
+        "vocab*hidden (the head's matmul); planner_flops_utilization uses bailong.plan.step_flops instead",
         "memory": "peak_allocated_gib = torch.cuda.max_memory_allocated over the trial, model included; compare "
-                  "with planned.torch_allocated_gib (the plan less CUDA context, allocator slack and paged "
-                  "optimizer state, which live outside torch's allocator); fits = no CUDA OOM under memory_cap",
-        "tokens_per_sec": "every position of the timed steps (warm-up excluded), device synchronised per step"}
-    later = sum(ctx.profile.needs_s[p] for p in ("hf_trainer", "attention", "vocab_padding")
-                if p in ctx.report.selected)
+        "with planned.torch_allocated_gib (the plan less CUDA context, allocator slack and paged "
+        "optimizer state, which live outside torch's allocator); fits = no CUDA OOM under memory_cap",
+        "tokens_per_sec": "every position of the timed steps (warm-up excluded), device synchronised per step",
+    }
+    later = sum(
+        ctx.profile.needs_s[p] for p in ("hf_trainer", "attention", "vocab_padding") if p in ctx.report.selected
+    )
     deadline = time.monotonic() + min(ctx.profile.search_s, ctx.report.remaining() - later)
     trials = entry["micro_batches"] = []
     fits, fails, stop, micro_batch = 0, None, None, 1
@@ -322,6 +373,7 @@ def part_qlora(ctx, entry: dict) -> None:
 def part_hf(ctx, entry: dict) -> None:
     """train_throughput's hf_packed side on the model part qlora_7b loaded, micro-batch 1."""
     import torch
+
     from train_throughput import run_hf
 
     prep = prepare(ctx)
@@ -332,19 +384,31 @@ def part_hf(ctx, entry: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
     entry["training_arguments_forced"] = forced
     with training_arguments(**forced):
-        clock = run_hf(prep.cfg, prep.tok, prep.splits, prep.data, ctx.model, ctx.profile.warmup + ctx.profile.timed,
-                       packed=True, work=ctx.tmp / "hf")
+        clock = run_hf(
+            prep.cfg,
+            prep.tok,
+            prep.splits,
+            prep.data,
+            ctx.model,
+            ctx.profile.warmup + ctx.profile.timed,
+            packed=True,
+            work=ctx.tmp / "hf",
+        )
     hf = clock.summary(ctx.profile.warmup)
     if ctx.cuda:
-        hf.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
-                  peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+        hf.update(
+            peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+            peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
+        )
     entry["hf_packed"] = hf
     if reference:
         entry["bailong_micro_batch_1"] = {k: reference.get(k) for k in ("tokens_per_sec", "peak_allocated_gib")}
         entry["ratio_bailong_over_hf"] = reference["tokens_per_sec"] / hf["positions_per_sec"]
-    entry["note"] = (f"hf_packed: transformers Trainer on the same packed rows, torch AdamW (run_hf's), loss from "
-                     f"the model's full logits; bailong: PretrainModule, {prep.cfg.train.optimizer}, fused chunked "
-                     f"loss. Ratio of positions per second, micro-batch 1")
+    entry["note"] = (
+        f"hf_packed: transformers Trainer on the same packed rows, torch AdamW (run_hf's), loss from "
+        f"the model's full logits; bailong: PretrainModule, {prep.cfg.train.optimizer}, fused chunked "
+        f"loss. Ratio of positions per second, micro-batch 1"
+    )
 
 
 @contextmanager
@@ -379,9 +443,14 @@ def part_variants(ctx, entry: dict, part: str, key: str, variants: dict[str, tup
     release_model(ctx)
     prep = prepare(ctx)
     reference = ctx.report.data["parts"]["qlora_7b"].get("micro_batch_1")
-    entry["reference"] = {key: prep.cfg.model[key], **({k: reference.get(k) for k in
-                          ("tokens_per_sec", "peak_allocated_gib")} if reference else {"missing": "qlora_7b did not "
-                                                                                       "run micro-batch 1"})}
+    entry["reference"] = {
+        key: prep.cfg.model[key],
+        **(
+            {k: reference.get(k) for k in ("tokens_per_sec", "peak_allocated_gib")}
+            if reference
+            else {"missing": "qlora_7b did not run micro-batch 1"}
+        ),
+    }
     entry["variants"] = {}
     for name, (override, skip) in variants.items():
         v = entry["variants"][name] = {"override": override}
@@ -418,11 +487,23 @@ def flash_attention_skip(ctx) -> str | None:
 
 
 def part_attention(ctx, entry: dict) -> None:
-    part_variants(ctx, entry, "attention", "attn_implementation", {
-        "eager": ("model.attn_implementation=eager", None),
-        "flash_attention_2": ("model.attn_implementation=flash_attention_2", flash_attention_skip(ctx))})
+    part_variants(
+        ctx,
+        entry,
+        "attention",
+        "attn_implementation",
+        {
+            "eager": ("model.attn_implementation=eager", None),
+            "flash_attention_2": ("model.attn_implementation=flash_attention_2", flash_attention_skip(ctx)),
+        },
+    )
 
 
 def part_padding(ctx, entry: dict) -> None:
-    part_variants(ctx, entry, "vocab_padding", "pad_vocab_to_multiple_of",
-                  {"unpadded": ("model.pad_vocab_to_multiple_of=1", None)})
+    part_variants(
+        ctx,
+        entry,
+        "vocab_padding",
+        "pad_vocab_to_multiple_of",
+        {"unpadded": ("model.pad_vocab_to_multiple_of=1", None)},
+    )

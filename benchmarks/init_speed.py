@@ -16,6 +16,7 @@ What is measured, and why it is fair:
 - ``distill`` learns: it reports seconds per step and per 1,000 student tokens (``--distill-steps`` steps).
 Each strategy starts from the same model: rows past 32,000 are dropped between strategies.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,7 @@ def tokenizers(cfg):
     ext = extend_tokenizer(cfg.model.pretrained, splits.tc_train, NUM_NEW, Path(cfg.paths.cache_dir))
     mini = load_model_proto(*read_base_model(cfg.model.pretrained))
     extended = load_model_proto(*read_base_model(ext.path))
-    new = [p.piece for p in extended.pieces[len(mini.pieces):]]
+    new = [p.piece for p in extended.pieces[len(mini.pieces) :]]
     fillers = [f"zzfill{i}" for i in range(NUM_BASE - len(mini.pieces))]  # unreachable ASCII: never produced
     base = append_pieces(mini, fillers)
     return hf_tokenizer_from_proto(base), hf_tokenizer_from_proto(append_pieces(base, new)), splits.tc_train
@@ -55,9 +56,17 @@ def random_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=NUM_BASE, hidden_size=HIDDEN, intermediate_size=1024, num_hidden_layers=1,
-                         num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=NUM_BASE,
+        hidden_size=HIDDEN,
+        intermediate_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -92,23 +101,44 @@ def main() -> None:
         corpus_pass = info.get("corpus_pass_seconds")
         if corpus_pass is not None:
             tokens = info.get("shift_tokens") or info.get("corpus_tokens") or args.shift_tokens
-            entry.update(corpus_pass_seconds=corpus_pass, corpus_pass_tokens=tokens,
-                         corpus_pass_seconds_per_1k_tokens=round(1000 * corpus_pass / max(1, tokens), 3),
-                         rows_seconds=round(seconds - corpus_pass, 2))
+            entry.update(
+                corpus_pass_seconds=corpus_pass,
+                corpus_pass_tokens=tokens,
+                corpus_pass_seconds_per_1k_tokens=round(1000 * corpus_pass / max(1, tokens), 3),
+                rows_seconds=round(seconds - corpus_pass, 2),
+            )
         if name == "distill":
             train = info.get("train_seconds", seconds)
             steps = info.get("steps", args.distill_steps)
             student = steps * options.get("batch_size", 16) * options.get("context_len", 32)
-            entry.update(train_seconds=train, steps=steps, seconds_per_step=round(train / max(1, steps), 2),
-                         seconds_per_1k_student_tokens=round(1000 * train / max(1, student), 3))
+            entry.update(
+                train_seconds=train,
+                steps=steps,
+                seconds_per_step=round(train / max(1, steps), 2),
+                seconds_per_1k_student_tokens=round(1000 * train / max(1, student), 3),
+            )
         if name in NON_LEARNED:
             entry["under_10s"] = (entry.get("rows_seconds", seconds)) < 10
         results[name] = entry
         print(json.dumps({name: entry}), file=sys.stderr, flush=True)
-    print(json.dumps({"benchmark": "init_speed", "machine": machine(), "shapes": {
-        "base_vocab": NUM_BASE, "new_rows": len(tok) - len(base_tok), "hidden": HIDDEN, "tied": False},
-        "tokenizer_setup_seconds": round(setup_seconds, 1), "peak_rss_mib": round(peak_rss_mib(), 1),
-        "strategies": results}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "init_speed",
+                "machine": machine(),
+                "shapes": {
+                    "base_vocab": NUM_BASE,
+                    "new_rows": len(tok) - len(base_tok),
+                    "hidden": HIDDEN,
+                    "tied": False,
+                },
+                "tokenizer_setup_seconds": round(setup_seconds, 1),
+                "peak_rss_mib": round(peak_rss_mib(), 1),
+                "strategies": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ the configured optimizer; ``zero_grad(set_to_none=True)``) and prints JSON:
 they go back to PyTorch's caching allocator on a GPU; without it freed memory lingers in malloc's heap
 and resident memory overstates what is live.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,13 +76,25 @@ def warm_up(quant: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                             num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=300,
+            max_position_embeddings=64,
+        )
         LlamaForCausalLM(config).save_pretrained(tmp)
-        model = build_model(tmp, vocab_size=310, num_base=300, rows={"embed": torch.zeros(10, 64),
-                                                                      "head": torch.zeros(10, 64)},
-                            quant={"name": quant}, lora={"r": 4, "alpha": 8, "dropout": 0.1, "embeddings": "new_rows"},
-                            gradient_checkpointing=True)
+        model = build_model(
+            tmp,
+            vocab_size=310,
+            num_base=300,
+            rows={"embed": torch.zeros(10, 64), "head": torch.zeros(10, 64)},
+            quant={"name": quant},
+            lora={"r": 4, "alpha": 8, "dropout": 0.1, "embeddings": "new_rows"},
+            gradient_checkpointing=True,
+        )
         opt = make_optimizer("adamw", _param_groups(model, 1e-4, None, 0.0), (0.9, 0.95))
         for precision in (nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)):
             with precision:
@@ -100,20 +113,55 @@ def from_flags(args) -> tuple[Setup, Callable, dict]:
         pretrained, revision, random_base = args.pretrained, None, None
 
     arch = architecture(ModelCfg)
-    setup = Setup(arch=arch, added_vocab=args.added, seq_len=args.seq, micro_batch=args.batch,
-                  quantised=args.quant == "nf4", double_quant=True, dtype_bytes=4, autocast=False, lora_r=args.r,
-                  lora_dropout=args.dropout, targets=PROJECTIONS, embeddings=args.embeddings, optimizer="adamw",
-                  checkpointing=args.checkpointing, strategy="single", world_size=1, device="cpu")
+    setup = Setup(
+        arch=arch,
+        added_vocab=args.added,
+        seq_len=args.seq,
+        micro_batch=args.batch,
+        quantised=args.quant == "nf4",
+        double_quant=True,
+        dtype_bytes=4,
+        autocast=False,
+        lora_r=args.r,
+        lora_dropout=args.dropout,
+        targets=PROJECTIONS,
+        embeddings=args.embeddings,
+        optimizer="adamw",
+        checkpointing=args.checkpointing,
+        strategy="single",
+        world_size=1,
+        device="cpu",
+    )
 
     def build(rows):
-        quant = {"name": args.quant, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16",
-                 "quant_storage": "uint8", "skip_modules": ["lm_head"]}
+        quant = {
+            "name": args.quant,
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": "bfloat16",
+            "quant_storage": "uint8",
+            "skip_modules": ["lm_head"],
+        }
         lora = {"r": args.r, "alpha": 2 * args.r, "dropout": args.dropout, "embeddings": args.embeddings}
-        return build_model(args.pretrained, vocab_size=setup.vocab, num_base=arch.base_vocab, rows=rows, quant=quant,
-                           lora=lora, gradient_checkpointing=args.checkpointing)
+        return build_model(
+            args.pretrained,
+            vocab_size=setup.vocab,
+            num_base=arch.base_vocab,
+            rows=rows,
+            quant=quant,
+            lora=lora,
+            gradient_checkpointing=args.checkpointing,
+        )
 
-    train = {"optimizer": "adamw", "lr": 1e-4, "embedding_lr": None, "weight_decay": 0.0, "betas": (0.9, 0.95),
-             "clip": None, "precision": "32-true"}
+    train = {
+        "optimizer": "adamw",
+        "lr": 1e-4,
+        "embedding_lr": None,
+        "weight_decay": 0.0,
+        "betas": (0.9, 0.95),
+        "clip": None,
+        "precision": "32-true",
+    }
     return setup, build, train
 
 
@@ -131,8 +179,15 @@ def from_config(overrides: list[str]) -> tuple[Setup, Callable, dict]:
         return make_model(cfg, range(setup.vocab), setup.arch.base_vocab, rows, torch.device("cpu"))
 
     t = cfg.train
-    train = {"optimizer": t.optimizer, "lr": t.lr, "embedding_lr": t.embedding_lr, "weight_decay": t.weight_decay,
-             "betas": tuple(t.betas), "clip": cfg.trainer.gradient_clip_val, "precision": str(cfg.trainer.precision)}
+    train = {
+        "optimizer": t.optimizer,
+        "lr": t.lr,
+        "embedding_lr": t.embedding_lr,
+        "weight_decay": t.weight_decay,
+        "betas": tuple(t.betas),
+        "clip": cfg.trainer.gradient_clip_val,
+        "precision": str(cfg.trainer.precision),
+    }
     return setup, build, train
 
 
@@ -166,11 +221,13 @@ def main() -> None:
         for param in model.parameters():
             if type(param) is torch.nn.Parameter:
                 param.data = param.data.clone()
-    opt = make_optimizer(train["optimizer"], _param_groups(model, train["lr"], train["embedding_lr"],
-                                                          train["weight_decay"]), train["betas"])
+    opt = make_optimizer(
+        train["optimizer"],
+        _param_groups(model, train["lr"], train["embedding_lr"], train["weight_decay"]),
+        train["betas"],
+    )
     batch = torch.randint(0, setup.vocab, (setup.micro_batch, setup.seq_len))
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if train["precision"].startswith("bf16")
-                else nullcontext())
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if train["precision"].startswith("bf16") else nullcontext()
     phases = {"forward": 0, "backward": 0, "optimizer": 0}
     held = {}  # what is resident between backward and the optimizer step
 
@@ -185,8 +242,11 @@ def main() -> None:
         del loss
         if measure:
             phases["backward"] = max(phases["backward"], peak_kib(file_pages))
-            grads = {q.grad.untyped_storage().data_ptr(): q.grad.untyped_storage().nbytes()
-                     for q in model.parameters() if q.grad is not None}
+            grads = {
+                q.grad.untyped_storage().data_ptr(): q.grad.untyped_storage().nbytes()
+                for q in model.parameters()
+                if q.grad is not None
+            }
             held.update(after_backward=status_kib("RssAnon"), gradients=sum(grads.values()) / 1024)
             file_pages = reset_peak()
         if train["clip"]:
@@ -203,17 +263,28 @@ def main() -> None:
         step(measure=True)
     measured = (max(phases.values()) - baseline) / 1024**2
     planned = plan.cpu_comparable_gib
-    print(json.dumps({
-        "measured_gib": measured, "planned_gib": planned, "error": (planned - measured) / measured,
-        "measured_phases_gib": {k: (v - baseline) / 1024**2 for k, v in phases.items()},
-        "planned_phases_gib": plan.phases_gib,
-        "measured_static_gib": (static - baseline) / 1024**2, "planned_static_gib": plan.static_gib,
-        "measured_after_backward_gib": (held["after_backward"] - baseline) / 1024**2,
-        "measured_gradients_gib": held["gradients"] / 1024**2,
-        "planned_components_gib": plan.components_gib, "threads": torch.get_num_threads(),
-        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "args": vars(args),
-        "setup": {**plan.setup, "arch": plan.setup["arch"]},
-    }, indent=2, default=str))
+    print(
+        json.dumps(
+            {
+                "measured_gib": measured,
+                "planned_gib": planned,
+                "error": (planned - measured) / measured,
+                "measured_phases_gib": {k: (v - baseline) / 1024**2 for k, v in phases.items()},
+                "planned_phases_gib": plan.phases_gib,
+                "measured_static_gib": (static - baseline) / 1024**2,
+                "planned_static_gib": plan.static_gib,
+                "measured_after_backward_gib": (held["after_backward"] - baseline) / 1024**2,
+                "measured_gradients_gib": held["gradients"] / 1024**2,
+                "planned_components_gib": plan.components_gib,
+                "threads": torch.get_num_threads(),
+                "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                "args": vars(args),
+                "setup": {**plan.setup, "arch": plan.setup["arch"]},
+            },
+            indent=2,
+            default=str,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Measures, on the run's TC and EN training text (conf/data/pretrain_tc):
 - headroom: the loader's tokens/s over the training step's tokens/s (``--train-tokens-per-sec``, default:
   the bailong mini figure from ``benchmarks/train_throughput.py``), and setup time as steps of training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,14 @@ def chars_per_sec(tokenizer, docs: list[str]) -> dict:
     seconds = time.perf_counter() - t0
     chars = sum(len(d) for d in docs)
     tokens = sum(len(x) for x in ids)
-    return {"chars": chars, "tokens": tokens, "seconds": round(seconds, 3), "chars_per_sec": round(chars / seconds),
-            "tokens_per_sec": round(tokens / seconds), "tokens_per_char": round(tokens / chars, 4)}
+    return {
+        "chars": chars,
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "chars_per_sec": round(chars / seconds),
+        "tokens_per_sec": round(tokens / seconds),
+        "tokens_per_char": round(tokens / chars, 4),
+    }
 
 
 def main() -> None:
@@ -42,8 +49,12 @@ def main() -> None:
     from bailong.tokenization import extend_tokenizer, load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train-tokens-per-sec", type=float, default=None,
-                        help="training step tokens/s to compare with (default: measured mini bailong figure)")
+    parser.add_argument(
+        "--train-tokens-per-sec",
+        type=float,
+        default=None,
+        help="training step tokens/s to compare with (default: measured mini bailong figure)",
+    )
     parser.add_argument("--loader-batches", type=int, default=2000)
     args = parser.parse_args()
 
@@ -55,7 +66,8 @@ def main() -> None:
         for lang, docs in (("tc", splits.tc_train), ("en", splits.en_train)):
             result["tokenizers"][lang] = {"extended": chars_per_sec(tok, docs), "base": chars_per_sec(base_tok, docs)}
             ext, base = result["tokenizers"][lang]["extended"], result["tokenizers"][lang]["base"]
-            result["tokenizers"][lang]["extended_over_base_chars_per_sec"] = round(ext["chars_per_sec"] / base["chars_per_sec"], 2)
+            ratio = round(ext["chars_per_sec"] / base["chars_per_sec"], 2)
+            result["tokenizers"][lang]["extended_over_base_chars_per_sec"] = ratio
 
         data = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
         t0 = time.perf_counter()
@@ -74,9 +86,13 @@ def main() -> None:
     loader_tps = tokens / loader_seconds
     train_tps = args.train_tokens_per_sec
     result["packing"] = {
-        "setup_seconds": round(setup_seconds, 2), "corpus_chars": chars, "setup_chars_per_sec": round(chars / setup_seconds),
-        "packed_sequences": int(data.train_sequences.shape[0]), "seq_len": cfg.data.seq_len,
-        "loader_batches": batches, "loader_tokens_per_sec": round(loader_tps),
+        "setup_seconds": round(setup_seconds, 2),
+        "corpus_chars": chars,
+        "setup_chars_per_sec": round(chars / setup_seconds),
+        "packed_sequences": int(data.train_sequences.shape[0]),
+        "seq_len": cfg.data.seq_len,
+        "loader_batches": batches,
+        "loader_tokens_per_sec": round(loader_tps),
     }
     if train_tps:
         step_tokens = cfg.data.batch_size * cfg.data.seq_len

@@ -22,6 +22,7 @@ Models: ``mini`` (the embedded base, vocabulary 5,000 + 8,000 appended) and ``la
 Llama, hidden 1024, 8 layers, vocabulary 40,000 + 8,000 appended = 48k, saved as safetensors and
 loaded in 4-bit through the same code path).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    compose_config, extended_tokenizer, machine, matmul_flops, peak_rss_mib, reset_peak_rss, run_worker, save_random_llama,
+    compose_config,
+    extended_tokenizer,
+    machine,
+    matmul_flops,
+    peak_rss_mib,
+    reset_peak_rss,
+    run_worker,
+    save_random_llama,
     window_peak_rss_mib,
 )
 
@@ -43,8 +51,16 @@ MODELS = {
     # sequences per step x tokens: the run's default (data.batch_size 8 x data.seq_len 256) on the mini base;
     # 4 x 256 on the large one keeps each side to about a minute on one thread
     "mini": {"batch_size": 8, "seq_len": 256},
-    "large": {"batch_size": 4, "seq_len": 256, "hidden": 1024, "layers": 8, "heads": 16, "intermediate": 2816,
-              "base_vocab": 40_000, "added": 8_000},
+    "large": {
+        "batch_size": 4,
+        "seq_len": 256,
+        "hidden": 1024,
+        "layers": 8,
+        "heads": 16,
+        "intermediate": 2816,
+        "base_vocab": 40_000,
+        "added": 8_000,
+    },
 }
 
 
@@ -74,11 +90,15 @@ class StepClock:
         self.seconds.append(time.perf_counter() - self._t0)
 
     def summary(self, warmup: int) -> dict:
-        secs, scored, pos = self.seconds[warmup:], self.scored[warmup:len(self.seconds)], self.positions[warmup:len(self.seconds)]
-        return {"steps_timed": len(secs), "seconds_per_step_median": round(statistics.median(secs), 3),
-                "tokens_per_sec": round(sum(scored) / sum(secs), 1),
-                "positions_per_sec": round(sum(pos) / sum(secs), 1),
-                "scored_tokens_per_step": round(sum(scored) / len(secs), 1)}
+        n = len(self.seconds)
+        secs, scored, pos = self.seconds[warmup:], self.scored[warmup:n], self.positions[warmup:n]
+        return {
+            "steps_timed": len(secs),
+            "seconds_per_step_median": round(statistics.median(secs), 3),
+            "tokens_per_sec": round(sum(scored) / sum(secs), 1),
+            "positions_per_sec": round(sum(pos) / sum(secs), 1),
+            "scored_tokens_per_step": round(sum(scored) / len(secs), 1),
+        }
 
 
 def build(model_name: str, work: Path):
@@ -89,22 +109,39 @@ def build(model_name: str, work: Path):
     from bailong.model.build import build_model
 
     spec = MODELS[model_name]
-    cfg = compose_config([f"data.batch_size={spec['batch_size']}", f"data.seq_len={spec['seq_len']}"], str(work / "run"))
+    cfg = compose_config(
+        [f"data.batch_size={spec['batch_size']}", f"data.seq_len={spec['seq_len']}"], str(work / "run")
+    )
     splits, tok, ext = extended_tokenizer(cfg)
     torch.manual_seed(cfg.seed)
     if model_name == "mini":
         pretrained, num_base, vocab = cfg.model.pretrained, ext.num_base, len(tok)
     else:  # a random Llama at larger shapes; the mini tokenizer's ids are a subset of its vocabulary
-        pretrained = str(save_random_llama(work / "large", hidden=spec["hidden"], layers=spec["layers"],
-                                           vocab=spec["base_vocab"], intermediate=spec["intermediate"],
-                                           heads=spec["heads"]))
+        pretrained = str(
+            save_random_llama(
+                work / "large",
+                hidden=spec["hidden"],
+                layers=spec["layers"],
+                vocab=spec["base_vocab"],
+                intermediate=spec["intermediate"],
+                heads=spec["heads"],
+            )
+        )
         num_base, vocab = spec["base_vocab"], spec["base_vocab"] + spec["added"]
     hidden = spec.get("hidden", 256)
     rows = {"embed": torch.randn(vocab - num_base, hidden) * 0.02, "head": torch.randn(vocab - num_base, hidden) * 0.02}
-    model = build_model(pretrained, vocab_size=vocab, num_base=num_base, rows=rows, quant=cfg.quant, lora=cfg.lora,
-                        gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype,
-                        attn_implementation=cfg.model.attn_implementation,
-                        pad_vocab_to_multiple_of=cfg.model.pad_vocab_to_multiple_of)
+    model = build_model(
+        pretrained,
+        vocab_size=vocab,
+        num_base=num_base,
+        rows=rows,
+        quant=cfg.quant,
+        lora=cfg.lora,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        pad_vocab_to_multiple_of=cfg.model.pad_vocab_to_multiple_of,
+    )
     data = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
     return cfg, tok, splits, data, model
 
@@ -128,8 +165,16 @@ def run_bailong(cfg, data, model, steps: int, work: Path) -> StepClock:
             clock.stop()
 
     module = PretrainModule(model, **{**module_kwargs(cfg), "max_steps": steps})  # as run.py configures it
-    trainer = instantiate(cfg.trainer, max_steps=steps, limit_val_batches=0, logger=False, callbacks=[Clock()],
-                          enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(work))
+    trainer = instantiate(
+        cfg.trainer,
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[Clock()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(work),
+    )
     trainer.fit(module, datamodule=data)
     return clock
 
@@ -161,12 +206,25 @@ def run_hf(cfg, tok, splits, data, model, steps: int, packed: bool, work: Path) 
         tok.pad_token = tok.unk_token  # the QLoRA recipe's pad; the collator sets its labels to -100
         collator = DataCollatorForLanguageModeling(tok, mlm=False)
     args = TrainingArguments(
-        output_dir=str(work / "hf"), per_device_train_batch_size=cfg.data.batch_size, gradient_accumulation_steps=1,
-        max_steps=steps, learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-        adam_beta1=cfg.train.betas[0], adam_beta2=cfg.train.betas[1], warmup_steps=cfg.train.warmup_steps,
-        lr_scheduler_type="cosine", max_grad_norm=cfg.trainer.gradient_clip_val, optim="adamw_torch",
-        use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
-        seed=cfg.seed, disable_tqdm=True,
+        output_dir=str(work / "hf"),
+        per_device_train_batch_size=cfg.data.batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        adam_beta1=cfg.train.betas[0],
+        adam_beta2=cfg.train.betas[1],
+        warmup_steps=cfg.train.warmup_steps,
+        lr_scheduler_type="cosine",
+        max_grad_norm=cfg.trainer.gradient_clip_val,
+        optim="adamw_torch",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        seed=cfg.seed,
+        disable_tqdm=True,
     )
     torch.manual_seed(cfg.seed)
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Clock()]).train()
@@ -188,9 +246,16 @@ def worker(side: str, model_name: str, steps: int, warmup: int) -> dict:
             clock = run_hf(cfg, tok, splits, data, model, steps, packed=side == "hf_packed", work=work)
         config = model.get_base_model().config
         training_peak = window_peak_rss_mib() if windowed else None
-    return {"peak_rss_training_mib": training_peak and round(training_peak, 1),"side": side, "model": model_name, **clock.summary(warmup), "peak_rss_mib": round(peak_rss_mib(), 1),
-            "peak_rss_before_training_mib": round(rss_before, 1), "torch_threads": torch.get_num_threads(),
-            "train_flops_per_token": train_flops_per_token(config, cfg.data.seq_len)}
+    return {
+        "peak_rss_training_mib": training_peak and round(training_peak, 1),
+        "side": side,
+        "model": model_name,
+        **clock.summary(warmup),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "peak_rss_before_training_mib": round(rss_before, 1),
+        "torch_threads": torch.get_num_threads(),
+        "train_flops_per_token": train_flops_per_token(config, cfg.data.seq_len),
+    }
 
 
 def train_flops_per_token(config, seq_len: int) -> float:
@@ -211,9 +276,13 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default: mini 8, large 5)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run the sides round-robin this many times and keep each side's fastest run "
-                             "(the CPU is shared: load from other processes slows whichever side it hits)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the sides round-robin this many times and keep each side's fastest run "
+        "(the CPU is shared: load from other processes slows whichever side it hits)",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -222,20 +291,28 @@ def main() -> None:
         return
 
     script = Path(__file__).resolve()
-    result = {"benchmark": "train_throughput", "machine": machine(),
-              "matmul_flops_per_sec": {d: round(matmul_flops(d) / 1e9, 1) for d in ("float32", "bfloat16")},
-              "units": {"matmul_flops_per_sec": "GFLOP/s", "achieved": "GFLOP/s"}, "models": {}}
+    result = {
+        "benchmark": "train_throughput",
+        "machine": machine(),
+        "matmul_flops_per_sec": {d: round(matmul_flops(d) / 1e9, 1) for d in ("float32", "bfloat16")},
+        "units": {"matmul_flops_per_sec": "GFLOP/s", "achieved": "GFLOP/s"},
+        "models": {},
+    }
     for model_name in args.models:
         steps = args.steps or (8 if model_name == "mini" else 5)
         sides: dict[str, dict] = {}
-        for repeat in range(args.repeats):
+        for _ in range(args.repeats):
             for side in args.sides:
-                run = run_worker(script, ["--worker", side, model_name, "--steps", str(steps),
-                                          "--warmup", str(args.warmup)], timeout=1800)
+                run = run_worker(
+                    script,
+                    ["--worker", side, model_name, "--steps", str(steps), "--warmup", str(args.warmup)],
+                    timeout=1800,
+                )
                 per_token = run.pop("train_flops_per_token")
                 run["achieved_gflops_per_sec"] = round(per_token * run["positions_per_sec"] / 1e9, 1)
                 run["tokens_per_sec_all_repeats"] = sides.get(side, {}).get("tokens_per_sec_all_repeats", []) + [
-                    run["tokens_per_sec"]]
+                    run["tokens_per_sec"]
+                ]
                 if side not in sides or run["tokens_per_sec"] > sides[side]["tokens_per_sec"]:
                     sides[side] = run
                 else:
@@ -247,11 +324,13 @@ def main() -> None:
             entry["bailong_achieved_over_bf16_matmul"] = round(b["achieved_gflops_per_sec"] / peak, 3)
             for other in ("hf_padded", "hf_packed"):
                 if other in sides:
-                    entry[f"tokens_per_sec_ratio_vs_{other}"] = round(b["tokens_per_sec"] / sides[other]["tokens_per_sec"], 2)
+                    speed = b["tokens_per_sec"] / sides[other]["tokens_per_sec"]
+                    entry[f"tokens_per_sec_ratio_vs_{other}"] = round(speed, 2)
                     entry[f"peak_rss_ratio_vs_{other}"] = round(b["peak_rss_mib"] / sides[other]["peak_rss_mib"], 2)
                     if b.get("peak_rss_training_mib") and sides[other].get("peak_rss_training_mib"):
                         entry[f"training_peak_rss_ratio_vs_{other}"] = round(
-                            b["peak_rss_training_mib"] / sides[other]["peak_rss_training_mib"], 2)
+                            b["peak_rss_training_mib"] / sides[other]["peak_rss_training_mib"], 2
+                        )
         result["models"][model_name] = entry
     result["machine"]["load_average_1m_end"] = machine()["load_average_1m"]
     print(json.dumps(result, indent=2))

@@ -9,6 +9,7 @@ rest of bailong uses); the validation side is only evaluated. The English-only r
 same tokenizer, architecture and steps; its weights stay in the log directory and only its
 numbers go into the card. Same torch version + same --threads = bit-for-bit the same weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,28 @@ from bailong.data.corpus import load_documents, split_documents  # noqa: E402
 from bailong.eval.bpc import bits_per_char  # noqa: E402
 from bailong.model.base import MiniBaseConfig, build_mini_base  # noqa: E402
 
-DATA = {"en": ["data/en/kjv.jsonl.gz", "data/en/fortunes.jsonl.gz"],
-        "tc": ["data/zh_tw/poetry_tang.jsonl.gz", "data/zh_tw/modern.jsonl.gz", "data/zh_tw/classics.jsonl.gz"]}
+DATA = {
+    "en": ["data/en/kjv.jsonl.gz", "data/en/fortunes.jsonl.gz"],
+    "tc": ["data/zh_tw/poetry_tang.jsonl.gz", "data/zh_tw/modern.jsonl.gz", "data/zh_tw/classics.jsonl.gz"],
+}
 VAL_FRACTION, SPLIT_SEED = 0.02, 0
 EVAL_SEQ_LEN = 256  # the scoring window of conf/data/pretrain_tc.yaml
-TINY = dict(vocab_size=600, han_pieces=40, cjk_punct_pieces=4, hidden_size=32, intermediate_size=64,
-            num_layers=1, num_heads=2, max_position_embeddings=64, seq_len=32, batch_size=4, steps=3,
-            warmup_steps=1, log_every=1, eval_every=2)
+TINY = dict(
+    vocab_size=600,
+    han_pieces=40,
+    cjk_punct_pieces=4,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    max_position_embeddings=64,
+    seq_len=32,
+    batch_size=4,
+    steps=3,
+    warmup_steps=1,
+    log_every=1,
+    eval_every=2,
+)
 TINY_MAX_DOCS = 300
 
 
@@ -69,14 +85,21 @@ def evaluate(model_dir: Path, data: dict) -> dict:
         for name, (_, val) in files.items():
             scored = bits_per_char(model, tokenizer, val, seq_len=EVAL_SEQ_LEN, batch_size=8)
             uni = unigram_bits(train_all, val)
-            result[f"{lang}/{name}"] = {"chars": scored["chars"], "docs": len(val), "bpc": round(scored["bpc"], 4),
-                                        "unigram_bpc": round(uni / scored["chars"], 4),
-                                        "tokens_per_char": round(scored["tokens_per_char"], 4)}
+            result[f"{lang}/{name}"] = {
+                "chars": scored["chars"],
+                "docs": len(val),
+                "bpc": round(scored["bpc"], 4),
+                "unigram_bpc": round(uni / scored["chars"], 4),
+                "tokens_per_char": round(scored["tokens_per_char"], 4),
+            }
             lang_bits += scored["bits"]
             lang_uni += uni
             lang_chars += scored["chars"]
-        result[lang] = {"chars": int(lang_chars), "bpc": round(lang_bits / lang_chars, 4),
-                        "unigram_bpc": round(lang_uni / lang_chars, 4)}
+        result[lang] = {
+            "chars": int(lang_chars),
+            "bpc": round(lang_bits / lang_chars, 4),
+            "unigram_bpc": round(lang_uni / lang_chars, 4),
+        }
     return result
 
 
@@ -139,18 +162,25 @@ def render_readme(card: dict) -> str:
         line = f"| {name} | {row['chars']:,} | {row['bpc']:.3f} | {row['unigram_bpc']:.3f} |"
         lines.append(line + (f" {ref['eval'][key]['bpc']:.3f} |" if ref else ""))
     if ref:
-        lines += ["", f"The reference is the same architecture and tokenizer trained for the same {ref['steps']} "
-                  f"steps on English only ({ref['tokens']['en']:,} tokens, {ref['wall_time_s'] / 60:.1f} min on "
-                  f"{ref['threads']} CPU threads); only its numbers are kept. English costs the mini base "
-                  f"{ev['en']['bpc'] - ref['eval']['en']['bpc']:+.3f} bits/char against it (the reference saw "
-                  f"{ref['tokens']['en'] / tr['tokens']['en']:.1f}x the English tokens); its Chinese is "
-                  f"{ev['tc']['unigram_bpc'] - ev['tc']['bpc']:.2f} bits/char below the unigram."]
+        lines += [
+            "",
+            f"The reference is the same architecture and tokenizer trained for the same {ref['steps']} "
+            f"steps on English only ({ref['tokens']['en']:,} tokens, {ref['wall_time_s'] / 60:.1f} min on "
+            f"{ref['threads']} CPU threads); only its numbers are kept. English costs the mini base "
+            f"{ev['en']['bpc'] - ref['eval']['en']['bpc']:+.3f} bits/char against it (the reference saw "
+            f"{ref['tokens']['en'] / tr['tokens']['en']:.1f}x the English tokens); its Chinese is "
+            f"{ev['tc']['unigram_bpc'] - ev['tc']['bpc']:.2f} bits/char below the unigram.",
+        ]
     else:
         lines += ["", "English-only reference: not built yet (`--reference`)."]
     lines += [
-        "", "## Rebuild",
-        "```", "python experiments/build_mini_base.py --out models/mini-base",
-        "python experiments/build_mini_base.py --out models/mini-base --reference --threads 1  # as the card's reference was run", "```",
+        "",
+        "## Rebuild",
+        "```",
+        "python experiments/build_mini_base.py --out models/mini-base",
+        "python experiments/build_mini_base.py --out models/mini-base --reference --threads 1"
+        "  # as the card's reference was run",
+        "```",
         f"Same torch version and thread count ({tr['threads']}) give bit-for-bit the same `model.safetensors` "
         "(seeded init, seeded data order, single process); another thread count or torch build changes the "
         "floating-point summation order and so the weights.",
@@ -167,8 +197,11 @@ def write_card(out: Path, card: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models/mini-base"))
-    parser.add_argument("--reference", action="store_true",
-                        help="train the English-only reference and add its numbers to <out>/card.json")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="train the English-only reference and add its numbers to <out>/card.json",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, a few steps, few documents (tests)")
     parser.add_argument("--steps", type=int, help="override the number of training steps")
     parser.add_argument("--threads", type=int, help="override torch threads (changes the weights' bits)")
@@ -188,8 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = args.log_dir / "reference" if args.reference else args.out
     log_path = args.log_dir / ("reference.log" if args.reference else "main.log")
     start = time.time()
-    stats = build_mini_base(cfg, train["en"], train["tc"], model_dir, log_path,
-                            en_held_out=val["en"], tc_held_out=val["tc"])
+    stats = build_mini_base(
+        cfg, train["en"], train["tc"], model_dir, log_path, en_held_out=val["en"], tc_held_out=val["tc"]
+    )
     ev = evaluate(model_dir, data)
     print(json.dumps(ev, indent=1))
 
@@ -200,8 +234,14 @@ def main(argv: list[str] | None = None) -> None:
         card = json.loads(card_path.read_text())
         if (model_dir / "tokenizer.model").read_bytes() != (args.out / "tokenizer.model").read_bytes():
             raise SystemExit("the reference's tokenizer differs from the shipped one: settings differ")
-        card["reference"] = {"steps": stats["steps"], "tokens": stats["tokens"], "wall_time_s": stats["wall_time_s"],
-                             "threads": cfg.threads, "seed": cfg.seed, "eval": ev}
+        card["reference"] = {
+            "steps": stats["steps"],
+            "tokens": stats["tokens"],
+            "wall_time_s": stats["wall_time_s"],
+            "threads": cfg.threads,
+            "seed": cfg.seed,
+            "eval": ev,
+        }
         write_card(args.out, card)
         return
 
@@ -209,26 +249,55 @@ def main(argv: list[str] | None = None) -> None:
     tokens = stats["tokens"]
     card = {
         "architecture": {
-            "class": "LlamaForCausalLM", "parameters": stats["parameters"],
+            "class": "LlamaForCausalLM",
+            "parameters": stats["parameters"],
             "embedding_parameters": 2 * cfg.vocab_size * cfg.hidden_size,
             "safetensors_bytes": (model_dir / "model.safetensors").stat().st_size,
-            **{k: model_cfg[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                                         "intermediate_size", "vocab_size", "max_position_embeddings",
-                                         "tie_word_embeddings")},
+            **{
+                k: model_cfg[k]
+                for k in (
+                    "num_hidden_layers",
+                    "hidden_size",
+                    "num_attention_heads",
+                    "intermediate_size",
+                    "vocab_size",
+                    "max_position_embeddings",
+                    "tie_word_embeddings",
+                )
+            },
         },
         "tokenizer": stats["tokenizer"],
-        "tokens_per_char": {lang: round(sum(ev[f"{lang}/{n}"]["tokens_per_char"] * ev[f"{lang}/{n}"]["chars"]
-                                            for n in data[lang]) / ev[lang]["chars"], 4) for lang in data},
-        "training": {**stats["config"], "steps": stats["steps"], "tokens": tokens,
-                     "tc_token_share": round(tokens["tc"] / (tokens["en"] + tokens["tc"]), 4),
-                     "epochs_started": stats["epochs"], "wall_time_s": stats["wall_time_s"],
-                     "build_time_s": round(time.time() - start, 1)},
-        "eval": ev, "eval_seq_len": EVAL_SEQ_LEN,
+        "tokens_per_char": {
+            lang: round(
+                sum(ev[f"{lang}/{n}"]["tokens_per_char"] * ev[f"{lang}/{n}"]["chars"] for n in data[lang])
+                / ev[lang]["chars"],
+                4,
+            )
+            for lang in data
+        },
+        "training": {
+            **stats["config"],
+            "steps": stats["steps"],
+            "tokens": tokens,
+            "tc_token_share": round(tokens["tc"] / (tokens["en"] + tokens["tc"]), 4),
+            "epochs_started": stats["epochs"],
+            "wall_time_s": stats["wall_time_s"],
+            "build_time_s": round(time.time() - start, 1),
+        },
+        "eval": ev,
+        "eval_seq_len": EVAL_SEQ_LEN,
         "machine": cpu_name(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "data": {"files": DATA, "val_fraction": VAL_FRACTION, "split_seed": SPLIT_SEED,
-                 "max_docs_per_file": TINY_MAX_DOCS if args.tiny else None},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "data": {
+            "files": DATA,
+            "val_fraction": VAL_FRACTION,
+            "split_seed": SPLIT_SEED,
+            "max_docs_per_file": TINY_MAX_DOCS if args.tiny else None,
+        },
     }
     write_card(args.out, card)
 

@@ -5,6 +5,7 @@
 
 Several sweeps make one table; a strategy run again in a later sweep replaces the earlier run.
 """
+
 from __future__ import annotations
 
 import json

@@ -9,6 +9,7 @@ each configuration, and measures bits/char on capped validation text, before any
 three TC files, equal shares) and EN (data/en). The base itself is measured with the same tokenizer
 construction and no added pieces. Prints a markdown table, writes JSON (see --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,21 +25,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from transformers import AutoModelForCausalLM  # noqa: E402
+
 from bailong.data.corpus import load_documents, split_documents  # noqa: E402
 from bailong.embedding import find_new_tokens, resize_and_initialize  # noqa: E402
 from bailong.embedding.distill import spell_out  # noqa: E402
 from bailong.embedding.pieces import PIECE_RULES  # noqa: E402
 from bailong.eval.bpc import bits_per_char  # noqa: E402
 from bailong.tokenization.extend import extend_tokenizer, load_tokenizer  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 TC_FILES = ["poetry_tang", "modern", "classics"]
 EN_FILES = ["kjv", "fortunes"]
 
 
 def splits(folder: str, names: list[str]) -> dict[str, tuple[list[str], list[str]]]:
-    return {n: split_documents(load_documents({"path": str(ROOT / "data" / folder / f"{n}.jsonl.gz")}), 0.02, 0)
-            for n in names}
+    return {
+        n: split_documents(load_documents({"path": str(ROOT / "data" / folder / f"{n}.jsonl.gz")}), 0.02, 0)
+        for n in names
+    }
 
 
 def capped(docs: list[str], max_chars: int) -> list[str]:
@@ -63,14 +67,28 @@ def configurations(shift_tokens: int) -> list[tuple[str, dict]]:
     ]
     for output_rule in PIECE_RULES + ("first_shift",):
         for input_rule in PIECE_RULES:
-            runs.append((f"zip_tie:{input_rule}/{output_rule}",
-                         {"name": "zip_tie", "input_rule": input_rule, "output_rule": output_rule, **shift}))
-    for extra in ({"absorbed_mass_bias": False}, {"shift_estimate": "occurrence"}, {"shift_bias": 0.0},
-                  {"shift_bias": 1.0}, {"shift_ridge": 1e-1}, {"shift_max_tokens": shift_tokens // 4},
-                  {"shift_max_tokens": shift_tokens * 2}):
+            runs.append(
+                (
+                    f"zip_tie:{input_rule}/{output_rule}",
+                    {"name": "zip_tie", "input_rule": input_rule, "output_rule": output_rule, **shift},
+                )
+            )
+    for extra in (
+        {"absorbed_mass_bias": False},
+        {"shift_estimate": "occurrence"},
+        {"shift_bias": 0.0},
+        {"shift_bias": 1.0},
+        {"shift_ridge": 1e-1},
+        {"shift_max_tokens": shift_tokens // 4},
+        {"shift_max_tokens": shift_tokens * 2},
+    ):
         tag = ",".join(f"{k}={v}" for k, v in extra.items())
-        runs.append((f"zip_tie:last/first_shift,{tag}",
-                     {"name": "zip_tie", "input_rule": "last", "output_rule": "first_shift", **shift, **extra}))
+        runs.append(
+            (
+                f"zip_tie:last/first_shift,{tag}",
+                {"name": "zip_tie", "input_rule": "last", "output_rule": "first_shift", **shift, **extra},
+            )
+        )
     for extra in ({}, {"steps": 50}, {"lr": 0.01}, {"output_loss": "match"}, {"start_from": "subword_mean"}):
         tag = ",".join(f"{k}={v}" for k, v in extra.items()) or "default"
         runs.append((f"distill:{tag}", {"name": "distill", **shift, **extra}))
@@ -85,12 +103,12 @@ def initialise(base, base_tok, tok, cfg: dict, texts: list[str], head_cache: dic
     if cfg["name"] != "zip_tie" or cfg.get("output_rule") != "first_shift" or key not in head_cache:
         report = resize_and_initialize(model, base_tok, tok, cfg, texts=texts, seed=0)
         if cfg["name"] == "zip_tie" and cfg.get("output_rule") == "first_shift":
-            head_cache[key] = (model.get_output_embeddings().weight[len(base_tok):].detach().clone(), report)
+            head_cache[key] = (model.get_output_embeddings().weight[len(base_tok) :].detach().clone(), report)
         return model, report
     head, shift_report = head_cache[key]
     report = resize_and_initialize(model, base_tok, tok, {**cfg, "output_rule": "first"}, texts=texts, seed=0)
     with torch.no_grad():
-        model.get_output_embeddings().weight[len(base_tok):] = head
+        model.get_output_embeddings().weight[len(base_tok) :] = head
     info = {**shift_report["info"], "input_rule": cfg["input_rule"]}
     return model, {**report, "info": info, "seconds": shift_report["seconds"]}
 
@@ -128,8 +146,9 @@ def main() -> None:
     parser.add_argument("--max-chars", type=int, default=12000, help="validation characters per language")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--shift-tokens", type=int, default=400_000, help="zip_tie shift_max_tokens")
-    parser.add_argument("--only", default="", help="comma-separated names, 'prefix*' for all that start so; "
-                        "'base' is always run")
+    parser.add_argument(
+        "--only", default="", help="comma-separated names, 'prefix*' for all that start so; 'base' is always run"
+    )
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache"))
     parser.add_argument("--out", default=str(ROOT / "experiments/results/zip_tie_rules.json"))
     parser.add_argument("--decompose", action="store_true", help="also split the TC loss into output and input rule")
@@ -164,21 +183,38 @@ def main() -> None:
         if wanted and not any(name.startswith(w[:-1]) if w.endswith("*") else name == w for w in wanted):
             continue
         model, report = initialise(base, base_tok, tok, cfg, tc_train, head_cache)
-        row = {"name": name, **measure(model, tok), "init_seconds": report["seconds"], "config": cfg,
-               "info": report["info"]}
+        row = {
+            "name": name,
+            **measure(model, tok),
+            "init_seconds": report["seconds"],
+            "config": cfg,
+            "info": report["info"],
+        }
         results.append(row)
         print(f"| {name:44} | {row['tc_bpc']:12.4f} | {row['en_bpc']:12.4f} | {row['init_seconds']:6.1f} |", flush=True)
         if args.decompose:
             row["tc_decomposition"] = decompose(model, tok, new, tc_val, args.seq_len)
-            print("    TC bits/char " + ", ".join(f"{k} {v:.3f}" for k, v in row["tc_decomposition"].items()), flush=True)
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in row["tc_decomposition"].items())
+            print("    TC bits/char " + parts, flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "model": args.model, "added_vocab": args.added_vocab, "num_added": extended.num_added,
-        "tc_val_chars": sum(map(len, tc_val)), "en_val_chars": sum(map(len, en_val)), "seq_len": args.seq_len,
-        "results": results,
-    }, indent=2, ensure_ascii=False) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "added_vocab": args.added_vocab,
+                "num_added": extended.num_added,
+                "tc_val_chars": sum(map(len, tc_val)),
+                "en_val_chars": sum(map(len, en_val)),
+                "seq_len": args.seq_len,
+                "results": results,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: real configs composed from conf/, a repo-root anchor, small real corpora."""
+"""Shared fixtures: real configs composed from conf/, a repo-root anchor, small real corpora, the tiny model."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,39 @@ def tiny_base(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     path = tmp_path_factory.mktemp("tiny_base")
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """test_build.make_tiny_base: a random tiny Llama, its tokenizer extended by 64 Han characters, their rows."""
+    from test_build import make_tiny_base
+
+    return make_tiny_base(tmp_path_factory.mktemp("tiny"))
+
+
+def trained(tiny, quant, embeddings):
+    """``tiny`` built (test_build.build) with ``quant`` and ``embeddings``, every trainable parameter moved, as
+    after training (LoRA B starts at zero): what the save, reload and export tests save."""
+    import torch
+
+    from test_build import build
+
+    model = build(tiny, quant=quant, embeddings=embeddings)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model

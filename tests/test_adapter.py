@@ -1,4 +1,5 @@
 """bailong.model.adapter: an adapter dir reloads onto a fresh base and gives the same logits."""
+
 from __future__ import annotations
 
 import json
@@ -7,25 +8,10 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from test_build import HIDDEN, NF4, NONE, NUM_BASE, NUM_NEW, VOCAB, batch, build, make_tiny_base
 
 from bailong.model.adapter import CONFIG_FILE, META_FILE, ROWS_FILE, load_adapter, save_adapter
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_base(tmp_path_factory.mktemp("tiny"))
-
-
-def trained(tiny, quant, embeddings):
-    """A built model whose every trainable parameter moved, as after training (LoRA B starts at zero)."""
-    model = build(tiny, quant=quant, embeddings=embeddings)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return model
+from conftest import trained
+from test_build import HIDDEN, NF4, NONE, NUM_BASE, NUM_NEW, VOCAB, batch, build
 
 
 def logits(model, ids):
@@ -34,9 +20,17 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("quant, embeddings", [
-    (NONE, "new_rows"), (NF4, "new_rows"), (NONE, "lora"), (NF4, "lora"), (NF4, "full"), (NF4, "frozen"),
-])
+@pytest.mark.parametrize(
+    "quant, embeddings",
+    [
+        (NONE, "new_rows"),
+        (NF4, "new_rows"),
+        (NONE, "lora"),
+        (NF4, "lora"),
+        (NF4, "full"),
+        (NF4, "frozen"),
+    ],
+)
 def test_reload_onto_a_fresh_base_gives_the_same_logits(tiny, tmp_path, quant, embeddings):
     model = trained(tiny, quant, embeddings)
     ids = batch(5)
@@ -79,8 +73,7 @@ def test_each_value_is_stored_once(tiny, tmp_path, embeddings):
 
 def test_config_is_written_as_yaml(tiny, tmp_path):
     config = {"init": {"name": "zip_tie"}, "lora": {"r": 4, "target_modules": ["q_proj"]}, "seed": 1234}
-    save_adapter(build(tiny, quant=NONE, embeddings="frozen"), tiny.tokenizer, tmp_path, rows=tiny.rows,
-                 config=config)
+    save_adapter(build(tiny, quant=NONE, embeddings="frozen"), tiny.tokenizer, tmp_path, rows=tiny.rows, config=config)
     assert yaml.safe_load((tmp_path / CONFIG_FILE).read_text()) == config
 
 

@@ -1,5 +1,6 @@
 """The bench runner: the shipped prompts file, prompt-file errors, rule scores by hand, and a whole run on
 the mini base (generations file, rule metrics, judge through a local server, the CLI); evaluate_instruct."""
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,20 @@ def test_shipped_prompts_cover_each_category_in_both_languages(tmp_path):
     assert all(p.expected_lang == p.lang for p in prompts if p.category != "translation")
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"id": "a", "category": "c", "lang": "zh", "prompt": "p"}', r"p.jsonl:2: 'lang' must be one of tc, sc, en"),
-    ('{"id": "a", "category": "c", "lang": "en", "prompt": ""}', r"p.jsonl:2: 'prompt' must be a non-empty string"),
-    ('{"id": "x", "category": "c", "lang": "en", "prompt": "p"}', r"p.jsonl:2: id 'x' repeats"),
-    ('{"id": "a", "category": "c", "lang": "en", "expected_lang": "fr", "prompt": "p"}', r"'expected_lang' must be"),
-    ("[1, 2]", r"p.jsonl:2: expected a JSON object"),
-    ("{oops", r"p.jsonl:2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"id": "a", "category": "c", "lang": "zh", "prompt": "p"}', r"p.jsonl:2: 'lang' must be one of tc, sc, en"),
+        ('{"id": "a", "category": "c", "lang": "en", "prompt": ""}', r"p.jsonl:2: 'prompt' must be a non-empty string"),
+        ('{"id": "x", "category": "c", "lang": "en", "prompt": "p"}', r"p.jsonl:2: id 'x' repeats"),
+        (
+            '{"id": "a", "category": "c", "lang": "en", "expected_lang": "fr", "prompt": "p"}',
+            r"'expected_lang' must be",
+        ),
+        ("[1, 2]", r"p.jsonl:2: expected a JSON object"),
+        ("{oops", r"p.jsonl:2: not valid JSON"),
+    ],
+)
 def test_bad_prompt_files_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": "x", "category": "c", "lang": "en", "prompt": "p"}\n' + line + "\n")
@@ -50,13 +57,22 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, line, message):
 def test_rule_metrics_by_hand():
     rows = []
     for pid, cat, lang, exp, answer in [
-        ("1", "poetry", "tc", "tc", "我們的國家很大"),   # consistent, purity 1
-        ("2", "poetry", "tc", "tc", "我们的国家很大"),   # Simplified: inconsistent, purity 0
+        ("1", "poetry", "tc", "tc", "我們的國家很大"),  # consistent, purity 1
+        ("2", "poetry", "tc", "tc", "我们的国家很大"),  # Simplified: inconsistent, purity 0
         ("3", "translation", "tc", "en", "The weather is nice."),  # asked for English: consistent
-        ("4", "writing", "en", "en", "今天天氣很好"),    # answered in Chinese: inconsistent
+        ("4", "writing", "en", "en", "今天天氣很好"),  # answered in Chinese: inconsistent
     ]:
-        rows.append({"id": pid, "category": cat, "lang": lang, "expected_lang": exp, "prompt": "p", "answer": answer,
-                     **rule_scores(answer, exp)})
+        rows.append(
+            {
+                "id": pid,
+                "category": cat,
+                "lang": lang,
+                "expected_lang": exp,
+                "prompt": "p",
+                "answer": answer,
+                **rule_scores(answer, exp),
+            }
+        )
     m = summarize_rules(rows)
     assert m["bench/lang_consistency"] == 0.5
     assert m["bench/tc/lang_consistency"] == pytest.approx(2 / 3) and m["bench/en/lang_consistency"] == 0.0
@@ -69,8 +85,10 @@ def test_run_bench_with_judge_on_the_mini_base(mini, tmp_path):
     model, tok = mini
     server = FakeJudgeServer(default=("ok", "Weak answer. Rating: [[2]]"))
     try:
-        cfg = compose_config(["bench.max_prompts=3", "bench.max_new_tokens=6", f"judge.base_url={server.url}",
-                              "judge.backoff_s=0.01"], tmp_path)
+        cfg = compose_config(
+            ["bench.max_prompts=3", "bench.max_new_tokens=6", f"judge.base_url={server.url}", "judge.backoff_s=0.01"],
+            tmp_path,
+        )
         metrics = run_bench(model, tok, cfg.bench, cfg.judge, tmp_path / "bench")
     finally:
         server.close()
@@ -86,8 +104,9 @@ def test_run_bench_with_judge_on_the_mini_base(mini, tmp_path):
 def test_cli_on_a_base_model_needs_out_and_writes_there(tmp_path):
     with pytest.raises(SystemExit):
         main([str(MINI), "--max-prompts", "1"])  # a base model directory is not a run directory
-    metrics = main([str(MINI), "--out", str(tmp_path / "b"), "--max-prompts", "2", "--quant", "none",
-                    "bench.max_new_tokens=4"])
+    metrics = main(
+        [str(MINI), "--out", str(tmp_path / "b"), "--max-prompts", "2", "--quant", "none", "bench.max_new_tokens=4"]
+    )
     assert metrics["bench/n"] == 2.0 and (tmp_path / "b" / "generations.jsonl").is_file()
 
 

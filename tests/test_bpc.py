@@ -1,5 +1,6 @@
 """Bits per character: equal to a brute-force per-document computation, every token scored once,
 the validation loader gives the same number, and the model's mode survives."""
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,14 @@ def tokenizer(tmp_path_factory):
 def tiny_model(vocab_size: int, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
         initializer_range=0.3,  # peaked, not near-uniform, predictions: an off-by-one shift cannot hide
         **overrides,
     )
@@ -61,7 +68,7 @@ def brute_force_bits(model, tokenizer, text: str, context: int | None = None) ->
             return -sum(logp[t - 1, ids[t]].item() for t in range(1, len(ids))) / math.log(2)
         bits = 0.0
         for t in range(1, len(ids)):
-            window = ids[max(0, t - context):t]  # the context; its last logit predicts ids[t]
+            window = ids[max(0, t - context) : t]  # the context; its last logit predicts ids[t]
             logp = torch.log_softmax(model(torch.tensor([window])).logits[0, -1].double(), -1)
             bits -= logp[ids[t]].item() / math.log(2)
         return bits
@@ -130,7 +137,8 @@ def test_model_mode_is_restored_and_scoring_is_eval_without_grad(tokenizer, shor
     assert seen and set(seen) == {(False, False)}
     assert {name: m.training for name, m in model.named_modules()} == before
     model.eval()
-    assert result["bits"] == pytest.approx(sum(brute_force_bits(model, tokenizer, t) for t in short_texts[:4]), rel=1e-5)
+    expected = sum(brute_force_bits(model, tokenizer, t) for t in short_texts[:4])
+    assert result["bits"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_peft_model_is_scored_through_its_adapter(model, tokenizer, short_texts):
@@ -159,7 +167,8 @@ def test_chunked_logits_give_the_same_bits(model, tokenizer, short_texts):
 def test_evaluate_texts_prefixes_each_text_set(model, tokenizer, short_texts):
     metrics = evaluate_texts(model, tokenizer, {"tc": short_texts[:3], "en": short_texts[-3:]}, seq_len=64)
     for name in ("tc", "en"):
-        assert {f"{name}_{k}" for k in ("bpc", "bpb", "bits", "chars", "bytes", "tokens", "tokens_per_char")} <= set(metrics)
+        keys = ("bpc", "bpb", "bits", "chars", "bytes", "tokens", "tokens_per_char")
+        assert {f"{name}_{k}" for k in keys} <= set(metrics)
     assert metrics["tc_bpc"] == pytest.approx(bits_per_char(model, tokenizer, short_texts[:3], seq_len=64)["bpc"])
 
 
@@ -172,8 +181,18 @@ def test_bad_evaluation_input_is_named(model, tokenizer):
 
 def test_validation_loaders_give_bits_per_char_of_the_val_texts(model, tokenizer):
     tc, en = tiny_corpora()  # includes long documents: sliding windows in both paths
-    dm = PretrainDataModule(tokenizer, tc[:-15], en[:-15], tc[-15:], en[-15:], seq_len=32, batch_size=4,
-                            tc_ratio=0.8, seed=0, max_val_chars=2500)
+    dm = PretrainDataModule(
+        tokenizer,
+        tc[:-15],
+        en[:-15],
+        tc[-15:],
+        en[-15:],
+        seq_len=32,
+        batch_size=4,
+        tc_ratio=0.8,
+        seed=0,
+        max_val_chars=2500,
+    )
     dm.setup("validate")
     loaders = dm.val_dataloader()
     assert len(loaders) == 2 and dm.val_names == ("tc", "en")

@@ -1,4 +1,5 @@
 """bailong.model.build on a tiny random Llama: 4-bit layers, row writing, trainable sets, the repack guard."""
+
 from __future__ import annotations
 
 import gzip
@@ -44,8 +45,14 @@ def make_tiny_base(root: Path) -> SimpleNamespace:
     tok_dir = root / "tokenizer"
     tok_dir.mkdir(parents=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs), model_prefix=str(tok_dir / "tokenizer"), vocab_size=NUM_BASE,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(docs),
+        model_prefix=str(tok_dir / "tokenizer"),
+        vocab_size=NUM_BASE,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
     )
     tokenizer = LlamaTokenizer.from_pretrained(str(tok_dir))
     with gzip.open(ROOT / "data/zh_tw/poetry_tang.jsonl.gz", "rt") as f:
@@ -55,8 +62,14 @@ def make_tiny_base(root: Path) -> SimpleNamespace:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=NUM_BASE, hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=INTERMEDIATE,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=NUM_BASE,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        intermediate_size=INTERMEDIATE,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     )
     base_dir = root / "base"
     LlamaForCausalLM(config).save_pretrained(base_dir)
@@ -73,14 +86,16 @@ def make_tiny_base(root: Path) -> SimpleNamespace:
     return SimpleNamespace(path=str(base_dir), tokenizer=tokenizer, rows=rows, texts=poems[:4] + docs[:4])
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> SimpleNamespace:
-    return make_tiny_base(tmp_path_factory.mktemp("tiny"))
-
-
 def build(tiny, quant=NF4, embeddings="new_rows", **kw):
-    return build_model(tiny.path, vocab_size=VOCAB, num_base=NUM_BASE, rows=tiny.rows, quant=quant,
-                       lora=kw.pop("lora", None) or lora(embeddings), **kw)
+    return build_model(
+        tiny.path,
+        vocab_size=VOCAB,
+        num_base=NUM_BASE,
+        rows=tiny.rows,
+        quant=quant,
+        lora=kw.pop("lora", None) or lora(embeddings),
+        **kw,
+    )
 
 
 def batch(seed: int = 0) -> torch.Tensor:
@@ -141,8 +156,9 @@ def trainable_names(model) -> set[str]:
     names = set()
     for name, p in model.named_parameters():
         if p.requires_grad:
-            parts = [s for s in name.split(".") if s not in ("default", "weight", "base_model", "model")
-                     and not s.isdigit()]
+            parts = [
+                s for s in name.split(".") if s not in ("default", "weight", "base_model", "model") and not s.isdigit()
+            ]
             names.add(".".join(parts[-2:]))
     return names
 
@@ -150,13 +166,19 @@ def trainable_names(model) -> set[str]:
 LORA_PROJ = {f"{t}.{ab}" for t in TARGETS for ab in ("lora_A", "lora_B")}
 
 
-@pytest.mark.parametrize("embeddings, expected", [
-    ("new_rows", LORA_PROJ | {"token_adapter.trainable_tokens_delta"}),
-    ("full", LORA_PROJ | {"embed_tokens.modules_to_save", "lm_head.modules_to_save"}),
-    ("lora", LORA_PROJ | {"embed_tokens.lora_embedding_A", "embed_tokens.lora_embedding_B",
-                          "lm_head.lora_A", "lm_head.lora_B"}),
-    ("frozen", LORA_PROJ),
-])
+@pytest.mark.parametrize(
+    "embeddings, expected",
+    [
+        ("new_rows", LORA_PROJ | {"token_adapter.trainable_tokens_delta"}),
+        ("full", LORA_PROJ | {"embed_tokens.modules_to_save", "lm_head.modules_to_save"}),
+        (
+            "lora",
+            LORA_PROJ
+            | {"embed_tokens.lora_embedding_A", "embed_tokens.lora_embedding_B", "lm_head.lora_A", "lm_head.lora_B"},
+        ),
+        ("frozen", LORA_PROJ),
+    ],
+)
 def test_only_the_intended_parameters_train(tiny, embeddings, expected):
     model = build(tiny, embeddings=embeddings)
     assert trainable_names(model) == expected
@@ -166,9 +188,17 @@ def test_parameter_counts_unpack_4bit_and_match_the_analytic_count(tiny):
     r = 4
     lora_per_layer = r * (4 * (HIDDEN + HIDDEN) + 2 * (HIDDEN + INTERMEDIATE) + (INTERMEDIATE + HIDDEN))
     new_row_params = 2 * NUM_NEW * HIDDEN  # peft's delta rows for embedding and head
-    plain = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=INTERMEDIATE,
-        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False))
+    plain = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            intermediate_size=INTERMEDIATE,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        )
+    )
     base_total = sum(p.numel() for p in plain.parameters())
     for quant in (NF4, NONE):
         counts = count_parameters(build(tiny, quant=quant))
@@ -238,15 +268,18 @@ def test_gradient_checkpointing_trains(tiny):
         assert any(g.abs().sum() > 0 for g in grads.values())
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"lora": lora(r=0)}, "lora.r=0"),
-    ({"lora": lora("partial")}, "lora.embeddings='partial'"),
-    ({"lora": SimpleNamespace(**{**vars(lora()), "target_modules": ["q_proj", "c_attn"]})}, "c_attn"),
-    ({"rows": {"embed": torch.zeros(3, HIDDEN), "head": torch.zeros(3, HIDDEN)}}, r"rows\['embed'\] has shape"),
-    ({"vocab_size": NUM_BASE - 1}, "old ids never move"),
-    ({"num_base": NUM_BASE + 1}, "num_base=385"),
-    ({"dtype": "float64"}, "model.dtype='float64'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lora": lora(r=0)}, "lora.r=0"),
+        ({"lora": lora("partial")}, "lora.embeddings='partial'"),
+        ({"lora": SimpleNamespace(**{**vars(lora()), "target_modules": ["q_proj", "c_attn"]})}, "c_attn"),
+        ({"rows": {"embed": torch.zeros(3, HIDDEN), "head": torch.zeros(3, HIDDEN)}}, r"rows\['embed'\] has shape"),
+        ({"vocab_size": NUM_BASE - 1}, "old ids never move"),
+        ({"num_base": NUM_BASE + 1}, "num_base=385"),
+        ({"dtype": "float64"}, "model.dtype='float64'"),
+    ],
+)
 def test_bad_settings_fail_with_the_key_named(tiny, change, message):
     kwargs = {"vocab_size": VOCAB, "num_base": NUM_BASE, "rows": tiny.rows, "quant": NONE, "lora": lora(), **change}
     with pytest.raises(ValueError, match=message):

@@ -1,6 +1,7 @@
 """The hash-keyed caches that let sweep jobs share tokenizers, base metrics and init rows, and
 ``python -m bailong.cache {list,prune}`` on real cache directories (writers killed with SIGKILL, locks
 held by live processes)."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, compose_config
-
 from bailong.cache import (
     atomic_dir,
     cache_key,
@@ -26,6 +25,7 @@ from bailong.cache import (
     hash_texts,
     lock_path,
 )
+from conftest import ROOT, compose_config
 
 DAY = 86400
 
@@ -64,10 +64,9 @@ def visible(directory: Path) -> list[str]:
 
 def test_atomic_dir_all_or_nothing(tmp_path):
     target = tmp_path / "rows"
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "half").write_text("x")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("crash mid-write")
     assert not target.exists() and visible(tmp_path) == []
     with atomic_dir(target) as tmp:
         (tmp / "rows.safetensors").write_text("ok")
@@ -96,8 +95,9 @@ def cli(*args: str, env_cache: Path | None = None) -> subprocess.CompletedProces
     env = {k: v for k, v in os.environ.items() if k != "BAILONG_CACHE"}
     if env_cache is not None:
         env["BAILONG_CACHE"] = str(env_cache)
-    return subprocess.run([sys.executable, "-m", "bailong.cache", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "bailong.cache", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def cli_json(*args: str) -> dict:
@@ -127,8 +127,18 @@ def backdate(entry: Path, days: float) -> None:
 def cache(tmp_path) -> Path:
     """A cache with two init_rows entries and one base_metrics entry, all written by the real writers."""
     cache = tmp_path / "cache"
-    write_rows_entry(cache, "a" * 24, 16_000, {"strategy": "mean", "seed": None, "num_new": 8000, "device": "cpu",
-                                               "computed_by_run": "outputs/pretrain/runs/one"})
+    write_rows_entry(
+        cache,
+        "a" * 24,
+        16_000,
+        {
+            "strategy": "mean",
+            "seed": None,
+            "num_new": 8000,
+            "device": "cpu",
+            "computed_by_run": "outputs/pretrain/runs/one",
+        },
+    )
     write_rows_entry(cache, "b" * 24, 8_000, {"strategy": "random", "seed": 3, "num_new": 8000, "device": "cpu"})
     cached_json(cache / "base_metrics", {"base": 1}, lambda: {"tc_bpc": 5.5, "en_bpc": 1.4})
     return cache
@@ -136,16 +146,31 @@ def cache(tmp_path) -> Path:
 
 def run_child(code: str) -> subprocess.Popen:
     """A Python process running ``code`` (bailong importable), its stdin a pipe the test closes to end it."""
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_list_shows_each_kinds_entries_with_size_age_and_producer(cache):
     listing = cli_json("list", "--cache-dir", str(cache))
     entries = {(i["kind"], i["name"]): i for i in listing["items"] if i["what"] == "entry"}
     rows = entries["init_rows", "a" * 24]
-    assert rows["bytes"] == 16_000 + len(json.dumps({"strategy": "mean", "seed": None, "num_new": 8000, "device": "cpu",
-                                                     "computed_by_run": "outputs/pretrain/runs/one"}))
+    assert rows["bytes"] == 16_000 + len(
+        json.dumps(
+            {
+                "strategy": "mean",
+                "seed": None,
+                "num_new": 8000,
+                "device": "cpu",
+                "computed_by_run": "outputs/pretrain/runs/one",
+            }
+        )
+    )
     assert "strategy=mean" in rows["summary"] and "computed_by_run=outputs/pretrain/runs/one" in rows["summary"]
     assert "seed=3" in entries["init_rows", "b" * 24]["summary"]
     (metrics,) = [i for i in entries.values() if i["kind"] == "base_metrics"]
@@ -156,7 +181,8 @@ def test_list_shows_each_kinds_entries_with_size_age_and_producer(cache):
     text = cli("list", "--cache-dir", str(cache))
     assert text.returncode == 0, text.stderr
     assert "init_rows: 2 entries, 24.2 kB" in text.stdout and "base_metrics: 1 entry" in text.stdout
-    assert re.search(rf"{'a' * 24} +16\.1 kB +used +\d+ s ago +made +\d+ s ago +strategy=mean", text.stdout), text.stdout
+    row = rf"{'a' * 24} +16\.1 kB +used +\d+ s ago +made +\d+ s ago +strategy=mean"
+    assert re.search(row, text.stdout), text.stdout
     only = cli_json("list", "--cache-dir", str(cache), "--kind", "base_metrics")
     assert {i["kind"] for i in only["items"]} == {"base_metrics"}
 
@@ -173,8 +199,9 @@ with computed_once(entry), atomic_dir(entry) as tmp:
 
 
 def test_a_writer_killed_mid_write_leaves_an_orphan_that_prune_removes(cache):
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(cache)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(cache)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     (orphan,) = [p for p in (cache / "init_rows").iterdir() if p.name.startswith(".c")]
     assert not (cache / "init_rows" / ("c" * 24)).exists()
@@ -208,8 +235,14 @@ def test_prune_never_removes_what_a_live_process_holds(cache):
     for entry in (held, cache / "init_rows" / ("b" * 24)):
         backdate(entry, 30)
     # a live process holds the lock of entry a (reading it, say) and writes a temporary for it
-    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(held)], cwd=ROOT, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(held)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "holding", child.stderr.read()
         live_temps = [p for p in (cache / "init_rows").iterdir() if p.name.startswith(".") and p.name != ".locks"]
@@ -251,7 +284,9 @@ def test_prune_older_than_goes_by_last_use_and_dry_run_removes_nothing(cache):
     assert result["bytes_before"] == listing["total_bytes"]
     assert result["bytes_before"] - result["bytes_after"] == old_bytes > 16_000
     assert [(a["action"], a["name"]) for a in result["actions"]] == [
-        ("removed", "a" * 24), ("removed", f".locks/{'a' * 24}.lock")]
+        ("removed", "a" * 24),
+        ("removed", f".locks/{'a' * 24}.lock"),
+    ]
     assert not old.exists() and used.is_dir()
 
     # --kind limits entries to that kind: the week-old base metrics stay under --kind init_rows
@@ -274,18 +309,29 @@ def test_default_cache_dir_is_the_configs(tmp_path, monkeypatch):
     assert proc.returncode == 0 and proc.stdout.startswith(f"{tmp_path / 'elsewhere'}: 0 entries"), proc.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "name a command: list or prune"),
-    (["tidy"], "invalid choice: 'tidy'"),
-    (["prune", "--cache-dir", "{cache}", "--older-than", "-1"], "--older-than: expected a number of days >= 0, got '-1'"),
-    (["prune", "--cache-dir", "{cache}", "--older-than", "week"], "--older-than: expected a number of days >= 0, got 'week'"),
-    (["prune", "--cache-dir", "{cache}", "--older-than", "nan"], "expected a number of days >= 0, got 'nan'"),
-    (["list", "--cache-dir", "{cache}", "--kind", "init_row"],
-     "--kind 'init_row': not a cache kind; expected one of base_metrics, init_rows"),
-    (["list", "--cache-dir", "{cache}/nope"], "cache directory {cache}/nope does not exist"),
-    (["list", "--cache-dir", "{cache}/a_file"], "--cache-dir {cache}/a_file is not a directory"),
-    (["list", "--cache-dir", "{cache}", "--older-than", "3"], "unrecognized arguments: --older-than 3"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "name a command: list or prune"),
+        (["tidy"], "invalid choice: 'tidy'"),
+        (
+            ["prune", "--cache-dir", "{cache}", "--older-than", "-1"],
+            "--older-than: expected a number of days >= 0, got '-1'",
+        ),
+        (
+            ["prune", "--cache-dir", "{cache}", "--older-than", "week"],
+            "--older-than: expected a number of days >= 0, got 'week'",
+        ),
+        (["prune", "--cache-dir", "{cache}", "--older-than", "nan"], "expected a number of days >= 0, got 'nan'"),
+        (
+            ["list", "--cache-dir", "{cache}", "--kind", "init_row"],
+            "--kind 'init_row': not a cache kind; expected one of base_metrics, init_rows",
+        ),
+        (["list", "--cache-dir", "{cache}/nope"], "cache directory {cache}/nope does not exist"),
+        (["list", "--cache-dir", "{cache}/a_file"], "--cache-dir {cache}/a_file is not a directory"),
+        (["list", "--cache-dir", "{cache}", "--older-than", "3"], "unrecognized arguments: --older-than 3"),
+    ],
+)
 def test_bad_arguments_are_clear_errors(args, message, cache):
     (cache / "a_file").write_text("x")
     proc = cli(*[a.format(cache=cache) for a in args])

@@ -6,6 +6,7 @@ what the rows depend on.
 - Each strategy's declared dependencies (``RowInputs``: seed, corpus, options) match what its rows do:
   what it declares unused changes no row; the seed it declares used changes them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
+from bailong.embedding import EmbeddingInitError, get_strategy, global_rng_kept, rows_depend_on
+from bailong.embedding.distill import DistillOptions
+from bailong.embedding.registry import parse_options
+from bailong.embedding.zip_tie import ZipTieOptions
 from conftest import compose_config
 from test_embedding import (  # noqa: F401  (module fixtures: the tiny tokenizers, model and corpus)
     FAST_DISTILL,
@@ -28,9 +34,6 @@ from test_embedding import (  # noqa: F401  (module fixtures: the tiny tokenizer
     tokenizers,
 )
 from test_pipeline import SMOKE
-
-from bailong.embedding import get_strategy, global_rng_kept, rows_depend_on
-from bailong.embedding.registry import parse_options
 
 FAST = {"distill": FAST_DISTILL, "zip_tie": FAST_SHIFT}
 
@@ -64,10 +67,9 @@ def test_global_rng_kept_undoes_draws_from_every_global_rng():
     with global_rng_kept("cpu"):
         torch.rand(3), random.random(), np.random.rand(3)
     assert_same_rng_states(before, global_rng_states())
-    with pytest.raises(RuntimeError):  # restored on the way out of a failure too
-        with global_rng_kept("cpu"):
-            torch.rand(3)
-            raise RuntimeError("strategy failed")
+    with pytest.raises(RuntimeError), global_rng_kept("cpu"):  # restored on the way out of a failure too
+        torch.rand(3)
+        raise RuntimeError("strategy failed")
     assert_same_rng_states(before, global_rng_states())
 
 
@@ -93,10 +95,17 @@ def test_the_seed_changes_the_rows_exactly_when_declared(name, base_model, token
     assert (rows_depend_on(cfg, 5) == rows_depend_on(cfg, 6)) == same
 
 
-@pytest.mark.parametrize("name,cfg", [
-    ("mean", {}), ("subword_mean", {}), ("random", {}), ("multivariate", {}),
-    ("zip_tie", {"output_rule": "weighted_first"}), ("distill", {**FAST_DISTILL, "steps": 0, "start_from": "subword_mean"}),
-])
+@pytest.mark.parametrize(
+    "name,cfg",
+    [
+        ("mean", {}),
+        ("subword_mean", {}),
+        ("random", {}),
+        ("multivariate", {}),
+        ("zip_tie", {"output_rule": "weighted_first"}),
+        ("distill", {**FAST_DISTILL, "steps": 0, "start_from": "subword_mean"}),
+    ],
+)
 def test_strategies_declared_corpus_free_ignore_the_corpus(name, cfg, base_model, tokenizers, texts):
     assert not declared(name, cfg).corpus
     num_base = len(tokenizers[0])
@@ -109,25 +118,51 @@ def test_strategies_declared_corpus_free_ignore_the_corpus(name, cfg, base_model
 def test_options_a_strategy_does_not_read_leave_its_key_alone():
     zip_tie = {"name": "zip_tie", "output_rule": "last", "input_rule": "mean"}
     key = rows_depend_on(zip_tie, 1)
-    # the flat init config carries every strategy's keys: those of others, and zip_tie's shift options
-    # under a piece rule, change nothing
-    for other in ({"std": 0.5}, {"covariance_scale": 2.0}, {"steps": 7}, {"shift_bias": 0.9}):
-        assert rows_depend_on({**zip_tie, **other}, 2) == key, other
+    # zip_tie's shift options under a piece rule change nothing, and neither does the seed
+    for unread in ({"shift_bias": 0.9}, {"shift_max_tokens": 10}, {"absorbed_mass_bias": False}):
+        assert rows_depend_on({**zip_tie, **unread}, 2) == key, unread
     assert rows_depend_on({**zip_tie, "input_rule": "first"}, 1) != key
     first_shift = {"name": "zip_tie", "output_rule": "first_shift"}
     assert rows_depend_on({**first_shift, "shift_bias": 0.9}, 1) != rows_depend_on(first_shift, 1)
-    assert rows_depend_on({**first_shift, "std": 0.5}, 1) == rows_depend_on(first_shift, 1)
     assert rows_depend_on({"name": "mean"}, 1) == {"strategy": "mean", "options": {}, "seed": None, "corpus": False}
+
+
+def test_a_key_of_another_strategy_is_refused_not_ignored():
+    # each strategy's options class is its schema: Hydra refuses another strategy's key when it composes,
+    # and a mapping handed to the library is held to the same schema
+    for init, key in (("mean", "steps"), ("zip_tie", "steps"), ("zip_tie", "std"), ("random", "covariance_scale")):
+        with pytest.raises(ConfigCompositionException, match=f"init.{key}"):
+            compose_config([f"init={init}", f"init.{key}=7"])
+        with pytest.raises(EmbeddingInitError, match=f"\\['{key}'\\] are not options of '{init}'"):
+            rows_depend_on({"name": init, key: 7}, 1)
+
+
+def test_zip_tie_s_key_holds_its_own_options_and_distill_s_holds_them_too():
+    zip_tie = rows_depend_on(compose_config(["init=zip_tie"]).init, 1)
+    own = {f.name for f in dataclasses.fields(ZipTieOptions)} - {"name"}
+    assert set(zip_tie["options"]) == own  # no distill key, no name (the strategy is keyed on its own)
+    distill = compose_config(["init=distill", "init.steps=0"]).init
+    assert rows_depend_on(distill, 1)["options"] == {"start_from": "zip_tie", "steps": 0, **zip_tie["options"]}
+    trained = rows_depend_on(compose_config(["init=distill"]).init, 1)["options"]
+    assert set(trained) == {f.name for f in dataclasses.fields(DistillOptions)} - {"name"}
 
 
 def test_every_option_of_a_piece_rule_zip_tie_is_declared_or_ignored(base_model, tokenizers):
     # an option left out of the key must not change the rows: vary every undeclared zip_tie option
     cfg = {"name": "zip_tie", "output_rule": "weighted_last", "input_rule": "first"}
-    undeclared = {f.name for f in dataclasses.fields(get_strategy("zip_tie").options)} - set(declared("zip_tie", cfg).options)
+    options = {f.name for f in dataclasses.fields(get_strategy("zip_tie").options)} - {"name"}  # name: the strategy
+    undeclared = options - set(declared("zip_tie", cfg).options)
     assert undeclared >= {"shift_bias", "shift_ridge", "shift_max_tokens"}
     num_base = len(tokenizers[0])
-    changed = {"shift_estimate": "occurrence", "shift_bias": 3.0, "absorbed_mass_bias": False, "shift_ridge": 0.5,
-               "shift_max_tokens": 10, "shift_seq_len": 16, "shift_batch_size": 2}
+    changed = {
+        "shift_estimate": "occurrence",
+        "shift_bias": 3.0,
+        "absorbed_mass_bias": False,
+        "shift_ridge": 0.5,
+        "shift_max_tokens": 10,
+        "shift_seq_len": 16,
+        "shift_batch_size": 2,
+    }
     assert set(changed) == undeclared
     a = new_rows(run(base_model, tokenizers, cfg)[0], num_base)
     b = new_rows(run(base_model, tokenizers, {**cfg, **changed})[0], num_base)
@@ -147,8 +182,9 @@ def test_seed_free_rows_are_cached_once_for_every_seed(tmp_path):
     cache = tmp_path / "cache"
     reports = {}
     for init, seed in [("mean", 1), ("mean", 2), ("mean", 3), ("random", 1), ("random", 2)]:
-        cfg = compose_config([*SMOKE, f"init={init}", f"seed={seed}", f"paths.cache_dir={cache}"],
-                             output_dir=tmp_path / f"{init}{seed}")
+        cfg = compose_config(
+            [*SMOKE, f"init={init}", f"seed={seed}", f"paths.cache_dir={cache}"], output_dir=tmp_path / f"{init}{seed}"
+        )
         splits = load_splits(cfg.data)
         _, ext, base_tok, tok = build_tokenizers(cfg, splits)
         rows, reports[init, seed] = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
@@ -171,8 +207,9 @@ def test_a_cold_and_a_warm_cache_give_identical_metrics(tmp_path):
     metrics, reports = {}, {}
     for state in ("cold", "warm"):
         out = tmp_path / state
-        cfg = compose_config([*SMOKE, "trainer.max_steps=3", "trainer.val_check_interval=3",
-                              f"paths.cache_dir={cache}"], output_dir=out)
+        cfg = compose_config(
+            [*SMOKE, "trainer.max_steps=3", "trainer.val_check_interval=3", f"paths.cache_dir={cache}"], output_dir=out
+        )
         metrics[state] = run_pipeline(cfg)
         reports[state] = json.loads((out / "init_report.json").read_text())
     print(f"final/tc_bpc cold {metrics['cold']['final/tc_bpc']!r} warm {metrics['warm']['final/tc_bpc']!r}")

@@ -1,4 +1,5 @@
 """python -m bailong.chat: scripted multi-turn JSON, the paper's sampling defaults, interactive streaming."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,13 @@ import subprocess
 import sys
 
 import pytest
-from test_build import make_tiny_base
-from test_export import saved_adapter
 
-from conftest import ROOT
 from bailong.chat import PAPER_SAMPLING, load_chat_model, reply, run_prompts
 from bailong.data.chat import set_chat_template
 from bailong.eval.generate import PromptTooLongError, generate
+from conftest import ROOT
+from test_build import make_tiny_base
+from test_export import saved_adapter
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,15 @@ def run_dir(tmp_path_factory):
 
 def chat_cli(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "bailong.chat", *args], cwd=ROOT, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "bailong.chat", *args],
+        cwd=ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_scripted_two_turn_chat_prints_json(run_dir):
@@ -42,8 +50,9 @@ def test_scripted_two_turn_chat_prints_json(run_dir):
     assert s["do_sample"] is True and s["seed"] == 0
     # the same seed gives the same transcript; the second turn saw the first (multi-turn context)
     model, tok = load_chat_model(run_dir)
-    settings = {k: s[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                                  "do_sample", "seed")}
+    settings = {
+        k: s[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample", "seed")
+    }
     again = run_prompts(model, tok, ["Hello", "And then?"], settings)
     assert again["turns"] == out["turns"]
     second = generate(model, tok, out["messages"][:3], **settings)
@@ -51,7 +60,9 @@ def test_scripted_two_turn_chat_prints_json(run_dir):
 
 
 def test_interactive_mode_streams_and_takes_commands(run_dir):
-    proc = chat_cli([str(run_dir), "--max-new-tokens", "4", "--greedy"], stdin="Hi\n/reset\n/system Be brief.\nHi\n/exit\n")
+    proc = chat_cli(
+        [str(run_dir), "--max-new-tokens", "4", "--greedy"], stdin="Hi\n/reset\n/system Be brief.\nHi\n/exit\n"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("assistant> ") == 2
     assert "/reset" in proc.stderr  # the banner lists the commands
@@ -61,9 +72,12 @@ def test_old_turns_are_dropped_when_the_chat_outgrows_the_positions(run_dir):
     model, tok = load_chat_model(run_dir)  # the tiny model has 128 positions
     settings = {"max_new_tokens": 8, "do_sample": False}
     long = "word " * 40
-    messages = [{"role": "system", "content": "sys"},
-                {"role": "user", "content": long}, {"role": "assistant", "content": long},
-                {"role": "user", "content": "Hi"}]
+    messages = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": long},
+        {"role": "assistant", "content": long},
+        {"role": "user", "content": "Hi"},
+    ]
     with pytest.raises(PromptTooLongError):
         generate(model, tok, messages, **settings)
     assert reply(model, tok, messages, settings) == generate(model, tok, [messages[0], messages[3]], **settings)

@@ -1,5 +1,6 @@
 """bailong.data.chat: validation with file:line errors, the chat template, the assistant-only label mask,
 packing with block-diagonal attention, hub-format loading on local files."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT
 from bailong.data.chat import (
-    IGNORE_INDEX, ChatDataError, EncodedChat, collate_chats, encode_conversation, load_conversations,
-    pack_conversations, set_chat_template,
+    IGNORE_INDEX,
+    ChatDataError,
+    EncodedChat,
+    collate_chats,
+    encode_conversation,
+    load_conversations,
+    pack_conversations,
+    set_chat_template,
 )
+from conftest import ROOT
 
 MINI = ROOT / "models" / "mini-base"
 CHAT = [
@@ -36,12 +43,30 @@ def test_label_mask_token_by_token(tok):
     got = [(p, label != IGNORE_INDEX) for p, label in zip(pieces, enc.labels)]
     header = [("A", False), ("ss", False), ("ist", False), ("ant", False), (":", False)]
     expected = (
-        [("<s>", False), ("S", False), ("y", False), ("stem", False), (":", False), ("▁Be", False), ("▁bri", False),
-         ("ef", False), (".", False), ("<0x0A>", False),
-         ("U", False), ("s", False), ("er", False), (":", False), ("▁H", False), ("i", False), ("<0x0A>", False)]
-        + header + [("▁H", True), ("ell", True), ("o", True), (".", True), ("</s>", True), ("<0x0A>", False)]
+        [
+            ("<s>", False),
+            ("S", False),
+            ("y", False),
+            ("stem", False),
+            (":", False),
+            ("▁Be", False),
+            ("▁bri", False),
+            ("ef", False),
+            (".", False),
+            ("<0x0A>", False),
+            ("U", False),
+            ("s", False),
+            ("er", False),
+            (":", False),
+            ("▁H", False),
+            ("i", False),
+            ("<0x0A>", False),
+        ]
+        + header
+        + [("▁H", True), ("ell", True), ("o", True), (".", True), ("</s>", True), ("<0x0A>", False)]
         + [("U", False), ("s", False), ("er", False), (":", False), ("▁", False), ("月", False), ("<0x0A>", False)]
-        + header + [("▁", True), ("光", True), ("</s>", True), ("<0x0A>", False)]
+        + header
+        + [("▁", True), ("光", True), ("</s>", True), ("<0x0A>", False)]
     )
     assert got == expected
     # labels are the input ids where scored (the model shifts them), -100 elsewhere
@@ -54,11 +79,20 @@ def test_labelled_spans_are_exactly_the_replies_on_the_extended_tokenizer(tok):
     tokens decodes to one reply followed by </s>."""
     from bailong.tokenization import extend_tokenizer, load_tokenizer
 
-    ext = extend_tokenizer(str(MINI), ["床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。"] * 50, 16,
-                           ROOT / ".cache", character_coverage=1.0)
+    ext = extend_tokenizer(
+        str(MINI),
+        ["床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。"] * 50,
+        16,
+        ROOT / ".cache",
+        character_coverage=1.0,
+    )
     ext_tok = set_chat_template(load_tokenizer(ext.path))
-    chat = [{"role": "user", "content": "請接下一句：「床前明月光」"}, {"role": "assistant", "content": "疑是地上霜"},
-            {"role": "user", "content": "Who wrote it?"}, {"role": "assistant", "content": "It was written by 李白."}]
+    chat = [
+        {"role": "user", "content": "請接下一句：「床前明月光」"},
+        {"role": "assistant", "content": "疑是地上霜"},
+        {"role": "user", "content": "Who wrote it?"},
+        {"role": "assistant", "content": "It was written by 李白."},
+    ]
     enc = encode_conversation(ext_tok, chat)
     spans, current = [], []
     for i, label in zip(enc.input_ids, enc.labels):
@@ -90,19 +124,31 @@ def write_lines(path, lines):
 GOOD = json.dumps({"messages": CHAT[1:3]})
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"text": "hi"}), "expected an object with a 'messages' list (found: text)"),
-    (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "unknown role 'bot'; expected one of system, user, assistant"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
-     "messages[1] is 'user' but 'assistant' was expected"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}]}), "no assistant turn"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}),
-     "messages[1] (assistant) needs a non-empty string 'content'"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}),
-     "messages[1] is 'system' but 'assistant' was expected"),
-    (json.dumps({"messages": []}), "'messages' must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"text": "hi"}), "expected an object with a 'messages' list (found: text)"),
+        (
+            json.dumps({"messages": [{"role": "bot", "content": "x"}]}),
+            "unknown role 'bot'; expected one of system, user, assistant",
+        ),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
+            "messages[1] is 'user' but 'assistant' was expected",
+        ),
+        (json.dumps({"messages": [{"role": "user", "content": "a"}]}), "no assistant turn"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}),
+            "messages[1] (assistant) needs a non-empty string 'content'",
+        ),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}),
+            "messages[1] is 'system' but 'assistant' was expected",
+        ),
+        (json.dumps({"messages": []}), "'messages' must be a non-empty list"),
+    ],
+)
 def test_bad_records_name_file_and_line(tmp_path, bad, message):
     path = write_lines(tmp_path / "chats.jsonl", [GOOD, "", bad])
     with pytest.raises(ChatDataError) as err:
@@ -147,8 +193,9 @@ def test_packing_keeps_conversations_whole_and_positions_restart():
         n, hits = len(chat.input_ids), 0
         for r in range(ids.shape[0]):
             for start in range(12 - n + 1):
-                if ids[r, start:start + n].tolist() == chat.input_ids and pos[r, start:start + n].tolist() == list(range(n)):
-                    assert labels[r, start:start + n].tolist() == chat.labels
+                span = slice(start, start + n)
+                if ids[r, span].tolist() == chat.input_ids and pos[r, span].tolist() == list(range(n)):
+                    assert labels[r, start : start + n].tolist() == chat.labels
                     hits += 1
         assert hits == 1
     # padding: never scored
@@ -179,7 +226,7 @@ def test_packed_conversations_do_not_see_each_other(tok):
         alone_b = model(input_ids=torch.tensor([b.input_ids])).logits[0]
     n = len(a.input_ids)
     torch.testing.assert_close(packed[:n], alone_a, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(packed[n:n + len(b.input_ids)], alone_b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed[n : n + len(b.input_ids)], alone_b, atol=1e-4, rtol=1e-4)
 
 
 def test_collate_pads_right_for_scoring(tok):
@@ -187,4 +234,4 @@ def test_collate_pads_right_for_scoring(tok):
     batch = collate_chats([a, b], pad_id=tok.eos_token_id)
     assert batch["attention_mask"].sum(1).tolist() == [len(a.input_ids), len(b.input_ids)]
     assert batch["chars"].tolist() == [a.answer_chars, b.answer_chars]
-    assert (batch["labels"][1, len(b.input_ids):] == IGNORE_INDEX).all()
+    assert (batch["labels"][1, len(b.input_ids) :] == IGNORE_INDEX).all()

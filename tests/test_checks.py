@@ -1,4 +1,5 @@
 """Configuration errors are caught before any heavy work, each naming the key and the valid range."""
+
 from __future__ import annotations
 
 import json
@@ -31,17 +32,29 @@ def test_added_vocab_beyond_the_corpus_fails_before_any_model_loads(make_config,
     docs = load_documents({"path": str(root / "data/zh_tw/poetry_tang.jsonl.gz"), "max_docs": 40})
     corpus = tmp_path / "tc.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
-    cfg = make_config(["experiment=smoke", f"data.tc=[{{path:{corpus}}}]", "tokenizer.added_vocab=1000000",
-                       f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
-    with pytest.raises(TokenizerConfigError, match=r"tokenizer\.added_vocab=1000000 is larger than .* Valid: 0 .*\.\.\d+"):
+    cfg = make_config(
+        [
+            "experiment=smoke",
+            f"data.tc=[{{path:{corpus}}}]",
+            "tokenizer.added_vocab=1000000",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+        tmp_path / "run",
+    )
+    with pytest.raises(
+        TokenizerConfigError, match=r"tokenizer\.added_vocab=1000000 is larger than .* Valid: 0 .*\.\.\d+"
+    ):
         pipeline.run(cfg)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("quant.compute_dtype=float64", r"quant\.compute_dtype='float64': 4-bit layers compute in one of bfloat16"),
-    ("quant.quant_type=int4", r"quant\.quant_type='int4': expected nf4 or fp4"),
-    ("trainer.accelerator=tpu", r"quant\.name=nf4 with trainer\.accelerator='tpu'.*use quant=none"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("quant.compute_dtype=float64", r"quant\.compute_dtype='float64': 4-bit layers compute in one of bfloat16"),
+        ("quant.quant_type=int4", r"quant\.quant_type='int4': expected nf4 or fp4"),
+        ("trainer.accelerator=tpu", r"quant\.name=nf4 with trainer\.accelerator='tpu'.*use quant=none"),
+    ],
+)
 def test_unsupported_quantisation_settings(make_config, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         check_config(make_config([override], tmp_path))
@@ -65,17 +78,30 @@ def test_four_bit_needs_a_bitsandbytes_backend(make_config, tmp_path, monkeypatc
 
 
 def test_four_bit_needs_linear_layers_to_quantise(make_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(checks, "_module_names", lambda cfg, config: {
-        "model.embed_tokens": "Embedding", "model.layers.0.mixer": "Conv2d", "lm_head": "Linear"})
-    with pytest.raises(ConfigError, match=r"quant\.name=nf4: llama model .* has no nn\.Linear layers outside "
-                                          r"quant\.skip_modules"):
+    monkeypatch.setattr(
+        checks,
+        "_module_names",
+        lambda cfg, config: {"model.embed_tokens": "Embedding", "model.layers.0.mixer": "Conv2d", "lm_head": "Linear"},
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"quant\.name=nf4: llama model .* has no nn\.Linear layers outside "
+        r"quant\.skip_modules",
+    ):
         check_config(make_config(["lora.target_modules=[mixer]"], tmp_path))
 
 
 @pytest.fixture
 def short_context_base(tmp_path):
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     return tmp_path / "base"
 
@@ -107,8 +133,11 @@ def test_the_default_config_passes(make_config, tmp_path):
 @pytest.mark.parametrize("key", ["lr", "embedding_lr"])
 def test_learning_rates_outside_what_adamw_can_use_are_refused(make_config, tmp_path, key, value):
     shown = str(float(value))  # the message shows the value as the config holds it (1e20 -> 1e+20)
-    with pytest.raises(ConfigError, match=rf"train\.{key}={re.escape(shown)}: the learning rate must be a finite "
-                                          r"number in \(0, 1\]"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"train\.{key}={re.escape(shown)}: the learning rate must be a finite "
+        r"number in \(0, 1\]",
+    ):
         check_config(make_config([f"train.{key}={value}"], tmp_path))
 
 
@@ -120,15 +149,18 @@ def test_a_high_learning_rate_is_allowed_with_a_warning(make_config, tmp_path, c
     assert "is above" not in caplog.text
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.warmup_steps=-1", r"train\.warmup_steps=-1: must be >= 0"),
-    ("train.min_lr_ratio=1.5", r"train\.min_lr_ratio=1\.5: the cosine floor .* must be in \[0, 1\]"),
-    ("train.betas=[0.9,1.0]", r"train\.betas=\[0\.9, 1\.0\]: AdamW takes two decay rates, each in \[0, 1\)"),
-    ("train.betas=[0.9]", r"train\.betas=\[0\.9\]: AdamW takes two decay rates"),
-    ("train.weight_decay=-0.1", r"train\.weight_decay=-0\.1: must be a finite number >= 0"),
-    ("train.optimizer=sgd", r"train\.optimizer='sgd': expected one of adamw, adamw_8bit"),
-    ("train.checkpoint_every_n_steps=-5", r"train\.checkpoint_every_n_steps=-5: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.warmup_steps=-1", r"train\.warmup_steps=-1: must be >= 0"),
+        ("train.min_lr_ratio=1.5", r"train\.min_lr_ratio=1\.5: the cosine floor .* must be in \[0, 1\]"),
+        ("train.betas=[0.9,1.0]", r"train\.betas=\[0\.9, 1\.0\]: AdamW takes two decay rates, each in \[0, 1\)"),
+        ("train.betas=[0.9]", r"train\.betas=\[0\.9\]: AdamW takes two decay rates"),
+        ("train.weight_decay=-0.1", r"train\.weight_decay=-0\.1: must be a finite number >= 0"),
+        ("train.optimizer=sgd", r"train\.optimizer='sgd': expected one of adamw, adamw_8bit"),
+        ("train.checkpoint_every_n_steps=-5", r"train\.checkpoint_every_n_steps=-5: must be >= 0"),
+    ],
+)
 def test_other_training_settings_out_of_range(make_config, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         check_config(make_config([override], tmp_path))
@@ -154,9 +186,12 @@ def test_more_gpus_than_visible_are_refused(make_config, tmp_path, monkeypatch):
 
 # -- keys the schema does not have (added with +) ----------------------------------------------------------------
 def test_a_key_added_with_plus_that_nothing_reads_is_refused(make_config, tmp_path):
-    with pytest.raises(ConfigError, match=r"lora\.rank: lora has no key 'rank'; it was added with \+lora\.rank=\.\.\., "
-                                          r"and nothing reads it .* lora's keys: alpha, dropout, embeddings, r, "
-                                          r"target_modules"):
+    with pytest.raises(
+        ConfigError,
+        match=r"lora\.rank: lora has no key 'rank'; it was added with \+lora\.rank=\.\.\., "
+        r"and nothing reads it .* lora's keys: alpha, dropout, embeddings, r, "
+        r"target_modules",
+    ):
         check_config(make_config(["+lora.rank=8"], tmp_path))
     with pytest.raises(ConfigError, match=r"data\.seqlen: data has no key 'seqlen'.*; did you mean data\.seq_len\?"):
         check_config(make_config(["+data.seqlen=64"], tmp_path))
@@ -175,8 +210,17 @@ def test_a_key_pasted_into_the_config_is_refused_without_echoing_it(make_config,
 
 
 def test_free_form_nodes_and_trainer_arguments_may_be_added(make_config, tmp_path):
-    check_config(make_config(["+callbacks.kill._target_=bailong.train.callbacks.KillAtStep", "+callbacks.kill.step=3",
-                              "+logger.csv.prefix=run", "+trainer.detect_anomaly=true",
-                              "+trainer.limit_train_batches=2"], tmp_path))
+    check_config(
+        make_config(
+            [
+                "+callbacks.kill._target_=bailong.train.callbacks.KillAtStep",
+                "+callbacks.kill.step=3",
+                "+logger.csv.prefix=run",
+                "+trainer.detect_anomaly=true",
+                "+trainer.limit_train_batches=2",
+            ],
+            tmp_path,
+        )
+    )
     with pytest.raises(ConfigError, match=r"trainer\.detect_anomalies: trainer has no key 'detect_anomalies'"):
         check_config(make_config(["+trainer.detect_anomalies=true"], tmp_path))

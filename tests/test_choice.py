@@ -1,5 +1,6 @@
 """Multiple choice: the per-choice score equals a brute-force bits/char, the MC file format fails with
 file:line, and the generated sets come only from held-out documents with length-matched distractors."""
+
 from __future__ import annotations
 
 import gzip
@@ -53,7 +54,13 @@ def test_continuation_tokens_are_cut_from_the_joined_text(mini):
 def test_choice_scores_equal_brute_force_and_pick_the_fewest_bits_per_char(mini):
     model, tok = mini
     items = [
-        MCItem("In the beginning God created the heaven and the", (" earth.", " qxzv bnnk.", " purple seventeen."), 0, "en", "a"),
+        MCItem(
+            "In the beginning God created the heaven and the",
+            (" earth.", " qxzv bnnk.", " purple seventeen."),
+            0,
+            "en",
+            "a",
+        ),
         MCItem("床前明月光，\n", ("疑是地上霜。", "馬鞍鎖鑰舞。", "腦電測試碼。"), 0, "tc", "b"),
     ]
     result = score_choices(model, tok, items, batch_size=2)
@@ -84,9 +91,12 @@ def test_mc_file_round_trip_and_errors(tmp_path):
     assert load_mc_file(gz) == items
 
     cases = {
-        '{"question": "q", "choices": ["a", "b"], "answer": 1}\n{"question": "q", "choices": ["a"], "answer": 0}':
-            r"bad.jsonl:2: 'choices' must be a list of at least 2",
-        '{"question": "q", "choices": ["a", "b"], "answer": 2}': r"bad.jsonl:1: 'answer' must be a 0-based index below 2",
+        (
+            '{"question": "q", "choices": ["a", "b"], "answer": 1}\n{"question": "q", "choices": ["a"], "answer": 0}'
+        ): r"bad.jsonl:2: 'choices' must be a list of at least 2",
+        '{"question": "q", "choices": ["a", "b"], "answer": 2}': (
+            r"bad.jsonl:1: 'answer' must be a 0-based index below 2"
+        ),
         '{"question": "q", "choices": ["a", "a"], "answer": 0}': r"bad.jsonl:1: 'choices' repeat",
         '{"choices": ["a", "b"], "answer": 0}': r"bad.jsonl:1: 'question' must be a string",
         '{"question": "q", "choices": ["a", "b"], "answer": true}': r"'answer' must be a 0-based index",
@@ -115,7 +125,7 @@ def test_poem_items_come_from_held_out_poems_with_same_length_distractors():
         docs_used.add(d)
         answer = item.choices[item.answer]
         assert val_lines[d][i] == answer
-        assert item.question == "\n".join(val_lines[d][max(0, i - 2):i]) + "\n"
+        assert item.question == "\n".join(val_lines[d][max(0, i - 2) : i]) + "\n"
         assert len(set(item.choices)) == 4 and {len(c) for c in item.choices} == {len(answer)}
         for k, choice in enumerate(item.choices):
             if k != item.answer:  # a distractor: a line of another held-out poem
@@ -127,8 +137,12 @@ def test_poem_items_come_from_held_out_poems_with_same_length_distractors():
 
 
 def test_english_distractors_are_length_matched_within_tolerance():
-    docs = ["one two three\nfour five six seven\nmore words here", "alpha beta gamma\ndelta epsilon zeta eta",
-            "red green blue\ncyan magenta yellow key", "sun moon stars\nrain snow wind hail now"]
+    docs = [
+        "one two three\nfour five six seven\nmore words here",
+        "alpha beta gamma\ndelta epsilon zeta eta",
+        "red green blue\ncyan magenta yellow key",
+        "sun moon stars\nrain snow wind hail now",
+    ]
     items = next_line_items(docs, n_items=8, num_choices=2, context_lines=1, length_tolerance=0.2, seed=0)
     assert items
     for item in items:

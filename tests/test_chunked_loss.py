@@ -1,4 +1,5 @@
 """Chunked cross-entropy (bailong/train/loss.py) equals transformers' loss, and so do its gradients."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,15 @@ NUM_BASE, VOCAB = 96, 128
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=NUM_BASE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=NUM_BASE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     path = tmp_path_factory.mktemp("tiny_base")
     LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -51,8 +59,10 @@ def grads(model):
 
 
 # new_rows and full take the fused linear + cross-entropy; lora (LoRA on lm_head) the checkpointed chunks
-@pytest.mark.parametrize("quant,embeddings", [("none", "new_rows"), ("nf4", "new_rows"), ("none", "full"),
-                                              ("none", "lora"), ("none", "frozen")])
+@pytest.mark.parametrize(
+    "quant,embeddings",
+    [("none", "new_rows"), ("nf4", "new_rows"), ("none", "full"), ("none", "lora"), ("none", "frozen")],
+)
 @pytest.mark.parametrize("labels_masked", [False, True])
 def test_chunked_loss_and_gradients_equal_the_full_logits_loss(tiny_base, quant, embeddings, labels_masked):
     model = peft_model(tiny_base, quant, embeddings)

@@ -1,5 +1,6 @@
 """Language identification and Traditional purity: exact on hand-made cases, and on the data pack's
 held-out Traditional Chinese and its OpenCC Simplified conversion."""
+
 from __future__ import annotations
 
 import opencc
@@ -10,17 +11,20 @@ from bailong.eval.consistency import identify_language, language_consistent, scr
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("text,lang", [
-    ("我們的國家很大", "tc"),
-    ("我们的国家很大", "sc"),
-    ("床前明月光，疑是地上霜。", "tc"),  # Taiwan's 床 is Traditional (plain s2t would want 牀)
-    ("山人月", "tc"),  # only characters shared by both scripts: valid Traditional
-    ("The quick brown fox jumps over the lazy dog.", "en"),
-    ("我用 Python 寫程式", "tc"),  # an English word inside Chinese does not make it English
-    ("Use 中文 in the middle of an English sentence", "en"),
-    ("", "unknown"),
-    ("123 !!! ...", "unknown"),
-])
+@pytest.mark.parametrize(
+    "text,lang",
+    [
+        ("我們的國家很大", "tc"),
+        ("我们的国家很大", "sc"),
+        ("床前明月光，疑是地上霜。", "tc"),  # Taiwan's 床 is Traditional (plain s2t would want 牀)
+        ("山人月", "tc"),  # only characters shared by both scripts: valid Traditional
+        ("The quick brown fox jumps over the lazy dog.", "en"),
+        ("我用 Python 寫程式", "tc"),  # an English word inside Chinese does not make it English
+        ("Use 中文 in the middle of an English sentence", "en"),
+        ("", "unknown"),
+        ("123 !!! ...", "unknown"),
+    ],
+)
 def test_identify_language(text, lang):
     assert identify_language(text) == lang
 

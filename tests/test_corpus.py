@@ -1,4 +1,5 @@
 """Corpus loading: every format, the hub code path on local files, clear errors, the split."""
+
 from __future__ import annotations
 
 import gzip
@@ -18,8 +19,11 @@ def write_jsonl(path, records, gz=False):
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_jsonl_and_gz(tmp_path, gz):
-    p = write_jsonl(tmp_path / ("c.jsonl.gz" if gz else "c.jsonl"),
-                    [{"text": "床前明月光"}, {"text": "  "}, {"text": "Hello"}], gz=gz)
+    p = write_jsonl(
+        tmp_path / ("c.jsonl.gz" if gz else "c.jsonl"),
+        [{"text": "床前明月光"}, {"text": "  "}, {"text": "Hello"}],
+        gz=gz,
+    )
     assert load_documents({"path": str(p)}) == ["床前明月光", "Hello"]
 
 
@@ -70,7 +74,7 @@ def test_missing_text_field_names_line_and_keys(tmp_path):
 
 def test_non_utf8_names_line(tmp_path):
     p = tmp_path / "latin.txt"
-    p.write_bytes("fine\n".encode() + "caf\xe9\n".encode("latin-1"))
+    p.write_bytes(b"fine\n" + "caf\xe9\n".encode("latin-1"))
     with pytest.raises(CorpusError, match=r"latin\.txt:2: bytes are not valid UTF-8"):
         load_documents({"path": str(p)})
 

@@ -1,4 +1,5 @@
 """The dashboard on small sweeps written here in the pipeline's real file formats, and in headless chromium."""
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,13 @@ from conftest import compose_config
 CURVE_KEYS = ["epoch", "step", "train/loss", "val/tc_bpc", "val/en_bpc", "final/tc_bpc"]
 
 
-def write_run(run_dir: Path, overrides: list[str], metrics: dict | None = None, error: dict | None = None,
-              curve: list[tuple[int, float]] = ()) -> Path:
+def write_run(
+    run_dir: Path,
+    overrides: list[str],
+    metrics: dict | None = None,
+    error: dict | None = None,
+    curve: list[tuple[int, float]] = (),
+) -> Path:
     """A run directory as Hydra, the pipeline (metrics.json, csv/metrics.csv) and run.py (error.json) write it."""
     cfg = compose_config(overrides, output_dir=run_dir)
     hydra_dir = run_dir / ".hydra"
@@ -31,7 +37,8 @@ def write_run(run_dir: Path, overrides: list[str], metrics: dict | None = None, 
     (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     choices = {"init": cfg.init.name, "tokenizer": cfg.tokenizer.name, "lora": "default", "hydra/launcher": "basic"}
-    (hydra_dir / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"mode": "MULTIRUN", "runtime": {"choices": choices}}}))
+    hydra = {"hydra": {"mode": "MULTIRUN", "runtime": {"choices": choices}}}
+    (hydra_dir / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     if metrics is not None:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if error is not None:
@@ -48,14 +55,31 @@ def write_run(run_dir: Path, overrides: list[str], metrics: dict | None = None, 
 
 
 def metrics_for(step0: float, final: float, **extra) -> dict:
-    return {"init/strategy": "x", "base/tc_bpc": 7.4, "step0/tc_bpc": step0, "final/tc_bpc": final,
-            "base/en_bpc": 1.80, "step0/en_bpc": 1.81, "final/en_bpc": 1.82, "tokenizer/added": 8000,
-            "tokenizer/tc_tokens_per_char": 0.78, "params/trainable": 1_000_000, "train/tokens_per_sec": 900.0,
-            "train/steps": 30, **extra}
+    return {
+        "init/strategy": "x",
+        "base/tc_bpc": 7.4,
+        "step0/tc_bpc": step0,
+        "final/tc_bpc": final,
+        "base/en_bpc": 1.80,
+        "step0/en_bpc": 1.81,
+        "final/en_bpc": 1.82,
+        "tokenizer/added": 8000,
+        "tokenizer/tc_tokens_per_char": 0.78,
+        "params/trainable": 1_000_000,
+        "train/tokens_per_sec": 900.0,
+        "train/steps": 30,
+        **extra,
+    }
 
 
-FINALS = {("random", 1): 7.9, ("random", 2): 7.7, ("zip_tie", 1): 7.45, ("zip_tie", 2): 7.43,
-          ("mean", 1): 8.0, ("mean", 2): 8.2}
+FINALS = {
+    ("random", 1): 7.9,
+    ("random", 2): 7.7,
+    ("zip_tie", 1): 7.45,
+    ("zip_tie", 2): 7.43,
+    ("mean", 1): 8.0,
+    ("mean", 2): 8.2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +89,24 @@ def init_sweep(tmp_path_factory) -> Path:
     job = 0
     for (init, seed), final in FINALS.items():
         step0 = final + 0.6
-        write_run(sweep / str(job), ["experiment=ablation_init", f"init={init}", f"seed={seed}"],
-                  metrics_for(step0, final), curve=[(9, step0 - 0.3), (19, final + 0.1), (29, final)])
+        write_run(
+            sweep / str(job),
+            ["experiment=ablation_init", f"init={init}", f"seed={seed}"],
+            metrics_for(step0, final),
+            curve=[(9, step0 - 0.3), (19, final + 0.1), (29, final)],
+        )
         job += 1
-    write_run(sweep / str(job), ["experiment=ablation_init", "init=distill", "seed=1"],
-              error={"status": "failed", "type": "OutOfMemoryError", "message": "CUDA out of memory (simulated)",
-                     "traceback": "Traceback ...\nOutOfMemoryError", "overrides": ["init=distill", "seed=1"]})
+    write_run(
+        sweep / str(job),
+        ["experiment=ablation_init", "init=distill", "seed=1"],
+        error={
+            "status": "failed",
+            "type": "OutOfMemoryError",
+            "message": "CUDA out of memory (simulated)",
+            "traceback": "Traceback ...\nOutOfMemoryError",
+            "overrides": ["init=distill", "seed=1"],
+        },
+    )
     write_run(sweep / str(job + 1), ["experiment=ablation_init", "init=distill", "seed=2"])  # neither file yet
     return sweep
 
@@ -99,7 +135,8 @@ def test_writes_markdown_csv_and_a_self_contained_page(init_sweep, tmp_path):
     assert "**7.440 ± 0.014**" in zip_row  # the best final/tc_bpc is bold
     assert "0 + 1 failed + 1 incomplete" in next(r for r in rows if r.startswith("| distill"))
 
-    table = list(csv.DictReader(open(tmp_path / "dash" / "results.csv")))
+    with open(tmp_path / "dash" / "results.csv") as f:
+        table = list(csv.DictReader(f))
     assert [r["init"] for r in table] == ["random", "zip_tie", "mean", "distill"]
     assert float(table[2]["final/tc_bpc mean"]) == pytest.approx(8.1)
     assert table[3]["runs_failed"] == "1" and table[3]["final/tc_bpc mean"] == ""
@@ -116,14 +153,22 @@ def test_vocabulary_and_rank_figures_appear_when_swept(tmp_path):
     sweep = tmp_path / "sweep"
     for job, (vocab, r) in enumerate([(0, 8), (8000, 8), (16000, 64), (16000, 8)]):
         fertility = 1.2 - vocab / 40000
-        write_run(sweep / str(job), [f"tokenizer.added_vocab={vocab}", f"lora.r={r}"],
-                  metrics_for(7.9, 7.5, **{"tokenizer/added": vocab, "tokenizer/tc_tokens_per_char": fertility,
-                                           "params/trainable": 4096 * r}))
+        write_run(
+            sweep / str(job),
+            [f"tokenizer.added_vocab={vocab}", f"lora.r={r}"],
+            metrics_for(
+                7.9,
+                7.5,
+                **{"tokenizer/added": vocab, "tokenizer/tc_tokens_per_char": fertility, "params/trainable": 4096 * r},
+            ),
+        )
     dash = build_dashboard([sweep])
     html = dash.html.read_text()
     assert "Added vocabulary" in html and "LoRA rank" in html
-    assert [g.values for g in dash.groups][:2] == [{"tokenizer.added_vocab": 0, "lora.r": 8},
-                                                    {"tokenizer.added_vocab": 8000, "lora.r": 8}]
+    assert [g.values for g in dash.groups][:2] == [
+        {"tokenizer.added_vocab": 0, "lora.r": 8},
+        {"tokenizer.added_vocab": 8000, "lora.r": 8},
+    ]
 
 
 def test_cli_reads_several_sweeps_and_rejects_a_directory_without_runs(init_sweep, tmp_path, capsys):
@@ -151,23 +196,33 @@ def test_corrupt_metrics_json_names_file_and_line(tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium); "
-                    "the page is still checked as HTML above")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed (Debian: apt-get install -y chromium); the page is still checked as HTML above",
+)
 def test_page_renders_in_headless_chromium(init_sweep, tmp_path):
     """Load the page in a real browser: the DOM holds the table, and the screenshot is not blank."""
     from PIL import Image, ImageStat
 
     dash = build_dashboard([init_sweep], tmp_path / "dash")
-    flags = [CHROMIUM, "--headless", "--disable-gpu", "--hide-scrollbars", "--no-first-run", "--no-sandbox",
-             f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--no-sandbox",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     url = dash.html.resolve().as_uri()
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert '<table id="results">' in dom.stdout and "zip_tie" in dom.stdout and "7.440 ± 0.014" in dom.stdout
 
     shot = tmp_path / "page.png"
-    proc = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,2400", url],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1280,2400", url], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     image = Image.open(shot).convert("L")
     assert image.size == (1280, 2400)

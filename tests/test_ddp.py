@@ -1,5 +1,6 @@
 """Multi-GPU strategies. DDP and FSDP (also FSDP-QLoRA) run here on CPU (gloo, 2 processes); 4-bit DDP's
 per-GPU placement needs CUDA and skips with the reason."""
+
 from __future__ import annotations
 
 import os
@@ -12,16 +13,23 @@ import torch
 from conftest import ROOT, compose_config
 
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
-needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
-                                    reason="needs 2 CUDA GPUs: bitsandbytes 4-bit DDP/FSDP-QLoRA are CUDA paths")
+needs_two_gpus = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs: bitsandbytes 4-bit DDP/FSDP-QLoRA are CUDA paths"
+)
 
 
 @pytest.fixture(scope="module")
 def ddp_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MASTER_PORT": "29517"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "ddp_step.py"), str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_step.py"), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
@@ -55,8 +63,7 @@ def test_ddp_gradients_are_the_mean_of_the_per_rank_gradients(ddp_ranks):
     # lora_A gets no gradient at step 0 (lora_B starts at zero); lora_B and the new rows do
     assert all(reference[n].abs().sum() > 0 for n in reference if "lora_B" in n or "trainable_tokens" in n)
     for name, grad in reference.items():  # float sums in another order: tolerance relative to the scale
-        torch.testing.assert_close(ddp[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()) + 1e-12,
-                                   msg=name)
+        torch.testing.assert_close(ddp[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()) + 1e-12, msg=name)
 
 
 @pytest.mark.slow
@@ -68,9 +75,24 @@ def test_run_py_under_ddp_writes_the_run_once_from_rank_zero(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "experiment=smoke", "logger=csv", "trainer=ddp",
-         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "quant=none",
-         f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "experiment=smoke",
+            "logger=csv",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            "quant=none",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train/steps"] == 4 and "final/tc_bpc" in metrics
@@ -83,8 +105,14 @@ def _run_py(out, *overrides: str) -> dict:
     import json
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={out}"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={out}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text())
 
@@ -103,8 +131,14 @@ def test_fsdp_on_two_cpu_processes_trains_gathers_and_saves_as_ddp_does(tmp_path
 
     common = ["experiment=smoke", "logger=csv", "quant=none", "eval.base=false", "lora.dropout=0"]
     sharded = _run_py(tmp_path / "fsdp", *common, "trainer=fsdp_cpu")
-    replicated = _run_py(tmp_path / "ddp", *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                         "trainer.precision=32-true")
+    replicated = _run_py(
+        tmp_path / "ddp",
+        *common,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+    )
     assert sharded["train/steps"] == replicated["train/steps"] == 4
     assert sharded["final/tc_bpc"] != sharded["step0/tc_bpc"]  # it trained
     for key in ("step0/tc_bpc", "final/tc_bpc", "final/en_bpc"):  # one reduction, two layouts: 1e-6 bits/char
@@ -113,8 +147,9 @@ def test_fsdp_on_two_cpu_processes_trains_gathers_and_saves_as_ddp_does(tmp_path
 
     model, tok = load_adapter(tmp_path / "fsdp" / "adapter")
     cfg = compose_config(common, tmp_path / "fsdp")
-    scores = evaluate_texts(model, tok, load_splits(cfg.data).val(), seq_len=cfg.data.seq_len,
-                            batch_size=cfg.eval.batch_size)
+    scores = evaluate_texts(
+        model, tok, load_splits(cfg.data).val(), seq_len=cfg.data.seq_len, batch_size=cfg.eval.batch_size
+    )
     assert abs(scores["tc_bpc"] - sharded["final/tc_bpc"]) < 1e-6
 
 
@@ -129,15 +164,23 @@ def test_fsdp_qlora_trains_on_two_cpu_processes(tmp_path):
     from bailong.eval.bpc import evaluate_texts
     from bailong.model.adapter import load_adapter
 
-    overrides = ["experiment=smoke", "logger=csv", "eval.base=false", "trainer=fsdp_cpu", "trainer.precision=bf16-true",
-                 "quant.quant_storage=bfloat16", "model.dtype=bfloat16"]
+    overrides = [
+        "experiment=smoke",
+        "logger=csv",
+        "eval.base=false",
+        "trainer=fsdp_cpu",
+        "trainer.precision=bf16-true",
+        "quant.quant_storage=bfloat16",
+        "model.dtype=bfloat16",
+    ]
     metrics = _run_py(tmp_path / "run", *overrides)
     assert metrics["train/steps"] == 4 and metrics["final/tc_bpc"] != metrics["step0/tc_bpc"]
     model, tok = load_adapter(tmp_path / "run" / "adapter")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     cfg = compose_config(overrides, tmp_path / "run")
-    scores = evaluate_texts(model, tok, load_splits(cfg.data).val(), seq_len=cfg.data.seq_len,
-                            batch_size=cfg.eval.batch_size)
+    scores = evaluate_texts(
+        model, tok, load_splits(cfg.data).val(), seq_len=cfg.data.seq_len, batch_size=cfg.eval.batch_size
+    )
     assert abs(scores["tc_bpc"] - metrics["final/tc_bpc"]) < 1e-6
 
 
@@ -162,8 +205,9 @@ def test_fsdp_qlora_storage_must_match_model_dtype():
     from bailong.model.build import load_base_model
 
     with pytest.raises(ValueError, match="quant.quant_storage=bfloat16 needs model.dtype"):
-        load_base_model(str(ROOT / "models" / "mini-base"), dtype="float32",
-                        quant={"name": "nf4", "quant_storage": "bfloat16"})
+        load_base_model(
+            str(ROOT / "models" / "mini-base"), dtype="float32", quant={"name": "nf4", "quant_storage": "bfloat16"}
+        )
 
 
 @needs_two_gpus
@@ -171,9 +215,21 @@ def test_run_py_qlora_under_ddp_on_two_gpus(tmp_path):
     import json
 
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "experiment=smoke", "logger=csv", "trainer=ddp",
-                           "trainer.devices=2", f"hydra.run.dir={out}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "experiment=smoke",
+            "logger=csv",
+            "trainer=ddp",
+            "trainer.devices=2",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["train/steps"] == 4
 
@@ -192,6 +248,13 @@ def test_qlora_ddp_each_rank_loads_its_own_4bit_copy(monkeypatch):
 def test_fsdp_qlora_keeps_one_dtype_per_unit():
     from bailong.model.build import build_model
 
-    model = build_model(str(ROOT / "models" / "mini-base"), vocab_size=5000, num_base=5000, rows=None,
-                        quant={"name": "nf4", "quant_storage": "bfloat16"}, lora={"r": 4}, dtype="bfloat16")
+    model = build_model(
+        str(ROOT / "models" / "mini-base"),
+        vocab_size=5000,
+        num_base=5000,
+        rows=None,
+        quant={"name": "nf4", "quant_storage": "bfloat16"},
+        lora={"r": 4},
+        dtype="bfloat16",
+    )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -1,5 +1,6 @@
 """Document dedup (exact + MinHash near-duplicate) and OpenCC conversion, on real files through the
 corpus loader the pipeline uses."""
+
 from __future__ import annotations
 
 import gzip
@@ -12,8 +13,10 @@ from bailong.data.dedup import Deduplicator, jaccard, make_deduplicator, normali
 from bailong.data.splits import load_splits
 from conftest import compose_config
 
-ARTICLE = ("臺北市是中華民國的首都，位於臺灣北部的臺北盆地。市內有故宮博物院、臺北101與陽明山國家公園，"
-           "捷運系統連接各行政區，每日運量超過兩百萬人次。") * 3
+ARTICLE = (
+    "臺北市是中華民國的首都，位於臺灣北部的臺北盆地。市內有故宮博物院、臺北101與陽明山國家公園，"
+    "捷運系統連接各行政區，每日運量超過兩百萬人次。"
+) * 3
 
 
 def test_exact_duplicates_differ_only_in_case_width_and_spacing():
@@ -76,8 +79,7 @@ def test_conversion_then_dedup_across_corpora_and_max_docs_counts_kept(tmp_path)
     write_jsonl(traditional, ["軟體工程師用滑鼠", "軟體工程師用滑鼠", "長江是亞洲第一長河"])
     write_jsonl(simplified, ["软件工程师用鼠标", "黄河是中国第二长河", "珠江流经广州"])
     d = Deduplicator(exact=True, near=None)
-    docs = load_documents([{"path": str(traditional)},
-                           {"path": str(simplified), "convert": "s2twp", "max_docs": 2}], d)
+    docs = load_documents([{"path": str(traditional)}, {"path": str(simplified), "convert": "s2twp", "max_docs": 2}], d)
     # the simplified copy of the first article converts into an exact duplicate and is skipped;
     # max_docs=2 then reads on to two kept documents
     assert docs == ["軟體工程師用滑鼠", "長江是亞洲第一長河", "黃河是中國第二長河", "珠江流經廣州"]

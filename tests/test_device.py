@@ -1,5 +1,6 @@
 """Device placement follows trainer.accelerator; cached artefacts are computed once while others wait;
 a padded vocabulary changes no number."""
+
 from __future__ import annotations
 
 import threading
@@ -54,7 +55,9 @@ def test_init_strategy_and_its_corpus_pass_get_the_base_on_the_configured_device
     from bailong import pipeline
     from bailong.data.splits import load_splits
 
-    cfg = compose_config(["experiment=smoke", "init=zip_tie", f"paths.cache_dir={tmp_path}"], output_dir=tmp_path / "run")
+    cfg = compose_config(
+        ["experiment=smoke", "init=zip_tie", f"paths.cache_dir={tmp_path}"], output_dir=tmp_path / "run"
+    )
     splits = load_splits(cfg.data)
     _, ext, base_tok, tok = pipeline.build_tokenizers(cfg, splits)
     asked = []
@@ -87,8 +90,9 @@ def test_cached_result_is_computed_once_while_the_others_wait(tmp_path):
         return {"value": len(calls)}
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cached_json(tmp_path, {"k": 1}, compute)))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(cached_json(tmp_path, {"k": 1}, compute))) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -103,8 +107,16 @@ def _build(pad: int, **kwargs):
 
     torch.manual_seed(0)
     rows = {"embed": torch.randn(37, 256) * 0.02, "head": torch.randn(37, 256) * 0.02}
-    return build_model(str(ROOT / "models" / "mini-base"), vocab_size=5037, num_base=5000, rows=rows,
-                       quant={"name": "none"}, lora={"r": 4, "dropout": 0.0}, pad_vocab_to_multiple_of=pad, **kwargs)
+    return build_model(
+        str(ROOT / "models" / "mini-base"),
+        vocab_size=5037,
+        num_base=5000,
+        rows=rows,
+        quant={"name": "none"},
+        lora={"r": 4, "dropout": 0.0},
+        pad_vocab_to_multiple_of=pad,
+        **kwargs,
+    )
 
 
 def test_padded_vocabulary_gives_the_same_loss_gradients_and_scores():
@@ -145,8 +157,17 @@ def test_padding_rows_are_never_sampled():
     with torch.no_grad():
         assert torch.isneginf(model(input_ids=prompt).logits[..., 5037:]).all()
         torch.manual_seed(0)
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
-                             top_p=1.0, temperature=1.0, max_new_tokens=32, min_new_tokens=32, pad_token_id=2)
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            max_new_tokens=32,
+            min_new_tokens=32,
+            pad_token_id=2,
+        )
     assert int(out.max()) < 5037
 
 
@@ -158,10 +179,13 @@ def test_padding_must_be_a_positive_integer():
         padded_size(100, 0)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.attn_implementation=flash", "model.attn_implementation='flash': expected one of sdpa, eager"),
-    ("model.pad_vocab_to_multiple_of=0", "model.pad_vocab_to_multiple_of=0: expected a positive integer"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.attn_implementation=flash", "model.attn_implementation='flash': expected one of sdpa, eager"),
+        ("model.pad_vocab_to_multiple_of=0", "model.pad_vocab_to_multiple_of=0: expected a positive integer"),
+    ],
+)
 def test_speed_switches_are_checked_before_anything_loads(tmp_path, override, message):
     from bailong.checks import ConfigError, check_config
 

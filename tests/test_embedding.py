@@ -5,6 +5,7 @@ extended copy with appended CJK pieces of three kinds (a character the base lack
 characters, ``▁`` + a lacking character), and a tiny random LlamaForCausalLM. Expected rows are
 recomputed here from the definitions, not through the package's helpers.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,6 +23,7 @@ from sentencepiece import SentencePieceTrainer
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
+from bailong.config import compose_config
 from bailong.embedding import (
     EmbeddingInitError,
     available_strategies,
@@ -65,17 +67,31 @@ def tokenizers(tmp_path_factory, texts):
     """(base, extended, appended pieces) as transformers LlamaTokenizers."""
     buf = io.BytesIO()
     SentencePieceTrainer.train(
-        sentence_iterator=iter(texts["tc"] + texts["en"]), model_writer=buf, model_type="bpe", vocab_size=1600,
-        byte_fallback=True, character_coverage=0.98, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
-        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        minloglevel=2, num_threads=1,
+        sentence_iterator=iter(texts["tc"] + texts["en"]),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=1600,
+        byte_fallback=True,
+        character_coverage=0.98,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        minloglevel=2,
+        num_threads=1,
     )
     proto = model_pb2.ModelProto()
     proto.ParseFromString(buf.getvalue())
     vocab = {p.piece for p in proto.pieces}
     lacking = Counter(c for d in texts["tc"] for c in d if _is_han(c) and c not in vocab)
     pairs = Counter(
-        d[i : i + 2] for d in texts["tc"] for i in range(len(d) - 1)
+        d[i : i + 2]
+        for d in texts["tc"]
+        for i in range(len(d) - 1)
         if all(_is_han(c) and c in vocab for c in d[i : i + 2]) and d[i : i + 2] not in vocab
     )
     added = [c for c, _ in lacking.most_common(15)] + [p for p, _ in pairs.most_common(15)]
@@ -94,8 +110,14 @@ def tokenizers(tmp_path_factory, texts):
 def base_model(tokenizers):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizers[0]), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=len(tokenizers[0]),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -124,8 +146,11 @@ def spelled_text(base, ids: list[int]) -> str:
 
 def weights(k: int, rule: str) -> np.ndarray:
     raw = {
-        "mean": np.ones(k), "first": np.eye(k)[0], "last": np.eye(k)[-1],
-        "weighted_last": np.arange(1, k + 1, dtype=float), "weighted_first": np.arange(k, 0, -1, dtype=float),
+        "mean": np.ones(k),
+        "first": np.eye(k)[0],
+        "last": np.eye(k)[-1],
+        "weighted_last": np.arange(1, k + 1, dtype=float),
+        "weighted_first": np.arange(k, 0, -1, dtype=float),
     }[rule]
     return raw / raw.sum()
 
@@ -137,13 +162,17 @@ def run(base_model, tokenizers, cfg, texts=None, seed=0):
 
 
 def new_rows(model, num_base):
-    return (model.get_input_embeddings().weight[num_base:].detach().double().numpy(),
-            model.get_output_embeddings().weight[num_base:].detach().double().numpy())
+    return (
+        model.get_input_embeddings().weight[num_base:].detach().double().numpy(),
+        model.get_output_embeddings().weight[num_base:].detach().double().numpy(),
+    )
 
 
 def old_rows(model, num_base):
-    return (model.get_input_embeddings().weight[:num_base].detach().double().numpy(),
-            model.get_output_embeddings().weight[:num_base].detach().double().numpy())
+    return (
+        model.get_input_embeddings().weight[:num_base].detach().double().numpy(),
+        model.get_output_embeddings().weight[:num_base].detach().double().numpy(),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +188,7 @@ def test_registry_lists_every_strategy_and_names_them_on_a_bad_name():
 def test_bad_config_is_a_clear_error(base_model, tokenizers):
     with pytest.raises(EmbeddingInitError, match="no `name`"):
         run(base_model, tokenizers, {})
-    with pytest.raises(EmbeddingInitError, match=r"\['input_rul'\] belong to no init strategy"):
+    with pytest.raises(EmbeddingInitError, match=r"\['input_rul'\] are not options of 'zip_tie'; it takes: input_rule"):
         run(base_model, tokenizers, {"name": "zip_tie", "input_rul": "mean"})
     with pytest.raises(EmbeddingInitError, match="output_rule 'middle'"):
         run(base_model, tokenizers, {"name": "zip_tie", "output_rule": "middle"})
@@ -167,15 +196,18 @@ def test_bad_config_is_a_clear_error(base_model, tokenizers):
         run(base_model, tokenizers, {"name": "zip_tie", "output_rule": "first_shift"})
 
 
-def test_a_flat_config_with_other_strategies_keys_is_accepted(base_model, tokenizers):
-    # the pipeline's structured config carries every strategy's keys; each strategy reads its own
-    _, report = run(base_model, tokenizers, {"name": "mean", "input_rule": "last", "steps": 7, "std": None})
-    assert report["strategy"] == "mean" and report["options"] == {}
+def test_keys_of_another_strategy_are_refused(base_model, tokenizers):
+    # a mapping is checked against the strategy's own options (Hydra checks the composed config the same way)
+    refused = r"\['input_rule', 'steps'\] are not options of 'mean'; it takes: no options"
+    with pytest.raises(EmbeddingInitError, match=refused):
+        run(base_model, tokenizers, {"name": "mean", "input_rule": "last", "steps": 7})
+    with pytest.raises(EmbeddingInitError, match=r"\['steps'\] are not options of 'zip_tie'"):
+        run(base_model, tokenizers, {"name": "zip_tie", "steps": 7})  # distill's, though distill extends zip_tie
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_every_shipped_init_config_runs(name, base_model, tokenizers, texts):
-    cfg = OmegaConf.load(ROOT / "conf/init" / f"{name}.yaml")
+    cfg = compose_config([f"init={name}"]).init  # the strategy's options class, as the `init` group option
     assert cfg.name == name
     cfg = OmegaConf.merge(cfg, FAST_DISTILL if name == "distill" else FAST_SHIFT if name == "zip_tie" else {})
     _, report = run(base_model, tokenizers, cfg, texts=texts["tc"][:20])
@@ -242,7 +274,9 @@ def test_old_rows_stay_and_new_rows_are_written(name, base_model, tokenizers, te
     assert not np.allclose(embed, head)  # the head got its own rows, not a copy of the embedding's
     assert model.config.vocab_size == len(tokenizers[1])
     json.dumps(report)
-    assert {"strategy", "num_new", "num_base", "options", "row_norms_old", "row_norms_new", "seconds", "info"} <= set(report)
+    assert {"strategy", "num_new", "num_base", "options", "row_norms_old", "row_norms_new", "seconds", "info"} <= set(
+        report
+    )
     assert report["num_new"] == len(tokenizers[2]) and set(report["row_norms_new"]) == {"embed", "head"}
     assert report["row_norms_new"]["embed"]["mean"] == pytest.approx(np.linalg.norm(embed, axis=1).mean(), rel=1e-5)
 
@@ -255,8 +289,15 @@ def test_no_new_tokens_leaves_the_model_as_it_was(base_model, tokenizers):
 
 
 def test_a_tied_model_gets_its_input_rows_only(tokenizers):
-    config = LlamaConfig(vocab_size=len(tokenizers[0]), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizers[0]),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     report = resize_and_initialize(model, tokenizers[0], tokenizers[1], {"name": "subword_mean"})
     assert report["tied_embeddings"] and model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -333,12 +374,20 @@ def test_subword_mean_is_the_mean_of_the_spelling_pieces(base_model, tokenizers)
 
 @pytest.mark.parametrize(
     "input_rule,output_rule",
-    [("mean", "first"), ("first", "last"), ("last", "weighted_first"), ("weighted_last", "mean"), ("weighted_first", "weighted_last")],
+    [
+        ("mean", "first"),
+        ("first", "last"),
+        ("last", "weighted_first"),
+        ("weighted_last", "mean"),
+        ("weighted_first", "weighted_last"),
+    ],
 )
 def test_zip_tie_piece_rules(input_rule, output_rule, base_model, tokenizers):
     base, _, added = tokenizers
     num_base = len(base)
-    model, report = run(base_model, tokenizers, {"name": "zip_tie", "input_rule": input_rule, "output_rule": output_rule})
+    model, report = run(
+        base_model, tokenizers, {"name": "zip_tie", "input_rule": input_rule, "output_rule": output_rule}
+    )
     old_embed, old_head = old_rows(base_model, num_base)
     embed, head = new_rows(model, num_base)
     for i, piece in enumerate(added):
@@ -377,8 +426,16 @@ def test_zip_tie_first_shift_adds_the_continuation_logprob_along_a_constant_dire
     base, _, added = tokenizers
     num_base, seq_len, ridge = len(base), 256, 1e-2
     corpus = texts["tc"][:40]
-    cfg = {"name": "zip_tie", "output_rule": "first_shift", "shift_estimate": estimate, "shift_ridge": ridge,
-           "shift_bias": 0.5, "absorbed_mass_bias": mass_bias, "shift_seq_len": seq_len, "shift_batch_size": 3}
+    cfg = {
+        "name": "zip_tie",
+        "output_rule": "first_shift",
+        "shift_estimate": estimate,
+        "shift_ridge": ridge,
+        "shift_bias": 0.5,
+        "absorbed_mass_bias": mass_bias,
+        "shift_seq_len": seq_len,
+        "shift_batch_size": 3,
+    }
     model, report = run(base_model, tokenizers, cfg, texts=corpus)
     ids, starts, chunks = _spelled_chunks(base_model, tokenizers, corpus, seq_len)
 
@@ -395,15 +452,23 @@ def test_zip_tie_first_shift_adds_the_continuation_logprob_along_a_constant_dire
 
     def occurrence_mean(t):
         spelled = expected_spelling(base, added[t])
-        sums = [sum(lp[s + j - 1, spelled[j]] for j in range(1, len(spelled)))
-                for row, st, lp, _ in chunks for s in range(len(row) - len(spelled) + 1) if st[s] == num_base + t]
+        sums = [
+            sum(lp[s + j - 1, spelled[j]] for j in range(1, len(spelled)))
+            for row, st, lp, _ in chunks
+            for s in range(len(row) - len(spelled) + 1)
+            if st[s] == num_base + t
+        ]
         return np.mean(sums) if sums else None
 
     def prefix_sum(t):
         spelled, total = expected_spelling(base, added[t]), 0.0
         for j in range(1, len(spelled)):
-            vals = [lp[i, spelled[j]] for row, _, lp, _ in chunks for i in range(j - 1, len(row))
-                    if row[i - j + 1 : i + 1] == spelled[:j]]
+            vals = [
+                lp[i, spelled[j]]
+                for row, _, lp, _ in chunks
+                for i in range(j - 1, len(row))
+                if row[i - j + 1 : i + 1] == spelled[:j]
+            ]
             if not vals:
                 return None
             total += np.mean(vals)
@@ -459,8 +524,14 @@ def test_distill_with_no_steps_is_its_starting_rule(base_model, tokenizers, text
 @pytest.mark.parametrize("output_loss", ["none", "match", "ce"])
 def test_distill_lowers_its_loss_and_leaves_the_model_frozen(output_loss, base_model, tokenizers, texts):
     num_base = len(tokenizers[0])
-    cfg = {"name": "distill", **FAST_DISTILL, "steps": 40, "lr": 3e-2, "output_loss": output_loss,
-           "start_from": "subword_mean"}
+    cfg = {
+        "name": "distill",
+        **FAST_DISTILL,
+        "steps": 40,
+        "lr": 3e-2,
+        "output_loss": output_loss,
+        "start_from": "subword_mean",
+    }
     model, report = run(base_model, tokenizers, cfg, texts=texts["tc"][:30])
     info = report["info"]
     drop = {"none": 0.2 * info["fixed_batch_loss_before"], "match": 1.0, "ce": 0.1}[output_loss]

@@ -9,6 +9,7 @@ Tolerances, from the arithmetic that differs (weights are the same):
   agree to a few percent of their spread (measured on the SFT'd mini base: max 0.09 with logit std 2.4,
   every argmax equal), so the test bounds the mean error by 1% and the max by 10% of the logits' std.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,13 @@ import json
 import bitsandbytes as bnb
 import pytest
 import torch
-from test_build import NF4, NONE, NUM_BASE, VOCAB, batch, build, make_tiny_base
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bailong.data.chat import CHAT_TEMPLATE, set_chat_template
 from bailong.export import export
 from bailong.model.adapter import load_adapter, save_adapter
+from conftest import trained
+from test_build import NF4, NONE, NUM_BASE, VOCAB, batch, make_tiny_base
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +34,8 @@ def tiny(tmp_path_factory):
 
 
 def saved_adapter(tiny, out, quant=NF4, embeddings="new_rows"):
-    """An adapter whose every trainable part moved (LoRA B starts at zero), saved as a run saves it."""
-    model = build(tiny, quant=quant, embeddings=embeddings)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    save_adapter(model, tiny.tokenizer, out / "adapter", rows=tiny.rows)
+    """An adapter whose every trainable part moved (conftest.trained), saved as a run saves it."""
+    save_adapter(trained(tiny, quant, embeddings), tiny.tokenizer, out / "adapter", rows=tiny.rows)
     return out
 
 

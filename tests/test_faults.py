@@ -1,5 +1,6 @@
 """Faults a careless setting or a full disk causes: the guard keeps the state from before the damage and resumes
 with the new learning rate; checkpoints are whole or absent; resume advice names only checkpoints that load."""
+
 from __future__ import annotations
 
 import errno
@@ -21,14 +22,14 @@ from bailong.model.build import build_model
 from bailong.train.callbacks import NonFiniteGuard
 from bailong.train.checkpoint_io import PARTIAL_SUFFIX, AtomicCheckpointIO
 from bailong.train.pretrain import PretrainModule, warmup_cosine
-
 from conftest import ROOT, compose_config
 
 
 def tiny_model(base):
     torch.manual_seed(1)
-    return build_model(str(base), vocab_size=64, num_base=64, rows=None, quant={"name": "none"},
-                       lora={"r": 4, "dropout": 0.0})
+    return build_model(
+        str(base), vocab_size=64, num_base=64, rows=None, quant={"name": "none"}, lora={"r": 4, "dropout": 0.0}
+    )
 
 
 def tiny_loader(n: int = 40):
@@ -62,14 +63,20 @@ def default_callbacks(out: Path) -> list[pl.Callback]:
 
 
 def trainer_for(tmp_path, max_steps, *callbacks, **kwargs):
-    return pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=list(callbacks), default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
-                      **{"enable_checkpointing": False, **kwargs})
+    return pl.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+        plugins=[AtomicCheckpointIO()],
+        **{"enable_checkpointing": False, **kwargs},
+    )
 
 
 # -- item 3: the guard keeps the state from before the damaging update; a resume honours the new lr -------
-def test_a_huge_learning_rate_leaves_a_finite_pre_damage_state_and_a_resume_at_the_new_lr(tiny_base, tmp_path,
-                                                                                          caplog):
+def test_a_huge_learning_rate_leaves_a_finite_pre_damage_state_and_a_resume_at_the_new_lr(tiny_base, tmp_path, caplog):
     """lr=1e20: step 0's update makes finite parameters of ~1e20, step 1's loss is NaN. last_good.ckpt must hold
     step 0 (finite, untouched by the update), and resuming it with lr=1e-3 must train at 1e-3, not at the
     checkpoint's 1e20."""
@@ -108,17 +115,27 @@ def test_a_model_collapsed_to_uniform_guessing_is_stopped(tmp_path):
     tok = load_tokenizer(str(ROOT / "models" / "mini-base"))
     docs = load_documents({"path": str(ROOT / "data/en/kjv.jsonl.gz"), "max_docs": 30})
     ids = [i for d in docs for i in tok.encode(d)]
-    rows = [torch.tensor(ids[i:i + 64]) for i in range(0, 64 * 8, 64)]
+    rows = [torch.tensor(ids[i : i + 64]) for i in range(0, 64 * 8, 64)]
     loader = DataLoader([{"input_ids": r, "labels": r} for r in rows], batch_size=2)
     torch.manual_seed(0)
-    model = build_model(str(ROOT / "models" / "mini-base"), vocab_size=len(tok), num_base=len(tok), rows=None,
-                        quant={"name": "none"}, lora={"r": 4, "dropout": 0.0})
+    model = build_model(
+        str(ROOT / "models" / "mini-base"),
+        vocab_size=len(tok),
+        num_base=len(tok),
+        rows=None,
+        quant={"name": "none"},
+        lora={"r": 4, "dropout": 0.0},
+    )
     record, guard = Recorder(), NonFiniteGuard(dirpath=tmp_path)
-    with pytest.raises(FloatingPointError, match=r"training loss .* at step 1 has blown up: above .* nats, more "
-                                                 r"than halfway from the first step's loss .* to uniform guessing "
-                                                 r"over 5000 tokens"):
-        trainer_for(tmp_path, 4, record, guard).fit(PretrainModule(model, lr=1e6, max_steps=4, warmup_steps=0),
-                                                    train_dataloaders=loader)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"training loss .* at step 1 has blown up: above .* nats, more "
+        r"than halfway from the first step's loss .* to uniform guessing "
+        r"over 5000 tokens",
+    ):
+        trainer_for(tmp_path, 4, record, guard).fit(
+            PretrainModule(model, lr=1e6, max_steps=4, warmup_steps=0), train_dataloaders=loader
+        )
     assert record.losses[1] == pytest.approx(math.log(len(tok)), abs=1e-3)  # uniform: the case at hand
     assert record.losses[0] < guard.loss_limit() < record.losses[1]
     assert torch.load(tmp_path / "last_good.ckpt", weights_only=True)["global_step"] == 0
@@ -161,16 +178,21 @@ def test_without_a_kept_state_the_guard_names_a_periodic_checkpoint_whose_loss_p
     guard = NonFiniteGuard(dirpath=tmp_path / "ckpt", keep_state=False)
     with pytest.raises(FloatingPointError) as err:
         trainer_for(tmp_path, 10, checkpoints, guard, enable_checkpointing=True).fit(
-            NaNLossAt(tiny_model(tiny_base), bad_step=5), train_dataloaders=tiny_loader())
+            NaNLossAt(tiny_model(tiny_base), bad_step=5), train_dataloaders=tiny_loader()
+        )
     assert not (tmp_path / "ckpt" / "last_good.ckpt").exists()
     notes = "\n".join(err.value.__notes__)
     assert f"{tmp_path / 'ckpt' / 'last.ckpt'} is from a step whose loss passed" in notes
 
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt2", every_n_train_steps=2, save_last=True, save_top_k=1)
     with pytest.raises(FloatingPointError) as err:  # the loss of step 4 itself fails: its checkpoint is suspect
-        trainer_for(tmp_path, 10, checkpoints, NonFiniteGuard(dirpath=tmp_path / "ckpt2", keep_state=False),
-                    enable_checkpointing=True).fit(NaNLossAt(tiny_model(tiny_base), bad_step=4),
-                                                   train_dataloaders=tiny_loader())
+        trainer_for(
+            tmp_path,
+            10,
+            checkpoints,
+            NonFiniteGuard(dirpath=tmp_path / "ckpt2", keep_state=False),
+            enable_checkpointing=True,
+        ).fit(NaNLossAt(tiny_model(tiny_base), bad_step=4), train_dataloaders=tiny_loader())
     assert "no state before it passed the checks, so nothing was saved" in "\n".join(err.value.__notes__)
 
 
@@ -183,7 +205,7 @@ class DiskFullAfter:
 
     def write(self, data) -> int:
         if len(data) > self.room:
-            self.f.write(bytes(data[:self.room]))
+            self.f.write(bytes(data[: self.room]))
             self.room = 0
             raise OSError(errno.ENOSPC, "No space left on device")
         self.room -= len(data)
@@ -241,7 +263,8 @@ def test_a_run_whose_disk_fills_can_be_resumed_from_what_it_left(tiny_base, tmp_
     module = PretrainModule(tiny_model(tiny_base), lr=1e-2, max_steps=6, warmup_steps=0)
     with pytest.raises((OSError, RuntimeError)) as err:
         trainer_for(out, 6, FillDiskAtStep(), *callbacks, enable_checkpointing=True).fit(
-            module, train_dataloaders=tiny_loader())
+            module, train_dataloaders=tiny_loader()
+        )
     assert disk_full(err.value)
     folder = out / "checkpoints"
     assert not list(folder.glob(f"*{PARTIAL_SUFFIX}"))
@@ -294,8 +317,11 @@ def test_resume_advice_after_a_guard_stop_names_last_good_and_a_lower_lr(tmp_pat
     (folder / "last.ckpt").symlink_to("epoch=0-step=2.ckpt")
     good = a_checkpoint(folder / "last_good.ckpt", 1)
     os.utime(folder / "epoch=0-step=2.ckpt", (1, 1))  # last_good.ckpt was written last, when the guard stopped
-    with pytest.raises(ConfigError, match=rf"stopped on a non-finite or blown-up loss: resume from the state before "
-                                          rf"the damage with ckpt_path={good} and a lower train\.lr"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"stopped on a non-finite or blown-up loss: resume from the state before "
+        rf"the damage with ckpt_path={good} and a lower train\.lr",
+    ):
         check_output_dir(tmp_path, None)
 
 
@@ -319,8 +345,10 @@ def test_last_checkpoint_is_a_link_not_a_second_copy(tiny_base, tmp_path):
     assert torch.load(last, weights_only=True)["global_step"] == 4
 
 
-@pytest.mark.parametrize("overrides", [[], ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
-                                       ["trainer=fsdp_cpu", "quant=none"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], ["trainer=fsdp_cpu", "quant=none"]],
+)
 def test_the_pipeline_trainer_writes_checkpoints_atomically(tmp_path, monkeypatch, overrides):
     """Every strategy the pipeline builds saves through AtomicCheckpointIO (passed as a Trainer plugin)."""
     import bailong.pipeline as pipeline
@@ -338,8 +366,7 @@ def test_the_loss_limit_sees_the_loss_not_the_fp16_scaled_loss():
     from types import SimpleNamespace
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    trainer = SimpleNamespace(accumulate_grad_batches=2, global_step=0,
-                              precision_plugin=SimpleNamespace(scaler=scaler))
+    trainer = SimpleNamespace(accumulate_grad_batches=2, global_step=0, precision_plugin=SimpleNamespace(scaler=scaler))
     guard = NonFiniteGuard()
     guard.vocab_size = 64
     guard.on_before_backward(trainer, None, torch.tensor(3.0 / 2 * 1024))  # loss 3, accumulation 2, scale 1024

@@ -1,5 +1,6 @@
 """Full fine-tuning (``finetune=full``): the config group, the build, the optimizer groups, the fused loss,
 save/reload/export, and the whole pipeline on the smoke experiment."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,6 @@ import bitsandbytes as bnb
 import peft
 import pytest
 import torch
-from test_adapter import logits
-from test_build import HIDDEN, NF4, NONE, NUM_BASE, NUM_NEW, VOCAB, batch, build, lora, make_tiny_base
 from transformers import AutoModelForCausalLM
 
 from bailong.checks import ConfigError, check_config
@@ -21,11 +20,8 @@ from bailong.model.build import build_model, count_parameters, load_base_model
 from bailong.train.loss import causal_lm_loss, decoder_and_head, head_weights
 from bailong.train.pretrain import _param_groups
 from conftest import ROOT, compose_config
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_base(tmp_path_factory.mktemp("tiny"))
+from test_adapter import logits
+from test_build import HIDDEN, NF4, NONE, NUM_BASE, NUM_NEW, VOCAB, batch, build, lora
 
 
 def full(tiny, **kw):
@@ -34,7 +30,8 @@ def full(tiny, **kw):
 
 def is_4bit(model) -> bool:
     return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) or any(
-        isinstance(p, bnb.nn.Params4bit) for p in model.parameters())
+        isinstance(p, bnb.nn.Params4bit) for p in model.parameters()
+    )
 
 
 # -- config -------------------------------------------------------------------------------------------
@@ -54,11 +51,25 @@ def test_full_finetuning_with_nf4_is_refused_naming_both_keys_and_the_fix(tmp_pa
     with pytest.raises(ConfigError, match=r"finetune\.name=full with quant\.name=nf4: .*use quant=none"):
         check_config(cfg)
     with pytest.raises(ValueError, match=r"finetune\.name=full with quant\.name=nf4"):  # before any loading
-        build_model("/nonexistent", vocab_size=VOCAB, num_base=NUM_BASE, rows=tiny.rows, quant=NF4, lora=None,
-                    finetune={"name": "full"})
+        build_model(
+            "/nonexistent",
+            vocab_size=VOCAB,
+            num_base=NUM_BASE,
+            rows=tiny.rows,
+            quant=NF4,
+            lora=None,
+            finetune={"name": "full"},
+        )
     with pytest.raises(ValueError, match=r"finetune\.name='partial'"):
-        build_model("/nonexistent", vocab_size=VOCAB, num_base=NUM_BASE, rows=tiny.rows, quant=NONE, lora=None,
-                    finetune="partial")
+        build_model(
+            "/nonexistent",
+            vocab_size=VOCAB,
+            num_base=NUM_BASE,
+            rows=tiny.rows,
+            quant=NONE,
+            lora=None,
+            finetune="partial",
+        )
 
 
 # -- build ----------------------------------------------------------------------------------------------
@@ -67,8 +78,11 @@ def test_full_build_trains_every_weight_of_the_resized_base_without_peft(tiny):
     assert not isinstance(model, peft.PeftModel) and not is_4bit(model) and model.training
     assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
     counts = count_parameters(model)
-    assert counts["trainable"] == counts["total"] == sum(p.numel() for p in load_base_model(tiny.path).parameters()) \
-        + 2 * NUM_NEW * HIDDEN
+    assert (
+        counts["trainable"]
+        == counts["total"]
+        == sum(p.numel() for p in load_base_model(tiny.path).parameters()) + 2 * NUM_NEW * HIDDEN
+    )
     base = load_base_model(tiny.path, quant=None)
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert embed.shape == head.shape == (VOCAB, HIDDEN)
@@ -89,7 +103,8 @@ def test_param_groups_split_embedding_and_head_from_the_rest(tiny):
     assert set(groups) == {"embeddings", "decoder", "norms"}
     ids = lambda params: {id(p) for p in params}  # noqa: E731
     assert ids(groups["embeddings"]["params"]) == ids(
-        [model.get_input_embeddings().weight, model.get_output_embeddings().weight])
+        [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    )
     assert (groups["embeddings"]["lr"], groups["embeddings"]["weight_decay"]) == (1e-3, 0.0)
     assert (groups["decoder"]["lr"], groups["decoder"]["weight_decay"]) == (1e-4, 0.1)
     assert (groups["norms"]["lr"], groups["norms"]["weight_decay"]) == (1e-4, 0.0)
@@ -144,7 +159,8 @@ def test_save_writes_a_standalone_model_that_reloads_with_the_same_logits(tiny, 
     expected = logits(model, ids)
     save_adapter(model, tiny.tokenizer, tmp_path, rows=tiny.rows, config={"finetune": {"name": "full"}})
     assert {"model.safetensors", "config.json", "tokenizer.json", META_FILE, "config.yaml"} <= {
-        p.name for p in tmp_path.iterdir()}
+        p.name for p in tmp_path.iterdir()
+    }
     assert not (tmp_path / "adapter_config.json").exists()
     meta = json.loads((tmp_path / META_FILE).read_text())
     assert meta["build"]["finetune"] == "full" and meta["build"]["embeddings"] is None
@@ -215,23 +231,52 @@ def test_smoke_run_with_full_finetuning_end_to_end(tmp_path):
         if p.shape != before.shape:  # embedding and head: old rows vs the base, new rows vs their init
             assert not torch.equal(p[:num_base], before), f"{name}: old rows did not move"
             new = rows["embed" if "embed" in name else "head"]
-            assert not torch.equal(p[num_base:num_base + len(new)], new), f"{name}: new rows did not move"
+            assert not torch.equal(p[num_base : num_base + len(new)], new), f"{name}: new rows did not move"
         else:
             assert not torch.equal(p, before), f"{name} did not move"
 
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY",)}
-    proc = subprocess.run([sys.executable, "-m", "bailong.eval", str(out), "--tc",
-                           str(ROOT / "data/zh_tw/modern.jsonl.gz"), "--max-chars", "1000"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bailong.eval",
+            str(out),
+            "--tc",
+            str(ROOT / "data/zh_tw/modern.jsonl.gz"),
+            "--max-chars",
+            "1000",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 0 < json.loads(proc.stdout)["final/tc_bpc"] < 20
 
     sft_out = tmp_path / "sft"
-    sft = compose_config(["experiment=sft", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                          "trainer.enable_progress_bar=false", "train.warmup_steps=1", "data.seq_len=128",
-                          "data.batch_size=4", "data.max_val_chars=2000", "data.chat.instruct.max_train=50",
-                          "data.chat.instruct.max_val=4", "data.chat.max_val=4", "sft.eval_before=false",
-                          "sft.eval_after=false", f"sft.from_run={out}"], output_dir=sft_out)
+    sft = compose_config(
+        [
+            "experiment=sft",
+            "logger=csv",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.enable_progress_bar=false",
+            "train.warmup_steps=1",
+            "data.seq_len=128",
+            "data.batch_size=4",
+            "data.max_val_chars=2000",
+            "data.chat.instruct.max_train=50",
+            "data.chat.instruct.max_val=4",
+            "data.chat.max_val=4",
+            "sft.eval_before=false",
+            "sft.eval_after=false",
+            f"sft.from_run={out}",
+        ],
+        output_dir=sft_out,
+    )
     sft_metrics = run(sft)
     assert sft_metrics["params/trainable"] == sft_metrics["params/total"]
     assert json.loads((sft_out / "adapter" / META_FILE).read_text())["build"]["finetune"] == "full"

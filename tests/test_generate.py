@@ -1,5 +1,6 @@
 """generate(): the chat template (or the documented plain format), only new tokens returned, greedy equal to
 an argmax loop, seeded sampling repeatable without touching the global RNG, and a peft model on a 4-bit base."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,12 @@ from bailong.eval.generate import PLAIN_CHAT_TEMPLATE, PromptTooLongError, chat_
 from conftest import ROOT
 
 MINI = ROOT / "models" / "mini-base"
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."},
-        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Say hello."},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Again?"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,9 @@ def test_plain_format_without_a_chat_template(mini):
 def test_the_tokenizer_chat_template_is_used(mini):
     _, tok = mini
     templated = AutoTokenizer.from_pretrained(MINI)
-    templated.chat_template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    templated.chat_template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    )
     ids = chat_prompt_ids(templated, CHAT[1:2])
     assert ids == templated("<s>[user] Say hello.\n[assistant]", add_special_tokens=False)["input_ids"]
     assert ids.count(tok.bos_token_id) == 1  # the template's BOS, not a second one from the encoder
@@ -52,7 +59,7 @@ def test_greedy_equals_an_argmax_loop_and_returns_only_new_text(mini):
             seq = torch.cat([seq, torch.tensor([[next_id]])], dim=1)
     # repetition_penalty=1.0: a pure argmax loop
     out = generate(model, tok, CHAT[:2], max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
-    assert out == tok.decode(seq[0, len(ids):], skip_special_tokens=True).strip()
+    assert out == tok.decode(seq[0, len(ids) :], skip_special_tokens=True).strip()
 
 
 def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(mini):
@@ -84,8 +91,15 @@ def test_peft_model_on_a_4bit_base(mini):
     from bailong.model.build import build_model
 
     _, tok = mini
-    quant = OmegaConf.create({"name": "nf4", "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16",
-                              "quant_storage": "uint8"})
+    quant = OmegaConf.create(
+        {
+            "name": "nf4",
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": "bfloat16",
+            "quant_storage": "uint8",
+        }
+    )
     lora = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "embeddings": "frozen"})
     model = build_model(str(MINI), vocab_size=len(tok), num_base=len(tok), rows=None, quant=quant, lora=lora)
     model.train()

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py: its bookkeeping (budget, guarded parts, tolerances, the GPU table) and, slow, the
 whole check at tiny shapes on the CPU (``--cpu-smoke``), whose JSON must hold every part, run or skipped with a
 reason. The GPU numbers themselves need a GPU (docs/gpu.md)."""
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,23 @@ def test_overrides_merge_later_wins():
 
 
 def test_metric_comparison_tolerances():
-    device = {"base/tc_bpc": 5.0, "step0/en_bpc": 1.4, "final/tc_bpc": 5.09, "final/tc_chars": 9000,
-              "train/tokens_per_sec": 9000.0, "init/strategy": "zip_tie"}
-    cpu = {"base/tc_bpc": 5.02, "step0/en_bpc": 1.5, "final/tc_bpc": 5.0, "final/tc_chars": 9000,
-           "train/tokens_per_sec": 300.0, "init/strategy": "zip_tie", "only/cpu": 1}
+    device = {
+        "base/tc_bpc": 5.0,
+        "step0/en_bpc": 1.4,
+        "final/tc_bpc": 5.09,
+        "final/tc_chars": 9000,
+        "train/tokens_per_sec": 9000.0,
+        "init/strategy": "zip_tie",
+    }
+    cpu = {
+        "base/tc_bpc": 5.02,
+        "step0/en_bpc": 1.5,
+        "final/tc_bpc": 5.0,
+        "final/tc_chars": 9000,
+        "train/tokens_per_sec": 300.0,
+        "init/strategy": "zip_tie",
+        "only/cpu": 1,
+    }
     out = gpu_check.compare_metrics(device, cpu)
     assert out["metrics"]["base/tc_bpc"]["within"]  # 0.4% < 1% before training
     assert out["outside"] == ["step0/en_bpc"]  # 6.7% is not rounding; final/tc_bpc 1.8% < 2% after training
@@ -71,8 +85,14 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     """The whole check, same code paths, tiny shapes, on the CPU (~2 min on 2 idle cores; more when loaded)."""
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads(out.read_text())
     assert report["mode"] == "cpu-smoke" and report["cpu_smoke"]["switched"]

@@ -1,5 +1,6 @@
 """bailong.data.instruct: the Tang-poem instruction set — correct answers, both languages, multi-turn,
 and no held-out poem (the pre-training split) in training."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import re
 
 import pytest
 
-from conftest import ROOT
 from bailong.data.chat import load_conversations
 from bailong.data.corpus import load_documents, split_documents
 from bailong.data.instruct import build_instruct_set, read_poems, to_simplified
+from conftest import ROOT
 
 POEMS = ROOT / "data" / "zh_tw" / "poetry_tang.jsonl.gz"
 HAN = re.compile(r"[\u4e00-\u9fff]")
@@ -40,7 +41,7 @@ def test_no_held_out_poem_is_trained_on(built):
     val_poems = {t["poem"] for _, t in sets["val"]}
     assert not train_poems & held
     assert val_poems <= held and len(val_poems) > 0.8 * len(held)
-    for conv, task in sets["train"]:  # and no training prompt quotes a held-out poem's line
+    for _, task in sets["train"]:  # and no training prompt quotes a held-out poem's line
         assert poems[task["poem"]].text not in held_texts
 
 
@@ -55,7 +56,11 @@ def test_answers_are_right(built):
         if task["task"] == "next":
             line = quoted.group(1)
             nxt = answer if task["lang"] == "tc" else re.search(r'"(.+)"', answer).group(1)
-            assert f"{line}，{nxt}" in poem.text or f"{line}。\n{nxt}" in poem.text or line + nxt in re.sub(r"\W", "", poem.text)
+            assert (
+                f"{line}，{nxt}" in poem.text
+                or f"{line}。\n{nxt}" in poem.text
+                or line + nxt in re.sub(r"\W", "", poem.text)
+            )
         elif task["task"] == "author":
             assert poem.author in answer and quoted.group(1) in poem.text
         elif task["task"] == "title":
@@ -66,7 +71,7 @@ def test_answers_are_right(built):
         elif task["task"] == "to_tc":
             assert answer in poem.text and to_simplified(answer) in prompt and to_simplified(answer) != answer
         checked += 1
-        for follow_q, follow_a in zip(turns[2::2], turns[3::2]):  # follow-ups are about the same poem
+        for _, follow_a in zip(turns[2::2], turns[3::2]):  # follow-ups are about the same poem
             assert poem.author in follow_a["content"] or poem.title in follow_a["content"]
     assert checked == 600
 

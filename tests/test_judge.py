@@ -1,9 +1,11 @@
 """The LLM judge against a small OpenAI-compatible server started here on 127.0.0.1: success, timeout,
 a server trickling its reply, HTTP 500 then success, malformed replies, refused requests, resuming partial
 results, and a planted API key that must reach no log record, error message or stored judgment."""
+
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import threading
@@ -62,12 +64,14 @@ class FakeJudgeServer:
 
             @staticmethod
             def _reply(text):
-                return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}).encode()
+                message = {"role": "assistant", "content": text}
+                return json.dumps({"choices": [{"index": 0, "message": message}]}).encode()
 
             def _trickle(self, kind, seconds_per_byte):
                 reply = self._reply("Slow" + "." * 100 + " [[6]]")
-                head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(reply)}"
-                        "\r\n\r\n").encode()
+                head = (
+                    f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(reply)}\r\n\r\n"
+                ).encode()
                 try:
                     if kind == "trickle_body":
                         self.wfile.write(head)
@@ -82,10 +86,8 @@ class FakeJudgeServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client timed out and left
                     self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -107,14 +109,31 @@ def server():
 
 @pytest.fixture
 def judge_cfg(server, tmp_path):
-    cfg = compose_config([f"judge.base_url={server.url}", "judge.model=fake-judge", "judge.timeout_s=0.5",
-                          "judge.max_retries=2", "judge.backoff_s=0.01", "judge.max_backoff_s=0.05"], tmp_path)
+    cfg = compose_config(
+        [
+            f"judge.base_url={server.url}",
+            "judge.model=fake-judge",
+            "judge.timeout_s=0.5",
+            "judge.max_retries=2",
+            "judge.backoff_s=0.01",
+            "judge.max_backoff_s=0.05",
+        ],
+        tmp_path,
+    )
     return cfg.judge
 
 
 def judge_config(tmp_path, url, *overrides):
-    return compose_config([f"judge.base_url='{url}'", "judge.model=fake-judge", "judge.backoff_s=0.01",
-                           "judge.max_backoff_s=0.05", *overrides], tmp_path).judge
+    return compose_config(
+        [
+            f"judge.base_url='{url}'",
+            "judge.model=fake-judge",
+            "judge.backoff_s=0.01",
+            "judge.max_backoff_s=0.05",
+            *overrides,
+        ],
+        tmp_path,
+    ).judge
 
 
 def make_judge(cfg, waits=None):
@@ -167,8 +186,10 @@ def test_timeout_bounds_the_whole_attempt_against_a_trickling_server(server, tmp
     assert "timed out: no complete reply within judge.timeout_s=1.0s" in caplog.text
 
 
-@pytest.mark.parametrize("action", [("ok", "Good answer, no rating."), ("ok", "Rating: [[11]]"),
-                                    ("raw", "not json"), ("raw", '{"choices": []}')])
+@pytest.mark.parametrize(
+    "action",
+    [("ok", "Good answer, no rating."), ("ok", "Rating: [[11]]"), ("raw", "not json"), ("raw", '{"choices": []}')],
+)
 def test_malformed_replies_are_retried_a_bounded_number_of_times(server, judge_cfg, action):
     server.default = action
     with pytest.raises(JudgeError, match="no rating after 3 attempts; last: malformed reply"):
@@ -238,15 +259,19 @@ def leaked(secrets, texts):
 @pytest.mark.parametrize("redaction", ["on", "off"])
 @pytest.mark.parametrize("status", [401, 500])
 @pytest.mark.parametrize("key_in", ["env", "url"])
-def test_a_planted_key_reaches_no_log_record_and_no_error(server, tmp_path, monkeypatch, caplog, key_in, status,
-                                                         redaction):
+def test_a_planted_key_reaches_no_log_record_and_no_error(
+    server, tmp_path, monkeypatch, caplog, key_in, status, redaction
+):
     """The key in the environment or as the URL's password; a server that echoes the Authorization header.
     With redaction switched off the same checks must find the key, or they prove nothing."""
     caplog.set_level(logging.DEBUG)  # httpx's request lines (INFO) and httpcore's traces (DEBUG) included
     # the process-wide redaction an earlier CLI test may have installed (bailong.redact.install_log_filter) is not
     # the judge's own: off here, so this test sees what the Judge alone does
-    monkeypatch.setattr(logging, "_logRecordFactory", getattr(logging.getLogRecordFactory(), "bailong_base",
-                                                              logging.getLogRecordFactory()))
+    monkeypatch.setattr(
+        logging,
+        "_logRecordFactory",
+        getattr(logging.getLogRecordFactory(), "bailong_base", logging.getLogRecordFactory()),
+    )
     if redaction == "off":
         monkeypatch.setattr(judge_module, "redact_text", lambda text, secrets=(): text)
         monkeypatch.setattr(judge_module, "SecretFilter", lambda secrets: logging.Filter())
@@ -260,9 +285,11 @@ def test_a_planted_key_reaches_no_log_record_and_no_error(server, tmp_path, monk
         secrets, credential = [PLANTED_KEY, basic], f"Basic {basic}"
     server.default = ("echo", status)
     cfg = judge_config(tmp_path, url, "judge.timeout_s=5", "judge.max_retries=1")
-    with pytest.raises(JudgeRequestError if status == 401 else JudgeError, match=f"HTTP {status}") as err:
-        with make_judge(cfg) as judge:
-            judge.grade("q", "a", "en")
+    with (
+        pytest.raises(JudgeRequestError if status == 401 else JudgeError, match=f"HTTP {status}") as err,
+        make_judge(cfg) as judge,
+    ):
+        judge.grade("q", "a", "en")
     assert server.requests[0]["headers"]["Authorization"] == credential  # sent, so echoed back
     texts = [str(err.value)] + [record.getMessage() for record in caplog.records]
     if redaction == "off":
@@ -287,8 +314,9 @@ def test_a_reply_that_echoes_the_key_is_stored_redacted(server, judge_cfg, monke
     assert PLANTED_KEY not in stored and "you sent Authorization: Bearer <redacted>" in stored
 
 
-@pytest.mark.parametrize("value, shape", [(PLANTED_KEY, "looks like an API key itself"),
-                                          ("my judge key", "is not a variable name")])
+@pytest.mark.parametrize(
+    "value, shape", [(PLANTED_KEY, "looks like an API key itself"), ("my judge key", "is not a variable name")]
+)
 def test_a_key_in_api_key_env_is_refused_without_repeating_it(server, tmp_path, caplog, value, shape):
     caplog.set_level(logging.DEBUG)
     cfg = judge_config(tmp_path, server.url, f"judge.api_key_env='{value}'")

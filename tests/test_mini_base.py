@@ -3,6 +3,7 @@
 Builds use a tiny variant (hidden 32, 1 layer, 600 pieces, 3 steps) on the first documents of the
 repo's corpora; the shipped models/mini-base is checked for layout and card consistency.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,19 +14,40 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 import torch
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bailong.data.corpus import load_documents, split_documents
-from bailong.model.base import (MiniBaseConfig, PackedRows, build_mini_base, is_han, lr_at,
-                                tokenizer_layout, train_tokenizer)
+from bailong.model.base import (
+    MiniBaseConfig,
+    PackedRows,
+    build_mini_base,
+    is_han,
+    lr_at,
+    tokenizer_layout,
+    train_tokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "mini-base"
-TINY = replace(MiniBaseConfig(), vocab_size=600, han_pieces=40, cjk_punct_pieces=4, hidden_size=32,
-               intermediate_size=64, num_layers=1, num_heads=2, max_position_embeddings=64, seq_len=32,
-               batch_size=4, steps=3, warmup_steps=1, log_every=1, eval_every=2)
+TINY = replace(
+    MiniBaseConfig(),
+    vocab_size=600,
+    han_pieces=40,
+    cjk_punct_pieces=4,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    max_position_embeddings=64,
+    seq_len=32,
+    batch_size=4,
+    steps=3,
+    warmup_steps=1,
+    log_every=1,
+    eval_every=2,
+)
 
 
 def _train_docs(path: str, n: int) -> list[str]:
@@ -34,8 +56,10 @@ def _train_docs(path: str, n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def docs() -> dict[str, list[str]]:
-    return {"en": _train_docs("data/en/kjv.jsonl.gz", 40) + _train_docs("data/en/fortunes.jsonl.gz", 200),
-            "tc": _train_docs("data/zh_tw/poetry_tang.jsonl.gz", 200) + _train_docs("data/zh_tw/modern.jsonl.gz", 20)}
+    return {
+        "en": _train_docs("data/en/kjv.jsonl.gz", 40) + _train_docs("data/en/fortunes.jsonl.gz", 200),
+        "tc": _train_docs("data/zh_tw/poetry_tang.jsonl.gz", 200) + _train_docs("data/zh_tw/modern.jsonl.gz", 20),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +113,13 @@ def test_tokenizer_is_laid_out_as_llama_and_uses_han_pieces(docs):
     assert sp.get_piece_size() == 600 and sp.id_to_piece(259) != "<0x00>"
     proto = sp_pb2.ModelProto.FromString(sp.serialized_model_proto())
     spec, norm = proto.trainer_spec, proto.normalizer_spec
-    assert (spec.byte_fallback, spec.split_digits, norm.name, norm.remove_extra_whitespaces,
-            norm.add_dummy_prefix) == (True, True, "identity", False, True)
+    assert (spec.byte_fallback, spec.split_digits, norm.name, norm.remove_extra_whitespaces, norm.add_dummy_prefix) == (
+        True,
+        True,
+        "identity",
+        False,
+        True,
+    )
     # the most frequent Han characters are single pieces; a rare one falls back to 3 UTF-8 bytes
     pieces = sp.encode("的不", out_type=str)
     han_in_vocab = [p for p in pieces if p and all(is_han(c) for c in p)]
@@ -129,8 +158,20 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 @pytest.mark.slow  # a subprocess: imports, tokenizer training and evaluation (~12 s idle, ~40 s shared)
 def test_build_script_tiny_writes_a_loadable_base_and_card(tmp_path):
     out, logs = tmp_path / "mb", tmp_path / "logs"
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "build_mini_base.py"), "--tiny",
-                    "--out", str(out), "--log-dir", str(logs)], check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "build_mini_base.py"),
+            "--tiny",
+            "--out",
+            str(out),
+            "--log-dir",
+            str(logs),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     card = json.loads((out / "card.json").read_text())
     assert card["tokenizer"]["han_pieces"] == 40
     assert set(card["eval"]) >= {"en", "tc", "en/kjv", "tc/poetry_tang"}

@@ -1,4 +1,5 @@
 """Packing and the TC/EN mix: exact token streams, EOS between documents, the token share, determinism."""
+
 from __future__ import annotations
 
 import io
@@ -28,14 +29,18 @@ DATA = ROOT / "data"
 
 def tiny_corpora() -> tuple[list[str], list[str]]:
     """A few hundred real TC and EN documents (long modern/KJV documents included)."""
-    tc = load_documents([
-        {"path": DATA / "zh_tw/poetry_tang.jsonl.gz", "max_docs": 200},
-        {"path": DATA / "zh_tw/modern.jsonl.gz", "max_docs": 40},
-    ])
-    en = load_documents([
-        {"path": DATA / "en/fortunes.jsonl.gz", "max_docs": 200},
-        {"path": DATA / "en/kjv.jsonl.gz", "max_docs": 10},
-    ])
+    tc = load_documents(
+        [
+            {"path": DATA / "zh_tw/poetry_tang.jsonl.gz", "max_docs": 200},
+            {"path": DATA / "zh_tw/modern.jsonl.gz", "max_docs": 40},
+        ]
+    )
+    en = load_documents(
+        [
+            {"path": DATA / "en/fortunes.jsonl.gz", "max_docs": 200},
+            {"path": DATA / "en/kjv.jsonl.gz", "max_docs": 10},
+        ]
+    )
     return tc, en
 
 
@@ -48,10 +53,21 @@ def build_tiny_tokenizer(directory: Path):
     tc, en = tiny_corpora()
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([d[:2000] for d in tc + en]), model_writer=model, model_type="bpe",
-        vocab_size=1500, character_coverage=0.98, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-        max_sentence_length=100000, minloglevel=2,
+        sentence_iterator=iter([d[:2000] for d in tc + en]),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=1500,
+        character_coverage=0.98,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        max_sentence_length=100000,
+        minloglevel=2,
     )
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.model").write_bytes(model.getvalue())
@@ -112,7 +128,7 @@ def test_mix_meets_the_tc_token_share(token_docs, ratio):
     # exact up to one document of the repeated side
     assert abs(plan.tc_share - ratio) <= max(tc_len + en_len) / total
     # the side with more than its share is used exactly once; the other is repeated, evenly
-    counts = {lang: Counter(i for l, i in plan.docs if l == lang) for lang in ("tc", "en")}
+    counts = {lang: Counter(i for doc_lang, i in plan.docs if doc_lang == lang) for lang in ("tc", "en")}
     limiting = "tc" if plan.tc_passes == 1.0 else "en"
     assert (plan.tc_passes if limiting == "en" else plan.en_passes) >= 1.0
     assert sorted(counts[limiting]) == list(range(len(tc_len if limiting == "tc" else en_len)))
@@ -141,7 +157,9 @@ def test_mixture_is_deterministic_in_the_seed_and_follows_the_plan(tokenizer, to
     c, _ = pack_mixture(tc, en, seed=4, **kwargs)
     assert torch.equal(a, b) and plan_a == plan_b
     assert not torch.equal(a, c)
-    stream = np.concatenate([np.concatenate([[bos], (tc if l == "tc" else en)[i], [eos]]) for l, i in plan_a.docs])
+    stream = np.concatenate(
+        [np.concatenate([[bos], (tc if lang == "tc" else en)[i], [eos]]) for lang, i in plan_a.docs]
+    )
     assert a.flatten().tolist() == stream[: a.numel()].tolist()
 
 
@@ -176,7 +194,7 @@ def test_train_loader_yields_full_packed_batches_in_a_seeded_order(tokenizer, co
     for k, batch in enumerate(batches):
         assert set(batch) == {"input_ids", "labels"}
         assert batch["input_ids"].dtype == torch.long
-        assert torch.equal(batch["input_ids"], dm.train_sequences[order[4 * k: 4 * k + 4]].long())
+        assert torch.equal(batch["input_ids"], dm.train_sequences[order[4 * k : 4 * k + 4]].long())
         assert torch.equal(batch["input_ids"], batch["labels"])
     assert abs(dm.mix.tc_share - 0.8) < 0.02
     again = make_datamodule(tokenizer, corpora)
@@ -190,8 +208,9 @@ def test_datamodule_rejects_bad_input(tokenizer, corpora):
     with pytest.raises(ValueError, match="no en validation documents"):
         PretrainDataModule(tokenizer, tc, en, tc[:2], [], seq_len=64, batch_size=4, tc_ratio=0.8, seed=0)
     with pytest.raises(ValueError, match="fewer than one batch"):
-        PretrainDataModule(tokenizer, tc[:2], en[:2], tc[:2], en[:2], seq_len=256, batch_size=64,
-                           tc_ratio=0.5, seed=0).setup("fit")
+        PretrainDataModule(
+            tokenizer, tc[:2], en[:2], tc[:2], en[:2], seq_len=256, batch_size=64, tc_ratio=0.5, seed=0
+        ).setup("fit")
 
 
 @pytest.mark.parametrize("name", ["pretrain_tc", "hub_example"])

@@ -1,4 +1,5 @@
 """The whole experiment on the embedded default: run.py end to end, resume after a crash, reload."""
+
 from __future__ import annotations
 
 import json
@@ -12,17 +13,35 @@ import torch
 from conftest import ROOT, compose_config
 
 REQUIRED_KEYS = [
-    "tokenizer/added", "tokenizer/vocab_size", "tokenizer/tc_tokens_per_char_base", "tokenizer/tc_tokens_per_char",
-    "base/tc_bpc", "base/en_bpc", "step0/tc_bpc", "step0/en_bpc", "final/tc_bpc", "final/en_bpc",
-    "params/trainable", "params/total", "train/tokens_per_sec", "train/steps", "init/strategy",
+    "tokenizer/added",
+    "tokenizer/vocab_size",
+    "tokenizer/tc_tokens_per_char_base",
+    "tokenizer/tc_tokens_per_char",
+    "base/tc_bpc",
+    "base/en_bpc",
+    "step0/tc_bpc",
+    "step0/en_bpc",
+    "final/tc_bpc",
+    "final/en_bpc",
+    "params/trainable",
+    "params/total",
+    "train/tokens_per_sec",
+    "train/steps",
+    "init/strategy",
 ]
 SMOKE = ["experiment=smoke", "logger=csv"]
 
 
 def run_py(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +65,13 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     assert 0 < metrics["params/trainable"] < metrics["params/total"]
     for key in ("base/tc_bpc", "step0/tc_bpc", "final/tc_bpc", "final/en_bpc"):
         assert 0 < metrics[key] < 20, (key, metrics[key])
-    for sub in ("tokenizer/tokenizer.json", "adapter/adapter_config.json", "init_report.json",
-                "checkpoints/last.ckpt", "csv/metrics.csv"):
+    for sub in (
+        "tokenizer/tokenizer.json",
+        "adapter/adapter_config.json",
+        "init_report.json",
+        "checkpoints/last.ckpt",
+        "csv/metrics.csv",
+    ):
         assert (out / sub).exists(), sub
     curve = (out / "csv" / "metrics.csv").read_text()
     assert "val/tc_bpc" in curve and "train/loss" in curve
@@ -60,8 +84,9 @@ def test_saved_adapter_reproduces_the_final_metrics(smoke_run):
 
     out, cfg, metrics = smoke_run
     model, tok = load_adapter(out / "adapter")
-    scores = evaluate_texts(model, tok, load_splits(cfg.data).val(), seq_len=cfg.data.seq_len,
-                            batch_size=cfg.eval.batch_size)
+    scores = evaluate_texts(
+        model, tok, load_splits(cfg.data).val(), seq_len=cfg.data.seq_len, batch_size=cfg.eval.batch_size
+    )
     assert scores["tc_bpc"] == pytest.approx(metrics["final/tc_bpc"], rel=1e-6)
     assert scores["en_bpc"] == pytest.approx(metrics["final/en_bpc"], rel=1e-6)
 
@@ -70,8 +95,15 @@ def test_quick_cli_run_still_writes_metrics(tmp_path):
     """The README's quick run: one step, yet the full metrics.json (step-0 metrics need no training);
     with the default loggers, W&B writes an offline run (no API key, no network) beside the CSV log."""
     out = tmp_path / "x"
-    proc = run_py(["init=mean", "trainer.max_steps=1", f"hydra.run.dir={out}",
-                   "data.max_val_chars=2000", "trainer.enable_progress_bar=false"])
+    proc = run_py(
+        [
+            "init=mean",
+            "trainer.max_steps=1",
+            f"hydra.run.dir={out}",
+            "data.max_val_chars=2000",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(k in metrics for k in REQUIRED_KEYS)
@@ -105,10 +137,21 @@ def wandb_run_ids(run_dir) -> set[str]:
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
-    smoke_with_wandb = ["data.seq_len=128", "data.batch_size=4", "data.max_val_chars=2000", "train.warmup_steps=1",
-                        "trainer.enable_progress_bar=false", "logger=csv_wandb"]  # experiment=smoke turns W&B off
-    common = smoke_with_wandb + ["trainer.max_steps=6", "trainer.val_check_interval=3", "train.checkpoint_every_n_steps=2",
-                                 "trainer.log_every_n_steps=1", "lora.dropout=0.1"]
+    smoke_with_wandb = [
+        "data.seq_len=128",
+        "data.batch_size=4",
+        "data.max_val_chars=2000",
+        "train.warmup_steps=1",
+        "trainer.enable_progress_bar=false",
+        "logger=csv_wandb",
+    ]  # experiment=smoke turns W&B off
+    common = smoke_with_wandb + [
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "train.checkpoint_every_n_steps=2",
+        "trainer.log_every_n_steps=1",
+        "lora.dropout=0.1",
+    ]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     proc = run_py(common + [f"hydra.run.dir={straight}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -143,8 +186,17 @@ def test_eval_command_scores_a_run_and_a_base(smoke_run, tmp_path, capsys):
     held_out.write_text("春眠不覺曉，處處聞啼鳥。\n\n夜來風雨聲，花落知多少。\n", encoding="utf-8")
     run_scores = main([str(out), "--tc", str(held_out), "--seq-len", "64"])
     assert set(run_scores) >= {"final/tc_bpc", "final/tc_bpb", "final/tc_tokens_per_char"}
-    base_scores = main([str(ROOT / "models" / "mini-base"), "--en", str(ROOT / "data/en/kjv.jsonl.gz"),
-                        "--max-chars", "500", "--seq-len", "64"])
+    base_scores = main(
+        [
+            str(ROOT / "models" / "mini-base"),
+            "--en",
+            str(ROOT / "data/en/kjv.jsonl.gz"),
+            "--max-chars",
+            "500",
+            "--seq-len",
+            "64",
+        ]
+    )
     assert set(base_scores) >= {"base/en_bpc"} and 0 < base_scores["base/en_bpc"] < 10
     printed = capsys.readouterr().out
     assert '"final/tc_bpc"' in printed and '"base/en_bpc"' in printed  # JSON on stdout

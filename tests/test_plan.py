@@ -6,6 +6,7 @@ vs the peak anonymous resident memory of AdamW steps 2-3 minus the memory before
 with glibc's mmap threshold fixed so freed tensors leave resident memory at once (as they return to
 PyTorch's caching allocator on a GPU). fp32 on the CPU: bf16 autocast terms are not exercised here.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,18 @@ from dataclasses import replace
 
 import pytest
 
-from bailong.plan import (Architecture, Setup, TRAIN_LOGIT_BUDGET, architecture, estimate, gradient_bytes, main,
-                          parameter_counts, phase_bytes, static_bytes)
+from bailong.plan import (
+    TRAIN_LOGIT_BUDGET,
+    Architecture,
+    Setup,
+    architecture,
+    estimate,
+    gradient_bytes,
+    main,
+    parameter_counts,
+    phase_bytes,
+    static_bytes,
+)
 from conftest import ROOT, compose_config
 
 LLAMA2_7B_LINEAR = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # 6,476,005,376 projection weights
@@ -26,12 +37,24 @@ NEW_ROWS = 2 * 27241 * 4096  # trainable new rows of embedding and head
 
 
 def llama7b(**kw) -> Setup:
-    base = dict(arch=Architecture(4096, 32, 32, 32, 11008, 32000), added_vocab=27241, seq_len=2048,
-                micro_batch=1, quantised=True, double_quant=True, dtype_bytes=2, autocast=True, lora_r=64,
-                lora_dropout=0.1, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                           "down_proj"),
-                embeddings="new_rows", optimizer="paged_adamw_8bit", checkpointing=True, strategy="single",
-                world_size=1)
+    base = dict(
+        arch=Architecture(4096, 32, 32, 32, 11008, 32000),
+        added_vocab=27241,
+        seq_len=2048,
+        micro_batch=1,
+        quantised=True,
+        double_quant=True,
+        dtype_bytes=2,
+        autocast=True,
+        lora_r=64,
+        lora_dropout=0.1,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        embeddings="new_rows",
+        optimizer="paged_adamw_8bit",
+        checkpointing=True,
+        strategy="single",
+        world_size=1,
+    )
     return Setup(**{**base, **kw})
 
 
@@ -66,8 +89,14 @@ def test_full_finetuning_is_parameters_times_bytes():
     the parameter's dtype (8 bytes/param in fp32, 4 in bf16), 8-bit AdamW 2 bytes + block absmax."""
     n = LLAMA2_7B_LINEAR + 2 * 59264 * 4096 + 65 * 4096
     for dtype_bytes, optimizer, state in ((2, "adamw", 4), (4, "adamw", 8), (2, "paged_adamw_8bit", 2 + 8 / 256)):
-        s = llama7b(full_finetune=True, quantised=False, dtype_bytes=dtype_bytes, targets=(), optimizer=optimizer,
-                    pad_multiple=64)
+        s = llama7b(
+            full_finetune=True,
+            quantised=False,
+            dtype_bytes=dtype_bytes,
+            targets=(),
+            optimizer=optimizer,
+            pad_multiple=64,
+        )
         assert parameter_counts(s)["trainable"] == n
         parts = static_bytes(s)
         assert parts["weights_linear"] + parts["weights_unquantised"] == n * dtype_bytes
@@ -119,7 +148,7 @@ def test_step_flops_follow_their_definition():
 def test_logit_budget_is_the_training_loss_budget():
     from bailong.train.loss import TRAIN_LOGIT_BUDGET as used
 
-    assert TRAIN_LOGIT_BUDGET == used
+    assert used == TRAIN_LOGIT_BUDGET
 
 
 def test_cli_composes_the_recipe_and_prints_json(capsys):
@@ -147,16 +176,31 @@ def test_random_base_is_planned_without_building_it(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing built, nothing written
     built = tmp_path / "random_bases" / "llama2_7b-L2-seed0"  # once built, its config.json is what is read
     built.mkdir(parents=True)
-    (built / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 512, "num_hidden_layers": 3,
-                                                   "num_attention_heads": 8, "intermediate_size": 1024,
-                                                   "vocab_size": 32000}))
+    (built / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 512,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 8,
+                "intermediate_size": 1024,
+                "vocab_size": 32000,
+            }
+        )
+    )
     assert architecture(cfg.model) == Architecture(512, 3, 8, 8, 1024, 32000)
 
 
 def measure(*args: str, timeout: int = 300) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_memory.py"), *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_memory.py"), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -169,17 +213,28 @@ def random_llama(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("random_llama")
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
-                         intermediate_size=2816, vocab_size=32000, max_position_embeddings=1024)
+    config = LlamaConfig(
+        hidden_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=2816,
+        vocab_size=32000,
+        max_position_embeddings=1024,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [
-    ("mini", "--added", "8000", "--seq", "256", "--batch", "8", "--quant", "nf4"),
-    ("random", "--added", "8000", "--seq", "512", "--batch", "2", "--quant", "nf4", "--checkpointing"),
-], ids=["mini-nf4", "random1024-nf4-checkpointing"])  # docs/scale.md: two more cases, run by hand
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("mini", "--added", "8000", "--seq", "256", "--batch", "8", "--quant", "nf4"),
+        ("random", "--added", "8000", "--seq", "512", "--batch", "2", "--quant", "nf4", "--checkpointing"),
+    ],
+    ids=["mini-nf4", "random1024-nf4-checkpointing"],
+)  # docs/scale.md: two more cases, run by hand
 def test_planned_memory_within_20_percent_of_measured(case, random_llama):
     model = ROOT / "models" / "mini-base" if case[0] == "mini" else random_llama
     result = measure(model, *case[1:])
@@ -190,7 +245,8 @@ def test_planned_memory_within_20_percent_of_measured(case, random_llama):
 
 
 def available_gib() -> float:
-    text = open("/proc/meminfo").read()
+    with open("/proc/meminfo") as f:
+        text = f.read()
     return int(text.split("MemAvailable:")[1].split()[0]) / 2**20
 
 

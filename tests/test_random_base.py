@@ -1,5 +1,6 @@
 """The random real-width base (bailong/model/random_base.py): Llama-2-7B's exact config and tokenizer layout,
 seeded bytes, safe under concurrent callers, and the configs that use it."""
+
 from __future__ import annotations
 
 import json
@@ -21,19 +22,46 @@ from bailong.model.random_base import ensure_random_base
 from conftest import ROOT, compose_config
 
 # config.json of meta-llama/Llama-2-7b-hf (transformers 4.31), every key that shapes the model or its tokens
-LLAMA2_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
-             "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
-             "num_hidden_layers": 32, "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-             "hidden_act": "silu", "initializer_range": 0.02, "tie_word_embeddings": False, "bos_token_id": 1,
-             "eos_token_id": 2, "pad_token_id": None, "attention_bias": False, "mlp_bias": False}
+LLAMA2_7B = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "num_hidden_layers": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": None,
+    "attention_bias": False,
+    "mlp_bias": False,
+}
 # a Llama small enough to build in a blink, for the tests of seeding and locking (tests only)
-TINY = ("llama", "llama2", dict(random_base.LLAMA2, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                num_attention_heads=4, num_key_value_heads=4))
+TINY = (
+    "llama",
+    "llama2",
+    dict(
+        random_base.LLAMA2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
+)
 
 
 def cfg(path: Path, architecture: str = "tiny", num_layers: int = 2, seed: int = 0) -> dict:
-    return {"pretrained": str(path), "random_base": {"architecture": architecture, "num_layers": num_layers,
-                                                      "seed": seed}}
+    return {
+        "pretrained": str(path),
+        "random_base": {"architecture": architecture, "num_layers": num_layers, "seed": seed},
+    }
 
 
 @pytest.fixture
@@ -138,7 +166,7 @@ def test_concurrent_callers_build_once(tiny, tmp_path, monkeypatch):
         start.wait()
         try:
             ensure_random_base(cfg(target))
-        except Exception as err:  # surfaced below
+        except Exception as err:  # noqa: BLE001  surfaced below
             errors.append(err)
 
     threads = [threading.Thread(target=call) for _ in range(4)]
@@ -152,11 +180,22 @@ def test_concurrent_callers_build_once(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.slow  # three interpreters importing torch and transformers at once (~30 s on a shared CPU)
 def test_concurrent_processes_agree(tmp_path):
-    script = ("import sys; from bailong.model import random_base as rb; import tests.test_random_base as t; "
-              "rb.ARCHITECTURES['tiny'] = t.TINY; print(rb.ensure_random_base(t.cfg(sys.argv[1])))")
+    script = (
+        "import sys; from bailong.model import random_base as rb; import tests.test_random_base as t; "
+        "rb.ARCHITECTURES['tiny'] = t.TINY; print(rb.ensure_random_base(t.cfg(sys.argv[1])))"
+    )
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "shared")], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "shared")],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
     reference = tmp_path / "reference"

@@ -1,5 +1,6 @@
 """The real-scale recipes compose against the schema with the paper's numbers, and their hub corpora
 load through the same code path (datasets, streaming, s2twp, dedup) on local files."""
+
 from __future__ import annotations
 
 import json
@@ -33,24 +34,35 @@ def test_bailong_instruct_7b_recipe(tmp_path):
 def test_hub_mix_loads_through_datasets_streaming_with_conversion_and_dedup(tmp_path):
     """hub_bailong_mix with its hub ids swapped for datasets' json builder on local files (no network)."""
     zh = tmp_path / "zhwiki.jsonl"
-    simplified = ("软件是一系列按照特定顺序组织的计算机数据和指令的集合。一般来讲软件被划分为系统软件、应用软件和介于"
-                  "这两者之间的中间件。软件并不只是包括可以在计算机上运行的电脑程序，与这些电脑程序相关的文档一般也被认为"
-                  "是软件的一部分。")
-    traditional_edit = ("軟體是一系列按照特定順序組織的計算機資料和指令的集合！一般來講軟體被劃分為系統軟體、應用軟體和介於"
-                        "這兩者之間的中介軟體。軟體並不只是包括可以在計算機上執行的電腦程式，與這些電腦程式相關的文件一般也"
-                        "被認為是軟體的一部分。")
-    articles = [simplified, traditional_edit,
-                "台北是台湾的首都，人口约二百五十万。" * 4,
-                "長江是亞洲第一長河，全長六千三百公里。" * 4]
+    simplified = (
+        "软件是一系列按照特定顺序组织的计算机数据和指令的集合。一般来讲软件被划分为系统软件、应用软件和介于"
+        "这两者之间的中间件。软件并不只是包括可以在计算机上运行的电脑程序，与这些电脑程序相关的文档一般也被认为"
+        "是软件的一部分。"
+    )
+    traditional_edit = (
+        "軟體是一系列按照特定順序組織的計算機資料和指令的集合！一般來講軟體被劃分為系統軟體、應用軟體"
+        "和介於這兩者之間的中介軟體。軟體並不只是包括可以在計算機上執行的電腦程式，與這些電腦程式相關"
+        "的文件一般也被認為是軟體的一部分。"
+    )
+    articles = [
+        simplified,
+        traditional_edit,
+        "台北是台湾的首都，人口约二百五十万。" * 4,
+        "長江是亞洲第一長河，全長六千三百公里。" * 4,
+    ]
     zh.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in articles))
     en = tmp_path / "web.jsonl"
     en.write_text("".join(json.dumps({"text": f"English page number {i}. " * 10}) + "\n" for i in range(6)))
-    cfg = compose_config([
-        "data=hub_bailong_mix", f"data.tc=[{{path: json, format: hub, data_files: '{zh}', split: train, "
-        f"streaming: true, convert: s2twp, max_docs: 100}}]",
-        f"data.en=[{{path: json, format: hub, data_files: '{en}', split: train, streaming: true, max_docs: 5}}]",
-        "data.val_fraction=0.2",
-    ], tmp_path)
+    cfg = compose_config(
+        [
+            "data=hub_bailong_mix",
+            f"data.tc=[{{path: json, format: hub, data_files: '{zh}', split: train, "
+            f"streaming: true, convert: s2twp, max_docs: 100}}]",
+            f"data.en=[{{path: json, format: hub, data_files: '{en}', split: train, streaming: true, max_docs: 5}}]",
+            "data.val_fraction=0.2",
+        ],
+        tmp_path,
+    )
     splits = load_splits(cfg.data)
     tc = splits.tc_train + splits.tc_val
     # s2twp turned the Simplified article into Taiwan Traditional (软件→軟體, 数据→資料, 中间件→中介軟體,

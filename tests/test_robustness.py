@@ -1,4 +1,5 @@
 """Runs never train on garbage, never lose or overwrite results, never leak keys, load safely."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ from torch.utils.data import DataLoader
 from bailong.model.build import build_model
 from bailong.train.callbacks import NonFiniteGuard
 from bailong.train.pretrain import PretrainModule
-
 from conftest import compose_config
 
 
@@ -39,8 +39,9 @@ class PoisonedAt(PretrainModule):
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):
-        self.good_states[self.global_step] = {n: p.detach().clone() for n, p in self.named_parameters()
-                                              if p.requires_grad}
+        self.good_states[self.global_step] = {
+            n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad
+        }
 
 
 def tiny_loader():
@@ -51,11 +52,18 @@ def tiny_loader():
 
 @pytest.mark.parametrize("what", ["loss", "grad"])
 def test_non_finite_training_stops_and_saves_the_last_good_state(tiny_base, tmp_path, what):
-    model = build_model(str(tiny_base), vocab_size=64, num_base=64, rows=None, quant={"name": "none"},
-                        lora={"r": 4, "dropout": 0.0})
+    model = build_model(
+        str(tiny_base), vocab_size=64, num_base=64, rows=None, quant={"name": "none"}, lora={"r": 4, "dropout": 0.0}
+    )
     module = PoisonedAt(model, bad_step=3, what=what)
-    trainer = pl.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         callbacks=[NonFiniteGuard(dirpath=tmp_path / "checkpoints")], default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[NonFiniteGuard(dirpath=tmp_path / "checkpoints")],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(FloatingPointError, match=r"non-finite (training loss|gradient).*step 3") as err:
         trainer.fit(module, train_dataloaders=tiny_loader())
     saved = tmp_path / "checkpoints" / "last_good.ckpt"
@@ -99,11 +107,18 @@ def test_an_unfinished_run_is_resumed_not_restarted_over(tmp_path):
 def test_redact_replaces_planted_keys_and_secret_named_values():
     from bailong.redact import REDACTED, redact
 
-    config = {"logger": {"wandb": {"notes": "key=sk-planted-123456"}}, "judge": {"api_key": "abc", "api_key_env": "J"},
-              "tags": ["sk-planted-123456", "init=mean"], "lr": 1e-4}
+    config = {
+        "logger": {"wandb": {"notes": "key=sk-planted-123456"}},
+        "judge": {"api_key": "abc", "api_key_env": "J"},
+        "tags": ["sk-planted-123456", "init=mean"],
+        "lr": 1e-4,
+    }
     assert redact(config, ["sk-planted-123456"]) == {
-        "logger": {"wandb": {"notes": REDACTED}}, "judge": {"api_key": REDACTED, "api_key_env": "J"},
-        "tags": [REDACTED, "init=mean"], "lr": 1e-4}
+        "logger": {"wandb": {"notes": REDACTED}},
+        "judge": {"api_key": REDACTED, "api_key_env": "J"},
+        "tags": [REDACTED, "init=mean"],
+        "lr": 1e-4,
+    }
 
 
 @pytest.mark.slow
@@ -118,12 +133,26 @@ def test_no_planted_key_reaches_any_output_of_a_run(tmp_path, monkeypatch, capfd
     monkeypatch.setenv("WANDB_MODE", "offline")  # the key would otherwise switch W&B online
     caplog.set_level("DEBUG")
     out = tmp_path / "run"
-    smoke = ["data.seq_len=128", "data.batch_size=4", "data.max_val_chars=2000", "trainer.max_steps=2",
-             "trainer.val_check_interval=2", "train.warmup_steps=1", "train.checkpoint_every_n_steps=2",
-             "trainer.enable_progress_bar=false", "eval.base=false"]  # experiment=smoke, with W&B kept on
-    cfg = compose_config([*smoke, "logger=csv_wandb",
-                          "+logger.wandb.notes=${oc.env:WANDB_API_KEY}",  # config values that resolve to keys
-                          "+logger.wandb.config.judge=${oc.env:JUDGE_API_KEY}"], out)
+    smoke = [
+        "data.seq_len=128",
+        "data.batch_size=4",
+        "data.max_val_chars=2000",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "train.warmup_steps=1",
+        "train.checkpoint_every_n_steps=2",
+        "trainer.enable_progress_bar=false",
+        "eval.base=false",
+    ]  # experiment=smoke, with W&B kept on
+    cfg = compose_config(
+        [
+            *smoke,
+            "logger=csv_wandb",
+            "+logger.wandb.notes=${oc.env:WANDB_API_KEY}",  # config values that resolve to keys
+            "+logger.wandb.config.judge=${oc.env:JUDGE_API_KEY}",
+        ],
+        out,
+    )
     run(cfg)
 
     files = [p for p in out.rglob("*") if p.is_file()]

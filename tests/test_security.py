@@ -1,4 +1,5 @@
 """Hostile and careless inputs: an adapter that asks for remote code, API keys that must not reach disk or W&B."""
+
 from __future__ import annotations
 
 import json
@@ -8,18 +9,18 @@ import subprocess
 import sys
 
 import pytest
+
+from bailong.model.adapter import META_FILE
+from conftest import ROOT
 from test_build import make_tiny_base
 from test_export import saved_adapter
 
-from conftest import ROOT
-from bailong.model.adapter import META_FILE
-
-PLANTED = '''import os, pathlib
+PLANTED = """import os, pathlib
 pathlib.Path(os.environ["PLANTED_MARKER"]).write_text("the planted code ran")
 from transformers import LlamaConfig
 class PlantedConfig(LlamaConfig):
     pass
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,24 @@ def hostile_run(tmp_path_factory):
 
 
 def cli(module: str, args: list[str], marker, tmp_path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PLANTED_MARKER": str(marker),
-           "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PLANTED_MARKER": str(marker),
+        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize("module, args", [
-    ("bailong.chat", ["--prompt", "hi", "--max-new-tokens", "2"]),
-    ("bailong.eval", ["--tc", "data/zh_tw/poetry_tang.jsonl.gz", "--max-chars", "200"]),
-])
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("bailong.chat", ["--prompt", "hi", "--max-new-tokens", "2"]),
+        ("bailong.eval", ["--tc", "data/zh_tw/poetry_tang.jsonl.gz", "--max-chars", "200"]),
+    ],
+)
 def test_an_adapter_cannot_turn_on_remote_code(hostile_run, tmp_path, module, args):
     marker = tmp_path / "ran.txt"
     proc = cli(module, [str(hostile_run), *args], marker, tmp_path)
@@ -63,8 +72,12 @@ def test_an_adapter_cannot_turn_on_remote_code(hostile_run, tmp_path, module, ar
 def test_the_users_flag_is_what_allows_remote_code(hostile_run, tmp_path):
     """The control: with the user's --trust-remote-code the planted file does run (so the test above would see it)."""
     marker = tmp_path / "ran.txt"
-    cli("bailong.chat", [str(hostile_run), "--prompt", "hi", "--max-new-tokens", "2", "--trust-remote-code"],
-        marker, tmp_path)
+    cli(
+        "bailong.chat",
+        [str(hostile_run), "--prompt", "hi", "--max-new-tokens", "2", "--trust-remote-code"],
+        marker,
+        tmp_path,
+    )
     assert marker.read_text() == "the planted code ran"
 
 
@@ -93,23 +106,37 @@ def run_py_with_secrets(args: list[str], redaction: bool = True) -> subprocess.C
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
     env.update(JUDGE_API_KEY=ENV_KEY, WANDB_MODE="offline", OMP_NUM_THREADS="1")
     command = ["run.py"] if redaction else ["-c", DISABLE_REDACTION]
-    return subprocess.run([sys.executable, *command, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, *command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def leaks(out, proc: subprocess.CompletedProcess, secrets=(ENV_KEY, TYPED_KEY)) -> list[str]:
     """Where any secret turns up: files under ``out`` (binary, so W&B's .wandb log too) and the console."""
-    found = [f"{p.relative_to(out)}" for p in out.rglob("*") if p.is_file()
-             for s in secrets if s.encode() in p.read_bytes()]
+    found = [
+        f"{p.relative_to(out)}" for p in out.rglob("*") if p.is_file() for s in secrets if s.encode() in p.read_bytes()
+    ]
     return found + [stream for stream in ("stdout", "stderr") for s in secrets if s in getattr(proc, stream)]
 
 
-SMOKE_WITH_WANDB = ["data.seq_len=128", "data.batch_size=4", "data.max_val_chars=2000", "trainer.max_steps=2",
-                    "trainer.val_check_interval=2", "train.warmup_steps=1", "train.checkpoint_every_n_steps=2",
-                    "trainer.enable_progress_bar=false", "eval.base=false"]  # experiment=smoke turns W&B off
-SWEEP_WITH_SECRETS = ["-m", *SMOKE_WITH_WANDB, "logger=csv_wandb",
-                      f"bench.system_prompt={TYPED_KEY}",  # a key typed into an ordinary field: tag, hparams, logs
-                      "judge.model=${oc.env:JUDGE_API_KEY}"]  # an environment key resolved into the config
+SMOKE_WITH_WANDB = [
+    "data.seq_len=128",
+    "data.batch_size=4",
+    "data.max_val_chars=2000",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "train.warmup_steps=1",
+    "train.checkpoint_every_n_steps=2",
+    "trainer.enable_progress_bar=false",
+    "eval.base=false",
+]  # experiment=smoke turns W&B off
+SWEEP_WITH_SECRETS = [
+    "-m",
+    *SMOKE_WITH_WANDB,
+    "logger=csv_wandb",
+    f"bench.system_prompt={TYPED_KEY}",  # a key typed into an ordinary field: tag, hparams, logs
+    "judge.model=${oc.env:JUDGE_API_KEY}",
+]  # an environment key resolved into the config
 
 
 @pytest.mark.slow
@@ -137,10 +164,13 @@ def test_the_secret_scan_finds_leaks_when_redaction_by_value_is_off(tmp_path):
     assert any(f.endswith(".wandb") for f in found), found
 
 
-@pytest.mark.parametrize("override, message", [
-    (f"+judge.api_key={TYPED_KEY}", "judge.api_key"),
-    (f"judge.api_key_env={TYPED_KEY}", "looks like an API key itself"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (f"+judge.api_key={TYPED_KEY}", "judge.api_key"),
+        (f"judge.api_key_env={TYPED_KEY}", "looks like an API key itself"),
+    ],
+)
 def test_a_key_on_the_command_line_is_refused_and_recorded_without_it(tmp_path, override, message):
     out = tmp_path / "run"
     proc = run_py_with_secrets(["experiment=smoke", override, f"hydra.run.dir={out}"])
@@ -154,18 +184,31 @@ def test_a_key_on_the_command_line_is_refused_and_recorded_without_it(tmp_path, 
 def test_what_counts_as_a_secret_and_how_text_is_redacted():
     from bailong.redact import REDACTED, check_env_var_name, redact_text, run_secrets
 
-    cfg = {"judge": {"api_key_env": "JUDGE_API_KEY", "base_url": "http://127.0.0.1:8000/v1"},
-           "model": {"revision": "0123456789abcdef0123456789abcdef01234567"},  # a commit hash is no secret
-           "logger": {"wandb": {"notes": "sk-ant-typed-into-notes-123"}}}
-    overrides = ["init=mean", "+judge.api_key=plain-words-key-42", "judge.api_key_env=0a1b2c3d4e5f60718293a4b5c6d7e8f9",
-                 "bench.system_prompt=hf_typedTokenValue123"]
-    assert set(run_secrets(cfg, overrides)) == {"sk-ant-typed-into-notes-123", "plain-words-key-42",
-                                                "0a1b2c3d4e5f60718293a4b5c6d7e8f9", "hf_typedTokenValue123"}
-    text = ("calling http://judge:pw-0123@host/v1 and https://g.example/v1?alt=json&key=AIzaSy000&x=1 "
-            "with plain-words-key-42; keyword=fine ?keyword=fine")
+    cfg = {
+        "judge": {"api_key_env": "JUDGE_API_KEY", "base_url": "http://127.0.0.1:8000/v1"},
+        "model": {"revision": "0123456789abcdef0123456789abcdef01234567"},  # a commit hash is no secret
+        "logger": {"wandb": {"notes": "sk-ant-typed-into-notes-123"}},
+    }
+    overrides = [
+        "init=mean",
+        "+judge.api_key=plain-words-key-42",
+        "judge.api_key_env=0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+        "bench.system_prompt=hf_typedTokenValue123",
+    ]
+    assert set(run_secrets(cfg, overrides)) == {
+        "sk-ant-typed-into-notes-123",
+        "plain-words-key-42",
+        "0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+        "hf_typedTokenValue123",
+    }
+    text = (
+        "calling http://judge:pw-0123@host/v1 and https://g.example/v1?alt=json&key=AIzaSy000&x=1 "
+        "with plain-words-key-42; keyword=fine ?keyword=fine"
+    )
     assert redact_text(text, ["plain-words-key-42"]) == (
         f"calling http://judge:{REDACTED}@host/v1 and https://g.example/v1?alt=json&key={REDACTED}&x=1 "
-        f"with {REDACTED}; keyword=fine ?keyword=fine")
+        f"with {REDACTED}; keyword=fine ?keyword=fine"
+    )
     check_env_var_name("judge.api_key_env", "MY_JUDGE_KEY_2")  # a name passes
     for pasted in ("sk-proj-abcdef123456", "0a1b2c3d4e5f60718293a4b5c6d7e8f9", "my key"):
         with pytest.raises(ValueError, match="not shown") as err:

@@ -1,4 +1,5 @@
 """The SFT stage: config errors before heavy work; a smoke SFT from a pre-trained smoke run's directory."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import compose_config
 from bailong.checks import ConfigError
+from conftest import compose_config
 
 SFT_SMOKE = [
-    "experiment=sft", "logger=csv", "trainer.max_steps=4", "trainer.val_check_interval=2",
-    "trainer.enable_progress_bar=false", "train.warmup_steps=1", "train.checkpoint_every_n_steps=2",
-    "data.seq_len=128", "data.batch_size=4", "data.max_val_chars=2000", "data.chat.instruct.max_train=200",
-    "data.chat.instruct.max_val=8", "data.chat.max_val=8", "mc.items_per_lang=12", "bench.max_prompts=4",
+    "experiment=sft",
+    "logger=csv",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.enable_progress_bar=false",
+    "train.warmup_steps=1",
+    "train.checkpoint_every_n_steps=2",
+    "data.seq_len=128",
+    "data.batch_size=4",
+    "data.max_val_chars=2000",
+    "data.chat.instruct.max_train=200",
+    "data.chat.instruct.max_val=8",
+    "data.chat.max_val=8",
+    "mc.items_per_lang=12",
+    "bench.max_prompts=4",
     "bench.max_new_tokens=8",
 ]
 
@@ -38,11 +50,14 @@ def test_missing_from_run_is_a_config_error_naming_the_key(tmp_path, no_heavy_wo
         run(compose_config(["experiment=sft"], tmp_path))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["sft.from_run=/nonexistent/run"], r"sft\.from_run='/nonexistent/run': no adapter there"),
-    (["sft.from_run=/x", "sft.from_base=true"], "choose one start"),
-    (["data=pretrain_tc", "sft.from_base=true"], r"data\.chat is not set"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sft.from_run=/nonexistent/run"], r"sft\.from_run='/nonexistent/run': no adapter there"),
+        (["sft.from_run=/x", "sft.from_base=true"], "choose one start"),
+        (["data=pretrain_tc", "sft.from_base=true"], r"data\.chat is not set"),
+    ],
+)
 def test_bad_sft_settings_fail_first(tmp_path, no_heavy_work, overrides, message):
     from bailong.pipeline import run
 
@@ -72,17 +87,24 @@ def pretrained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sft_smoke_from_a_pretrained_run(pretrained, tmp_path):
+    from bailong.data.chat import CHAT_TEMPLATE
     from bailong.model.adapter import load_adapter
     from bailong.pipeline import run
-    from bailong.data.chat import CHAT_TEMPLATE
 
     cfg = compose_config([*SFT_SMOKE, f"sft.from_run={pretrained}"], tmp_path)
     metrics = run(cfg)
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["sft/source"] == str(pretrained / "adapter") and metrics["train/steps"] == 4
     for stage in ("before", "after"):
-        for key in ("mc/tc_acc", "mc/en_acc", "bench/lang_consistency", "bench/traditional_purity", "tc_bpc",
-                    "en_bpc", "chat_bpc"):
+        for key in (
+            "mc/tc_acc",
+            "mc/en_acc",
+            "bench/lang_consistency",
+            "bench/traditional_purity",
+            "tc_bpc",
+            "en_bpc",
+            "chat_bpc",
+        ):
             assert f"sft/{stage}/{key}" in metrics, (stage, key)
         assert (tmp_path / f"eval_{stage}" / "bench").is_dir()
     assert "mc/tc_acc" in metrics and "bench/lang_consistency" in metrics
@@ -109,8 +131,14 @@ def test_sft_smoke_from_a_pretrained_run(pretrained, tmp_path):
 def test_sft_from_the_base(tmp_path):
     from bailong.pipeline import run
 
-    overrides = [*SFT_SMOKE, "sft.from_base=true", "sft.eval_before=false", "sft.eval_after=false",
-                 "trainer.max_steps=1", "trainer.val_check_interval=1"]
+    overrides = [
+        *SFT_SMOKE,
+        "sft.from_base=true",
+        "sft.eval_before=false",
+        "sft.eval_after=false",
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+    ]
     metrics = run(compose_config(overrides, tmp_path))
     assert metrics["sft/source"] == "base" and metrics["train/steps"] == 1
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()

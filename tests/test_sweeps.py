@@ -1,4 +1,5 @@
 """Sweep presets, failure recording in run.py, and the W&B sweep naming resolvers."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,10 @@ PRESETS = {"ablation_init": "init", "ablation_rank": "lora.r", "ablation_vocab":
 
 
 def compose_with_hydra(overrides: list[str]):
-    import bailong.config  # noqa: F401
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    import bailong.config  # noqa: F401
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -27,8 +29,14 @@ def compose_with_hydra(overrides: list[str]):
 
 def run_py(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("preset,swept", PRESETS.items())
@@ -72,8 +80,16 @@ def test_sweep_value_rejects_missing_and_non_finite_metrics():
 
 
 def test_wandb_group_is_the_sweep_and_tags_carry_the_swept_values(tmp_path):
-    cfg = compose_config(["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}/2026-11-27_08-00-00",
-                          "experiment=ablation_rank", "lora.r=64", "seed=2"], output_dir=tmp_path / "3")
+    cfg = compose_config(
+        [
+            "hydra.mode=MULTIRUN",
+            f"hydra.sweep.dir={tmp_path}/2026-11-27_08-00-00",
+            "experiment=ablation_rank",
+            "lora.r=64",
+            "seed=2",
+        ],
+        output_dir=tmp_path / "3",
+    )
     from omegaconf import OmegaConf
 
     wandb = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
@@ -101,8 +117,16 @@ def test_optuna_study_goes_on_past_failed_trials(tmp_path):
     """Both trials fail (rank 0 / -1, rejected before any heavy work): each leaves error.json, returns inf,
     and the Optuna sweeper finishes the study instead of stopping at the first failure."""
     sweep = tmp_path / "optuna"
-    proc = run_py(["hparams_search=optuna", "experiment=smoke", "logger=csv", "lora.r=choice(0,-1)",
-                   "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"])
+    proc = run_py(
+        [
+            "hparams_search=optuna",
+            "experiment=smoke",
+            "logger=csv",
+            "lora.r=choice(0,-1)",
+            "hydra.sweeper.n_trials=2",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = sorted(sweep.glob("*/error.json"))
     assert len(errors) == 2

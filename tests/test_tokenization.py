@@ -1,4 +1,5 @@
 """Tokenizer extension on the real 32k Llama-2-layout base (mistral-v1) and a few hundred real documents."""
+
 from __future__ import annotations
 
 import logging
@@ -173,7 +174,16 @@ def test_property_ascii_and_english_text_tokenizes_as_before(tok, base_tok, text
 
 # ---- faithful transformers tokenizer ---------------------------------------------------------
 
-EDGE_TEXTS = [" leading space", "  two leading", "trailing  ", "a\n\n  b\t\tc", "中文 English 混排", "　全形空白", "", " "]
+EDGE_TEXTS = [
+    " leading space",
+    "  two leading",
+    "trailing  ",
+    "a\n\n  b\t\tc",
+    "中文 English 混排",
+    "　全形空白",
+    "",
+    " ",
+]
 
 
 def test_decode_encode_round_trips_tc_and_en_validation_text(tok, base_tok, corpora):
@@ -312,6 +322,7 @@ def test_base_given_as_directory_shares_the_cache_entry(extended, corpora, min_a
 def test_parallel_jobs_get_one_complete_tokenizer(corpora, min_added, tmp_path):
     texts = corpora["tc_train"][:200]
     results = []
+
     def job():
         results.append(extend_tokenizer(BASE_MODEL, texts, min_added, tmp_path))
 
@@ -364,8 +375,12 @@ def test_unigram_base_is_refused(tmp_path):
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(["hello world", "good morning"] * 20), model_writer=model,
-        model_type="unigram", vocab_size=30, hard_vocab_limit=False, minloglevel=2,
+        sentence_iterator=iter(["hello world", "good morning"] * 20),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=30,
+        hard_vocab_limit=False,
+        minloglevel=2,
     )
     (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
     with pytest.raises(TokenizerConfigError, match="UNIGRAM"):
@@ -380,8 +395,13 @@ def test_nfkc_base_counts_normalised_characters_and_stays_faithful(corpora, tmp_
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([line for doc in en for line in doc.splitlines() if line.strip()]),
-        model_writer=model, model_type="bpe", vocab_size=800, byte_fallback=True,
-        normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=False, minloglevel=2,
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=800,
+        byte_fallback=True,
+        normalization_rule_name="nmt_nfkc",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
     )
     (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
     tc = corpora["tc_train"][:100]

@@ -1,4 +1,5 @@
 """Cutting long lines for the tokenizer trainer: linear work on multi-megabyte one-line documents, pieces as before."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """The training module's pieces: schedule, optimizers, parameter groups, checkpoint contents."""
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,12 @@ def test_checkpoint_keeps_only_trainable_parameters_and_rng():
     module = PretrainModule(TwoKinds(), lr=1e-3, max_steps=10)
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
-    assert set(ckpt["state_dict"]) == {"model.lora_A.weight", "model.lora_A.bias",
-                                       "model.trainable_tokens.weight", "model.trainable_tokens.bias"}
+    assert set(ckpt["state_dict"]) == {
+        "model.lora_A.weight",
+        "model.lora_A.bias",
+        "model.trainable_tokens.weight",
+        "model.trainable_tokens.bias",
+    }
     draw = torch.rand(3)
     module.on_load_checkpoint(ckpt)  # restores the RNG as it was at save time
     assert torch.equal(torch.rand(3), draw)
@@ -84,8 +89,14 @@ class GroupSettings(pl.Callback):
 def fit_two_kinds(tmp_path, callbacks, ckpt_path=None, **hp):
     torch.manual_seed(0)
     module = TwoKindsModule(TwoKinds(), max_steps=6, warmup_steps=2, **hp)
-    trainer = pl.Trainer(max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=callbacks, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=6,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+    )
     loader = DataLoader(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), batch_size=2)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
 
@@ -107,7 +118,11 @@ def test_a_resume_trains_at_the_configured_learning_rate_not_the_checkpoints(tmp
     fit_two_kinds(tmp_path / "lowered", [lowered], ckpt_path=ckpt, lr=2e-3, weight_decay=0.01)
     for step in (3, 4, 5):  # the new peak, at the restored schedule's position; embedding_lr null: train.lr
         factor = warmup_cosine(step, 2, 6, 0.1)
-        assert lowered.steps[step] == [pytest.approx((2e-3 * factor, 0.01), rel=1e-12),
-                                       pytest.approx((2e-3 * factor, 0.0), rel=1e-12)], step
-    assert ("resumed at step 3 with the config's optimizer settings, not the checkpoint's: lora lr 0.01 -> 0.002; "
-            "lora weight_decay 0.0 -> 0.01; embeddings lr 0.1 -> 0.002") in caplog.text
+        assert lowered.steps[step] == [
+            pytest.approx((2e-3 * factor, 0.01), rel=1e-12),
+            pytest.approx((2e-3 * factor, 0.0), rel=1e-12),
+        ], step
+    assert (
+        "resumed at step 3 with the config's optimizer settings, not the checkpoint's: lora lr 0.01 -> 0.002; "
+        "lora weight_decay 0.0 -> 0.01; embeddings lr 0.1 -> 0.002"
+    ) in caplog.text

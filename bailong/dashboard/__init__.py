@@ -6,6 +6,7 @@ Writes ``index.html`` (self-contained: figures inline as base64 PNG), ``results.
 (the same table: runs grouped by their swept values, mean ± std over seeds). Failed runs (``error.json``)
 are listed with their error.
 """
+
 from .build import Dashboard, build_dashboard
 
 __all__ = ["Dashboard", "build_dashboard"]

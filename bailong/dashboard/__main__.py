@@ -1,4 +1,5 @@
 """python -m bailong.dashboard <sweep or run dir> [more dirs] [--out DIR] [--title TEXT]"""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,12 @@ from .collect import DashboardInputError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bailong.dashboard", description=__doc__.split("\n")[0])
     parser.add_argument("sources", nargs="+", type=Path, help="multirun sweep directories or run directories")
-    parser.add_argument("--out", type=Path, default=None, help="where to write index.html, results.md, "
-                        "results.csv (default: the first source)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write index.html, results.md, results.csv (default: the first source)",
+    )
     parser.add_argument("--title", default=None, help="page title")
     args = parser.parse_args(argv)
     try:

@@ -1,4 +1,5 @@
 """Runs → groups → table and figures → index.html, results.md, results.csv."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,12 +38,24 @@ def build_dashboard(sources: list[Path], out_dir: Path | None = None, title: str
 
     figures = []
     for heading, caption, fig in (
-        ("Learning curves", "val/tc_bpc during training per group: the line is the mean over seeds, the band "
-         "spans the seeds; step 0 is the initialised model before any update.", plots.learning_curves(groups)),
-        ("Step 0 against final", "TC bits/char right after initialisation and after training (error bars: std "
-         "over seeds); the dashed line is the base model with its own tokenizer.", plots.step0_vs_final(groups)),
-        ("Added vocabulary", "Each dot is a run, lines join the means. Fertility = tokens per character on the "
-         "held-out text; 0 added = the base tokenizer.", plots.vocabulary_figure(runs)),
+        (
+            "Learning curves",
+            "val/tc_bpc during training per group: the line is the mean over seeds, the band "
+            "spans the seeds; step 0 is the initialised model before any update.",
+            plots.learning_curves(groups),
+        ),
+        (
+            "Step 0 against final",
+            "TC bits/char right after initialisation and after training (error bars: std "
+            "over seeds); the dashed line is the base model with its own tokenizer.",
+            plots.step0_vs_final(groups),
+        ),
+        (
+            "Added vocabulary",
+            "Each dot is a run, lines join the means. Fertility = tokens per character on the "
+            "held-out text; 0 added = the base tokenizer.",
+            plots.vocabulary_figure(runs),
+        ),
         ("LoRA rank", "Each dot is a run, lines join the means; the x axis is log2.", plots.rank_figure(runs)),
     ):
         if fig is not None:

@@ -3,6 +3,7 @@
 A run directory holds ``.hydra/{config,hydra,overrides}.yaml`` (Hydra), ``metrics.json`` (written last by a
 finished run), ``csv/metrics.csv`` (Lightning's CSVLogger) and, for a failed run, ``error.json`` (run.py).
 """
+
 from __future__ import annotations
 
 import csv
@@ -81,9 +82,12 @@ def load_run(path: Path) -> Run:
     overrides = _read_yaml(hydra_dir / "overrides.yaml") or []
     hydra_cfg = _read_yaml(hydra_dir / "hydra.yaml") or {}
     choices = (hydra_cfg.get("hydra", {}).get("runtime", {}) or {}).get("choices", {}) or {}
-    run = Run(path=path, overrides=parse_overrides(overrides, hydra_dir / "overrides.yaml"),
-              choices={k: v for k, v in choices.items() if not k.startswith("hydra/")},
-              config=_read_yaml(hydra_dir / "config.yaml") or {})
+    run = Run(
+        path=path,
+        overrides=parse_overrides(overrides, hydra_dir / "overrides.yaml"),
+        choices={k: v for k, v in choices.items() if not k.startswith("hydra/")},
+        config=_read_yaml(hydra_dir / "config.yaml") or {},
+    )
     if (path / METRICS_FILE).is_file():
         run.metrics = _read_json(path / METRICS_FILE)
     if (path / ERROR_FILE).is_file():

@@ -2,6 +2,7 @@
 
 Each function returns a ``Figure`` or None when the runs cannot show it (e.g. no rank was swept).
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,8 +20,18 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .collect import Run, curve_points  # noqa: E402
 from .table import Group  # noqa: E402
 
-plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-                     "axes.spines.right": False, "font.size": 10, "legend.fontsize": 9, "legend.frameon": False})
+plt.rcParams.update(
+    {
+        "figure.dpi": 100,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "font.size": 10,
+        "legend.fontsize": 9,
+        "legend.frameon": False,
+    }
+)
 COLORS = plt.get_cmap("tab10").colors
 
 
@@ -49,8 +60,14 @@ def learning_curves(groups: list[Group], key: str = "val/tc_bpc") -> Figure | No
         color = COLORS[i % len(COLORS)]
         ax.plot(steps, means, marker="o", markersize=3.5, color=color, label=group.label)
         if any(len(by_step[s]) > 1 for s in steps):
-            ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
-                            color=color, alpha=0.15, linewidth=0)
+            ax.fill_between(
+                steps,
+                [min(by_step[s]) for s in steps],
+                [max(by_step[s]) for s in steps],
+                color=color,
+                alpha=0.15,
+                linewidth=0,
+            )
         drawn += 1
     base = _mean_metric(groups, key.replace("val/", "base/"))
     if base is not None:
@@ -59,8 +76,11 @@ def learning_curves(groups: list[Group], key: str = "val/tc_bpc") -> Figure | No
         plt.close(fig)
         return None
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="training step", ylabel=f"{key} (bits/char, lower is better)",
-           title=f"Learning curves: {key} (step 0 = initialised, before any update)")
+    ax.set(
+        xlabel="training step",
+        ylabel=f"{key} (bits/char, lower is better)",
+        title=f"Learning curves: {key} (step 0 = initialised, before any update)",
+    )
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a curve
     return fig
 
@@ -83,19 +103,27 @@ def step0_vs_final(groups: list[Group], language: str = "tc") -> Figure | None:
     base = _mean_metric(scored, f"base/{language}_bpc")
     if base is not None:
         ax.axhline(base, color="0.3", linestyle="--", linewidth=1, label=f"base model ({base:.3f})")
-    values = [g.stats[k].mean for g in scored for k in (f"step0/{language}_bpc", f"final/{language}_bpc")
-              if k in g.stats] + ([base] if base is not None else [])
+    values = [
+        g.stats[k].mean for g in scored for k in (f"step0/{language}_bpc", f"final/{language}_bpc") if k in g.stats
+    ] + ([base] if base is not None else [])
     ax.set_ylim(min(values) * 0.9, max(values) * 1.06)  # the differences, not the distance from zero
-    ax.set_xticks(range(len(scored)), [g.label for g in scored], rotation=20 if len(scored) > 4 else 0, ha="right"
-                  if len(scored) > 4 else "center")
-    ax.set(ylabel=f"{language.upper()} bits/char (lower is better)",
-           title=f"{language.upper()} bits/char at step 0 and after training")
+    ax.set_xticks(
+        range(len(scored)),
+        [g.label for g in scored],
+        rotation=20 if len(scored) > 4 else 0,
+        ha="right" if len(scored) > 4 else "center",
+    )
+    ax.set(
+        ylabel=f"{language.upper()} bits/char (lower is better)",
+        title=f"{language.upper()} bits/char at step 0 and after training",
+    )
     ax.legend(loc="upper left", ncols=3)
     return fig
 
 
-def against_setting(runs: list[Run], setting: str, panels: list[tuple[str, list[str]]], xlabel: str,
-                    title: str, log_x: bool = False) -> Figure | None:
+def against_setting(
+    runs: list[Run], setting: str, panels: list[tuple[str, list[str]]], xlabel: str, title: str, log_x: bool = False
+) -> Figure | None:
     """One panel per (ylabel, metric keys): each metric against a numeric config ``setting`` across runs
     (dots = runs, line = mean); None unless the setting takes 2+ values among finished runs."""
     done = [r for r in runs if r.status == "ok" and isinstance(r.value(setting), (int, float))]
@@ -106,12 +134,17 @@ def against_setting(runs: list[Run], setting: str, panels: list[tuple[str, list[
     for ax, (ylabel, keys) in zip(axes[0], panels):
         for j, key in enumerate(keys):
             color = COLORS[j % len(COLORS)]
-            points = [(float(r.value(setting)), r.metrics[key]) for r in done
-                      if isinstance(r.metrics.get(key), (int, float)) and math.isfinite(r.metrics[key])]
+            points = [
+                (float(r.value(setting)), r.metrics[key])
+                for r in done
+                if isinstance(r.metrics.get(key), (int, float)) and math.isfinite(r.metrics[key])
+            ]
             if not points:
                 continue
             ax.scatter(*zip(*points), s=14, color=color, alpha=0.6)
-            means = [(x, statistics.fmean(v for px, v in points if px == x)) for x in xs if any(px == x for px, _ in points)]
+            means = [
+                (x, statistics.fmean(v for px, v in points if px == x)) for x in xs if any(px == x for px, _ in points)
+            ]
             ax.plot(*zip(*means), marker="o", color=color, label=key)
         if log_x:
             ax.set_xscale("log", base=2)
@@ -126,19 +159,31 @@ def against_setting(runs: list[Run], setting: str, panels: list[tuple[str, list[
 
 def vocabulary_figure(runs: list[Run]) -> Figure | None:
     return against_setting(
-        runs, "tokenizer.added_vocab",
-        [("tokens per character (fertility)", ["tokenizer/tc_tokens_per_char", "tokenizer/en_tokens_per_char"]),
-         ("bits/char (lower is better)", ["step0/tc_bpc", "final/tc_bpc"]),
-         ("English bits/char", ["step0/en_bpc", "final/en_bpc"])],
-        xlabel="added vocabulary (new TC tokens)", title="Fertility and bits/char against added vocabulary size")
+        runs,
+        "tokenizer.added_vocab",
+        [
+            ("tokens per character (fertility)", ["tokenizer/tc_tokens_per_char", "tokenizer/en_tokens_per_char"]),
+            ("bits/char (lower is better)", ["step0/tc_bpc", "final/tc_bpc"]),
+            ("English bits/char", ["step0/en_bpc", "final/en_bpc"]),
+        ],
+        xlabel="added vocabulary (new TC tokens)",
+        title="Fertility and bits/char against added vocabulary size",
+    )
 
 
 def rank_figure(runs: list[Run]) -> Figure | None:
     return against_setting(
-        runs, "lora.r",
-        [("trainable parameters", ["params/trainable"]), ("bits/char (lower is better)", ["final/tc_bpc"]),
-         ("tokens/s", ["train/tokens_per_sec"])],
-        xlabel="LoRA rank r", title="Trainable parameters, bits/char and speed against LoRA rank", log_x=True)
+        runs,
+        "lora.r",
+        [
+            ("trainable parameters", ["params/trainable"]),
+            ("bits/char (lower is better)", ["final/tc_bpc"]),
+            ("tokens/s", ["train/tokens_per_sec"]),
+        ],
+        xlabel="LoRA rank r",
+        title="Trainable parameters, bits/char and speed against LoRA rank",
+        log_x=True,
+    )
 
 
 def _mean_metric(groups: list[Group], key: str) -> float | None:

@@ -1,4 +1,5 @@
 """The results table: runs grouped by their swept values, mean ± std over seeds, as Markdown and CSV."""
+
 from __future__ import annotations
 
 import csv
@@ -106,8 +107,10 @@ def to_markdown(groups: list[Group], metric: str) -> str:
     keys = list(groups[0].values) if groups else []
     columns = present_columns(groups)
     best = best_group(groups, metric)
-    lines = ["| " + " | ".join([*keys, "runs", *(c[0] for c in columns)]) + " |",
-             "|" + "---|" * (len(keys) + 1) + "---:|" * len(columns)]
+    lines = [
+        "| " + " | ".join([*keys, "runs", *(c[0] for c in columns)]) + " |",
+        "|" + "---|" * (len(keys) + 1) + "---:|" * len(columns),
+    ]
     for group in groups:
         cells = [str(v) for v in group.values.values()] + [runs_cell(group)]
         for key, _, decimals in columns:
@@ -122,8 +125,15 @@ def to_csv(groups: list[Group]) -> str:
     columns = present_columns(groups)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*keys, "runs_ok", "runs_failed", "runs_incomplete",
-                     *(f"{key} {part}" for key, _, _ in columns for part in ("mean", "std"))])
+    writer.writerow(
+        [
+            *keys,
+            "runs_ok",
+            "runs_failed",
+            "runs_incomplete",
+            *(f"{key} {part}" for key, _, _ in columns for part in ("mean", "std")),
+        ]
+    )
     for group in groups:
         row: list[Any] = [*group.values.values(), group.count("ok"), group.count("failed"), group.count("incomplete")]
         for key, _, _ in columns:

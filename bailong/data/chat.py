@@ -19,6 +19,7 @@ Each assistant reply (with its leading space and its ``</s>``) sits in a ``{% ge
 so ``apply_chat_template(..., return_assistant_tokens_mask=True)`` marks exactly the tokens the loss
 sees: the model learns to answer and to stop, never to predict the user's words.
 """
+
 from __future__ import annotations
 
 import logging
@@ -99,12 +100,18 @@ def _hub_conversations(spec: Any) -> Iterator[Conversation]:
 
     path, field = _field(spec, "path"), _field(spec, "messages_field", "messages")
     ds = datasets.load_dataset(
-        path, _field(spec, "name"), split=_field(spec, "split", "train"), data_files=_field(spec, "data_files"),
-        revision=_field(spec, "revision"), streaming=bool(_field(spec, "streaming", False)),
+        path,
+        _field(spec, "name"),
+        split=_field(spec, "split", "train"),
+        data_files=_field(spec, "data_files"),
+        revision=_field(spec, "revision"),
+        streaming=bool(_field(spec, "streaming", False)),
     )
     for i, record in enumerate(ds):
         if field not in record:
-            raise ChatDataError(f"hub data set {path!r} record {i}: no {field!r} field (found: {', '.join(sorted(record))})")
+            raise ChatDataError(
+                f"hub data set {path!r} record {i}: no {field!r} field (found: {', '.join(sorted(record))})"
+            )
         yield check_conversation(record[field], f"hub data set {path!r} record {i}")
 
 
@@ -156,9 +163,7 @@ def encode_conversation(tokenizer: Any, messages: Conversation) -> EncodedChat:
     """Token ids of the rendered conversation and labels equal to them on assistant tokens only."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template: call set_chat_template(tokenizer) first")
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
@@ -166,8 +171,9 @@ def encode_conversation(tokenizer: Any, messages: Conversation) -> EncodedChat:
 
 
 # -- packing ---------------------------------------------------------------------------------------
-def pack_conversations(chats: Sequence[EncodedChat], seq_len: int, pad_id: int, *, packing: bool = True
-                       ) -> dict[str, torch.Tensor]:
+def pack_conversations(
+    chats: Sequence[EncodedChat], seq_len: int, pad_id: int, *, packing: bool = True
+) -> dict[str, torch.Tensor]:
     """Whole conversations packed into rows of ``seq_len`` tokens (first-fit decreasing; one per row,
     in order, when ``packing`` is off).
 
@@ -204,9 +210,9 @@ def pack_conversations(chats: Sequence[EncodedChat], seq_len: int, pad_id: int, 
         pos = 0
         for i in members:
             ids, labs = items[i]
-            input_ids[r, pos:pos + len(ids)] = torch.tensor(ids)
-            labels[r, pos:pos + len(ids)] = torch.tensor(labs)
-            position_ids[r, pos:pos + len(ids)] = torch.arange(len(ids))
+            input_ids[r, pos : pos + len(ids)] = torch.tensor(ids)
+            labels[r, pos : pos + len(ids)] = torch.tensor(labs)
+            position_ids[r, pos : pos + len(ids)] = torch.arange(len(ids))
             pos += len(ids)
         position_ids[r, pos:] = torch.arange(seq_len - pos)  # padding: a sequence of its own
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
@@ -225,4 +231,10 @@ def collate_chats(chats: Sequence[EncodedChat], pad_id: int) -> dict[str, torch.
         attention_mask[r, :n] = 1
     chars = torch.tensor([c.answer_chars for c in chats], dtype=torch.long)
     n_bytes = torch.tensor([c.answer_bytes for c in chats], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "chars": chars, "bytes": n_bytes}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "chars": chars,
+        "bytes": n_bytes,
+    }

@@ -3,6 +3,7 @@
 A *document* is the unit of splitting and packing: one JSON line's text field, one blank-line
 separated block of a .txt file, or one record of a hub data set.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -48,10 +49,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 except UnicodeDecodeError as err:
                     raise CorpusError(
                         f"{path}:{lineno}: bytes are not valid UTF-8 "
-                        f"(at byte {err.start} of the line: {raw[err.start:err.start + 4]!r})"
+                        f"(at byte {err.start} of the line: {raw[err.start : err.start + 4]!r})"
                     ) from None
     except (OSError, EOFError) as err:
-        if isinstance(err, gzip.BadGzipFile) or isinstance(err, EOFError):
+        if isinstance(err, (gzip.BadGzipFile, EOFError)):
             raise CorpusError(f"{path}: not a valid gzip file ({err})") from None
         raise
 
@@ -195,7 +196,7 @@ def _converter(spec: Any):
 
 
 def _unit_hash(text: str, seed: int) -> float:
-    digest = hashlib.blake2b(f"{seed}\x00{text}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 

@@ -10,6 +10,7 @@ The paper's pre-training text was fuzzily deduplicated; web crawls and Wikipedia
   similarity to a kept one reaches ``near`` is dropped. LSH finds candidates in sub-linear time; its
   banding makes the threshold soft (a pair just under it may be caught, one just over it missed).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,7 +36,7 @@ def shingles(text: str, ngram: int) -> set[bytes]:
 def _shingles(t: str, ngram: int) -> set[bytes]:
     if len(t) <= ngram:
         return {t.encode("utf-8")}
-    return {t[i:i + ngram].encode("utf-8") for i in range(len(t) - ngram + 1)}
+    return {t[i : i + ngram].encode("utf-8") for i in range(len(t) - ngram + 1)}
 
 
 @dataclass

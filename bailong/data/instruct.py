@@ -18,6 +18,7 @@ settings), so it can never drift from the data pack or the split. To look at it:
 
     python -m bailong.data.instruct --out /tmp/instruct     # writes train.jsonl, val.jsonl, stats.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ class Poem:
         return [c.strip() for c in CLAUSE.findall(self.text) if c.strip()]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _opencc(config: str):
     import opencc
 
@@ -127,19 +128,26 @@ def _task(kind: str, lang: str, poem: Poem, rng: random.Random) -> tuple[str, st
 
 
 def _follow_ups(lang: str, poem: Poem) -> list[tuple[str, str]]:
-    turns = [("這首詩的作者是誰？", f"作者是{poem.author}。") if lang == "tc"
-             else ("Who wrote it?", f"It was written by {poem.author}.")]
+    turns = [
+        ("這首詩的作者是誰？", f"作者是{poem.author}。")
+        if lang == "tc"
+        else ("Who wrote it?", f"It was written by {poem.author}.")
+    ]
     if poem.title:
-        turns.append(("題目是什麼？", f"題目是〈{poem.title}〉。") if lang == "tc"
-                     else ("And its title?", f'Its title is "{poem.title}".'))
+        turns.append(
+            ("題目是什麼？", f"題目是〈{poem.title}〉。")
+            if lang == "tc"
+            else ("And its title?", f'Its title is "{poem.title}".')
+        )
     return turns
 
 
 KINDS = ("next", "author", "title", "to_sc", "to_tc")
 
 
-def conversation_for(poem: Poem, rng: random.Random, *, en_share: float, multi_turn_share: float,
-                     system_share: float) -> dict[str, Any] | None:
+def conversation_for(
+    poem: Poem, rng: random.Random, *, en_share: float, multi_turn_share: float, system_share: float
+) -> dict[str, Any] | None:
     """One conversation about ``poem`` (``messages``, ``task``, ``lang``), or None if the drawn task does not apply."""
     lang = "en" if rng.random() < en_share else "tc"
     kind = rng.choice(KINDS)
@@ -148,7 +156,9 @@ def conversation_for(poem: Poem, rng: random.Random, *, en_share: float, multi_t
         return None
     turns = [first]
     if kind in ("next", "title", "to_sc", "to_tc") and rng.random() < multi_turn_share:
-        follow = [t for t in _follow_ups(lang, poem) if not (kind == "title" and t[1].startswith(("題目", "Its title")))]
+        follow = [
+            t for t in _follow_ups(lang, poem) if not (kind == "title" and t[1].startswith(("題目", "Its title")))
+        ]
         turns += follow[: rng.randint(1, len(follow))]
     messages: Conversation = [{"role": "system", "content": SYSTEM[lang]}] if rng.random() < system_share else []
     for prompt, answer in turns:
@@ -156,8 +166,15 @@ def conversation_for(poem: Poem, rng: random.Random, *, en_share: float, multi_t
     return {"messages": messages, "task": kind, "lang": lang, "turns": len(turns), "poem": poem.index}
 
 
-def make_conversations(poems: list[Poem], *, seed: int, limit: int | None, en_share: float = 0.4,
-                       multi_turn_share: float = 0.3, system_share: float = 0.2) -> list[dict[str, Any]]:
+def make_conversations(
+    poems: list[Poem],
+    *,
+    seed: int,
+    limit: int | None,
+    en_share: float = 0.4,
+    multi_turn_share: float = 0.3,
+    system_share: float = 0.2,
+) -> list[dict[str, Any]]:
     """Conversations in a seeded order of ``poems`` (one per poem at most), up to ``limit``."""
     rng = random.Random(seed)
     order = list(range(len(poems)))
@@ -166,8 +183,9 @@ def make_conversations(poems: list[Poem], *, seed: int, limit: int | None, en_sh
     for i in order:
         if limit is not None and len(out) >= limit:
             break
-        conv = conversation_for(poems[i], rng, en_share=en_share, multi_turn_share=multi_turn_share,
-                                system_share=system_share)
+        conv = conversation_for(
+            poems[i], rng, en_share=en_share, multi_turn_share=multi_turn_share, system_share=system_share
+        )
         if conv is not None:
             out.append(conv)
     return out
@@ -181,20 +199,27 @@ def build_instruct_set(cfg: Any, *, val_fraction: float, split_seed: int, out_di
     """Write ``train.jsonl``, ``val.jsonl`` and ``stats.json`` under ``out_dir``; returns the stats."""
     poems = read_poems(_get(cfg, "poems"))
     train, val = split_poems(poems, val_fraction, split_seed)
-    opts = dict(en_share=_get(cfg, "en_share", 0.4), multi_turn_share=_get(cfg, "multi_turn_share", 0.3),
-                system_share=_get(cfg, "system_share", 0.2))
+    opts = dict(
+        en_share=_get(cfg, "en_share", 0.4),
+        multi_turn_share=_get(cfg, "multi_turn_share", 0.3),
+        system_share=_get(cfg, "system_share", 0.2),
+    )
     seed = int(_get(cfg, "seed", 0))
-    sets = {"train": make_conversations(train, seed=seed, limit=_get(cfg, "max_train"), **opts),
-            "val": make_conversations(val, seed=seed + 1, limit=_get(cfg, "max_val"), **opts)}
+    sets = {
+        "train": make_conversations(train, seed=seed, limit=_get(cfg, "max_train"), **opts),
+        "val": make_conversations(val, seed=seed + 1, limit=_get(cfg, "max_val"), **opts),
+    }
     out = Path(out_dir)
     stats: dict[str, Any] = {"poems": len(poems), "train_poems": len(train), "val_poems": len(val)}
     for name, convs in sets.items():
         write_conversations([c["messages"] for c in convs], out / f"{name}.jsonl")
         # the task labels ride along in a side file: the chat files stay plain {"messages": ...}
         write_jsonl(({k: c[k] for k in ("task", "lang", "turns", "poem")} for c in convs), out / f"{name}.tasks.jsonl")
-        stats[name] = {"conversations": len(convs),
-                       "by_task": dict(Counter(f"{c['lang']}/{c['task']}" for c in convs)),
-                       "multi_turn": sum(c["turns"] > 1 for c in convs)}
+        stats[name] = {
+            "conversations": len(convs),
+            "by_task": dict(Counter(f"{c['lang']}/{c['task']}" for c in convs)),
+            "multi_turn": sum(c["turns"] > 1 for c in convs),
+        }
     (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
     return stats
 
@@ -203,9 +228,18 @@ def cached_instruct_set(cfg: Any, *, val_fraction: float, split_seed: int, cache
     """The generated set's directory under ``<cache_dir>/instruct/<key>``, built once per distinct input."""
     from bailong.cache import fingerprint
 
-    settings = {k: _get(cfg, k) for k in ("max_train", "max_val", "en_share", "multi_turn_share", "system_share", "seed")}
-    key = cache_key({"poems": fingerprint(str(_get(cfg, "poems"))), "settings": settings, "version": 2,
-                     "val_fraction": val_fraction, "split_seed": split_seed})
+    settings = {
+        k: _get(cfg, k) for k in ("max_train", "max_val", "en_share", "multi_turn_share", "system_share", "seed")
+    }
+    key = cache_key(
+        {
+            "poems": fingerprint(str(_get(cfg, "poems"))),
+            "settings": settings,
+            "version": 2,
+            "val_fraction": val_fraction,
+            "split_seed": split_seed,
+        }
+    )
     target = Path(cache_dir) / "instruct" / key
     if not (target / "stats.json").is_file():
         with atomic_dir(target) as tmp:

@@ -6,6 +6,7 @@ Each document becomes ``BOS + doc + EOS``; documents are concatenated and the st
 usual packing of GPT/Llama pre-training). The final partial sequence is dropped: fewer than
 ``seq_len`` tokens per epoch, and no padding anywhere.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,12 +30,14 @@ def special_token_ids(tokenizer: Any) -> tuple[int, int]:
     return int(bos), int(eos)
 
 
-def tokenize_documents(tokenizer: Any, docs: Sequence[str], *, batch_docs: int = TOKENIZE_BATCH_DOCS) -> list[np.ndarray]:
+def tokenize_documents(
+    tokenizer: Any, docs: Sequence[str], *, batch_docs: int = TOKENIZE_BATCH_DOCS
+) -> list[np.ndarray]:
     """Token ids of each document, without special tokens (callers add BOS/EOS themselves, so the
     result does not depend on the tokenizer's ``add_bos_token`` setting)."""
     out: list[np.ndarray] = []
     for start in range(0, len(docs), batch_docs):
-        batch = list(docs[start:start + batch_docs])
+        batch = list(docs[start : start + batch_docs])
         if not all(isinstance(d, str) for d in batch):
             bad = next(d for d in batch if not isinstance(d, str))
             raise TypeError(f"documents must be str, got {type(bad).__name__}")
@@ -131,7 +134,7 @@ def pack_documents(token_docs: Sequence[np.ndarray], seq_len: int, bos_id: int, 
     pos = 0
     for doc in token_docs:
         stream[pos] = bos_id
-        stream[pos + 1:pos + 1 + len(doc)] = doc
+        stream[pos + 1 : pos + 1 + len(doc)] = doc
         pos += len(doc) + 1
         stream[pos] = eos_id
         pos += 1

@@ -5,6 +5,7 @@ Validation batches are cut by the evaluator's own windowing (``bailong.eval.bpc`
 ``labels`` (-100 where not scored) plus ``chars``/``bytes``, so summing ``score_batch`` bits and
 ``chars`` over a validation loader gives exactly ``bits_per_char`` of ``val_texts``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -78,13 +79,22 @@ class PretrainDataModule(pl.LightningDataModule):
         self._val_windows: dict[str, list[ScoringWindow]] | None = None
 
     @classmethod
-    def from_config(cls, tokenizer: Any, data_cfg: Any, *, seed: int, splits: Splits | None = None) -> PretrainDataModule:
+    def from_config(
+        cls, tokenizer: Any, data_cfg: Any, *, seed: int, splits: Splits | None = None
+    ) -> PretrainDataModule:
         """The data module of a ``conf/data`` config, on ``splits`` (default: its corpora loaded and split as the
         pipeline does, ``load_splits``: split per file, validation capped at ``max_val_chars`` per language)."""
         s = splits if splits is not None else load_splits(data_cfg)
         return cls(
-            tokenizer, s.tc_train, s.en_train, s.tc_val, s.en_val,
-            seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size, tc_ratio=data_cfg.tc_ratio, seed=seed,
+            tokenizer,
+            s.tc_train,
+            s.en_train,
+            s.tc_val,
+            s.en_val,
+            seq_len=data_cfg.seq_len,
+            batch_size=data_cfg.batch_size,
+            tc_ratio=data_cfg.tc_ratio,
+            seed=seed,
             num_workers=data_cfg.num_workers,
         )
 
@@ -112,7 +122,12 @@ class PretrainDataModule(pl.LightningDataModule):
         m = self._mix
         log.info(
             "packed %d sequences x %d tokens: TC share %.3f (target %.3f), TC corpus used %.2fx, EN %.2fx",
-            len(self._sequences), self.seq_len, m.tc_share, self.tc_ratio, m.tc_passes, m.en_passes,
+            len(self._sequences),
+            self.seq_len,
+            m.tc_share,
+            self.tc_ratio,
+            m.tc_passes,
+            m.en_passes,
         )
 
     def _build_val(self) -> None:

@@ -5,6 +5,7 @@ Training rows come from ``pack_conversations`` (``input_ids``, ``labels`` on ass
 ``chars`` = the characters of their assistant replies, so ``PretrainModule``'s validation reports
 ``val/chat_bpc``: bits per character of the held-out answers, comparable across tokenizers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from bailong.cache import cache_key
-from bailong.data.chat import (Conversation, EncodedChat, collate_chats, encode_conversation, load_conversations,
-                               pack_conversations)
+from bailong.data.chat import (
+    Conversation,
+    EncodedChat,
+    collate_chats,
+    encode_conversation,
+    load_conversations,
+    pack_conversations,
+)
 from bailong.data.corpus import split_documents
 from bailong.data.instruct import cached_instruct_set
 from bailong.data.packing import EpochShuffleSampler
@@ -36,8 +43,9 @@ def load_chat_splits(data_cfg: Any, cache_dir: str | Path) -> tuple[list[Convers
     train: list[Conversation] = []
     val: list[Conversation] = []
     if chat.instruct is not None:
-        folder = cached_instruct_set(chat.instruct, val_fraction=data_cfg.val_fraction,
-                                     split_seed=data_cfg.split_seed, cache_dir=cache_dir)
+        folder = cached_instruct_set(
+            chat.instruct, val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed, cache_dir=cache_dir
+        )
         train += load_conversations({"path": str(folder / "train.jsonl"), "format": "jsonl"})
         val += load_conversations({"path": str(folder / "val.jsonl"), "format": "jsonl"})[: chat.max_val]
     for spec in chat.files:
@@ -55,8 +63,18 @@ def load_chat_splits(data_cfg: Any, cache_dir: str | Path) -> tuple[list[Convers
 class SFTDataModule(pl.LightningDataModule):
     val_names = ("chat",)
 
-    def __init__(self, tokenizer: Any, train: Sequence[Conversation], val: Sequence[Conversation], *, seq_len: int,
-                 batch_size: int, seed: int, packing: bool = True, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        train: Sequence[Conversation],
+        val: Sequence[Conversation],
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        packing: bool = True,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -75,35 +93,58 @@ class SFTDataModule(pl.LightningDataModule):
             self._rows = pack_conversations(encoded, self.seq_len, self.pad_id, packing=self.packing)
             n = self._rows["input_ids"].shape[0]
             if n < self.batch_size:
-                raise ValueError(f"{len(encoded)} conversations make {n} rows, fewer than one batch of {self.batch_size}")
+                raise ValueError(
+                    f"{len(encoded)} conversations make {n} rows, fewer than one batch of {self.batch_size}"
+                )
             fill = sum(min(len(e.input_ids), self.seq_len) for e in encoded) / (n * self.seq_len)
-            log.info("SFT: %d conversations packed into %d rows of %d tokens (%.1f%% filled, %d answer tokens)",
-                     len(encoded), n, self.seq_len, 100 * fill, int((self._rows["labels"] != -100).sum()))
+            log.info(
+                "SFT: %d conversations packed into %d rows of %d tokens (%.1f%% filled, %d answer tokens)",
+                len(encoded),
+                n,
+                self.seq_len,
+                100 * fill,
+                int((self._rows["labels"] != -100).sum()),
+            )
         return self._rows
 
     @property
     def val_chats(self) -> list[EncodedChat]:
         if self._val is None:
             self._val = [encode_conversation(self.tokenizer, c) for c in self.val_convs]
-            self._val = [EncodedChat(e.input_ids[: self.seq_len], e.labels[: self.seq_len], e.answer_chars,
-                                     e.answer_bytes)
-                         for e in self._val]
+            self._val = [
+                EncodedChat(e.input_ids[: self.seq_len], e.labels[: self.seq_len], e.answer_chars, e.answer_bytes)
+                for e in self._val
+            ]
         return self._val
 
     def train_dataloader(self) -> DataLoader:
         rows = self.train_rows
         dataset = [{k: v[i] for k, v in rows.items()} for i in range(rows["input_ids"].shape[0])]
-        return DataLoader(dataset, batch_size=self.batch_size, drop_last=True, num_workers=self.num_workers,
-                          sampler=EpochShuffleSampler(len(dataset), self.seed),
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            drop_last=True,
+            num_workers=self.num_workers,
+            sampler=EpochShuffleSampler(len(dataset), self.seed),
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_chats:
             return []
-        return [DataLoader(self.val_chats, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                           collate_fn=partial(collate_chats, pad_id=self.pad_id))]
+        return [
+            DataLoader(
+                self.val_chats,
+                batch_size=self.batch_size,
+                shuffle=False,
+                num_workers=self.num_workers,
+                collate_fn=partial(collate_chats, pad_id=self.pad_id),
+            )
+        ]
 
     def val_batches(self):
         """The validation batches outside Lightning (the stage's before/after ``chat_bpc``)."""
-        return (collate_chats(self.val_chats[i:i + self.batch_size], self.pad_id)
-                for i in range(0, len(self.val_chats), self.batch_size))
+        return (
+            collate_chats(self.val_chats[i : i + self.batch_size], self.pad_id)
+            for i in range(0, len(self.val_chats), self.batch_size)
+        )

@@ -1,4 +1,5 @@
 """The corpora of one experiment, split once into train and validation text per language."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

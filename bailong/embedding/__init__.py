@@ -4,13 +4,17 @@
     key_inputs = rows_depend_on(init_cfg, seed)  # what the rows depend on: the init rows' cache key
 
 Importing this package registers every strategy: random, mean, multivariate, subword_mean,
-zip_tie, distill (see ``available_strategies()``).
+zip_tie, distill (see ``available_strategies()``), each with its options class as the Hydra ``init`` group
+option of its name. A new strategy is a module here (options class, row function, ``@register``) and its
+name in the import below.
 """
+
 from bailong.embedding import distill, mean, multivariate, random_init, subword_mean, zip_tie  # noqa: F401  (register)
 from bailong.embedding.initialize import global_rng_kept, resize_and_initialize, row_norm_stats, rows_depend_on
 from bailong.embedding.pieces import EmbeddingInitError, NewTokens, find_new_tokens
 from bailong.embedding.registry import (
     InitContext,
+    InitOptions,
     NewRows,
     RowInputs,
     available_strategies,
@@ -21,6 +25,7 @@ from bailong.embedding.registry import (
 __all__ = [
     "EmbeddingInitError",
     "InitContext",
+    "InitOptions",
     "NewRows",
     "NewTokens",
     "RowInputs",

@@ -13,6 +13,7 @@ collects:
   (a_p: the share of extended tokens starting with base piece p that are new, counted on the text).
 Only base rows are used (logits over the base vocabulary): the new rows are not written yet.
 """
+
 from __future__ import annotations
 
 import random
@@ -89,7 +90,13 @@ def _step_tables(new: NewTokens):
 
 @torch.no_grad()
 def collect_corpus_stats(
-    model, tokenizer, texts: list[str], new: NewTokens, seq_len: int, batch_size: int, max_tokens: int,
+    model,
+    tokenizer,
+    texts: list[str],
+    new: NewTokens,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int,
     seed: int = 0,
 ) -> CorpusStats:
     if not texts:
@@ -114,7 +121,9 @@ def collect_corpus_stats(
         gram=torch.zeros(hidden, hidden, dtype=torch.float64, device=device),
         moment=torch.zeros(hidden, dtype=torch.float64, device=device),
         mass_moment=torch.zeros(hidden, dtype=torch.float64, device=device),
-        mass_bias_sum=0.0, num_positions=0, num_tokens=len(ids),
+        mass_bias_sum=0.0,
+        num_positions=0,
+        num_tokens=len(ids),
     )
 
     was_training = model.training

@@ -14,9 +14,9 @@ position aligned with the teacher position that ends on the same character:
 Everything but the new rows is frozen; cost is bounded by steps x batch_size x context_len.
 Rows start from zip_tie (its options apply) or subword_mean.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -24,14 +24,14 @@ import torch
 
 from bailong.embedding.corpus_pass import shuffled
 from bailong.embedding.pieces import EmbeddingInitError
-from bailong.embedding.registry import InitContext, NewRows, RowInputs, register
+from bailong.embedding.registry import InitContext, NewRows, RowInputs, option_values, register
 from bailong.embedding.subword_mean import subword_mean_rows
 from bailong.embedding.zip_tie import ZipTieOptions, zip_tie_row_inputs, zip_tie_rows
 
 OUTPUT_LOSSES = ("match", "ce", "none")
 
 
-@dataclass(frozen=True)
+@dataclass
 class DistillOptions(ZipTieOptions):
     start_from: str = "zip_tie"  # zip_tie (with the zip_tie keys above) or subword_mean
     steps: int = 200
@@ -39,7 +39,7 @@ class DistillOptions(ZipTieOptions):
     contexts_per_token: int = 4  # occurrences sampled per new token
     context_len: int = 32  # student tokens per context
     batch_size: int = 16  # contexts per step
-    output_loss: str = "none"  # none: keep the starting output rows (zip_tie first_shift measured best)
+    output_loss: str = "none"  # none: keep the starting output rows (zip_tie first_shift measured best) | match | ce
     hidden_loss_weight: float = 1.0
     max_corpus_tokens: int = 1_000_000  # extended-tokenizer tokens searched for occurrences
 
@@ -48,7 +48,9 @@ class DistillOptions(ZipTieOptions):
         if self.start_from not in ("zip_tie", "subword_mean"):
             raise EmbeddingInitError(f"distill start_from {self.start_from!r}: expected zip_tie or subword_mean")
         if self.output_loss not in OUTPUT_LOSSES:
-            raise EmbeddingInitError(f"distill output_loss {self.output_loss!r}: expected one of {', '.join(OUTPUT_LOSSES)}")
+            raise EmbeddingInitError(
+                f"distill output_loss {self.output_loss!r}: expected one of {', '.join(OUTPUT_LOSSES)}"
+            )
         for key in ("contexts_per_token", "batch_size", "max_corpus_tokens"):
             if getattr(self, key) < 1:
                 raise EmbeddingInitError(f"distill {key} must be >= 1, got {getattr(self, key)}")
@@ -110,7 +112,7 @@ def distill_row_inputs(options: DistillOptions) -> RowInputs:
     """Training samples contexts and batches with the seed from the corpus; with no steps the rows are the
     starting rule's, and depend on what that rule's rows depend on."""
     if options.steps > 0:
-        return RowInputs(dataclasses.asdict(options), seed=True, corpus=True)
+        return RowInputs(option_values(options), seed=True, corpus=True)
     if options.start_from == "zip_tie":
         start = zip_tie_row_inputs(options)
         return RowInputs({"start_from": "zip_tie", "steps": 0, **start.options}, start.seed, start.corpus)
@@ -164,14 +166,16 @@ def distill_rows(ctx: InitContext, options: DistillOptions) -> NewRows:
         for p, flag in frozen:
             p.requires_grad_(flag)
         model.train(was_training)
-    info.update({
-        "fixed_batch_loss_before": fixed_before,
-        "fixed_batch_loss_after": fixed_after,
-        "loss_first": losses[0],
-        "loss_last10_mean": sum(losses[-10:]) / len(losses[-10:]),
-        "tokens_with_contexts": len({t for w in windows for t in w if t >= num_base}),
-        "train_seconds": round(time.perf_counter() - start, 3),
-    })
+    info.update(
+        {
+            "fixed_batch_loss_before": fixed_before,
+            "fixed_batch_loss_after": fixed_after,
+            "loss_first": losses[0],
+            "loss_last10_mean": sum(losses[-10:]) / len(losses[-10:]),
+            "tokens_with_contexts": len({t for w in windows for t in w if t >= num_base}),
+            "train_seconds": round(time.perf_counter() - start, 3),
+        }
+    )
     return NewRows(new_in.detach().float().cpu(), new_out.detach().float().cpu(), info)
 
 

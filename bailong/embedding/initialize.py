@@ -9,6 +9,7 @@ The global RNGs (torch, Python's ``random``, NumPy) are left as they were found:
 the initialisation — LoRA's init, the data order — starts from the same state whether the rows were
 computed or read from a cache.
 """
+
 from __future__ import annotations
 
 import random
@@ -19,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers.initialization import no_init_weights
 
 from bailong.embedding.pieces import EmbeddingInitError, find_new_tokens
 from bailong.embedding.registry import InitContext, config_items, get_strategy, parse_options
@@ -59,8 +59,12 @@ def rows_depend_on(init_cfg, seed: int) -> dict[str, Any]:
         raise EmbeddingInitError("init config has no `name`; set it to one of the registered strategies")
     strategy = get_strategy(items["name"])
     inputs = strategy.row_inputs(parse_options(strategy, items))
-    return {"strategy": strategy.name, "options": inputs.options, "seed": seed if inputs.seed else None,
-            "corpus": inputs.corpus}
+    return {
+        "strategy": strategy.name,
+        "options": inputs.options,
+        "seed": seed if inputs.seed else None,
+        "corpus": inputs.corpus,
+    }
 
 
 def _is_tied(model) -> bool:
@@ -76,6 +80,10 @@ def resize_and_initialize(model, base_tokenizer, tokenizer, init_cfg, texts=None
     The global RNGs are left as they were (``global_rng_kept``). The report's ``options`` and ``seed`` are
     those the rows depend on (``rows_depend_on``): a cached report is true of every run that shares it.
     """
+    # imported here: this package is imported with bailong.config (it registers the init configs), and
+    # transformers would add half a second to every config composition
+    from transformers.initialization import no_init_weights
+
     depends_on = rows_depend_on(init_cfg, seed)
     strategy = get_strategy(depends_on["strategy"])
     options = parse_options(strategy, config_items(init_cfg))

@@ -5,19 +5,19 @@ mean plus a tiny jitter); ``covariance_scale: 1.0`` (the default here) is Hewitt
 which gives new rows the spread of real ones. The covariance is the population one (divided by
 the number of rows), as in transformers.
 """
+
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from bailong.embedding.pieces import EmbeddingInitError
-from bailong.embedding.registry import InitContext, NewRows, RowInputs, register
+from bailong.embedding.registry import InitContext, InitOptions, NewRows, RowInputs, option_values, register
 
 
-@dataclass(frozen=True)
-class MultivariateOptions:
+@dataclass
+class MultivariateOptions(InitOptions):
     covariance_scale: float = 1.0
 
     def __post_init__(self):
@@ -48,7 +48,7 @@ def sample_rows(rows: torch.Tensor, scale: float, n: int, gen: torch.Generator) 
 
 
 def multivariate_row_inputs(options: MultivariateOptions) -> RowInputs:
-    return RowInputs(dataclasses.asdict(options), seed=True)  # the Gaussian draw is seeded by the run seed
+    return RowInputs(option_values(options), seed=True)  # the Gaussian draw is seeded by the run seed
 
 
 @register("multivariate", MultivariateOptions, multivariate_row_inputs)

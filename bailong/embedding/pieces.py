@@ -6,6 +6,7 @@ marker, so the piece is tokenized as it is, not turned into text with a leading 
 (which the Metaspace pre-tokenizer would prefix with a second ``▁``). A CJK character the base
 does not hold comes back as its UTF-8 byte pieces (``<0xE4> <0xB8> <0xAD>``) through byte fallback.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

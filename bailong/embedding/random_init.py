@@ -1,17 +1,17 @@
 """``random``: the model's own initializer, normal(0, config.initializer_range), for embed and head."""
+
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from bailong.embedding.pieces import EmbeddingInitError
-from bailong.embedding.registry import InitContext, NewRows, RowInputs, register
+from bailong.embedding.registry import InitContext, InitOptions, NewRows, RowInputs, option_values, register
 
 
-@dataclass(frozen=True)
-class RandomOptions:
+@dataclass
+class RandomOptions(InitOptions):
     std: float | None = None  # None: the model config's initializer_range (0.02 for Llama 2)
 
     def __post_init__(self):
@@ -21,7 +21,7 @@ class RandomOptions:
 
 def random_row_inputs(options: RandomOptions) -> RowInputs:
     """The draw depends on the seed (``std: null`` resolves from the model config, part of the model's key)."""
-    return RowInputs(dataclasses.asdict(options), seed=True)
+    return RowInputs(option_values(options), seed=True)
 
 
 @register("random", RandomOptions, random_row_inputs)

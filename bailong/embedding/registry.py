@@ -1,14 +1,17 @@
 """Strategy name -> function that computes the new embedding and output rows.
 
 Each strategy is one function ``fn(ctx: InitContext, options) -> NewRows`` registered with the
-dataclass of its options. ``parse_options`` reads those options from the ``init`` config, which may
-be a flat structured config holding every strategy's keys: keys of other strategies are ignored,
-keys no strategy knows are an error (a typo would otherwise be silently dropped).
+dataclass of its options, a subclass of ``InitOptions``. That class is the strategy's only schema and
+the only place its defaults are declared: ``register`` also stores it in Hydra's ConfigStore as the
+``init`` group option of the same name, so ``init=mean init.steps=3`` fails when Hydra composes the
+config, and ``parse_options`` refuses a key the strategy does not take when the config is a plain mapping.
 
 Each strategy also declares what its rows depend on (``RowInputs``): the options that change them,
 whether the run seed does, whether the TC corpus does. Cached rows are keyed on exactly that, so runs
-that differ only in what the rows ignore (the seed of ``mean``, ``std`` under ``zip_tie``) share one entry.
+that differ only in what the rows ignore (the seed of ``mean``, the shift options of a piece-rule
+``zip_tie``) share one entry.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bailong.embedding.pieces import EmbeddingInitError, NewTokens
 
@@ -65,9 +70,20 @@ class NewRows:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class NoOptions:
-    pass
+@dataclass
+class InitOptions:
+    """What every strategy's options class holds: ``name``, the strategy (``register`` sets it in the
+    stored schema). Subclasses add the strategy's own options with their defaults. Not frozen: a frozen
+    dataclass becomes a read-only config node, which no override could set."""
+
+    name: str = MISSING
+
+
+def option_values(options: InitOptions, schema: type | None = None) -> dict[str, Any]:
+    """The values of ``schema``'s fields (default: the options' own class) but ``name``, which a cache key
+    holds as the strategy. A narrower ``schema`` keeps a subclass's own options out (distill's, for zip_tie)."""
+    fields = dataclasses.fields(schema or options)
+    return {f.name: getattr(options, f.name) for f in fields if f.name != "name"}
 
 
 @dataclass(frozen=True)
@@ -79,9 +95,9 @@ class RowInputs:
     corpus: bool = False  # the TC training texts change the rows
 
 
-def every_option(options: Any) -> RowInputs:
+def every_option(options: InitOptions) -> RowInputs:
     """The default declaration: every option matters, neither the seed nor the corpus does."""
-    return RowInputs(dataclasses.asdict(options))
+    return RowInputs(option_values(options))
 
 
 @dataclass(frozen=True)
@@ -95,17 +111,20 @@ class Strategy:
 _STRATEGIES: dict[str, Strategy] = {}
 
 
-def register(name: str, options: type = NoOptions, row_inputs: Callable[[Any], RowInputs] = every_option) -> Callable:
-    """Decorator: ``@register("mean")`` over ``fn(ctx, options) -> NewRows``; ``row_inputs(options)`` says
-    what the rows depend on (default: every option, not the seed, not the corpus). Declaring too little makes
-    a cache hand out rows computed for other inputs, so a strategy that draws or reads text must say so."""
-    if not dataclasses.is_dataclass(options):
-        raise TypeError(f"options of strategy {name!r} must be a dataclass, got {options!r}")
+def register(name: str, options: type, row_inputs: Callable[[Any], RowInputs] = every_option) -> Callable:
+    """Decorator: ``@register("mean", MeanOptions)`` over ``fn(ctx, options) -> NewRows``; ``options`` (an
+    ``InitOptions`` subclass) becomes the ``init`` group option ``name`` in Hydra's ConfigStore, with ``name``
+    set. ``row_inputs(options)`` says what the rows depend on (default: every option, not the seed, not the
+    corpus). Declaring too little makes a cache hand out rows computed for other inputs, so a strategy that
+    draws or reads text must say so."""
+    if not (isinstance(options, type) and issubclass(options, InitOptions) and dataclasses.is_dataclass(options)):
+        raise TypeError(f"options of strategy {name!r} must be a dataclass subclassing InitOptions, got {options!r}")
 
     def add(fn: Callable[[InitContext, Any], NewRows]) -> Callable:
         if name in _STRATEGIES:
             raise ValueError(f"init strategy {name!r} is registered twice")
         _STRATEGIES[name] = Strategy(name, fn, options, row_inputs)
+        ConfigStore.instance().store(group="init", name=name, node=options(name=name), provider="bailong")
         return fn
 
     return add
@@ -126,13 +145,8 @@ def get_strategy(name: str) -> Strategy:
 
 def config_items(init_cfg: Any) -> dict[str, Any]:
     """The keys of an init config given as a DictConfig, a mapping, a dataclass or a plain object."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(init_cfg, DictConfig):
-            return dict(OmegaConf.to_container(init_cfg, resolve=True))
-    except ImportError:  # omegaconf is a dependency; this only keeps the module importable alone
-        pass
+    if isinstance(init_cfg, DictConfig):
+        return dict(OmegaConf.to_container(init_cfg, resolve=True))
     if isinstance(init_cfg, Mapping):
         return dict(init_cfg)
     if dataclasses.is_dataclass(init_cfg):
@@ -142,14 +156,12 @@ def config_items(init_cfg: Any) -> dict[str, Any]:
     raise EmbeddingInitError(f"init config must be a mapping or an object with attributes, got {init_cfg!r}")
 
 
-def parse_options(strategy: Strategy, items: Mapping[str, Any]) -> Any:
-    """The strategy's options dataclass filled from ``items`` (missing or null keys keep defaults)."""
-    known = {f.name for s in _STRATEGIES.values() for f in dataclasses.fields(s.options)} | {"name"}
-    unknown = sorted(set(items) - known)
+def parse_options(strategy: Strategy, items: Mapping[str, Any]) -> InitOptions:
+    """The strategy's options dataclass filled from ``items`` (missing or null keys keep defaults). A key the
+    strategy does not take is an error, another strategy's included: it would change nothing, silently."""
+    own = [f.name for f in dataclasses.fields(strategy.options)]
+    unknown = sorted(set(items) - set(own))
     if unknown:
-        raise EmbeddingInitError(
-            f"init config keys {unknown} belong to no init strategy; "
-            f"{strategy.name!r} takes: {', '.join(f.name for f in dataclasses.fields(strategy.options)) or 'no options'}"
-        )
-    own = {f.name for f in dataclasses.fields(strategy.options)}
-    return strategy.options(**{k: v for k, v in items.items() if k in own and v is not None})
+        takes = ", ".join(k for k in own if k != "name") or "no options"
+        raise EmbeddingInitError(f"init config keys {unknown} are not options of {strategy.name!r}; it takes: {takes}")
+    return strategy.options(**{k: v for k, v in items.items() if k != "name" and v is not None}, name=strategy.name)

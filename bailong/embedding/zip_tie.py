@@ -15,9 +15,9 @@ is not in the material we have, so the input rule and the output rule are separa
   first pieces keep the probability the new tokens now also claim, and raising the new tokens by
   that much is what maximises the likelihood of text where a share A(h) of tokens is new.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -25,14 +25,14 @@ import torch
 
 from bailong.embedding.corpus_pass import CorpusStats, collect_corpus_stats
 from bailong.embedding.pieces import PIECE_RULES, EmbeddingInitError, compose_rows
-from bailong.embedding.registry import InitContext, NewRows, RowInputs, register
+from bailong.embedding.registry import InitContext, InitOptions, NewRows, RowInputs, option_values, register
 
 OUTPUT_RULES = PIECE_RULES + ("first_shift",)
 SHIFT_ESTIMATES = ("occurrence", "prefix")
 
 
-@dataclass(frozen=True)
-class ZipTieOptions:
+@dataclass
+class ZipTieOptions(InitOptions):
     input_rule: str = "last"
     output_rule: str = "first_shift"
     # prefix: sum over steps j of the mean log P(pj | ctx, p1..pj-1) wherever that prefix occurs, so
@@ -53,7 +53,9 @@ class ZipTieOptions:
 
     def __post_init__(self):
         if self.input_rule not in PIECE_RULES:
-            raise EmbeddingInitError(f"zip_tie input_rule {self.input_rule!r}: expected one of {', '.join(PIECE_RULES)}")
+            raise EmbeddingInitError(
+                f"zip_tie input_rule {self.input_rule!r}: expected one of {', '.join(PIECE_RULES)}"
+            )
         if self.output_rule not in OUTPUT_RULES:
             raise EmbeddingInitError(
                 f"zip_tie output_rule {self.output_rule!r}: expected one of {', '.join(OUTPUT_RULES)}"
@@ -122,8 +124,14 @@ def continuation_logprobs(stats: CorpusStats, num_pieces: list[int], estimate: s
 def shifted_first_rows(ctx: InitContext, options: ZipTieOptions) -> tuple[torch.Tensor, dict]:
     start = time.perf_counter()
     stats = collect_corpus_stats(
-        ctx.model, ctx.tokenizer, ctx.texts or [], ctx.new,
-        options.shift_seq_len, options.shift_batch_size, options.shift_max_tokens, ctx.seed,
+        ctx.model,
+        ctx.tokenizer,
+        ctx.texts or [],
+        ctx.new,
+        options.shift_seq_len,
+        options.shift_batch_size,
+        options.shift_max_tokens,
+        ctx.seed,
     )
     delta, fit_rms = constant_direction(stats, options.shift_ridge)
     shift, sources = continuation_logprobs(stats, [len(s) for s in ctx.new.base_pieces], options.shift_estimate)
@@ -165,8 +173,7 @@ def zip_tie_row_inputs(options: ZipTieOptions) -> RowInputs:
     document order: the order decides which text shares a chunk (the context every position sees), so the
     seed changes the rows even when the whole corpus fits under ``shift_max_tokens``."""
     if options.output_rule == "first_shift":
-        own = {f.name: getattr(options, f.name) for f in dataclasses.fields(ZipTieOptions)}  # not distill's own
-        return RowInputs(own, seed=True, corpus=True)
+        return RowInputs(option_values(options, ZipTieOptions), seed=True, corpus=True)  # not distill's own
     return RowInputs({"input_rule": options.input_rule, "output_rule": options.output_rule})
 
 

@@ -6,6 +6,7 @@
 Prints one JSON object with the keys of metrics.json: ``final/*`` for a run or adapter, ``base/*`` for a
 base model (scored with its own tokenizer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,10 @@ from bailong.data.splits import cap_chars
 
 DEVICE_CHOICES = ("auto", "cpu", "gpu", "cuda", "mps")  # as trainer.accelerator
 DEVICE_HELP = "where the model runs (auto: this process's GPU when there is one, else the CPU)"
-TRUST_REMOTE_CODE_HELP = ("run the Python code a base model ships with (transformers' trust_remote_code); never "
-                          "turned on by what a run or adapter directory says. Read that code first")
+TRUST_REMOTE_CODE_HELP = (
+    "run the Python code a base model ships with (transformers' trust_remote_code); never "
+    "turned on by what a run or adapter directory says. Read that code first"
+)
 
 
 def load_target(target: str, quant: str, device: str = "auto", trust_remote_code: bool = False):
@@ -38,8 +41,9 @@ def load_target(target: str, quant: str, device: str = "auto", trust_remote_code
     if adapter is not None:
         model, tok = load_adapter(adapter, device=device, trust_remote_code=trust_remote_code)
         return "final", model, tok
-    q = SimpleNamespace(name=quant, quant_type="nf4", double_quant=True, compute_dtype="bfloat16",
-                        quant_storage="uint8")
+    q = SimpleNamespace(
+        name=quant, quant_type="nf4", double_quant=True, compute_dtype="bfloat16", quant_storage="uint8"
+    )
     model = load_base_model(target, quant=q, device=device, trust_remote_code=trust_remote_code)
     # the base tokenizer exactly as runs build it for their base/* metrics (added_vocab=0)
     cache = Path(os.environ.get("BAILONG_CACHE", Path(__file__).resolve().parents[2] / ".cache"))

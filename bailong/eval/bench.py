@@ -15,6 +15,7 @@ Rule scores (``bailong.eval.consistency``): ``bench/lang_consistency`` — share
 language (Simplified Chinese is not Traditional); ``bench/traditional_purity`` — mean Traditional purity
 of the answers expected in Traditional Chinese; both also per prompt language and per category.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,9 @@ def load_prompts(path: str | Path) -> list[BenchPrompt]:
     for where, record in read_jsonl(path):
         for key in ("id", "category", "prompt"):
             if not isinstance(record.get(key), str) or not record[key].strip():
-                raise CorpusError(f"{where}: {key!r} must be a non-empty string (found keys: {', '.join(sorted(record))})")
+                raise CorpusError(
+                    f"{where}: {key!r} must be a non-empty string (found keys: {', '.join(sorted(record))})"
+                )
         for key in ("lang", "expected_lang"):
             value = record.get(key, record.get("lang")) if key == "expected_lang" else record.get(key)
             if value not in LANGS:
@@ -59,8 +62,15 @@ def load_prompts(path: str | Path) -> list[BenchPrompt]:
         if record["id"] in seen:
             raise CorpusError(f"{where}: id {record['id']!r} repeats an earlier prompt's id")
         seen.add(record["id"])
-        prompts.append(BenchPrompt(record["id"], record["category"], record["lang"], record["prompt"],
-                                   record.get("expected_lang", record["lang"])))
+        prompts.append(
+            BenchPrompt(
+                record["id"],
+                record["category"],
+                record["lang"],
+                record["prompt"],
+                record.get("expected_lang", record["lang"]),
+            )
+        )
     if not prompts:
         raise CorpusError(f"{path}: no prompts")
     return prompts
@@ -69,11 +79,16 @@ def load_prompts(path: str | Path) -> list[BenchPrompt]:
 def rule_scores(answer: str, expected_lang: str) -> dict:
     """Per-answer rule scores: detected language, consistency, Traditional purity (TC answers only)."""
     detected = identify_language(answer)
-    return {"answer_lang": detected, "lang_consistent": detected == expected_lang,
-            "traditional_purity": traditional_purity(answer) if expected_lang == "tc" else None}
+    return {
+        "answer_lang": detected,
+        "lang_consistent": detected == expected_lang,
+        "traditional_purity": traditional_purity(answer) if expected_lang == "tc" else None,
+    }
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[BenchPrompt], bench_cfg: Any, out_path: Path) -> list[dict]:
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: Sequence[BenchPrompt], bench_cfg: Any, out_path: Path
+) -> list[dict]:
     """Answer every prompt (``bailong.eval.generate``) and write ``generations.jsonl``, one line each."""
     from bailong.eval.generate import generate
 
@@ -81,12 +96,20 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[BenchPrompt],
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w", encoding="utf-8") as out:
         for k, p in enumerate(prompts):
-            messages = ([{"role": "system", "content": bench_cfg.system_prompt}] if bench_cfg.system_prompt else [])
+            messages = [{"role": "system", "content": bench_cfg.system_prompt}] if bench_cfg.system_prompt else []
             messages.append({"role": "user", "content": p.prompt})
-            answer = generate(model, tokenizer, messages, max_new_tokens=bench_cfg.max_new_tokens,
-                              temperature=bench_cfg.temperature, top_p=bench_cfg.top_p, top_k=bench_cfg.top_k,
-                              repetition_penalty=bench_cfg.repetition_penalty, do_sample=bench_cfg.do_sample,
-                              seed=bench_cfg.seed + k)
+            answer = generate(
+                model,
+                tokenizer,
+                messages,
+                max_new_tokens=bench_cfg.max_new_tokens,
+                temperature=bench_cfg.temperature,
+                top_p=bench_cfg.top_p,
+                top_k=bench_cfg.top_k,
+                repetition_penalty=bench_cfg.repetition_penalty,
+                do_sample=bench_cfg.do_sample,
+                seed=bench_cfg.seed + k,
+            )
             row = {**asdict(p), "answer": answer, **rule_scores(answer, p.expected_lang)}
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
@@ -123,8 +146,10 @@ def judge_rows(rows: Sequence[dict], judge_cfg: Any, out_dir: Path) -> dict[str,
     """Judge every answer (resumable, ``judgments.jsonl``); ``bench/judge_score`` overall and by group."""
     from bailong.eval.judge import Judge, judge_answers
 
-    answers = [{"id": r["id"], "question": r["prompt"], "answer": r["answer"], "expected_lang": r["expected_lang"]}
-               for r in rows]
+    answers = [
+        {"id": r["id"], "question": r["prompt"], "answer": r["answer"], "expected_lang": r["expected_lang"]}
+        for r in rows
+    ]
     with Judge(judge_cfg) as judge:
         results, failed = judge_answers(judge, answers, out_dir / "judgments.jsonl")
     rating = {r["id"]: r["rating"] for r in results}
@@ -189,8 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     overrides = list(args.overrides)
-    for flag, key in ((args.prompts, "bench.prompts"), (args.judge_url, "judge.base_url"),
-                      (args.judge_model, "judge.model"), (args.max_prompts, "bench.max_prompts")):
+    for flag, key in (
+        (args.prompts, "bench.prompts"),
+        (args.judge_url, "judge.base_url"),
+        (args.judge_model, "judge.model"),
+        (args.max_prompts, "bench.max_prompts"),
+    ):
         if flag is not None:
             overrides.append(f"{key}={flag}")
     cfg = compose_config(overrides)

@@ -11,6 +11,7 @@ Scoring rules, identical for the evaluator and the training-time validation load
   start mid-document, as packed training sequences do;
 - bits/char = total bits / Unicode code points (``len(text)``); bits/byte divides by UTF-8 bytes.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,9 @@ def window_spans(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, in
     return spans
 
 
-def scoring_windows(tokenizer: Any, texts: Sequence[str], *, seq_len: int, stride: int | None = None) -> list[ScoringWindow]:
+def scoring_windows(
+    tokenizer: Any, texts: Sequence[str], *, seq_len: int, stride: int | None = None
+) -> list[ScoringWindow]:
     """All scoring windows of ``texts``, longest first (similar lengths share a batch: little padding).
 
     Texts that tokenize to nothing (only ``""`` for a SentencePiece tokenizer) are skipped and their
@@ -116,7 +119,9 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def score_batch(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, logit_budget: int = LOGIT_BUDGET) -> torch.Tensor:
+def score_batch(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, logit_budget: int = LOGIT_BUDGET
+) -> torch.Tensor:
     """Bits (float64) of the scored tokens of each window in ``batch``, shape ``[batch]``.
 
     ``labels`` follow the transformers convention (aligned with ``input_ids``; the logit at position
@@ -218,7 +223,8 @@ def evaluate_texts(
     batch_size: int = 8,
     stride: int | None = None,
 ) -> dict[str, float]:
-    """``bits_per_char`` for each named text set, keys prefixed by the name: ``{"tc_bpc", "tc_bpb", ..., "en_bpc", ...}``."""
+    """``bits_per_char`` for each named text set, keys prefixed by the name:
+    ``{"tc_bpc", "tc_bpb", ..., "en_bpc", ...}``."""
     metrics: dict[str, float] = {}
     for name, texts in texts_by_name.items():
         result = bits_per_char(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, stride=stride)

@@ -14,6 +14,7 @@ as a newline or space at its end); ``choices`` are two or more distinct non-empt
 the 0-based index of the right one; ``lang`` (``tc``/``en``/...) and ``id`` are optional labels.
 Errors name the file, the line and the key.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,7 @@ def parse_item(record: Any, where: str) -> MCItem:
         raise CorpusError(f"{where}: 'answer' must be a 0-based index below {len(choices)}, got {answer!r}")
     lang, item_id = record.get("lang"), record.get("id")
     if lang is not None and not isinstance(lang, str):
-        raise CorpusError(f"{where}: 'lang' must be a string such as \"tc\" or \"en\", got {lang!r}")
+        raise CorpusError(f'{where}: \'lang\' must be a string such as "tc" or "en", got {lang!r}')
     return MCItem(question, tuple(choices), answer, lang, None if item_id is None else str(item_id), where)
 
 
@@ -102,10 +103,11 @@ def choice_windows(tokenizer: Any, item: MCItem, max_len: int) -> list[ScoringWi
         ctx, cont = continuation_ids(tokenizer, item.question, choice)
         if len(cont) + 1 > max_len:
             raise ValueError(f"{item.source}: a choice is {len(cont)} tokens, longer than max_len={max_len}")
-        ctx = ctx[max(0, len(ctx) + len(cont) + 1 - max_len):]
+        ctx = ctx[max(0, len(ctx) + len(cont) + 1 - max_len) :]
         ids = (bos, *ctx, *cont)
-        windows.append(ScoringWindow(ids, first_scored=1 + len(ctx), n_chars=len(choice),
-                                     n_bytes=len(choice.encode("utf-8"))))
+        windows.append(
+            ScoringWindow(ids, first_scored=1 + len(ctx), n_chars=len(choice), n_bytes=len(choice.encode("utf-8")))
+        )
     return windows
 
 
@@ -117,8 +119,12 @@ class MCResult:
     predictions: list[dict]
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_acc": self.accuracy, f"{prefix}_acc_stderr": accuracy_stderr(self.accuracy, self.n),
-                f"{prefix}_chance": self.chance, f"{prefix}_n": float(self.n)}
+        return {
+            f"{prefix}_acc": self.accuracy,
+            f"{prefix}_acc_stderr": accuracy_stderr(self.accuracy, self.n),
+            f"{prefix}_chance": self.chance,
+            f"{prefix}_n": float(self.n),
+        }
 
 
 def score_choices(
@@ -131,15 +137,22 @@ def score_choices(
     bits: list[float] = []
     with scoring_mode(model):
         for start in range(0, len(windows), batch_size):
-            bits += score_batch(model, collate_windows(windows[start:start + batch_size])).tolist()
+            bits += score_batch(model, collate_windows(windows[start : start + batch_size])).tolist()
     predictions, correct, offset = [], 0, 0
     for item in items:
         bpc = [bits[offset + k] / max(1, len(c)) for k, c in enumerate(item.choices)]
         offset += len(item.choices)
         pred = min(range(len(bpc)), key=bpc.__getitem__)
         correct += pred == item.answer
-        predictions.append({"id": item.id, "lang": item.lang, "answer": item.answer, "predicted": pred,
-                            "bpc": [round(b, 4) for b in bpc]})
+        predictions.append(
+            {
+                "id": item.id,
+                "lang": item.lang,
+                "answer": item.answer,
+                "predicted": pred,
+                "bpc": [round(b, 4) for b in bpc],
+            }
+        )
     chance = sum(1 / len(it.choices) for it in items) / len(items)
     return MCResult(correct / len(items), chance, len(items), predictions)
 

@@ -17,18 +17,19 @@ Definitions (measured on this repository's data in ``docs/bilingual_eval.md``):
   ``sc`` if its purity is below 0.5, ``tc`` otherwise (an answer of only shared characters reads as
   valid Traditional). ``unknown`` when it has neither Han characters nor Latin words.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 LANGS = ("tc", "sc", "en")
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LATIN_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _converter(config: str):
     import opencc
 

@@ -15,6 +15,7 @@ A tokenizer without a chat template (a base model, e.g. the mini base before SFT
 
 so "before SFT" numbers can be measured with the very same runner.
 """
+
 from __future__ import annotations
 
 import logging
@@ -125,11 +126,13 @@ def generate(
             if seed is not None:
                 torch.manual_seed(seed)
             out = model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=config,
                 streamer=streamer,
             )
     finally:
         for module, was_training in modes:
             if module.training != was_training:
                 module.train(was_training)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()

@@ -21,9 +21,11 @@ explicit and tested here instead of inside a client's own retry loop.
   including what the server sends back (a server may echo the Authorization header) and the request lines
   httpx and httpcore log.
 """
+
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,8 +49,7 @@ log = logging.getLogger(__name__)
 LANGUAGE_NAMES = {"tc": "Traditional Chinese (繁體中文)", "sc": "Simplified Chinese", "en": "English"}
 # the loggers of httpx and httpcore: httpx logs each request's full URL at INFO (a URL password included),
 # httpcore each response's headers at DEBUG
-HTTP_LOGGERS = ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2", "httpcore.proxy",
-                "httpcore.socks")
+HTTP_LOGGERS = ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2", "httpcore.proxy", "httpcore.socks")
 
 
 class JudgeError(RuntimeError):
@@ -72,13 +73,17 @@ def check_judge_config(cfg: Any) -> None:
         raise ValueError("judge.base_url is not set: give the endpoint, e.g. judge.base_url=https://api.openai.com/v1")
     check_env_var_name("judge.api_key_env", cfg.api_key_env)
     if cfg.timeout_s <= 0 or cfg.max_retries < 0 or cfg.backoff_s < 0:
-        raise ValueError(f"judge: timeout_s must be > 0, max_retries and backoff_s >= 0; got {cfg.timeout_s}, "
-                         f"{cfg.max_retries}, {cfg.backoff_s}")
+        raise ValueError(
+            f"judge: timeout_s must be > 0, max_retries and backoff_s >= 0; got {cfg.timeout_s}, "
+            f"{cfg.max_retries}, {cfg.backoff_s}"
+        )
     try:
         cfg.prompt_template.format(question="", answer="", expected_language="")
     except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"judge.prompt_template: only {{question}}, {{answer}} and {{expected_language}} may be "
-                         f"filled in; write literal braces as {{{{ }}}} ({type(err).__name__}: {err})") from None
+        raise ValueError(
+            f"judge.prompt_template: only {{question}}, {{answer}} and {{expected_language}} may be "
+            f"filled in; write literal braces as {{{{ }}}} ({type(err).__name__}: {err})"
+        ) from None
 
 
 def url_credentials(url: str) -> list[str]:
@@ -88,7 +93,7 @@ def url_credentials(url: str) -> list[str]:
     if parts.password is None:
         return []
     user, password = unquote(parts.username or ""), unquote(parts.password)
-    basic = base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
     return [s for s in dict.fromkeys([parts.password, password, basic]) if s]
 
 
@@ -133,10 +138,9 @@ class RequestDeadline:
 
     @staticmethod
     def _shut_down(sock: socket.socket) -> None:
-        try:  # the plain socket's shutdown: an SSLSocket's own also drops its TLS state under the reading thread
+        # the plain socket's shutdown: an SSLSocket's own also drops its TLS state under the reading thread
+        with contextlib.suppress(OSError):  # already closed: the exchange is over
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:  # already closed: the exchange is over
-            pass
 
 
 class Judge:
@@ -155,8 +159,11 @@ class Judge:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         elif cfg.api_key_env:  # local servers (vLLM, llama.cpp) usually need none
-            log.warning("judge: environment variable %s is not set; calling %s without an API key",
-                        cfg.api_key_env, self.display_url)
+            log.warning(
+                "judge: environment variable %s is not set; calling %s without an API key",
+                cfg.api_key_env,
+                self.display_url,
+            )
         else:
             log.warning("judge: judge.api_key_env is empty; calling %s without an API key", self.display_url)
         # on httpx's and httpcore's loggers while this judge is open: they log the URL and response headers, and
@@ -164,8 +171,9 @@ class Judge:
         self.http_log_filter = SecretFilter(self.secrets)
         for name in HTTP_LOGGERS:
             logging.getLogger(name).addFilter(self.http_log_filter)
-        self.client = httpx.Client(timeout=httpx.Timeout(cfg.timeout_s), headers=headers,
-                                   limits=httpx.Limits(max_keepalive_connections=0))  # see RequestDeadline
+        self.client = httpx.Client(
+            timeout=httpx.Timeout(cfg.timeout_s), headers=headers, limits=httpx.Limits(max_keepalive_connections=0)
+        )  # see RequestDeadline
 
     def close(self) -> None:
         self.client.close()
@@ -221,8 +229,12 @@ class Judge:
 
     def grade(self, question: str, answer: str, expected_lang: str) -> Judgment:
         """Rate one answer 1-10; retries as the module docstring says, then ``JudgeError``."""
-        body = {"model": self.cfg.model, "messages": self.messages(question, answer, expected_lang),
-                "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
+        body = {
+            "model": self.cfg.model,
+            "messages": self.messages(question, answer, expected_lang),
+            "temperature": self.cfg.temperature,
+            "max_tokens": self.cfg.max_tokens,
+        }
         problem = ""
         for attempt in range(self.cfg.max_retries + 1):
             retry_after = None
@@ -245,8 +257,9 @@ class Judge:
                     problem = f"HTTP {status}: {text[:200]}"
                     retry_after = response.headers.get("retry-after")
                 else:
-                    raise JudgeRequestError(self.redact(f"{self.display_url} refused the request: HTTP {status}: "
-                                                        f"{text[:500]}"))
+                    raise JudgeRequestError(
+                        self.redact(f"{self.display_url} refused the request: HTTP {status}: {text[:500]}")
+                    )
             problem = self.redact(problem)
             if attempt < self.cfg.max_retries:
                 wait = self._backoff(attempt, retry_after)
@@ -256,8 +269,10 @@ class Judge:
 
     def item_key(self, question: str, answer: str, expected_lang: str) -> str:
         """What makes a judgment reusable: the judge model, its prompt and the graded answer."""
-        payload = json.dumps([self.cfg.model, self.cfg.system_prompt, self.cfg.prompt_template,
-                              question, answer, expected_lang], ensure_ascii=False)
+        payload = json.dumps(
+            [self.cfg.model, self.cfg.system_prompt, self.cfg.prompt_template, question, answer, expected_lang],
+            ensure_ascii=False,
+        )
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
@@ -271,11 +286,15 @@ def read_judgments(path: Path) -> dict[str, dict]:
             record = json.loads(line)
             done[record["key"]] = record
         except (json.JSONDecodeError, KeyError, TypeError):
-            log.warning("%s:%d: unreadable judgment line (interrupted write?); that answer will be judged again", path, lineno)
+            log.warning(
+                "%s:%d: unreadable judgment line (interrupted write?); that answer will be judged again", path, lineno
+            )
     return done
 
 
-def judge_answers(judge: Judge, answers: Iterable[Mapping[str, Any]], results_path: str | Path) -> tuple[list[dict], int]:
+def judge_answers(
+    judge: Judge, answers: Iterable[Mapping[str, Any]], results_path: str | Path
+) -> tuple[list[dict], int]:
     """Judge each ``{"id", "question", "answer", "expected_lang"}`` not yet in ``results_path``.
 
     Returns ``(judgments for the given answers in their order, number that failed this time)``. Each new
@@ -297,8 +316,14 @@ def judge_answers(judge: Judge, answers: Iterable[Mapping[str, Any]], results_pa
                     log.warning("judge: item %s: %s", item.get("id"), err)
                     failed += 1
                     continue
-                done[key] = {"key": key, "id": item.get("id"), "judge_model": judge.cfg.model,
-                             "rating": judgment.rating, "attempts": judgment.attempts, "judgment": judgment.reply}
+                done[key] = {
+                    "key": key,
+                    "id": item.get("id"),
+                    "judge_model": judge.cfg.model,
+                    "rating": judgment.rating,
+                    "attempts": judgment.attempts,
+                    "judgment": judgment.reply,
+                }
                 out.write(json.dumps(done[key], ensure_ascii=False) + "\n")
                 out.flush()
             results.append({**done[key], "id": item.get("id")})

@@ -12,6 +12,7 @@ Editorial notes in full-width parentheses (variant readings such as （一作「
 The generated sets are written in the MC file format of ``bailong.eval.choice`` (``mc/tc.jsonl``,
 ``mc/en.jsonl`` in the run directory), so they can be re-scored or shared like any other MC file.
 """
+
 from __future__ import annotations
 
 import random
@@ -93,7 +94,7 @@ def next_line_items(
                 choices = rng.sample(pool, num_choices - 1)
                 slot = rng.randrange(num_choices)
                 choices.insert(slot, answer)
-                question = "\n".join(lines[d][max(0, i - context_lines):i]) + "\n"
+                question = "\n".join(lines[d][max(0, i - context_lines) : i]) + "\n"
                 items.append(MCItem(question, tuple(choices), slot, lang, f"{id_prefix}{d}:{i}"))
             if positions[d]:
                 remaining.append(d)
@@ -120,18 +121,37 @@ def held_out_mc_set(
     for k, spec in enumerate(sources):
         share = n_items // len(sources) + (k < n_items % len(sources))
         docs = held_out_documents(spec, val_fraction, split_seed)
-        items += next_line_items(docs, n_items=share, num_choices=num_choices, context_lines=context_lines,
-                                 length_tolerance=length_tolerance, lang=lang, seed=seed + k, id_prefix=f"{lang}{k}:")
+        items += next_line_items(
+            docs,
+            n_items=share,
+            num_choices=num_choices,
+            context_lines=context_lines,
+            length_tolerance=length_tolerance,
+            lang=lang,
+            seed=seed + k,
+            id_prefix=f"{lang}{k}:",
+        )
     return items
 
 
 def build_mc_sets(mc_cfg: Any, data_cfg: Any) -> dict[str, list[MCItem]]:
     """``{"tc": items, "en": items}`` from the ``mc`` config over the pre-training split of ``data``."""
-    common = dict(val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed,
-                  num_choices=mc_cfg.num_choices, context_lines=mc_cfg.context_lines, seed=mc_cfg.seed)
+    common = dict(
+        val_fraction=data_cfg.val_fraction,
+        split_seed=data_cfg.split_seed,
+        num_choices=mc_cfg.num_choices,
+        context_lines=mc_cfg.context_lines,
+        seed=mc_cfg.seed,
+    )
     return {
-        "tc": held_out_mc_set(mc_cfg.tc_sources, n_items=mc_cfg.items_per_lang, lang="tc",
-                              length_tolerance=0.0, **common),
-        "en": held_out_mc_set(mc_cfg.en_sources, n_items=mc_cfg.items_per_lang, lang="en",
-                              length_tolerance=mc_cfg.en_length_tolerance, **common),
+        "tc": held_out_mc_set(
+            mc_cfg.tc_sources, n_items=mc_cfg.items_per_lang, lang="tc", length_tolerance=0.0, **common
+        ),
+        "en": held_out_mc_set(
+            mc_cfg.en_sources,
+            n_items=mc_cfg.items_per_lang,
+            lang="en",
+            length_tolerance=mc_cfg.en_length_tolerance,
+            **common,
+        ),
     }

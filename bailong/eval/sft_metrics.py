@@ -14,6 +14,7 @@ their own prefix (``sft/``, ``base/``) if they need one.
 Files under ``out_dir``: ``mc/<set>.jsonl`` (the items, MC file format), ``mc/<set>_predictions.jsonl``
 (per-choice bits/char), ``bench/generations.jsonl``, ``bench/judgments.jsonl``, ``bench/metrics.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,14 +31,17 @@ log = logging.getLogger(__name__)
 
 
 def mc_metrics(model: Any, tokenizer: Any, cfg: Any, out_dir: Path) -> dict[str, float]:
-    """Accuracy on the held-out sets of ``cfg.mc`` (split as ``cfg.data`` splits pre-training) and on ``cfg.mc.files``."""
+    """Accuracy on the held-out sets of ``cfg.mc`` (split as ``cfg.data`` splits pre-training) and on
+    ``cfg.mc.files``."""
     sets = build_mc_sets(cfg.mc, cfg.data)
     for name, items in sets.items():
         write_mc_file(items, out_dir / "mc" / f"{name}.jsonl")
     for file in cfg.mc.files:
         name = Path(file).name.split(".")[0]
         if name in sets:
-            raise ValueError(f"mc.files: {file} would be reported as mc/{name}_acc, which a generated set uses; rename it")
+            raise ValueError(
+                f"mc.files: {file} would be reported as mc/{name}_acc, which a generated set uses; rename it"
+            )
         sets[name] = load_mc_file(file)
     metrics: dict[str, float] = {}
     for name, items in sets.items():
@@ -48,7 +52,9 @@ def mc_metrics(model: Any, tokenizer: Any, cfg: Any, out_dir: Path) -> dict[str,
     return metrics
 
 
-def evaluate_instruct(model: Any, tokenizer: Any, cfg: Any, out_dir: str | Path, *, bench: bool = True) -> dict[str, float]:
+def evaluate_instruct(
+    model: Any, tokenizer: Any, cfg: Any, out_dir: str | Path, *, bench: bool = True
+) -> dict[str, float]:
     """MC accuracy (TC, EN) and bench scores of ``model`` (plain or peft, 4-bit or not) with ``tokenizer``.
 
     ``cfg`` is the experiment config: ``cfg.mc``, ``cfg.bench``, ``cfg.judge`` and ``cfg.data`` (whose
@@ -66,10 +72,10 @@ def evaluate_instruct(model: Any, tokenizer: Any, cfg: Any, out_dir: str | Path,
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
-    from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP, load_target
     from bailong.config import compose_config
-    from bailong.redact import install_log_filter, run_secrets
+    from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP, load_target
     from bailong.eval.bench import is_run_dir
+    from bailong.redact import install_log_filter, run_secrets
 
     ap = argparse.ArgumentParser(prog="python -m bailong.eval.sft_metrics", description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="run directory, adapter directory, or base model directory")
@@ -86,8 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = compose_config(args.overrides)
     install_log_filter(run_secrets(cfg, args.overrides))  # no log line shows a key, wherever it came from
     _, model, tokenizer = load_target(str(target), args.quant, args.device, args.trust_remote_code)
-    metrics = evaluate_instruct(model, tokenizer, cfg, Path(args.out) if args.out else target / "instruct_eval",
-                                bench=not args.skip_bench)
+    metrics = evaluate_instruct(
+        model, tokenizer, cfg, Path(args.out) if args.out else target / "instruct_eval", bench=not args.skip_bench
+    )
     print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return metrics
 

@@ -19,6 +19,7 @@ A full fine-tuning model (``finetune=full``: no peft, every weight trained) is s
 directory is a standalone Hugging Face model (``model.safetensors``, ``config.json``, the tokenizer) plus
 ``bailong_adapter.json`` (the build record) and ``config.yaml``, and ``load_adapter`` loads it as a base.
 """
+
 from __future__ import annotations
 
 import json
@@ -135,7 +136,8 @@ def check_remote_code(path: Path, build: Mapping, trust_remote_code: bool) -> No
             f"{path / META_FILE}: this adapter was built on a base loaded with trust_remote_code=True "
             f"({build.get('pretrained')!r}), which runs Python code that comes with the model. bailong never runs it "
             "because a downloaded file asks: read that code, then pass --trust-remote-code (python -m bailong.chat, "
-            "bailong.eval, bailong.eval.bench, bailong.export) or set model.trust_remote_code=true (sft.from_run)")
+            "bailong.eval, bailong.eval.bench, bailong.export) or set model.trust_remote_code=true (sft.from_run)"
+        )
 
 
 def read_meta(path: Path) -> dict:
@@ -148,11 +150,16 @@ def read_meta(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{meta_file}: not valid JSON ({err})") from None
     build = meta.get("build") if isinstance(meta, dict) else None
-    missing = [k for k in ("pretrained", "quant", "dtype", "num_base", "vocab_size") if not isinstance(build, dict)
-               or k not in build]
+    missing = [
+        k
+        for k in ("pretrained", "quant", "dtype", "num_base", "vocab_size")
+        if not isinstance(build, dict) or k not in build
+    ]
     if missing or not isinstance(meta.get("files", {}), dict):
-        raise ValueError(f"{meta_file}: expected {{\"build\": {{...}}, \"files\": {{...}}}} with build keys "
-                         f"pretrained, quant, dtype, num_base, vocab_size; missing {missing or 'files'}")
+        raise ValueError(
+            f'{meta_file}: expected {{"build": {{...}}, "files": {{...}}}} with build keys '
+            f"pretrained, quant, dtype, num_base, vocab_size; missing {missing or 'files'}"
+        )
     return meta
 
 
@@ -180,8 +187,15 @@ def load_adapter(
     trust_remote_code = bool(build.get("trust_remote_code")) and trust_remote_code  # what the base needs, if allowed
     quant = quant if quant is not None else build["quant"]
     if build.get("finetune") == "full":
-        return _load_full_model(path, build, quant=quant, dtype=dtype, is_trainable=is_trainable, device=device,
-                                trust_remote_code=trust_remote_code)
+        return _load_full_model(
+            path,
+            build,
+            quant=quant,
+            dtype=dtype,
+            is_trainable=is_trainable,
+            device=device,
+            trust_remote_code=trust_remote_code,
+        )
     if build.get("random_base") and not pretrained:  # trained on a random real-width base: rebuilt if missing
         ensure_random_base({"pretrained": build["pretrained"], "random_base": build["random_base"]})
     model = load_base_model(
@@ -214,15 +228,28 @@ def load_adapter(
     return model, tokenizer
 
 
-def _load_full_model(path: Path, build: dict, *, quant: Any, dtype: str | None, is_trainable: bool,
-                     device: str | torch.device | None = None, trust_remote_code: bool = False):
+def _load_full_model(
+    path: Path,
+    build: dict,
+    *,
+    quant: Any,
+    dtype: str | None,
+    is_trainable: bool,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
     """A full fine-tuning run's directory is a whole model: loaded as a base is (no peft; 4-bit if ``quant``
     asks, for evaluation only), with its build record; eval mode and frozen unless ``is_trainable``."""
     if is_trainable and is_quantised(quant):
         raise ValueError(f"{path}: a full fine-tuning model reloaded with quant.name=nf4 cannot train; use quant none")
-    model = load_base_model(str(path), quant=quant, dtype=dtype or build["dtype"],
-                            trust_remote_code=trust_remote_code, device=device,
-                            attn_implementation=build.get("attn_implementation", "sdpa"))
+    model = load_base_model(
+        str(path),
+        quant=quant,
+        dtype=dtype or build["dtype"],
+        trust_remote_code=trust_remote_code,
+        device=device,
+        attn_implementation=build.get("attn_implementation", "sdpa"),
+    )
     mask_padding_logits(model, build["vocab_size"])  # padding rows past the tokenizer: -inf, as build_model set
     model.requires_grad_(is_trainable)
     model.train(is_trainable)

@@ -9,6 +9,7 @@ Read top to bottom: tokenizer -> model config -> packed batches -> training loop
 ``build_mini_base`` runs them all. Everything is seeded and single-process, so the same torch
 version and thread count rebuild the same ``model.safetensors`` bytes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,11 +69,11 @@ class MiniBaseConfig:
 
 # ---------------------------------------------------------------- tokenizer
 
+
 def is_han(ch: str) -> bool:
     """CJK unified ideographs (basic block, extension A, compatibility, extensions B and later)."""
     cp = ord(ch)
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0xF900 <= cp <= 0xFAFF
-            or 0x20000 <= cp <= 0x3FFFF)
+    return 0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0xF900 <= cp <= 0xFAFF or 0x20000 <= cp <= 0x3FFFF
 
 
 def is_cjk_punct(ch: str) -> bool:
@@ -104,20 +105,36 @@ def train_tokenizer(en_texts: Sequence[str], tc_texts: Sequence[str], cfg: MiniB
     itself ranks character pieces. Single characters are never merge results, so their scores do
     not change how English is split. Chinese outside them falls back to UTF-8 bytes, as in Llama 2.
     """
-    added = (most_frequent_chars(tc_texts, is_han, cfg.han_pieces)
-             + most_frequent_chars(tc_texts, is_cjk_punct, cfg.cjk_punct_pieces))
+    added = most_frequent_chars(tc_texts, is_han, cfg.han_pieces) + most_frequent_chars(
+        tc_texts, is_cjk_punct, cfg.cjk_punct_pieces
+    )
     english_vocab = cfg.vocab_size - len(added)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(en_texts), model_writer=buf,
+        sentence_iterator=_sentences(en_texts),
+        model_writer=buf,
         # Llama 2's trainer_spec where it matters (data/tokenizers/mistral-v1.model has the same)
-        model_type="bpe", vocab_size=english_vocab, character_coverage=0.99995,
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
-        split_by_unicode_script=True, split_by_whitespace=True, max_sentencepiece_length=16,
-        unk_id=0, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+        model_type="bpe",
+        vocab_size=english_vocab,
+        character_coverage=0.99995,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        split_by_unicode_script=True,
+        split_by_whitespace=True,
+        max_sentencepiece_length=16,
+        unk_id=0,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=-1,
         # determinism: one thread, every sentence, no sampling
-        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
     )
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(buf.getvalue())
@@ -149,17 +166,27 @@ def tokenizer_layout(sp: spm.SentencePieceProcessor) -> dict:
 
 # ---------------------------------------------------------------- model
 
+
 def llama_config(cfg: MiniBaseConfig) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,  # as Llama 2
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=None,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,  # as Llama 2
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=None,
     )
 
 
 # ---------------------------------------------------------------- data
+
 
 def encode_documents(tokenizer: PreTrainedTokenizerBase, docs: Sequence[str]) -> list[np.ndarray]:
     """Each document as BOS + ids + EOS, encoded by the shipped transformers tokenizer.
@@ -200,13 +227,14 @@ class PackedRows:
         for _ in range(n):
             if self.pos + self.seq_len + 1 > len(self.stream):
                 self._new_epoch()
-            rows.append(self.stream[self.pos:self.pos + self.seq_len + 1])
+            rows.append(self.stream[self.pos : self.pos + self.seq_len + 1])
             self.pos += self.seq_len  # the last token of a row is the first input of the next
             self.tokens_served += self.seq_len
         return np.stack(rows)
 
 
 # ---------------------------------------------------------------- training
+
 
 def lr_at(step: int, cfg: MiniBaseConfig) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step."""
@@ -222,14 +250,23 @@ def _loss(model: LlamaForCausalLM, rows: torch.Tensor, cfg: MiniBaseConfig) -> t
     return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
 
 
-def train(model: LlamaForCausalLM, en: PackedRows, tc: PackedRows | None, cfg: MiniBaseConfig,
-          log, held_out: dict[str, torch.Tensor] | None = None) -> dict:
+def train(
+    model: LlamaForCausalLM,
+    en: PackedRows,
+    tc: PackedRows | None,
+    cfg: MiniBaseConfig,
+    log,
+    held_out: dict[str, torch.Tensor] | None = None,
+) -> dict:
     """Plain AdamW pre-training; every batch holds exactly cfg.tc_rows Chinese rows."""
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on norm gains (Llama, nanoGPT)
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     tc_rows = cfg.tc_rows if tc is not None else 0
     model.train()
     start = last = time.perf_counter()
@@ -247,8 +284,10 @@ def train(model: LlamaForCausalLM, en: PackedRows, tc: PackedRows | None, cfg: M
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             now = time.perf_counter()
             tok_s = (step + 1 - last_step) * cfg.batch_size * cfg.seq_len / (now - last)
-            log(f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} grad_norm {grad_norm.item():.3f} "
-                f"lr {lr_at(step, cfg):.2e} tok/s {tok_s:.0f} elapsed {now - start:.0f}s")
+            log(
+                f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} grad_norm {grad_norm.item():.3f} "
+                f"lr {lr_at(step, cfg):.2e} tok/s {tok_s:.0f} elapsed {now - start:.0f}s"
+            )
             last, last_step = now, step + 1
         if held_out and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             model.eval()
@@ -258,7 +297,8 @@ def train(model: LlamaForCausalLM, en: PackedRows, tc: PackedRows | None, cfg: M
             log(f"step {step + 1} held-out bits/token: " + ", ".join(parts))
     wall = time.perf_counter() - start
     return {
-        "steps": cfg.steps, "wall_time_s": round(wall, 1),
+        "steps": cfg.steps,
+        "wall_time_s": round(wall, 1),
         "tokens": {"en": en.tokens_served, "tc": tc.tokens_served if tc is not None else 0},
         "epochs": {"en": en.epoch, "tc": tc.epoch if tc is not None else 0},
     }
@@ -266,14 +306,16 @@ def train(model: LlamaForCausalLM, en: PackedRows, tc: PackedRows | None, cfg: M
 
 # ---------------------------------------------------------------- build + save
 
+
 def save_tokenizer(sp_model: bytes, out_dir: Path) -> PreTrainedTokenizerBase:
     """tokenizer.model (read by the tokenizer-extension code) plus the files AutoTokenizer loads."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(sp_model)
     # LlamaTokenizer converts tokenizer.model itself (LlamaTokenizerFast(vocab_file=...) silently returns a
     # 3-token tokenizer in transformers 5); transformers 5 adds no BOS unless told, Llama 2's tokenizer does.
-    LlamaTokenizer.from_pretrained(str(out_dir), legacy=False, add_bos_token=True,
-                                   add_eos_token=False).save_pretrained(str(out_dir))
+    LlamaTokenizer.from_pretrained(str(out_dir), legacy=False, add_bos_token=True, add_eos_token=False).save_pretrained(
+        str(out_dir)
+    )
     return AutoTokenizer.from_pretrained(str(out_dir))
 
 
@@ -286,9 +328,15 @@ def save_model(model: LlamaForCausalLM, out_dir: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def build_mini_base(cfg: MiniBaseConfig, en_docs: Sequence[str], tc_docs: Sequence[str],
-                    out_dir: str | Path, log_path: str | Path | None = None,
-                    en_held_out: Sequence[str] = (), tc_held_out: Sequence[str] = ()) -> dict:
+def build_mini_base(
+    cfg: MiniBaseConfig,
+    en_docs: Sequence[str],
+    tc_docs: Sequence[str],
+    out_dir: str | Path,
+    log_path: str | Path | None = None,
+    en_held_out: Sequence[str] = (),
+    tc_held_out: Sequence[str] = (),
+) -> dict:
     """Train tokenizer and model from the *training* documents, save to out_dir, return stats.
 
     tc_share = 0 gives the English-only reference; the tokenizer still takes its
@@ -296,7 +344,7 @@ def build_mini_base(cfg: MiniBaseConfig, en_docs: Sequence[str], tc_docs: Sequen
     only feed the progress log.
     """
     out_dir = Path(out_dir)
-    log_file = open(log_path, "a", encoding="utf-8") if log_path else None
+    log_file = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115  closed at the end
 
     def log(msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -313,8 +361,7 @@ def build_mini_base(cfg: MiniBaseConfig, en_docs: Sequence[str], tc_docs: Sequen
     tokenizer = save_tokenizer(sp_model, out_dir)
 
     en = PackedRows(encode_documents(tokenizer, en_docs), cfg.seq_len, seed=cfg.seed)
-    tc = (PackedRows(encode_documents(tokenizer, tc_docs), cfg.seq_len, seed=cfg.seed + 1)
-          if cfg.tc_share > 0 else None)
+    tc = PackedRows(encode_documents(tokenizer, tc_docs), cfg.seq_len, seed=cfg.seed + 1) if cfg.tc_share > 0 else None
     held_out = {}
     for name, docs in (("en", en_held_out), ("tc", tc_held_out)):
         if docs:
@@ -329,5 +376,4 @@ def build_mini_base(cfg: MiniBaseConfig, en_docs: Sequence[str], tc_docs: Sequen
     log(f"saved {out_dir} ({stats['wall_time_s']} s)")
     if log_file:
         log_file.close()
-    return {"config": asdict(cfg), "tokenizer": layout, "parameters": n_params,
-            "torch": torch.__version__, **stats}
+    return {"config": asdict(cfg), "tokenizer": layout, "parameters": n_params, "torch": torch.__version__, **stats}

@@ -6,6 +6,7 @@ into the (possibly 4-bit) model after resizing it. bitsandbytes quantises only `
 projections and lm_head is skipped, so embeddings and head stay in full precision and writing the
 rows after quantising equals "initialise, then quantise".
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -78,8 +79,9 @@ def disable_cpu_repack(model: torch.nn.Module) -> int:
 
     On CPUs with AVX512-BF16, an eval-mode forward under ``no_grad`` repacks each ``Linear4bit`` weight in
     place, and later training steps then run through ``gemv_4bit``, which has no backward: LoRA
-    gradients come out silently wrong (about 90% relative error in early layers, measured). Call this before any forward pass. The repacking
-    cannot be undone exactly (absmax is rounded to bfloat16), so an already repacked layer is an error.
+    gradients come out silently wrong (about 90% relative error in early layers, measured). Call this before any
+    forward pass. The repacking cannot be undone exactly (absmax is rounded to bfloat16), so an already repacked
+    layer is an error.
     """
     guarded = 0
     for name, module in model.named_modules():
@@ -113,13 +115,17 @@ def load_base_model(
     eval mode.
     """
     quant_config = bnb_config(quant)
-    if quant_config is not None and quant_config.bnb_4bit_quant_storage != torch.uint8:
-        if quant_config.bnb_4bit_quant_storage != _dtype(dtype, "model.dtype"):  # FSDP-QLoRA: one dtype per unit
-            raise ValueError(f"quant.quant_storage={_field(quant, 'quant_storage')} needs model.dtype to match "
-                             f"(got {dtype}): FSDP shards a layer's 4-bit and unquantised weights as one dtype")
+    storage = None if quant_config is None else quant_config.bnb_4bit_quant_storage
+    if storage not in (None, torch.uint8) and storage != _dtype(dtype, "model.dtype"):  # FSDP-QLoRA: one dtype per unit
+        raise ValueError(
+            f"quant.quant_storage={_field(quant, 'quant_storage')} needs model.dtype to match "
+            f"(got {dtype}): FSDP shards a layer's 4-bit and unquantised weights as one dtype"
+        )
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"model.attn_implementation={attn_implementation!r}: expected one of "
-                         f"{', '.join(str(a) for a in ATTN_IMPLEMENTATIONS)}")
+        raise ValueError(
+            f"model.attn_implementation={attn_implementation!r}: expected one of "
+            f"{', '.join(str(a) for a in ATTN_IMPLEMENTATIONS)}"
+        )
     model = AutoModelForCausalLM.from_pretrained(
         pretrained,
         quantization_config=quant_config,
@@ -166,15 +172,18 @@ def module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
-def write_rows(model: PreTrainedModel, num_base: int, rows: Mapping[str, torch.Tensor],
-               vocab_size: int | None = None) -> None:
+def write_rows(
+    model: PreTrainedModel, num_base: int, rows: Mapping[str, torch.Tensor], vocab_size: int | None = None
+) -> None:
     """Write ``rows['embed']`` / ``rows['head']`` into token ids ``num_base .. vocab_size - 1`` of a resized
     model (``vocab_size``: default, the model's rows; rows past it are padding and stay as they are)."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     hidden, vocab = embed.weight.shape[1], vocab_size or embed.weight.shape[0]
     if vocab > embed.weight.shape[0]:
-        raise ValueError(f"rows for ids {num_base}..{vocab - 1} but the resized model has only "
-                         f"{embed.weight.shape[0]} embedding rows")
+        raise ValueError(
+            f"rows for ids {num_base}..{vocab - 1} but the resized model has only "
+            f"{embed.weight.shape[0]} embedding rows"
+        )
     ids = torch.arange(num_base, vocab)
     targets = [("embed", embed.weight)]
     if head.weight is not embed.weight:  # tied weights: one matrix, written once
@@ -201,8 +210,13 @@ def padded_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def extend_vocabulary(model: PreTrainedModel, num_base: int, vocab_size: int,
-                      rows: Mapping[str, torch.Tensor] | None, pad_to_multiple_of: int = 1) -> int:
+def extend_vocabulary(
+    model: PreTrainedModel,
+    num_base: int,
+    vocab_size: int,
+    rows: Mapping[str, torch.Tensor] | None,
+    pad_to_multiple_of: int = 1,
+) -> int:
     """Resize the base's embedding and head to ``vocab_size`` rounded up to ``pad_to_multiple_of``, write
     the new rows by token id and zero the padding rows (no token maps to them, and ``mask_padding_logits``
     keeps them out of every softmax). Returns the padded row count."""
@@ -236,8 +250,9 @@ def resize_rows(model: PreTrainedModel, rows: int) -> None:
 def zero_rows(model: PreTrainedModel, start: int) -> None:
     """Zero the embedding and head rows from ``start`` on (a tied matrix once)."""
     with torch.no_grad():
-        for weight in {id(w): w for w in (model.get_input_embeddings().weight,
-                                           model.get_output_embeddings().weight)}.values():
+        for weight in {
+            id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+        }.values():
             weight[start:] = 0
 
 
@@ -256,8 +271,7 @@ def mask_padding_logits(model: torch.nn.Module, vocab_size: int) -> None:
         return
 
     def mask(module, args, logits):
-        return logits.index_fill(-1, torch.arange(vocab_size, logits.shape[-1], device=logits.device),
-                                 float("-inf"))
+        return logits.index_fill(-1, torch.arange(vocab_size, logits.shape[-1], device=logits.device), float("-inf"))
 
     head.register_forward_hook(mask)
 
@@ -338,13 +352,28 @@ def build_model(
     full = is_full_finetuning(finetune, quant)
     if not full:
         check_lora(lora)  # fail before minutes of loading
-    model = load_base_model(pretrained, quant=quant, dtype=dtype, revision=revision,
-                            trust_remote_code=trust_remote_code, device=device, attn_implementation=attn_implementation)
+    model = load_base_model(
+        pretrained,
+        quant=quant,
+        dtype=dtype,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        device=device,
+        attn_implementation=attn_implementation,
+    )
     padded_vocab = extend_vocabulary(model, num_base, vocab_size, rows, pad_vocab_to_multiple_of)
     # what save_adapter records so load_adapter can rebuild the same base
-    build = {"pretrained": pretrained, "revision": revision, "trust_remote_code": trust_remote_code, "dtype": dtype,
-             "quant": _plain(quant), "vocab_size": vocab_size, "num_base": num_base,
-             "padded_vocab_size": padded_vocab, "attn_implementation": attn_implementation}
+    build = {
+        "pretrained": pretrained,
+        "revision": revision,
+        "trust_remote_code": trust_remote_code,
+        "dtype": dtype,
+        "quant": _plain(quant),
+        "vocab_size": vocab_size,
+        "num_base": num_base,
+        "padded_vocab_size": padded_vocab,
+        "attn_implementation": attn_implementation,
+    }
 
     checkpoint_kwargs = {"use_reentrant": False}  # no need for input grads; works with frozen embeddings
     if is_quantised(quant):
@@ -390,9 +419,11 @@ def is_full_finetuning(finetune: Any, quant: Any) -> bool:
     if name not in FINETUNE_MODES:
         raise ValueError(f"finetune.name={name!r}: expected one of {', '.join(FINETUNE_MODES)}")
     if name == "full" and is_quantised(quant):
-        raise ValueError("finetune.name=full with quant.name=nf4: full fine-tuning updates every weight and 4-bit "
-                         "weights cannot be trained; use quant=none (finetune=full selects it unless quant=nf4 is "
-                         "also given)")
+        raise ValueError(
+            "finetune.name=full with quant.name=nf4: full fine-tuning updates every weight and 4-bit "
+            "weights cannot be trained; use quant=none (finetune=full selects it unless quant=nf4 is "
+            "also given)"
+        )
     return name == "full"
 
 

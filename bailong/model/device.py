@@ -5,6 +5,7 @@ Every stage that runs the model outside Lightning's loop (the init strategies' c
 step-0/final bits/char, MC, bench, chat, export) asks here, so a GPU run never falls back to the CPU for
 them and each DDP rank uses its own GPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,10 @@ def run_device(accelerator: str = "auto", index: int | None = None) -> torch.dev
     if accelerator == "mps":
         return torch.device("mps")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.accelerator={accelerator!r} but torch sees no CUDA device "
-                           "(use trainer=cpu, or install a CUDA build of torch)")
+        raise RuntimeError(
+            f"trainer.accelerator={accelerator!r} but torch sees no CUDA device "
+            "(use trainer=cpu, or install a CUDA build of torch)"
+        )
     return torch.device("cuda", local_rank() if index is None else index)
 
 

@@ -20,6 +20,7 @@ temporary sibling and rename it into place: a directory at ``model.pretrained`` 
 
 The table holds only plain data, so the planner reads it without importing torch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,15 +46,46 @@ SHARD_BYTES = 5 * 10**9  # the hub's usual shard size; a 2-layer 7B-width model 
 TOKENIZERS = {"llama2": "data/tokenizers/mistral-v1.model"}
 
 # config.json of meta-llama/Llama-2-7b-hf (and -13b-hf) where it differs from LlamaConfig's defaults or matters
-LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
-              initializer_range=0.02, hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-              pad_token_id=None, attention_bias=False, mlp_bias=False)
+LLAMA2 = dict(
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    initializer_range=0.02,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+    attention_bias=False,
+    mlp_bias=False,
+)
 # name: (model_type, tokenizer, config); num_hidden_layers is the real depth, replaced by random_base.num_layers
 ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "llama2_7b": ("llama", "llama2", dict(LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                          num_attention_heads=32, num_key_value_heads=32)),
-    "llama2_13b": ("llama", "llama2", dict(LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                                           num_attention_heads=40, num_key_value_heads=40)),
+    "llama2_7b": (
+        "llama",
+        "llama2",
+        dict(
+            LLAMA2,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+        ),
+    ),
+    "llama2_13b": (
+        "llama",
+        "llama2",
+        dict(
+            LLAMA2,
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+        ),
+    ),
 }
 
 
@@ -69,11 +101,15 @@ def random_base_spec(model_cfg: Any) -> dict[str, Any] | None:
     rb = _get(model_cfg, "random_base")
     if rb is None:
         return None
-    spec = {"architecture": _get(rb, "architecture", "llama2_7b"), "num_layers": _get(rb, "num_layers", 2),
-            "seed": _get(rb, "seed", 0)}
+    spec = {
+        "architecture": _get(rb, "architecture", "llama2_7b"),
+        "num_layers": _get(rb, "num_layers", 2),
+        "seed": _get(rb, "seed", 0),
+    }
     if spec["architecture"] not in ARCHITECTURES:
-        raise ValueError(f"model.random_base.architecture={spec['architecture']!r}: expected one of "
-                         f"{', '.join(ARCHITECTURES)}")
+        raise ValueError(
+            f"model.random_base.architecture={spec['architecture']!r}: expected one of {', '.join(ARCHITECTURES)}"
+        )
     if not isinstance(spec["num_layers"], int) or spec["num_layers"] < 1:
         raise ValueError(f"model.random_base.num_layers={spec['num_layers']!r}: must be a positive integer")
     if not isinstance(spec["seed"], int) or spec["seed"] < 0:
@@ -113,8 +149,14 @@ def ensure_random_base(model_cfg: Any, *, device: str | None = None) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        log.info("built random %s base (%d layers, seed %d) at %s in %.1f s", spec["architecture"],
-                 spec["num_layers"], spec["seed"], target, time.perf_counter() - started)
+        log.info(
+            "built random %s base (%d layers, seed %d) at %s in %.1f s",
+            spec["architecture"],
+            spec["num_layers"],
+            spec["seed"],
+            target,
+            time.perf_counter() - started,
+        )
     return target
 
 
@@ -124,12 +166,16 @@ def _complete(target: Path, spec: Mapping[str, Any]) -> bool:
         return False
     manifest = target / MANIFEST
     if not manifest.is_file():
-        raise FileExistsError(f"model.pretrained={target} exists but was not written by ensure_random_base "
-                              f"(no {MANIFEST}); point model.pretrained elsewhere or set model.random_base=null")
+        raise FileExistsError(
+            f"model.pretrained={target} exists but was not written by ensure_random_base "
+            f"(no {MANIFEST}); point model.pretrained elsewhere or set model.random_base=null"
+        )
     built = json.loads(manifest.read_text())
     if any(built.get(k) != spec[k] for k in ("architecture", "num_layers", "seed")):
-        raise FileExistsError(f"model.pretrained={target} holds a random base built for "
-                              f"{ {k: built.get(k) for k in spec} }, not {dict(spec)}: give each its own directory")
+        raise FileExistsError(
+            f"model.pretrained={target} holds a random base built for "
+            f"{ {k: built.get(k) for k in spec} }, not {dict(spec)}: give each its own directory"
+        )
     return True
 
 
@@ -157,8 +203,11 @@ def write_random_base(out_dir: Path, spec: Mapping[str, Any], *, device: str = "
     config.architectures = ["LlamaForCausalLM"] if config.model_type == "llama" else None
     with torch.device("meta"):  # shapes and names only: nothing is allocated or initialised here
         skeleton = AutoModelForCausalLM.from_config(config)
-    kinds = {f"{m}.{p}" if m else p: type(mod).__name__ for m, mod in skeleton.named_modules()
-             for p, _ in mod.named_parameters(recurse=False)}
+    kinds = {
+        f"{m}.{p}" if m else p: type(mod).__name__
+        for m, mod in skeleton.named_modules()
+        for p, _ in mod.named_parameters(recurse=False)
+    }
     shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
     std = config.initializer_range
 
@@ -181,14 +230,21 @@ def write_random_base(out_dir: Path, spec: Mapping[str, Any], *, device: str = "
             save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
             del shard
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(p.numel() * 2 for p in meta_state.values())},
-                 "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {"total_size": sum(p.numel() * 2 for p in meta_state.values())},
+            "weight_map": split.tensor_to_filename,
+        }
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     config.save_pretrained(str(out_dir))
     GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
-    manifest = {**spec, "device": torch.device(device).type, "torch": torch.__version__,
-                "tokenizer": TOKENIZERS[tokenizer], "parameters": sum(p.numel() for p in meta_state.values()),
-                "init": f"normal(0, {std}) per tensor seeded by sha256(seed:name); RMSNorm gains 1; bfloat16"}
+    manifest = {
+        **spec,
+        "device": torch.device(device).type,
+        "torch": torch.__version__,
+        "tokenizer": TOKENIZERS[tokenizer],
+        "parameters": sum(p.numel() for p in meta_state.values()),
+        "init": f"normal(0, {std}) per tensor seeded by sha256(seed:name); RMSNorm gains 1; bfloat16",
+    }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     _readable(out_dir)
 

@@ -3,6 +3,7 @@
 ``extend_tokenizer`` writes a directory holding the merged SentencePiece ``tokenizer.model`` and a
 transformers tokenizer (``tokenizer.json``) that encodes exactly as that SentencePiece model does.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,8 @@ from bailong.cache import computed_once
 
 from .merge import append_pieces, candidate_pieces, new_characters
 from .train import (
-    TokenizerConfigError,
     WHITESPACE_PIECE,
+    TokenizerConfigError,
     check_base_supported,
     load_model_proto,
     max_sentence_bytes,
@@ -277,8 +278,17 @@ def extend_tokenizer(
         return _build(final, key, base, base_bytes, base_source, tc_texts, added_vocab, options, num_threads)
 
 
-def _build(final: Path, key: str, base, base_bytes: bytes, base_source: str, tc_texts: list[str],
-           added_vocab: int, options: dict, num_threads: int | None) -> ExtendedTokenizer:
+def _build(
+    final: Path,
+    key: str,
+    base,
+    base_bytes: bytes,
+    base_source: str,
+    tc_texts: list[str],
+    added_vocab: int,
+    options: dict,
+    num_threads: int | None,
+) -> ExtendedTokenizer:
     base_proto = load_model_proto(base_bytes, base_source)
     check_base_supported(base_proto, base_source)
     record: dict = {}

@@ -1,4 +1,5 @@
 """Fertility: tokens per character, the cost of a tokenizer on a language (lower is cheaper)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -4,6 +4,7 @@ Two rules keep the base's behaviour on text it already covers:
 only pieces containing a CJK character are appended, so no appended piece can match text without
 one; and appended pieces score below every base piece, so a base merge always wins over a new one.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -57,9 +58,7 @@ def new_characters(required: Iterable[str], base: model_pb2.ModelProto) -> list[
     return [c for c in required if is_cjk_char(c) and c not in base_pieces]
 
 
-def candidate_pieces(
-    base: model_pb2.ModelProto, trained: model_pb2.ModelProto, new_chars: Sequence[str]
-) -> list[str]:
+def candidate_pieces(base: model_pb2.ModelProto, trained: model_pb2.ModelProto, new_chars: Sequence[str]) -> list[str]:
     """Pieces to append, best first: the new required characters, then multi-character CJK pieces.
 
     Characters come first because a multi-character piece is unreachable while one of its

@@ -4,6 +4,7 @@ The trained model is only a source of candidate pieces (see merge.py); what matt
 segments text the way the base would, so its splitting and normalisation options are copied from
 the base ModelProto rather than left at SentencePiece's defaults.
 """
+
 from __future__ import annotations
 
 import io
@@ -43,7 +44,7 @@ def load_model_proto(data: bytes, source: str = "tokenizer model") -> model_pb2.
     proto = model_pb2.ModelProto()
     try:
         proto.ParseFromString(data)
-    except Exception as err:  # protobuf raises DecodeError, a private class
+    except Exception as err:  # noqa: BLE001  protobuf raises DecodeError, a private class
         raise TokenizerConfigError(f"{source}: not a SentencePiece model ({err})") from None
     if not proto.pieces:
         raise TokenizerConfigError(f"{source}: not a SentencePiece model (no pieces)")

@@ -1,5 +1,6 @@
 """Lightning callbacks: training throughput, a stop on a non-finite or blown-up loss (saving the state from before
 the damage), and a fault injector for resume tests."""
+
 from __future__ import annotations
 
 import copy
@@ -77,8 +78,13 @@ class NonFiniteGuard(pl.Callback):
     ``L0 + max(min_rise, L0)`` (a doubled loss).
     """
 
-    def __init__(self, dirpath: str | os.PathLike | None = None, filename: str = "last_good.ckpt",
-                 min_rise: float = 1.0, keep_state: bool = True) -> None:
+    def __init__(
+        self,
+        dirpath: str | os.PathLike | None = None,
+        filename: str = "last_good.ckpt",
+        min_rise: float = 1.0,
+        keep_state: bool = True,
+    ) -> None:
         self.dirpath = dirpath
         self.filename = filename
         self.min_rise = min_rise
@@ -128,17 +134,23 @@ class NonFiniteGuard(pl.Callback):
             value /= scaler.get_scale()
         step = trainer.global_step
         if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite training loss ({value}) at step {step}; lower train.lr or check "
-                                     "the data")
+            raise FloatingPointError(
+                f"non-finite training loss ({value}) at step {step}; lower train.lr or check the data"
+            )
         if self.first_loss is None:
             self.first_loss = value
         limit = self.loss_limit()
         if value > limit:
-            uniform = (f"uniform guessing over {self.vocab_size} tokens (ln {self.vocab_size} = "
-                       f"{math.log(self.vocab_size):.2f})" if self.vocab_size else "twice that")
+            uniform = (
+                f"uniform guessing over {self.vocab_size} tokens (ln {self.vocab_size} = "
+                f"{math.log(self.vocab_size):.2f})"
+                if self.vocab_size
+                else "twice that"
+            )
             raise FloatingPointError(
                 f"training loss {value:.4g} at step {step} has blown up: above {limit:.4g} nats, more than halfway "
-                f"from the first step's loss {self.first_loss:.4g} to {uniform}; lower train.lr or check the data")
+                f"from the first step's loss {self.first_loss:.4g} to {uniform}; lower train.lr or check the data"
+            )
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         step = trainer.global_step
@@ -146,8 +158,10 @@ class NonFiniteGuard(pl.Callback):
         if self._pending is not None and self._pending_step == step:
             bad = non_finite_names(self._pending["state_dict"].items())
             if bad:
-                raise FloatingPointError(f"non-finite parameter at step {step} in {len(bad)} tensor(s), e.g. "
-                                         f"{bad[0]}; lower train.lr or check the data")
+                raise FloatingPointError(
+                    f"non-finite parameter at step {step} in {len(bad)} tensor(s), e.g. "
+                    f"{bad[0]}; lower train.lr or check the data"
+                )
             self._good, self._pending = self._pending, None
         self._passed_step = step
         if grad_scaler(trainer) is not None:  # 16-mixed: an overflowing gradient is normal; the scaler skips the step
@@ -174,14 +188,20 @@ class NonFiniteGuard(pl.Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             trainer.strategy.save_checkpoint(self._good, path)  # rank 0 writes; no barrier: a rank may be stuck
             self.saved_path = path
-            note = (f"training stopped at step {trainer.global_step}; {path} holds step {self._good['global_step']}, "
-                    f"the newest state whose loss passed the checks. {resume_advice(path, trainer, hp)}")
+            note = (
+                f"training stopped at step {trainer.global_step}; {path} holds step {self._good['global_step']}, "
+                f"the newest state whose loss passed the checks. {resume_advice(path, trainer, hp)}"
+            )
         elif (periodic := self._passed_periodic_checkpoint(trainer)) is not None:
-            note = (f"training stopped at step {trainer.global_step}; no state was kept in memory here, but "
-                    f"{periodic} is from a step whose loss passed the checks. {resume_advice(periodic, trainer, hp)}")
+            note = (
+                f"training stopped at step {trainer.global_step}; no state was kept in memory here, but "
+                f"{periodic} is from a step whose loss passed the checks. {resume_advice(periodic, trainer, hp)}"
+            )
         else:
-            note = (f"training stopped at step {trainer.global_step}; no state before it passed the checks, so "
-                    "nothing was saved: start over with a lower train.lr, or check the data")
+            note = (
+                f"training stopped at step {trainer.global_step}; no state before it passed the checks, so "
+                "nothing was saved: start over with a lower train.lr, or check the data"
+            )
         exception.add_note(note)
         log.error("%s\n%s", exception, note)
 
@@ -193,7 +213,7 @@ class NonFiniteGuard(pl.Callback):
             return None
         try:
             step = torch.load(candidate, map_location="cpu", weights_only=True, mmap=True)["global_step"]
-        except Exception:  # damaged: not a state to resume from
+        except Exception:  # noqa: BLE001  damaged: not a state to resume from
             return None
         return Path(candidate) if step <= self._passed_step else None
 
@@ -264,11 +284,13 @@ def resume_advice(ckpt: Path, trainer, hp: dict) -> str:
         # Hydra's overrides are this run's only if Hydra made this run's directory
         if hydra is not None and Path(hydra.runtime.output_dir).resolve() == out.resolve():
             overrides = [o for o in hydra.overrides.task if o.lstrip("+~").split("=", 1)[0] not in replaced]
-    except Exception:  # no Hydra run: the bare command
+    except Exception:  # noqa: BLE001  no Hydra run: the bare command
         pass
     args = [*overrides, f"ckpt_path={ckpt}", f"hydra.run.dir={out}", *(f"{k}={v}" for k, v in lowered.items())]
-    return ("Resume from it with lower learning rates (they replace the checkpoint's):\n"
-            f"  python run.py {' '.join(shlex.quote(a) for a in args)}")
+    return (
+        "Resume from it with lower learning rates (they replace the checkpoint's):\n"
+        f"  python run.py {' '.join(shlex.quote(a) for a in args)}"
+    )
 
 
 class KillAtStep(pl.Callback):
@@ -306,8 +328,11 @@ class GatherFullState(pl.Callback):
         on_gpu = trainer.strategy.root_device.type == "cuda"
         with FSDP.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=on_gpu, offload_to_cpu=on_gpu):
             if trainer.is_global_zero:
-                self.state = {unwrapped_name(n): p.detach().cpu().clone()
-                              for n, p in pl_module.model.named_parameters() if p.requires_grad}
+                self.state = {
+                    unwrapped_name(n): p.detach().cpu().clone()
+                    for n, p in pl_module.model.named_parameters()
+                    if p.requires_grad
+                }
 
     def load_into(self, model: torch.nn.Module) -> None:
         """Copy the gathered values into ``model`` (built as the trained one was); every one must land."""

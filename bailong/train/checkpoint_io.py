@@ -7,13 +7,15 @@ leaves a truncated ``last.ckpt`` that the next run is told to resume from (and f
 rename within one filesystem: atomic. The pipeline passes it as a Trainer plugin (``plugins=[...]``), which
 Lightning hands to whatever strategy runs (single device, DDP, FSDP with ``state_dict_type: full``).
 """
+
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -31,7 +33,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     path holds either its previous complete content or the new complete checkpoint. Remote paths (``s3://`` …) go
     to Lightning's own implementation."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
         if storage_options is not None:
@@ -54,10 +56,8 @@ def write_atomically(target: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_dir(target.parent)  # the rename itself survives a power loss
 

@@ -6,6 +6,7 @@ experiment), so a run resumed in its own directory (``ckpt_path=… hydra.run.di
 before the crash. ``ResumableCSVLogger`` keeps the rows logged before the checkpoint's step (the resumed run
 logs the later ones again) and flushes at every logging step, so a crash loses no row the checkpoint covers.
 """
+
 from __future__ import annotations
 
 import csv

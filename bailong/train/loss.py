@@ -16,6 +16,7 @@ through the head, ``logit_budget`` logits at a time:
 Both give the mean over scored tokens that transformers' loss computes, and its gradients
 (``tests/test_chunked_loss.py``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if rows is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
             logits = (h.to(weight.dtype) @ weight.T).float()
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             top = logits.amax(dim=-1)
@@ -114,7 +115,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             total += (norm.log() + top - target_logit).sum()
             probs.div_(norm[:, None])[torch.arange(len(t), device=t.device), t] -= 1.0  # d nll / d logits
             grad_logits = probs.to(weight.dtype)
-            grad_hidden[start:start + chunk] = (grad_logits @ weight).to(hidden.dtype)
+            grad_hidden[start : start + chunk] = (grad_logits @ weight).to(hidden.dtype)
             if grad_rows is not None:  # only the rows that train: the frozen ones need no gradient at all
                 if ids is None:  # the whole matrix trains; padding rows past ``weight`` get no gradient
                     grad_rows[: weight.shape[0]] += (grad_logits.T @ h.to(weight.dtype)).float()
@@ -152,8 +153,9 @@ def causal_lm_loss(
     transformers build a block-diagonal causal mask when ``attention_mask`` is None.
     """
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False).last_hidden_state
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     targets = labels[:, 1:].reshape(-1)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     scored = targets != IGNORE_INDEX

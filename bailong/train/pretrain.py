@@ -1,4 +1,5 @@
 """Continued pre-training as a LightningModule: the whole training step, top to bottom."""
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,11 @@ def _full_param_groups(model: torch.nn.Module, lr: float, embedding_lr: float | 
         if p.requires_grad:
             groups["embeddings" if id(p) in matrices else "norms" if p.ndim < 2 else "decoder"].append(p)
     settings = {"decoder": (lr, weight_decay), "norms": (lr, 0.0), "embeddings": (embedding_lr or lr, 0.0)}
-    return [{"params": params, "lr": settings[name][0], "weight_decay": settings[name][1], "name": name}
-            for name, params in groups.items() if params]
+    return [
+        {"params": params, "lr": settings[name][0], "weight_decay": settings[name][1], "name": name}
+        for name, params in groups.items()
+        if params
+    ]
 
 
 def make_optimizer(name: str, groups: list[dict], betas: tuple[float, float]) -> torch.optim.Optimizer:
@@ -102,9 +106,16 @@ class PretrainModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.model = model
-        self.hp = dict(lr=lr, max_steps=max_steps, optimizer=optimizer, embedding_lr=embedding_lr,
-                       weight_decay=weight_decay, betas=tuple(betas), warmup_steps=warmup_steps,
-                       min_lr_ratio=min_lr_ratio)
+        self.hp = dict(
+            lr=lr,
+            max_steps=max_steps,
+            optimizer=optimizer,
+            embedding_lr=embedding_lr,
+            weight_decay=weight_decay,
+            betas=tuple(betas),
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+        )
         self.val_names = tuple(val_names)
         self.logit_budget = logit_budget
         # checkpoints hold only the trainable parameters (the 4-bit base is reloaded from the hub/disk)
@@ -115,8 +126,14 @@ class PretrainModule(pl.LightningModule):
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # chunked cross-entropy: full-vocabulary logits are never materialised (bailong/train/loss.py)
-        loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
-                              position_ids=batch.get("position_ids"), logit_budget=self.logit_budget)
+        loss = causal_lm_loss(
+            self.model,
+            batch["input_ids"],
+            batch["labels"],
+            batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            logit_budget=self.logit_budget,
+        )
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}; lower train.lr or check the data"
@@ -134,15 +151,18 @@ class PretrainModule(pl.LightningModule):
                 raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: FSDP runs clip by norm")
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
-                            gradient_clip_algorithm=gradient_clip_algorithm)
+        self.clip_gradients(
+            optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hp
         groups = _param_groups(self.model, hp["lr"], hp["embedding_lr"], hp["weight_decay"])
         # what the config asks, per group: a resumed run's restored optimizer is set back to it (on_train_start)
-        self._configured_groups = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
-                                    "betas": tuple(hp["betas"])} for g in groups]
+        self._configured_groups = [
+            {"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"], "betas": tuple(hp["betas"])}
+            for g in groups
+        ]
         opt = make_optimizer(hp["optimizer"], groups, hp["betas"])
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, hp["warmup_steps"], hp["max_steps"], hp["min_lr_ratio"])
@@ -185,8 +205,11 @@ class PretrainModule(pl.LightningModule):
         if scheduler is not None:
             scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         if changes and self.trainer.is_global_zero:
-            log.info("resumed at step %d with the config's optimizer settings, not the checkpoint's: %s",
-                     self.global_step, "; ".join(changes))
+            log.info(
+                "resumed at step %d with the config's optimizer settings, not the checkpoint's: %s",
+                self.global_step,
+                "; ".join(changes),
+            )
 
     # -- validation: bits per character -----------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -201,12 +224,18 @@ class PretrainModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         for name in self.val_names:
             # under DDP each rank scored its share of the windows: sum bits and characters over ranks
-            totals = torch.tensor([self._val_bits[name], self._val_chars[name]], dtype=torch.float64,
-                                  device=self.device)
+            totals = torch.tensor(
+                [self._val_bits[name], self._val_chars[name]], dtype=torch.float64, device=self.device
+            )
             bits, chars = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
             if chars:
-                self.log(f"val/{name}_bpc", bits / chars, prog_bar=name == "tc", add_dataloader_idx=False,
-                         rank_zero_only=True)
+                self.log(
+                    f"val/{name}_bpc",
+                    bits / chars,
+                    prog_bar=name == "tc",
+                    add_dataloader_idx=False,
+                    rank_zero_only=True,
+                )
 
     # -- checkpoints: trainable parameters + RNG, so a resumed run continues bit-for-bit ----------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

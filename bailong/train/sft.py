@@ -6,6 +6,7 @@ transformers builds a block-diagonal causal mask, so packed conversations never 
 Validation batches are whole held-out conversations (``bailong.data.sft``): ``val/chat_bpc`` is bits
 per character of the held-out assistant replies.
 """
+
 from __future__ import annotations
 
 import torch

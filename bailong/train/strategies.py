@@ -9,6 +9,7 @@ segfaults it in ``state_dict()``; here every rank gathers the full state without
 changes, so ``trainer=fsdp_cpu`` runs the FSDP code path a GPU run takes — wrapping, sharded steps,
 checkpoints, the full-state gather before rank 0 evaluates and saves — on a laptop or in CI.
 """
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
@@ -31,10 +32,14 @@ class CPUFSDPStrategy(FSDPStrategy):
             # Lightning's own wrapping with device_id=cpu; it then only sets up activation checkpointing
             kwargs = dict(self.kwargs)
             self.kwargs.pop("auto_wrap_policy", None)  # applied here: Lightning would warn it is ignored
-            model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
-                                             mixed_precision=self.mixed_precision_config,
-                                             sharding_strategy=self.sharding_strategy, device_id=self.root_device,
-                                             **kwargs)
+            model = FullyShardedDataParallel(
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=self.root_device,
+                **kwargs,
+            )
         return super()._setup_model(model)
 
     def _full_state_on_cpu(self) -> AbstractContextManager | None:
@@ -45,9 +50,12 @@ class CPUFSDPStrategy(FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.api import FullOptimStateDictConfig
 
-        return FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
-                                    FullStateDictConfig(offload_to_cpu=False, rank0_only=False),
-                                    FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=False))
+        return FSDP.state_dict_type(
+            self.model,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=False),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=False),
+        )
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         context = self._full_state_on_cpu()
@@ -66,5 +74,6 @@ class CPUFSDPStrategy(FSDPStrategy):
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
         with context:  # keyed by parameter id, the standard format Lightning's own full checkpoints use
-            return FSDP.rekey_optim_state_dict(FSDP.optim_state_dict(self.model, optimizer),
-                                               OptimStateKeyType.PARAM_ID, self.model)
+            return FSDP.rekey_optim_state_dict(
+                FSDP.optim_state_dict(self.model, optimizer), OptimStateKeyType.PARAM_ID, self.model
+            )

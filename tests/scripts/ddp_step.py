@@ -5,6 +5,7 @@ batch it saw and its gradients after DDP's all-reduce (tests/test_ddp.py compare
 
 Lightning's DDP launcher re-runs this script for rank 1, as it re-runs run.py under trainer=ddp.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,8 +28,14 @@ def make_model():
     g = torch.Generator().manual_seed(0)
     rows = {k: torch.randn(NEW_ROWS, 256, generator=g) * 0.02 for k in ("embed", "head")}
     torch.manual_seed(0)  # LoRA's A matrices
-    return build_model(str(ROOT / "models" / "mini-base"), vocab_size=NUM_BASE + NEW_ROWS, num_base=NUM_BASE,
-                       rows=rows, quant={"name": "none"}, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    return build_model(
+        str(ROOT / "models" / "mini-base"),
+        vocab_size=NUM_BASE + NEW_ROWS,
+        num_base=NUM_BASE,
+        rows=rows,
+        quant={"name": "none"},
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+    )
 
 
 def batches() -> list[dict[str, torch.Tensor]]:
@@ -47,18 +54,32 @@ class DumpGradients(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # after backward + all-reduce
         grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
-        torch.save({"grads": grads, "batch": self.batch, "world_size": trainer.world_size,
-                    "strategy": type(trainer.strategy).__name__},
-                   self.out / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "grads": grads,
+                "batch": self.batch,
+                "world_size": trainer.world_size,
+                "strategy": type(trainer.strategy).__name__,
+            },
+            self.out / f"rank{trainer.global_rank}.pt",
+        )
 
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     module = PretrainModule(make_model(), lr=1e-3, max_steps=1, warmup_steps=0)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=pl.strategies.DDPStrategy(process_group_backend="gloo"),
-        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, gradient_clip_val=None, callbacks=[DumpGradients(out)],
+        accelerator="cpu",
+        devices=2,
+        strategy=pl.strategies.DDPStrategy(process_group_backend="gloo"),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=None,
+        callbacks=[DumpGradients(out)],
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches(), batch_size=1, shuffle=False))
 
