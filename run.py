@@ -13,11 +13,9 @@ a NaN return.
 """
 
 import gc
-import json
 import logging
 import math
 import os
-import tempfile
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,6 +80,7 @@ def is_multirun() -> bool:
 def record_failure(out: Path, err: BaseException, cfg: DictConfig) -> None:
     """Write ``error.json`` (atomically, secrets redacted, readable like the run's other files) and close the
     job's W&B run, marked failed. A disk too full for the record leaves no partial file and says so in the log."""
+    from bailong.files import write_json_atomically
     from bailong.redact import redact_text, run_secrets
 
     hc = HydraConfig.get() if HydraConfig.initialized() else None
@@ -99,7 +98,7 @@ def record_failure(out: Path, err: BaseException, cfg: DictConfig) -> None:
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
-        write_atomically(out / ERROR_FILE, json.dumps(record, indent=2, ensure_ascii=False))
+        write_json_atomically(out / ERROR_FILE, record)
     except OSError as write_err:  # e.g. the disk is full: the failure itself must still be reported
         log.error(
             "could not write %s (%s: %s); the run failed with %s: %s",
@@ -110,26 +109,6 @@ def record_failure(out: Path, err: BaseException, cfg: DictConfig) -> None:
             record["message"],
         )
     finish_wandb_run(exit_code=1)  # else the next job of the multirun would log into this W&B run
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """``path`` holds ``text`` whole or is left as it was: a temp file beside it, fsynced, renamed over it, and
-    removed if anything fails (a full disk). Its mode is that of the run's other files (0666 less the umask):
-    mkstemp's 0600 would hide the record from a colleague reading the sweep."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def finish_wandb_run(exit_code: int) -> None:

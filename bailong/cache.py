@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bailong.files import write_json_atomically
+
 LOCKS = ".locks"  # beside the entries, not among them: a listing shows results only
 _HELD: set[Path] = set()  # lock files this process holds (computed_once), so atomic_dir does not wait on itself
 
@@ -73,11 +75,7 @@ def cached_json(directory: Path, inputs: Any, compute: Callable[[], dict]) -> di
         if path.is_file():
             return json.loads(path.read_text())
         result = compute()
-        # atomic: a reader never sees half a file; the name says whose temp it is (for prune)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh)
-        os.replace(tmp, path)
+        write_json_atomically(path, result, indent=None)  # a reader never sees half a file
     return result
 
 

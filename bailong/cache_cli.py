@@ -36,7 +36,8 @@ KINDS = ("base_metrics", "init_rows", "instruct", "random_bases", "tokenizers") 
 ORPHAN_MIN_AGE_S = 60.0
 # How each writer names its temporary sibling, so a temporary leads to its entry's lock.
 TEMP_NAMES = (
-    re.compile(r"^\.(?P<entry>.+)\.[a-z0-9_]{8}\.tmp$"),  # cached_json: .<entry>.<random>.tmp
+    re.compile(r"^\.(?P<entry>.+)\.\d+\.[0-9a-f]{8}\.partial$"),  # bailong.files: .<entry>.<pid>.<hex>.partial
+    re.compile(r"^\.(?P<entry>.+)\.[a-z0-9_]{8}\.tmp$"),  # cached_json before bailong.files: .<entry>.<random>.tmp
     re.compile(r"^\.(?P<entry>.+)\.tmp-[a-z0-9_]{8}$"),  # random_base: .<entry>.tmp-<random>
     re.compile(r"^\.tmp-(?P<entry>.+)-[0-9a-f]{8}$"),  # tokenizers: .tmp-<entry>-<hex>
     re.compile(r"^\.(?P<entry>.+)\.pruning-[0-9a-f]{8}$"),  # prune's own, interrupted mid-removal

@@ -24,6 +24,7 @@ from bailong.data.pretrain import PretrainDataModule
 from bailong.data.splits import Splits, load_splits
 from bailong.embedding import global_rng_kept, resize_and_initialize, rows_depend_on
 from bailong.eval.bpc import evaluate_texts
+from bailong.files import write_json_atomically
 from bailong.model.adapter import save_adapter
 from bailong.model.build import build_model, count_parameters, load_base_model, new_rows
 from bailong.model.device import autocast, global_rank, run_device
@@ -215,8 +216,7 @@ def finish_run(out: Path, metrics: dict, loggers: list, step: int) -> dict:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         lg.save()
     finish_wandb(loggers)
-    (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-    (out / "metrics.json.tmp").replace(out / "metrics.json")
+    write_json_atomically(out / "metrics.json", metrics)
     from bailong.summary import run_summary  # the console's last lines; metrics.json has every number
 
     log.info("%s", run_summary(metrics, out))

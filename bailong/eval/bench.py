@@ -30,6 +30,7 @@ from typing import Any
 from bailong.config import compose_config
 from bailong.data.corpus import CorpusError, read_jsonl
 from bailong.eval.consistency import LANGS, identify_language, traditional_purity
+from bailong.files import write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +188,11 @@ def is_run_dir(path: Path) -> bool:
 
 
 def merge_metrics(run_dir: Path, new: dict) -> None:
-    """Add ``new`` keys to ``run_dir/metrics.json`` (written to a temporary file, then renamed)."""
+    """Add ``new`` keys to ``run_dir/metrics.json`` (atomically: a reader sees the old file or the new one)."""
     path = run_dir / "metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     metrics.update(new)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-    tmp.replace(path)
+    write_json_atomically(path, metrics)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,10 +10,7 @@ Lightning hands to whatever strategy runs (single device, DDP, FSDP with ``state
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +18,9 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import save as torch_save
 
-log = logging.getLogger(__name__)
+from bailong.files import PARTIAL_SUFFIX, write_atomically  # noqa: F401  (PARTIAL_SUFFIX: what a leftover ends in)
 
-PARTIAL_SUFFIX = ".partial"  # not ``.ckpt``: a leftover is never taken for a checkpoint
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,35 +38,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(target, lambda f: torch_save(checkpoint, f))
-
-
-def write_atomically(target: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``target``, fsync it and rename it to ``target``; on failure
-    remove the temporary file and re-raise, leaving ``target`` as it was."""
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
-    # 0o666 less the umask, as for any new file (mkstemp would make it 0600)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)  # the rename itself survives a power loss
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. a platform without directory handles: the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

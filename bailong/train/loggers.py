@@ -10,12 +10,15 @@ logs the later ones again) and flushes at every logging step, so a crash loses n
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from bailong.files import write_text_atomically
 
 WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the W&B run a resume continues
 
@@ -36,12 +39,11 @@ class _ResumingWriter(ExperimentWriter):
             reader = csv.DictReader(fh)
             header = list(reader.fieldnames or [])
             rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < self.keep_before]
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        kept = io.StringIO(newline="")
+        writer = csv.DictWriter(kept, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomically(path, kept.getvalue())
         self.metrics_keys = header  # later rows append under this header (a new key rewrites it, as in Lightning)
 
 
