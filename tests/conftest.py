@@ -15,6 +15,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from bailong.config import compose_config  # noqa: E402  composed as run.py does; tests import it from here
 
+# experiment=smoke's settings, except that it turns W&B off: the secret and console tests need W&B on
+SMOKE_WITH_WANDB = [
+    "data.seq_len=128",
+    "data.batch_size=4",
+    "data.max_val_chars=2000",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "train.warmup_steps=1",
+    "train.checkpoint_every_n_steps=2",
+    "trainer.enable_progress_bar=false",
+    "eval.base=false",
+]
+
 
 @pytest.fixture(scope="session")
 def root() -> Path:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from bailong.model.build import build_model
 from bailong.train.callbacks import NonFiniteGuard
 from bailong.train.pretrain import PretrainModule
-from conftest import compose_config
+from conftest import SMOKE_WITH_WANDB, compose_config
 
 
 # -- a NaN/inf stops the run and keeps the last good state ------------------------------------------------
@@ -133,20 +133,9 @@ def test_no_planted_key_reaches_any_output_of_a_run(tmp_path, monkeypatch, capfd
     monkeypatch.setenv("WANDB_MODE", "offline")  # the key would otherwise switch W&B online
     caplog.set_level("DEBUG")
     out = tmp_path / "run"
-    smoke = [
-        "data.seq_len=128",
-        "data.batch_size=4",
-        "data.max_val_chars=2000",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        "train.warmup_steps=1",
-        "train.checkpoint_every_n_steps=2",
-        "trainer.enable_progress_bar=false",
-        "eval.base=false",
-    ]  # experiment=smoke, with W&B kept on
     cfg = compose_config(
         [
-            *smoke,
+            *SMOKE_WITH_WANDB,
             "logger=csv_wandb",
             "+logger.wandb.notes=${oc.env:WANDB_API_KEY}",  # config values that resolve to keys
             "+logger.wandb.config.judge=${oc.env:JUDGE_API_KEY}",

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from bailong.model.adapter import META_FILE
-from conftest import ROOT
+from conftest import ROOT, SMOKE_WITH_WANDB
 from test_build import make_tiny_base
 from test_export import saved_adapter
 
@@ -119,17 +119,6 @@ def leaks(out, proc: subprocess.CompletedProcess, secrets=(ENV_KEY, TYPED_KEY)) 
     return found + [stream for stream in ("stdout", "stderr") for s in secrets if s in getattr(proc, stream)]
 
 
-SMOKE_WITH_WANDB = [
-    "data.seq_len=128",
-    "data.batch_size=4",
-    "data.max_val_chars=2000",
-    "trainer.max_steps=2",
-    "trainer.val_check_interval=2",
-    "train.warmup_steps=1",
-    "train.checkpoint_every_n_steps=2",
-    "trainer.enable_progress_bar=false",
-    "eval.base=false",
-]  # experiment=smoke turns W&B off
 SWEEP_WITH_SECRETS = [
     "-m",
     *SMOKE_WITH_WANDB,

@@ -15,6 +15,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from bailong.train.loggers import checkpoint_step
+
 log = logging.getLogger(__name__)
 
 
@@ -212,7 +214,7 @@ class NonFiniteGuard(pl.Callback):
         if not candidate or self._passed_step is None or not Path(candidate).is_file():
             return None
         try:
-            step = torch.load(candidate, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+            step = checkpoint_step(candidate)
         except Exception:  # noqa: BLE001  damaged: not a state to resume from
             return None
         return Path(candidate) if step <= self._passed_step else None
