@@ -10,6 +10,8 @@ import re
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from bailong.errors import ConfigError  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -23,10 +25,6 @@ MAX_LR = 1.0
 HIGH_LR = 1e-2  # above this: allowed, with a warning
 # key names that hold a credential: such a key added with + gets the "put it in the environment" advice
 SECRET_NAME = re.compile(r"api_?key|token|secret|password|passwd|credential", re.IGNORECASE)
-
-
-class ConfigError(ValueError):
-    """A configuration value outside its valid range."""
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -12,14 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bailong.data.corpus import load_documents
 from bailong.data.pretrain import PretrainDataModule
-from bailong.eval.bpc import (
-    bits_per_char,
-    collate_windows,
-    evaluate_texts,
-    score_batch,
-    scoring_windows,
-    window_spans,
-)
+from bailong.data.windows import collate_windows, scoring_windows, window_spans
+from bailong.eval.bpc import bits_per_char, evaluate_texts, score_batch
 from test_packing import DATA, build_tiny_tokenizer, tiny_corpora
 
 

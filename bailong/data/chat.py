@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from bailong.data.corpus import read_jsonl, write_jsonl
+from bailong.data.windows import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE = (
     "{{ bos_token }}"

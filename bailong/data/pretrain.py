@@ -1,7 +1,7 @@
 """The pre-training DataModule: a packed TC/EN token mix for training, bits-per-character windows for
 validation.
 
-Validation batches are cut by the evaluator's own windowing (``bailong.eval.bpc``) and carry
+Validation batches are cut into the evaluator's scoring windows (``bailong.data.windows``) and carry
 ``labels`` (-100 where not scored) plus ``chars``/``bytes``, so summing ``score_batch`` bits and
 ``chars`` over a validation loader gives exactly ``bits_per_char`` of ``val_texts``.
 """
@@ -25,7 +25,7 @@ from bailong.data.packing import (
     tokenize_documents,
 )
 from bailong.data.splits import Splits, cap_chars, load_splits
-from bailong.eval.bpc import ScoringWindow, collate_windows, scoring_windows
+from bailong.data.windows import ScoringWindow, collate_windows, scoring_windows
 
 log = logging.getLogger(__name__)
 

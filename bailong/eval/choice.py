@@ -27,7 +27,8 @@ import torch
 
 from bailong.data.corpus import CorpusError, read_jsonl, write_jsonl
 from bailong.data.packing import special_token_ids
-from bailong.eval.bpc import ScoringWindow, collate_windows, score_batch, scoring_mode
+from bailong.data.windows import ScoringWindow, collate_windows
+from bailong.eval.bpc import score_batch, scoring_mode
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from bailong.data.windows import IGNORE_INDEX
 from bailong.model.build import scored_vocab
 
-IGNORE_INDEX = -100
 TRAIN_LOGIT_BUDGET = 2**24  # logits alive at once in a training step (64 MB in float32)
 
 

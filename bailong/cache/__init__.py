@@ -4,7 +4,7 @@ Layout: ``<cache_dir>/<kind>/<entry>`` (kinds: tokenizers, base_metrics, init_ro
 random_bases), and ``<cache_dir>/<kind>/.locks/<entry>.lock``, held by whichever process computes or
 writes the entry; its mtime records the entry's last use. A writer fills a hidden temporary sibling
 (``.<entry>.…``) under that lock and renames it into place, so ``python -m bailong.cache prune`` can tell
-an orphan left by a killed writer (its lock is free) from one being written (see bailong/cache_cli.py).
+an orphan left by a killed writer (its lock is free) from one being written (see bailong/cache/__main__.py).
 """
 
 from __future__ import annotations
@@ -114,9 +114,3 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-
-
-if __name__ == "__main__":  # python -m bailong.cache {list,prune}
-    from bailong.cache_cli import main
-
-    raise SystemExit(main())
