@@ -28,8 +28,8 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import bailong.config  # noqa: E402,F401  (registers the structured-config schema)
+from bailong.run_files import ERROR_FILE  # noqa: E402
 
-ERROR_FILE = "error.json"
 log = logging.getLogger("bailong.run")
 
 
@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> float | None:
     from bailong.console import configure_console  # heavy imports after Hydra has validated the config
 
     configure_console()  # after Hydra's logging setup, before the pipeline loads the libraries it quiets
-    from bailong.pipeline import run
+    from bailong.stages import run
 
     out = Path(cfg.paths.output_dir)
     (out / ERROR_FILE).unlink(missing_ok=True)  # a resumed run in the same directory starts clean

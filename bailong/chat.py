@@ -4,8 +4,8 @@
     python -m bailong.chat outputs/sft/runs/<run> --prompt "請接下一句：「床前明月光」" --prompt "作者是誰？"
 
 ``<run>`` is a run directory (its ``adapter/`` reloads onto a fresh base), an ``adapter/`` directory, or
-a merged model written by ``python -m bailong.export``. Sampling defaults are the paper's examples:
-temperature 0.6, top-p 0.9, top-k 40, repetition penalty 1.1 (``--greedy`` decodes greedily).
+a merged model written by ``python -m bailong.export``. Sampling defaults are the paper's examples
+(``bailong.eval.config.PAPER_SAMPLING``; ``--greedy`` decodes greedily).
 Replies come from ``bailong.eval.generate.generate``, the same code path the bench uses.
 
 Interactive commands: ``/reset`` forgets the conversation, ``/system TEXT`` sets a system message,
@@ -21,35 +21,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP
+from bailong.eval.config import PAPER_SAMPLING
 from bailong.eval.generate import PromptTooLongError, generate
-
-PAPER_SAMPLING = {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
+from bailong.model.loading import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP, load_for_inference
 
 
 def load_chat_model(path: str | Path, device: str = "auto", trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) from a run directory, an adapter directory or a merged (exported) model directory,
     on ``device`` (``auto``: this process's GPU when there is one, else the CPU); a model's own code runs only
-    if ``trust_remote_code`` (the user's flag)."""
-    from bailong.model.adapter import META_FILE, find_adapter, load_adapter
-    from bailong.model.build import device_map
-    from bailong.model.device import run_device
+    if ``trust_remote_code`` (the user's flag). A model directory loads unquantised in the dtype it was saved
+    in, with its own tokenizer (an export's carries the chat template)."""
+    from bailong.model.adapter import META_FILE, find_adapter
 
-    path, device = Path(path), run_device(device)
-    adapter = find_adapter(path)
-    if adapter is not None:
-        return load_adapter(adapter, device=device, trust_remote_code=trust_remote_code)
-    if (path / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), use_safetensors=True, device_map=device_map(device), trust_remote_code=trust_remote_code
+    path = Path(path)
+    if find_adapter(path) is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: not a run directory (no adapter/{META_FILE}), an adapter directory "
+            "or a model directory (no config.json)"
         )
-        return model.eval(), AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    raise FileNotFoundError(
-        f"{path}: not a run directory (no adapter/{META_FILE}), an adapter directory "
-        "or a model directory (no config.json)"
+    _, model, tokenizer = load_for_inference(
+        path, quant="none", device=device, trust_remote_code=trust_remote_code, dtype="auto", own_tokenizer=True
     )
+    return model, tokenizer
 
 
 def reply(model: Any, tokenizer: Any, messages: list[dict], settings: dict, streamer: Any = None) -> str:
@@ -113,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", help="run directory, adapter directory or exported model directory")
     parser.add_argument("--prompt", action="append", default=[], help="a user turn (repeat for more); prints JSON")
     parser.add_argument("--system", default=None, help="system message")
-    parser.add_argument("--temperature", type=float, default=PAPER_SAMPLING["temperature"])
-    parser.add_argument("--top-p", type=float, default=PAPER_SAMPLING["top_p"])
-    parser.add_argument("--top-k", type=int, default=PAPER_SAMPLING["top_k"])
-    parser.add_argument("--repetition-penalty", type=float, default=PAPER_SAMPLING["repetition_penalty"])
+    parser.add_argument("--temperature", type=float, default=PAPER_SAMPLING.temperature)
+    parser.add_argument("--top-p", type=float, default=PAPER_SAMPLING.top_p)
+    parser.add_argument("--top-k", type=int, default=PAPER_SAMPLING.top_k)
+    parser.add_argument("--repetition-penalty", type=float, default=PAPER_SAMPLING.repetition_penalty)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--seed", type=int, default=None, help="makes sampled replies repeatable")

@@ -27,6 +27,7 @@ from bailong.data.config import (  # noqa: F401  (re-exported: the schema's part
 from bailong.embedding import InitOptions
 from bailong.eval.config import BenchConfig, EvalConfig, JudgeConfig, MCConfig
 from bailong.model.config import FinetuneConfig, LoraConfig, ModelConfig, QuantConfig, RandomBaseConfig  # noqa: F401
+from bailong.overrides import override_tags, override_values, sweep_group
 from bailong.tokenization.config import TokenizerConfig
 from bailong.train.config import TrainConfig, TrainerConfig
 
@@ -43,7 +44,7 @@ class PathsConfig:
 
 @dataclass
 class SFTConfig:
-    """The SFT stage (bailong/sft_pipeline.py, ``stage: sft``)."""
+    """The SFT stage (bailong/stages/sft.py, ``stage: sft``)."""
 
     from_run: str | None = None  # a pre-training run directory (its adapter/ is fine-tuned further)
     from_base: bool = False  # instead: the base + extended tokenizer + init rows, as pre-training builds them
@@ -84,52 +85,6 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
-
-
-# Resolvers that name a run by its place in a sweep (conf/logger/wandb.yaml): one W&B group per sweep,
-# the swept values as tags and config, so the W&B UI compares a sweep's runs without hand work.
-def task_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def sweep_group(task_name: str) -> str:
-    """``<task_name>-<sweep dir name>`` in a multirun (one group per sweep), else ``task_name``."""
-    from pathlib import Path
-
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return f"{task_name}-{Path(HydraConfig.get().sweep.dir).name}"
-    return task_name
-
-
-def override_value(text: str) -> Any:
-    """An override's value typed as YAML (``8`` → 8, ``random`` → "random"); lists and dicts stay text."""
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return value if isinstance(value, (str, int, float, bool)) or value is None else text
-
-
-def override_values() -> dict[str, Any]:
-    """The run's command-line and swept overrides as ``{key: value}`` (``lora.r=8`` → ``{"lora.r": 8}``)."""
-    values = {}
-    for override in task_overrides():
-        key, _, text = override.lstrip("+~").partition("=")
-        values[key] = override_value(text)
-    return values
-
-
-def override_tags(*fixed: str) -> list[str]:
-    """``fixed`` tags, then one ``key=value`` tag per override not already among them (W&B allows 64 chars)."""
-    tags = list(fixed) + [o.lstrip("+~") for o in task_overrides()]
-    return [t[:64] for t in dict.fromkeys(tags)]
 
 
 def register_resolvers() -> None:

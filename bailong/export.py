@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,12 @@ import peft
 import torch
 from transformers import GenerationConfig
 
-from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP
-from bailong.model.adapter import META_FILE, find_adapter, load_adapter, read_meta
+from bailong.eval.config import PAPER_SAMPLING
+from bailong.model.adapter import META_FILE, built_base, built_quant, find_adapter, load_adapter, read_meta
 from bailong.model.build import DTYPES, is_quantised, load_base_model
+from bailong.model.config import QuantConfig
 from bailong.model.device import run_device
-
-PAPER_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
+from bailong.model.loading import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP
 
 
 def dequantised_weights(
@@ -43,12 +44,9 @@ def dequantised_weights(
     """The base's 4-bit projection weights as the adapter run saw them, dequantised: ``{module name: weight}``
     (``trust_remote_code``: the user's consent, checked by ``load_adapter`` before this runs)."""
     quantised = load_base_model(
-        build["pretrained"],
-        quant=build["quant"],
-        dtype=build["dtype"],
-        revision=build.get("revision"),
+        built_base(build, trust_remote_code=bool(build.get("trust_remote_code")) and trust_remote_code),
+        quant=built_quant(build),
         device=device,
-        trust_remote_code=bool(build.get("trust_remote_code")) and trust_remote_code,
     )
     weights = {}
     for name, module in quantised.named_modules():
@@ -67,11 +65,11 @@ def merged_model(
     build = read_meta(adapter_dir)["build"]
     model, tokenizer = load_adapter(
         adapter_dir,
-        quant={"name": "none"},
+        quant=QuantConfig(name="none"),
         device=device,  # full-precision base + adapter
         trust_remote_code=trust_remote_code,
     )
-    if is_quantised(build["quant"]):
+    if is_quantised(built_quant(build)):
         base = model.get_base_model()
         for name, weight in dequantised_weights(build, device, trust_remote_code).items():
             layer = base.get_submodule(name)
@@ -109,7 +107,8 @@ def export(
     model = model.to(DTYPES[dtype])
     model.config.dtype = dtype
     model.generation_config = GenerationConfig(
-        **PAPER_SAMPLING,
+        do_sample=True,
+        **asdict(PAPER_SAMPLING),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,

@@ -39,6 +39,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from bailong.model.config import LORA_TARGETS
 from bailong.model.random_base import ARCHITECTURES, architecture_config, random_base_spec
 
 GIB = 1024**3
@@ -59,7 +60,7 @@ GPUS = {
     "h100-80gb": (80, 989.0),
 }
 FIT_CLASSES = (24, 40, 80)
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS = LORA_TARGETS  # the Llama block's projections, each a LoRA target by default
 OPTIMIZERS = ("adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit")
 EIGHT_BIT_BLOCK = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 values of each state
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bailong.run_files import ADAPTER_DIR, CSV_METRICS, METRICS_FILE
+
 # (label, metrics-key prefix), in the order a run computes them
 ROWS = [
     ("base", "base/"),
@@ -24,7 +26,7 @@ COLUMNS = [
     ("chat bpc", "chat_bpc"),
     ("TC tokens/char", "tc_tokens_per_char"),
 ]
-OUTPUT_FILES = ["metrics.json", "adapter/", "csv/metrics.csv"]
+OUTPUT_FILES = [METRICS_FILE, f"{ADAPTER_DIR}/", CSV_METRICS]
 LABEL_WIDTH = 22
 
 

@@ -20,10 +20,12 @@ from bailong.config import compose_config  # noqa: E402,F401  (the benchmarks co
 
 def extended_tokenizer(cfg):
     """The splits and the run's extended tokenizer (cached in .cache like a run's), plus its base size."""
-    from bailong.data.splits import load_splits
-    from bailong.pipeline import build_tokenizers
+    from omegaconf import OmegaConf
 
-    splits = load_splits(cfg.data)
+    from bailong.data.splits import load_splits
+    from bailong.stages.common import build_tokenizers
+
+    splits = load_splits(OmegaConf.to_object(cfg.data))
     _, ext, _, tok = build_tokenizers(cfg, splits)
     return splits, tok, ext
 

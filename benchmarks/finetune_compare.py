@@ -36,6 +36,7 @@ and activations at their peak. ``model_mib``: the model alone, before training; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -45,6 +46,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, compose_config, machine, run_worker  # noqa: E402
@@ -86,7 +89,7 @@ def worker(side: str, model_name: str, lr: float, steps: int, warmup: int) -> di
     from bailong.data.splits import load_splits
     from bailong.eval.bpc import evaluate_texts
     from bailong.model.build import build_model, count_parameters
-    from bailong.pipeline import build_tokenizers, initial_rows
+    from bailong.stages.common import build_tokenizers, initial_rows
     from common import save_random_llama
     from train_throughput import run_bailong
 
@@ -104,7 +107,7 @@ def worker(side: str, model_name: str, lr: float, steps: int, warmup: int) -> di
             ],
             str(work / "run"),
         )
-        splits = load_splits(cfg.data)
+        splits = load_splits(OmegaConf.to_object(cfg.data))
         _, ext, base_tok, tok = build_tokenizers(cfg, splits)
         if model_name == "mini":  # the run's own zip-tie rows (cached like a run's)
             pretrained, num_base, vocab = cfg.model.pretrained, ext.num_base, len(tok)
@@ -123,24 +126,21 @@ def worker(side: str, model_name: str, lr: float, steps: int, warmup: int) -> di
             num_base, vocab = spec["base_vocab"], spec["base_vocab"] + spec["added"]
             torch.manual_seed(cfg.seed)
             rows = {k: torch.randn(spec["added"], spec["hidden"]) * 0.02 for k in ("embed", "head")}
-        data = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
+        data = PretrainDataModule.from_config(tok, OmegaConf.to_object(cfg.data), seed=cfg.seed, splits=splits)
         data.setup("fit")
         gc.collect()
         baseline = status_kib("RssAnon")
 
         torch.manual_seed(cfg.seed)
         model = build_model(
-            pretrained,
+            dataclasses.replace(OmegaConf.to_object(cfg.model), pretrained=str(pretrained)),
             vocab_size=vocab,
             num_base=num_base,
             rows=rows,
-            quant=cfg.quant,
-            lora=cfg.lora,
+            quant=OmegaConf.to_object(cfg.quant),
+            lora=OmegaConf.to_object(cfg.lora),
             gradient_checkpointing=cfg.train.gradient_checkpointing,
-            dtype=cfg.model.dtype,
-            finetune=cfg.finetune,
-            attn_implementation=cfg.model.attn_implementation,
-            pad_vocab_to_multiple_of=cfg.model.pad_vocab_to_multiple_of,
+            finetune=OmegaConf.to_object(cfg.finetune),
         )
         with torch.no_grad():  # weights still mmapped from the safetensors file -> ordinary memory
             for p in model.parameters():

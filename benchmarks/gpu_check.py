@@ -7,7 +7,7 @@
 Parts, in this order, each timed and guarded: a failing part records its error (type, message) and the next
 one runs; when the time budget (default 7.5 min) runs short, the parts left are skipped with the reason.
 
-- ``smoke``: ``experiment=smoke trainer=gpu logger=csv`` through ``bailong.pipeline.run`` (NF4, bf16-mixed),
+- ``smoke``: ``experiment=smoke trainer=gpu logger=csv`` through ``bailong.stages.run`` (NF4, bf16-mixed),
   beside the same config with ``trainer.accelerator=cpu`` in a subprocess that cannot see the GPU (it runs
   while the other parts use the GPU); each side has its own cache, so tokenizer, init rows and every metric
   are computed twice. Metrics compared with relative tolerances (``tolerance``).
@@ -280,8 +280,8 @@ def summary(parts: dict) -> dict:
 
 # -- part smoke: the real pipeline on the device, and the same config on the CPU -----------------------------
 def run_smoke(overrides: list[str], work: Path, own_cache: bool) -> dict:
-    """``experiment=smoke`` through ``bailong.pipeline.run`` in ``work``, with its own cache there or not."""
-    from bailong.pipeline import run
+    """``experiment=smoke`` through ``bailong.stages.run`` in ``work``, with its own cache there or not."""
+    from bailong.stages import run
 
     cfg = compose_config(
         merged(overrides, [f"paths.cache_dir={work / 'cache'}"] if own_cache else []), output_dir=work / "run"

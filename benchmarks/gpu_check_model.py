@@ -1,5 +1,5 @@
 """Parts qlora_7b, hf_trainer, attention and vocab_padding of ``gpu_check.py``: the 7B-width recipe built from
-the composed config (``bailong.pipeline.make_model``), trained by bailong's own step under Lightning, on one
+the composed config (``bailong.stages.common.make_model``), trained by bailong's own step under Lightning, on one
 tokenizer and one set of packed rows; plus the helpers gpu_check.py shares.
 
 Each ``part_*(ctx, entry)`` fills ``entry`` (the part's node of the JSON) as it goes. ``ctx``: ``profile`` (shapes,
@@ -64,6 +64,8 @@ def prepare(ctx) -> SimpleNamespace:
 
 
 def _prepare(ctx) -> SimpleNamespace:
+    from omegaconf import OmegaConf
+
     from bailong.data.pretrain import PretrainDataModule
     from bailong.model.random_base import ensure_random_base
 
@@ -82,7 +84,7 @@ def _prepare(ctx) -> SimpleNamespace:
     }
     started = time.perf_counter()
     splits, tok, ext = extended_tokenizer(cfg)
-    data = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
+    data = PretrainDataModule.from_config(tok, OmegaConf.to_object(cfg.data), seed=cfg.seed, splits=splits)
     data.setup("fit")
     info["data"] = {
         "tokenizer_and_packing_seconds": round(time.perf_counter() - started, 1),
@@ -97,7 +99,7 @@ def _prepare(ctx) -> SimpleNamespace:
 
 
 def tiny_base(path: Path, spec: dict) -> Path:
-    from bailong.model.base import save_tokenizer
+    from bailong.model.mini_base import save_tokenizer
     from bailong.model.random_base import ROOT as BASE_ROOT
     from bailong.model.random_base import TOKENIZERS
 
@@ -118,13 +120,13 @@ def variant_config(ctx, prep, extra: list[str]):
 
 
 def build(ctx, prep, cfg):
-    """``bailong.pipeline.make_model`` (what run.py trains) with random new rows; (model, description)."""
+    """``bailong.stages.common.make_model`` (what run.py trains) with random new rows; (model, description)."""
     import torch
 
     from bailong.model.build import count_parameters
     from bailong.model.device import run_device
-    from bailong.pipeline import make_model
     from bailong.plan import architecture
+    from bailong.stages.common import make_model
 
     hidden, n_new = architecture(cfg.model).hidden, len(prep.tok) - prep.num_base
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -192,7 +194,7 @@ def train_trial(ctx, prep, cfg, model, micro_batch: int) -> dict:
     from torch.utils.data import DataLoader
 
     from bailong.data.packing import PackedSequenceDataset
-    from bailong.pipeline import module_kwargs
+    from bailong.stages.common import module_kwargs
     from bailong.train.pretrain import PretrainModule
 
     class StaysOnDevice(PretrainModule):

@@ -35,13 +35,15 @@ NON_LEARNED = ("random", "mean", "multivariate", "subword_mean", "zip_tie")
 
 def tokenizers(cfg):
     """(base, extended) tokenizers: 32,000 base pieces, then 27,241 appended TC pieces."""
+    from omegaconf import OmegaConf
+
     from bailong.data.splits import load_splits
     from bailong.tokenization import extend_tokenizer
     from bailong.tokenization.extend import hf_tokenizer_from_proto, read_base_model
     from bailong.tokenization.merge import append_pieces
     from bailong.tokenization.train import load_model_proto
 
-    splits = load_splits(cfg.data)
+    splits = load_splits(OmegaConf.to_object(cfg.data))
     ext = extend_tokenizer(cfg.model.pretrained, splits.tc_train, NUM_NEW, Path(cfg.paths.cache_dir))
     mini = load_model_proto(*read_base_model(cfg.model.pretrained))
     extended = load_model_proto(*read_base_model(ext.path))
@@ -71,7 +73,7 @@ def random_llama():
 
 
 def main() -> None:
-    from bailong.embedding import available_strategies, resize_and_initialize
+    from bailong.embedding import available_strategies, init_options, resize_and_initialize
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--strategies", nargs="+", default=available_strategies())
@@ -94,7 +96,7 @@ def main() -> None:
             options.update(steps=args.distill_steps)
         model.resize_token_embeddings(NUM_BASE, mean_resizing=False)  # back to the base: old rows never change
         t0 = time.perf_counter()
-        report = resize_and_initialize(model, base_tok, tok, options, texts=texts, seed=0)
+        report = resize_and_initialize(model, base_tok, tok, init_options(**options), texts=texts, seed=0)
         seconds = time.perf_counter() - t0
         info = report["info"]
         entry = {"seconds": round(seconds, 2), "num_new": report["num_new"]}

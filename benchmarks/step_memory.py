@@ -44,12 +44,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bailong.model.build import build_model  # noqa: E402
-from bailong.plan import Setup, architecture, estimate, setup_from_config  # noqa: E402
+from bailong.model.config import LoraConfig, ModelConfig, QuantConfig
+from bailong.plan import (  # noqa: E402
+    PROJECTIONS,  # noqa: E402
+    Setup,
+    architecture,
+    estimate,
+    setup_from_config,
+)
 from bailong.train.loss import causal_lm_loss  # noqa: E402
 from bailong.train.pretrain import _param_groups, make_optimizer  # noqa: E402
 
 GIB = 1024**3
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def status_kib(key: str) -> int:
@@ -87,12 +93,12 @@ def warm_up(quant: str) -> None:
         )
         LlamaForCausalLM(config).save_pretrained(tmp)
         model = build_model(
-            tmp,
+            ModelConfig(name="bench", pad_vocab_to_multiple_of=1, pretrained=tmp),
             vocab_size=310,
             num_base=300,
             rows={"embed": torch.zeros(10, 64), "head": torch.zeros(10, 64)},
-            quant={"name": quant},
-            lora={"r": 4, "alpha": 8, "dropout": 0.1, "embeddings": "new_rows"},
+            quant=QuantConfig(name=quant),
+            lora=LoraConfig(r=4, alpha=8, dropout=0.1, embeddings="new_rows"),
             gradient_checkpointing=True,
         )
         opt = make_optimizer("adamw", _param_groups(model, 1e-4, None, 0.0), (0.9, 0.95))
@@ -134,17 +140,10 @@ def from_flags(args) -> tuple[Setup, Callable, dict]:
     )
 
     def build(rows):
-        quant = {
-            "name": args.quant,
-            "quant_type": "nf4",
-            "double_quant": True,
-            "compute_dtype": "bfloat16",
-            "quant_storage": "uint8",
-            "skip_modules": ["lm_head"],
-        }
-        lora = {"r": args.r, "alpha": 2 * args.r, "dropout": args.dropout, "embeddings": args.embeddings}
+        quant = QuantConfig(name=args.quant)
+        lora = LoraConfig(r=args.r, alpha=2 * args.r, dropout=args.dropout, embeddings=args.embeddings)
         return build_model(
-            args.pretrained,
+            ModelConfig(name="bench", pad_vocab_to_multiple_of=1, pretrained=args.pretrained),
             vocab_size=setup.vocab,
             num_base=arch.base_vocab,
             rows=rows,
@@ -169,7 +168,7 @@ def from_config(overrides: list[str]) -> tuple[Setup, Callable, dict]:
     """The Setup and the pipeline's own model builder for a composed run config."""
     from bailong.config import compose_config
     from bailong.model.random_base import ensure_random_base
-    from bailong.pipeline import make_model
+    from bailong.stages.common import make_model
 
     cfg = compose_config(overrides, output_dir="/tmp/step_memory")
     ensure_random_base(cfg.model)

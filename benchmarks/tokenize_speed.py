@@ -45,6 +45,8 @@ def chars_per_sec(tokenizer, docs: list[str]) -> dict:
 
 
 def main() -> None:
+    from omegaconf import OmegaConf
+
     from bailong.data.pretrain import PretrainDataModule
     from bailong.tokenization import extend_tokenizer, load_tokenizer
 
@@ -69,7 +71,7 @@ def main() -> None:
             ratio = round(ext["chars_per_sec"] / base["chars_per_sec"], 2)
             result["tokenizers"][lang]["extended_over_base_chars_per_sec"] = ratio
 
-        data = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
+        data = PretrainDataModule.from_config(tok, OmegaConf.to_object(cfg.data), seed=cfg.seed, splits=splits)
         t0 = time.perf_counter()
         data._build_train()  # what setup("fit") does for training: tokenise, plan the mix, pack
         setup_seconds = time.perf_counter() - t0

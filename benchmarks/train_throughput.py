@@ -26,12 +26,15 @@ loaded in 4-bit through the same code path).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -131,18 +134,15 @@ def build(model_name: str, work: Path):
     hidden = spec.get("hidden", 256)
     rows = {"embed": torch.randn(vocab - num_base, hidden) * 0.02, "head": torch.randn(vocab - num_base, hidden) * 0.02}
     model = build_model(
-        pretrained,
+        dataclasses.replace(OmegaConf.to_object(cfg.model), pretrained=str(pretrained)),
         vocab_size=vocab,
         num_base=num_base,
         rows=rows,
-        quant=cfg.quant,
-        lora=cfg.lora,
+        quant=OmegaConf.to_object(cfg.quant),
+        lora=OmegaConf.to_object(cfg.lora),
         gradient_checkpointing=cfg.train.gradient_checkpointing,
-        dtype=cfg.model.dtype,
-        attn_implementation=cfg.model.attn_implementation,
-        pad_vocab_to_multiple_of=cfg.model.pad_vocab_to_multiple_of,
     )
-    data = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
+    data = PretrainDataModule.from_config(tok, OmegaConf.to_object(cfg.data), seed=cfg.seed, splits=splits)
     return cfg, tok, splits, data, model
 
 
@@ -150,7 +150,7 @@ def run_bailong(cfg, data, model, steps: int, work: Path) -> StepClock:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
-    from bailong.pipeline import module_kwargs
+    from bailong.stages.common import module_kwargs
     from bailong.train.pretrain import PretrainModule
 
     clock = StepClock(None)

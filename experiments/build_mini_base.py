@@ -27,9 +27,10 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+from bailong.data.config import CorpusConfig  # noqa: E402
 from bailong.data.corpus import load_documents, split_documents  # noqa: E402
 from bailong.eval.bpc import bits_per_char  # noqa: E402
-from bailong.model.base import MiniBaseConfig, build_mini_base  # noqa: E402
+from bailong.model.mini_base import MiniBaseConfig, build_mini_base  # noqa: E402
 
 DATA = {
     "en": ["data/en/kjv.jsonl.gz", "data/en/fortunes.jsonl.gz"],
@@ -62,7 +63,7 @@ def load_data(root: Path, max_docs: int | None) -> dict[str, dict[str, tuple[lis
     for lang, paths in DATA.items():
         out[lang] = {}
         for path in paths:
-            docs = load_documents({"path": str(root / path), "max_docs": max_docs})
+            docs = load_documents([CorpusConfig(path=str(root / path), max_docs=max_docs)])
             out[lang][Path(path).name.split(".")[0]] = split_documents(docs, VAL_FRACTION, SPLIT_SEED)
     return out
 

@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from bailong.data.config import CorpusConfig  # noqa: E402
 from bailong.data.corpus import load_documents, split_documents  # noqa: E402
-from bailong.embedding import find_new_tokens, resize_and_initialize  # noqa: E402
+from bailong.embedding import find_new_tokens, init_options, resize_and_initialize  # noqa: E402
 from bailong.embedding.distill import spell_out  # noqa: E402
 from bailong.embedding.pieces import PIECE_RULES  # noqa: E402
 from bailong.eval.bpc import bits_per_char  # noqa: E402
@@ -40,7 +41,7 @@ EN_FILES = ["kjv", "fortunes"]
 
 def splits(folder: str, names: list[str]) -> dict[str, tuple[list[str], list[str]]]:
     return {
-        n: split_documents(load_documents({"path": str(ROOT / "data" / folder / f"{n}.jsonl.gz")}), 0.02, 0)
+        n: split_documents(load_documents([CorpusConfig(path=str(ROOT / "data" / folder / f"{n}.jsonl.gz"))]), 0.02, 0)
         for n in names
     }
 
@@ -101,12 +102,14 @@ def initialise(base, base_tok, tok, cfg: dict, texts: list[str], head_cache: dic
     model = copy.deepcopy(base)
     key = json.dumps({k: v for k, v in cfg.items() if k != "input_rule"}, sort_keys=True)
     if cfg["name"] != "zip_tie" or cfg.get("output_rule") != "first_shift" or key not in head_cache:
-        report = resize_and_initialize(model, base_tok, tok, cfg, texts=texts, seed=0)
+        report = resize_and_initialize(model, base_tok, tok, init_options(**cfg), texts=texts, seed=0)
         if cfg["name"] == "zip_tie" and cfg.get("output_rule") == "first_shift":
             head_cache[key] = (model.get_output_embeddings().weight[len(base_tok) :].detach().clone(), report)
         return model, report
     head, shift_report = head_cache[key]
-    report = resize_and_initialize(model, base_tok, tok, {**cfg, "output_rule": "first"}, texts=texts, seed=0)
+    report = resize_and_initialize(
+        model, base_tok, tok, init_options(**{**cfg, "output_rule": "first"}), texts=texts, seed=0
+    )
     with torch.no_grad():
         model.get_output_embeddings().weight[len(base_tok) :] = head
     info = {**shift_report["info"], "input_rule": cfg["input_rule"]}

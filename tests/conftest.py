@@ -14,6 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from bailong.config import compose_config  # noqa: E402  composed as run.py does; tests import it from here
+from bailong.model.config import LoraConfig, ModelConfig, QuantConfig  # noqa: E402,F401  (tests import them here)
+
+
+def base_config(pretrained, **settings) -> ModelConfig:
+    """The model settings for a test base at ``pretrained``: no vocabulary padding unless asked (shapes stay the
+    tokenizer's), the rest the schema's defaults."""
+    return ModelConfig(
+        name=Path(str(pretrained)).name, pretrained=str(pretrained), **{"pad_vocab_to_multiple_of": 1, **settings}
+    )
+
 
 # experiment=smoke's settings, except that it turns W&B off: the secret and console tests need W&B on
 SMOKE_WITH_WANDB = [

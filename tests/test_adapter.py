@@ -79,7 +79,7 @@ def test_config_is_written_as_yaml(tiny, tmp_path):
 
 def test_reload_without_quantisation_of_an_nf4_adapter(tiny, tmp_path):
     save_adapter(trained(tiny, NF4, "new_rows"), tiny.tokenizer, tmp_path, rows=tiny.rows)
-    reloaded, _ = load_adapter(tmp_path, quant={"name": "none"})
+    reloaded, _ = load_adapter(tmp_path, quant=NONE)
     assert not any("Linear4bit" in type(m).__name__ for m in reloaded.modules())
     assert torch.isfinite(logits(reloaded, batch())).all()
 

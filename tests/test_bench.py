@@ -1,5 +1,6 @@
 """The bench runner: the shipped prompts file, prompt-file errors, rule scores by hand, and a whole run on
-the mini base (generations file, rule metrics, judge through a local server, the CLI); evaluate_instruct."""
+the mini base (generations file, rule metrics, judge through a local server, ``python -m bailong.eval bench``);
+evaluate_instruct."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bailong.data.corpus import CorpusError
-from bailong.eval.bench import load_prompts, main, rule_scores, run_bench, summarize_rules
+from bailong.eval.__main__ import main
+from bailong.eval.bench import load_prompts, rule_scores, run_bench, summarize_rules
 from conftest import ROOT, compose_config
 from test_judge import FakeJudgeServer
 
@@ -101,13 +103,14 @@ def test_run_bench_with_judge_on_the_mini_base(mini, tmp_path):
     assert json.loads((tmp_path / "bench" / "metrics.json").read_text()) == metrics
 
 
-def test_cli_on_a_base_model_needs_out_and_writes_there(tmp_path):
+def test_cli_on_a_base_model_needs_out_and_writes_there(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main([str(MINI), "--max-prompts", "1"])  # a base model directory is not a run directory
-    metrics = main(
-        [str(MINI), "--out", str(tmp_path / "b"), "--max-prompts", "2", "--quant", "none", "bench.max_new_tokens=4"]
-    )
-    assert metrics["bench/n"] == 2.0 and (tmp_path / "b" / "generations.jsonl").is_file()
+        main(["bench", str(MINI), "--max-prompts", "1"])  # a base model directory is not a run directory
+    assert "give --out" in capsys.readouterr().err
+    args = ["bench", str(MINI), "--out", str(tmp_path / "b"), "--max-prompts", "2", "--quant", "none"]
+    metrics = main([*args, "bench.max_new_tokens=4"])
+    assert metrics["bench/n"] == 2.0 and (tmp_path / "b" / "bench" / "generations.jsonl").is_file()
+    assert json.loads(capsys.readouterr().out) == metrics
 
 
 def test_evaluate_instruct_returns_flat_float_metrics(mini, tmp_path):

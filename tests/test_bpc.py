@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bailong.data.config import CorpusConfig
 from bailong.data.corpus import load_documents
 from bailong.data.pretrain import PretrainDataModule
 from bailong.data.windows import collate_windows, scoring_windows, window_spans
@@ -47,8 +48,12 @@ def model(tokenizer):
 @pytest.fixture(scope="module")
 def short_texts():
     """Held-out documents (beyond the tokenizer's training slice), short enough for one window."""
-    tc = [d[:60] for d in load_documents({"path": DATA / "zh_tw/poetry_tang.jsonl.gz", "max_docs": 212})[200:]]
-    en = [d[:150] for d in load_documents({"path": DATA / "en/fortunes.jsonl.gz", "max_docs": 212})[200:]]
+
+    def held_out(path: str) -> list[str]:
+        return load_documents([CorpusConfig(path=str(DATA / path), max_docs=212)])[200:]
+
+    tc = [d[:60] for d in held_out("zh_tw/poetry_tang.jsonl.gz")]
+    en = [d[:150] for d in held_out("en/fortunes.jsonl.gz")]
     return tc + en
 
 
@@ -104,7 +109,7 @@ def test_window_spans_reject_a_stride_that_skips_tokens():
 
 def test_sliding_window_gives_each_token_its_full_context(model, tokenizer):
     """stride 1 means every token is scored with the longest context a window holds (seq_len - 1)."""
-    text = load_documents({"path": DATA / "en/kjv.jsonl.gz", "max_docs": 1})[0][:200]
+    text = load_documents([CorpusConfig(path=str(DATA / "en/kjv.jsonl.gz"), max_docs=1)])[0][:200]
     result = bits_per_char(model, tokenizer, [text], seq_len=16, stride=1, batch_size=16)
     assert result["tokens"] > 40  # several windows
     assert result["bits"] == pytest.approx(brute_force_bits(model, tokenizer, text, context=15), rel=1e-5)

@@ -15,6 +15,7 @@ import torch
 from bitsandbytes.functional import has_avx512bf16
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
+from bailong.errors import ConfigError
 from bailong.model.build import (
     bnb_config,
     build_model,
@@ -23,18 +24,20 @@ from bailong.model.build import (
     load_base_model,
     new_rows,
 )
+from bailong.model.config import LoraConfig, QuantConfig
+from conftest import base_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, LAYERS, INTERMEDIATE = 64, 2, 128  # multiples of 32: the bitsandbytes CPU kernel asserts otherwise
 NUM_BASE, NUM_NEW = 384, 64
 VOCAB = NUM_BASE + NUM_NEW
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-NF4 = SimpleNamespace(name="nf4", quant_type="nf4", double_quant=True, compute_dtype="bfloat16", quant_storage="uint8")
-NONE = SimpleNamespace(name="none")
+NF4 = QuantConfig(name="nf4")
+NONE = QuantConfig(name="none")
 
 
-def lora(embeddings: str = "new_rows", r: int = 4, **kw) -> SimpleNamespace:
-    return SimpleNamespace(r=r, alpha=8, dropout=0.0, target_modules=TARGETS, embeddings=embeddings, **kw)
+def lora(embeddings: str = "new_rows", r: int = 4, **kw) -> LoraConfig:
+    return LoraConfig(r=r, alpha=8, dropout=0.0, target_modules=list(TARGETS), embeddings=embeddings, **kw)
 
 
 def make_tiny_base(root: Path) -> SimpleNamespace:
@@ -75,7 +78,7 @@ def make_tiny_base(root: Path) -> SimpleNamespace:
     LlamaForCausalLM(config).save_pretrained(base_dir)
 
     # the rows an init strategy would produce on a full-precision copy: base mean plus noise
-    full = load_base_model(str(base_dir), quant=None)
+    full = load_base_model(base_config(str(base_dir)), quant=None)
     mean_in, mean_out = full.get_input_embeddings().weight.mean(0), full.get_output_embeddings().weight.mean(0)
     full.resize_token_embeddings(VOCAB, mean_resizing=False)
     g = torch.Generator().manual_seed(1)
@@ -86,9 +89,9 @@ def make_tiny_base(root: Path) -> SimpleNamespace:
     return SimpleNamespace(path=str(base_dir), tokenizer=tokenizer, rows=rows, texts=poems[:4] + docs[:4])
 
 
-def build(tiny, quant=NF4, embeddings="new_rows", **kw):
+def build(tiny, quant=NF4, embeddings="new_rows", pad_vocab_to_multiple_of=1, **kw):
     return build_model(
-        tiny.path,
+        base_config(tiny.path, pad_vocab_to_multiple_of=pad_vocab_to_multiple_of),
         vocab_size=VOCAB,
         num_base=NUM_BASE,
         rows=tiny.rows,
@@ -114,7 +117,7 @@ def effective_rows(model) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_new_rows_copies_the_rows_past_num_base(tiny):
     assert tiny.rows["embed"].shape == tiny.rows["head"].shape == (NUM_NEW, HIDDEN)
-    full = load_base_model(tiny.path, quant=None)
+    full = load_base_model(base_config(tiny.path), quant=None)
     with pytest.raises(ValueError, match="num_base=999"):
         new_rows(full, 999)
     rows = new_rows(full, NUM_BASE - 2)
@@ -128,11 +131,11 @@ def test_bnb_config_is_nf4_double_quant_and_none_means_none():
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
     assert cfg.bnb_4bit_compute_dtype == torch.bfloat16 and cfg.bnb_4bit_quant_storage == torch.uint8
     assert cfg.llm_int8_skip_modules == ["lm_head"]
-    assert bnb_config({"name": "none"}) is None and bnb_config(None) is None
-    with pytest.raises(ValueError, match="quant.name='int3'"):
-        bnb_config({"name": "int3"})
-    with pytest.raises(ValueError, match="quant.compute_dtype='fp8'"):
-        bnb_config({**vars(NF4), "compute_dtype": "fp8"})
+    assert bnb_config(NONE) is None and bnb_config(None) is None
+    with pytest.raises(ConfigError, match="quant.name='int3'"):
+        QuantConfig(name="int3")
+    with pytest.raises(ConfigError, match="quant.compute_dtype='fp8'"):
+        QuantConfig(name="nf4", compute_dtype="fp8")
 
 
 def test_nf4_quantises_projections_only_and_writes_rows_by_id(tiny):
@@ -145,7 +148,7 @@ def test_nf4_quantises_projections_only_and_writes_rows_by_id(tiny):
     embed, head = effective_rows(model)
     assert embed.dtype == head.dtype == torch.float32
     assert torch.equal(embed[NUM_BASE:], tiny.rows["embed"]) and torch.equal(head[NUM_BASE:], tiny.rows["head"])
-    full = load_base_model(tiny.path, quant=None)  # old rows untouched by resizing
+    full = load_base_model(base_config(tiny.path), quant=None)  # old rows untouched by resizing
     assert torch.equal(embed[:NUM_BASE], full.get_input_embeddings().weight)
     assert torch.equal(head[:NUM_BASE], full.get_output_embeddings().weight)
     assert model.training
@@ -249,7 +252,7 @@ def test_eval_forward_does_not_change_training_gradients(tiny):
 
 @pytest.mark.skipif(not has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
 def test_unguarded_eval_forward_repacks_and_the_guard_refuses_it(tiny):
-    model = load_base_model(tiny.path, quant=NF4)
+    model = load_base_model(base_config(tiny.path), quant=NF4)
     for m in model.modules():  # undo the guard load_base_model applied: what bitsandbytes does by default
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = True
@@ -271,19 +274,22 @@ def test_gradient_checkpointing_trains(tiny):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"lora": lora(r=0)}, "lora.r=0"),
-        ({"lora": lora("partial")}, "lora.embeddings='partial'"),
-        ({"lora": SimpleNamespace(**{**vars(lora()), "target_modules": ["q_proj", "c_attn"]})}, "c_attn"),
+        ({"lora": lambda: lora(r=0)}, "lora.r=0"),
+        ({"lora": lambda: lora("partial")}, "lora.embeddings='partial'"),
+        ({"lora": lambda: LoraConfig(target_modules=["q_proj", "c_attn"])}, "c_attn"),
         ({"rows": {"embed": torch.zeros(3, HIDDEN), "head": torch.zeros(3, HIDDEN)}}, r"rows\['embed'\] has shape"),
         ({"vocab_size": NUM_BASE - 1}, "old ids never move"),
         ({"num_base": NUM_BASE + 1}, "num_base=385"),
-        ({"dtype": "float64"}, "model.dtype='float64'"),
+        ({"base": lambda: base_config("/nonexistent", dtype="float64")}, "model.dtype='float64'"),
     ],
 )
 def test_bad_settings_fail_with_the_key_named(tiny, change, message):
-    kwargs = {"vocab_size": VOCAB, "num_base": NUM_BASE, "rows": tiny.rows, "quant": NONE, "lora": lora(), **change}
+    """Out-of-range settings fail when their config is made (a ConfigError is a ValueError), before any loading;
+    settings that only the model can judge (targets, row shapes) fail while building."""
     with pytest.raises(ValueError, match=message):
-        build_model(tiny.path, **kwargs)
+        settings = {k: v() if callable(v) else v for k, v in change.items()}
+        kwargs = {"vocab_size": VOCAB, "num_base": NUM_BASE, "rows": tiny.rows, "quant": NONE, "lora": lora()}
+        build_model(settings.pop("base", base_config(tiny.path)), **{**kwargs, **settings})
 
 
 @pytest.mark.parametrize("group, option", [("quant", "nf4"), ("quant", "none"), ("lora", "default")])
@@ -293,7 +299,8 @@ def test_shipped_configs_fit_the_schema_and_build(tiny, group, option):
     from bailong.config import LoraConfig, QuantConfig
 
     schema = {"quant": QuantConfig, "lora": LoraConfig}[group]
-    cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(ROOT / f"conf/{group}/{option}.yaml"))
+    merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(ROOT / f"conf/{group}/{option}.yaml"))
+    cfg = OmegaConf.to_object(merged)  # as the stages hand it to the library
     settings = {"quant": NF4, "lora": lora(), group: cfg}
     model = build(tiny, quant=settings["quant"], lora=settings["lora"])
     quantised = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

@@ -17,16 +17,17 @@ import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
-from bailong.embedding import EmbeddingInitError, get_strategy, global_rng_kept, rows_depend_on
+from bailong.embedding import EmbeddingInitError, get_strategy, global_rng_kept, init_options, rows_depend_on
 from bailong.embedding.distill import DistillOptions
-from bailong.embedding.registry import parse_options
 from bailong.embedding.zip_tie import ZipTieOptions
 from conftest import compose_config
 from test_embedding import (  # noqa: F401  (module fixtures: the tiny tokenizers, model and corpus)
     FAST_DISTILL,
     FAST_SHIFT,
     STRATEGIES,
+    as_options,
     base_model,
     new_rows,
     run,
@@ -79,7 +80,7 @@ def test_global_rng_kept_undoes_draws_from_every_global_rng():
 
 def declared(name: str, cfg: dict):
     strategy = get_strategy(name)
-    return strategy.row_inputs(parse_options(strategy, {"name": name, **cfg}))
+    return strategy.row_inputs(init_options(name, **{k: v for k, v in cfg.items() if k != "name"}))
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -92,7 +93,7 @@ def test_the_seed_changes_the_rows_exactly_when_declared(name, base_model, token
     a, b = (new_rows(run(base_model, tokenizers, cfg, corpus, seed=s)[0], num_base) for s in (5, 6))
     same = all(np.array_equal(x, y) for x, y in zip(a, b))
     assert same != declared(name, FAST.get(name, {})).seed
-    assert (rows_depend_on(cfg, 5) == rows_depend_on(cfg, 6)) == same
+    assert (rows_depend_on(as_options(cfg), 5) == rows_depend_on(as_options(cfg), 6)) == same
 
 
 @pytest.mark.parametrize(
@@ -117,14 +118,21 @@ def test_strategies_declared_corpus_free_ignore_the_corpus(name, cfg, base_model
 
 def test_options_a_strategy_does_not_read_leave_its_key_alone():
     zip_tie = {"name": "zip_tie", "output_rule": "last", "input_rule": "mean"}
-    key = rows_depend_on(zip_tie, 1)
+    key = rows_depend_on(as_options(zip_tie), 1)
     # zip_tie's shift options under a piece rule change nothing, and neither does the seed
     for unread in ({"shift_bias": 0.9}, {"shift_max_tokens": 10}, {"absorbed_mass_bias": False}):
-        assert rows_depend_on({**zip_tie, **unread}, 2) == key, unread
-    assert rows_depend_on({**zip_tie, "input_rule": "first"}, 1) != key
+        assert rows_depend_on(as_options({**zip_tie, **unread}), 2) == key, unread
+    assert rows_depend_on(as_options({**zip_tie, "input_rule": "first"}), 1) != key
     first_shift = {"name": "zip_tie", "output_rule": "first_shift"}
-    assert rows_depend_on({**first_shift, "shift_bias": 0.9}, 1) != rows_depend_on(first_shift, 1)
-    assert rows_depend_on({"name": "mean"}, 1) == {"strategy": "mean", "options": {}, "seed": None, "corpus": False}
+    assert rows_depend_on(as_options({**first_shift, "shift_bias": 0.9}), 1) != rows_depend_on(
+        as_options(first_shift), 1
+    )
+    assert rows_depend_on(as_options({"name": "mean"}), 1) == {
+        "strategy": "mean",
+        "options": {},
+        "seed": None,
+        "corpus": False,
+    }
 
 
 def test_a_key_of_another_strategy_is_refused_not_ignored():
@@ -134,16 +142,20 @@ def test_a_key_of_another_strategy_is_refused_not_ignored():
         with pytest.raises(ConfigCompositionException, match=f"init.{key}"):
             compose_config([f"init={init}", f"init.{key}=7"])
         with pytest.raises(EmbeddingInitError, match=f"\\['{key}'\\] are not options of '{init}'"):
-            rows_depend_on({"name": init, key: 7}, 1)
+            rows_depend_on(as_options({"name": init, key: 7}), 1)
 
 
 def test_zip_tie_s_key_holds_its_own_options_and_distill_s_holds_them_too():
-    zip_tie = rows_depend_on(compose_config(["init=zip_tie"]).init, 1)
+    zip_tie = rows_depend_on(as_options(compose_config(["init=zip_tie"]).init), 1)
     own = {f.name for f in dataclasses.fields(ZipTieOptions)} - {"name"}
     assert set(zip_tie["options"]) == own  # no distill key, no name (the strategy is keyed on its own)
     distill = compose_config(["init=distill", "init.steps=0"]).init
-    assert rows_depend_on(distill, 1)["options"] == {"start_from": "zip_tie", "steps": 0, **zip_tie["options"]}
-    trained = rows_depend_on(compose_config(["init=distill"]).init, 1)["options"]
+    assert rows_depend_on(as_options(distill), 1)["options"] == {
+        "start_from": "zip_tie",
+        "steps": 0,
+        **zip_tie["options"],
+    }
+    trained = rows_depend_on(as_options(compose_config(["init=distill"]).init), 1)["options"]
     assert set(trained) == {f.name for f in dataclasses.fields(DistillOptions)} - {"name"}
 
 
@@ -177,7 +189,7 @@ def test_seed_free_rows_are_cached_once_for_every_seed(tmp_path):
     """Three seeds of ``mean``: one init_rows entry (16 MB each at the mini base's old key, ~0.9 GB at
     Llama-2 shapes); ``random`` keeps one per seed."""
     from bailong.data.splits import load_splits
-    from bailong.pipeline import build_tokenizers, initial_rows
+    from bailong.stages.common import build_tokenizers, initial_rows
 
     cache = tmp_path / "cache"
     reports = {}
@@ -185,7 +197,7 @@ def test_seed_free_rows_are_cached_once_for_every_seed(tmp_path):
         cfg = compose_config(
             [*SMOKE, f"init={init}", f"seed={seed}", f"paths.cache_dir={cache}"], output_dir=tmp_path / f"{init}{seed}"
         )
-        splits = load_splits(cfg.data)
+        splits = load_splits(OmegaConf.to_object(cfg.data))
         _, ext, base_tok, tok = build_tokenizers(cfg, splits)
         rows, reports[init, seed] = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
     assert [reports["mean", s]["cached"] for s in (1, 2, 3)] == [False, True, True]
@@ -201,7 +213,7 @@ def test_a_cold_and_a_warm_cache_give_identical_metrics(tmp_path):
     """The same config twice on one cache: the first run computes tokenizer, base metrics and init rows,
     the second reads them. Every metric agrees to the last bit (before the fix final/tc_bpc moved in the
     fourth decimal: the resize had drawn from the RNG that then initialised LoRA and its dropout)."""
-    from bailong.pipeline import run as run_pipeline
+    from bailong.stages import run as run_pipeline
 
     cache = tmp_path / "cache"
     metrics, reports = {}, {}

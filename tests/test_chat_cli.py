@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 
-from bailong.chat import PAPER_SAMPLING, load_chat_model, reply, run_prompts
+from bailong.chat import load_chat_model, reply, run_prompts
 from bailong.data.chat import set_chat_template
+from bailong.eval.config import PAPER_SAMPLING
 from bailong.eval.generate import PromptTooLongError, generate
 from conftest import ROOT
 from test_build import make_tiny_base
@@ -86,7 +88,7 @@ def test_old_turns_are_dropped_when_the_chat_outgrows_the_positions(run_dir):
 
 
 def test_defaults_are_the_papers_and_bad_options_fail(run_dir):
-    assert PAPER_SAMPLING == {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
+    assert asdict(PAPER_SAMPLING) == {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
     from bailong.chat import main
 
     with pytest.raises(SystemExit):

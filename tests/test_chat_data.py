@@ -19,6 +19,7 @@ from bailong.data.chat import (
     pack_conversations,
     set_chat_template,
 )
+from bailong.data.config import ChatCorpusConfig
 from conftest import ROOT
 
 MINI = ROOT / "models" / "mini-base"
@@ -152,30 +153,30 @@ GOOD = json.dumps({"messages": CHAT[1:3]})
 def test_bad_records_name_file_and_line(tmp_path, bad, message):
     path = write_lines(tmp_path / "chats.jsonl", [GOOD, "", bad])
     with pytest.raises(ChatDataError) as err:
-        load_conversations({"path": str(path)})
+        load_conversations(ChatCorpusConfig(path=str(path)))
     assert f"{path}:3:" in str(err.value)
     assert message in str(err.value)
 
 
 def test_good_file_and_limits(tmp_path):
     path = write_lines(tmp_path / "chats.jsonl", [GOOD, json.dumps({"messages": CHAT, "id": 7})])
-    convs = load_conversations({"path": str(path)})
+    convs = load_conversations(ChatCorpusConfig(path=str(path)))
     assert convs == [CHAT[1:3], CHAT]  # extra keys ignored, messages kept as role/content
-    assert load_conversations({"path": str(path), "max_records": 1}) == [CHAT[1:3]]
+    assert load_conversations(ChatCorpusConfig(path=str(path), max_records=1)) == [CHAT[1:3]]
     with pytest.raises(ChatDataError, match="chat file not found"):
-        load_conversations({"path": str(tmp_path / "missing.jsonl")})
+        load_conversations(ChatCorpusConfig(path=str(tmp_path / "missing.jsonl")))
     with pytest.raises(ChatDataError, match="expected jsonl"):
-        load_conversations({"path": str(tmp_path / "chats.csv")})
+        load_conversations(ChatCorpusConfig(path=str(tmp_path / "chats.csv")))
 
 
 def test_hub_format_loads_through_datasets_on_a_local_file(tmp_path):
     """The hub path of conf/data/hub_chat_example.yaml, on the "json" builder with a local file."""
     good = write_lines(tmp_path / "good.jsonl", [GOOD, json.dumps({"messages": CHAT})])
-    spec = {"path": "json", "format": "hub", "data_files": str(good), "split": "train"}
-    assert load_conversations(spec) == [CHAT[1:3], CHAT]
+    spec = dict(path="json", format="hub", split="train")
+    assert load_conversations(ChatCorpusConfig(**spec, data_files=str(good))) == [CHAT[1:3], CHAT]
     bad = write_lines(tmp_path / "bad.jsonl", [GOOD, json.dumps({"messages": [{"role": "robot", "content": "x"}]})])
     with pytest.raises(ChatDataError, match=r"hub data set 'json' record 1: messages\[0\] has unknown role 'robot'"):
-        load_conversations({**spec, "data_files": str(bad)})
+        load_conversations(ChatCorpusConfig(**spec, data_files=str(bad)))
 
 
 def encoded(n: int, answer_from: int = 1) -> EncodedChat:

@@ -10,15 +10,17 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bailong.checks as checks
-import bailong.pipeline as pipeline
+import bailong.stages.common as pipeline
 from bailong.checks import ConfigError, bitsandbytes_4bit_on, check_config
+from bailong.data.config import CorpusConfig
 from bailong.data.corpus import load_documents
+from bailong.stages import run as run_stage
 from bailong.tokenization import TokenizerConfigError
 
 
 @pytest.mark.parametrize("rank", [0, -4])
 def test_lora_rank_must_be_positive(make_config, tmp_path, rank):
-    with pytest.raises(ConfigError, match=rf"lora\.r={rank}: the LoRA rank must be a positive integer"):
+    with pytest.raises(ConfigError, match=rf"lora\.r={rank}: expected a positive integer: the LoRA rank"):
         check_config(make_config([f"lora.r={rank}"], tmp_path))
 
 
@@ -29,7 +31,7 @@ def test_added_vocab_beyond_the_corpus_fails_before_any_model_loads(make_config,
     monkeypatch.setattr(pipeline, "load_base_model", no_model)
     monkeypatch.setattr(pipeline, "build_model", no_model)
     # a small TC corpus (40 Tang poems), so SentencePiece runs out of merges in a second
-    docs = load_documents({"path": str(root / "data/zh_tw/poetry_tang.jsonl.gz"), "max_docs": 40})
+    docs = load_documents([CorpusConfig(path=str(root / "data/zh_tw/poetry_tang.jsonl.gz"), max_docs=40)])
     corpus = tmp_path / "tc.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
     cfg = make_config(
@@ -44,14 +46,14 @@ def test_added_vocab_beyond_the_corpus_fails_before_any_model_loads(make_config,
     with pytest.raises(
         TokenizerConfigError, match=r"tokenizer\.added_vocab=1000000 is larger than .* Valid: 0 .*\.\.\d+"
     ):
-        pipeline.run(cfg)
+        run_stage(cfg)
 
 
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("quant.compute_dtype=float64", r"quant\.compute_dtype='float64': 4-bit layers compute in one of bfloat16"),
-        ("quant.quant_type=int4", r"quant\.quant_type='int4': expected nf4 or fp4"),
+        ("quant.compute_dtype=float64", r"quant\.compute_dtype='float64': expected one of bfloat16"),
+        ("quant.quant_type=int4", r"quant\.quant_type='int4': expected one of nf4, fp4"),
         ("trainer.accelerator=tpu", r"quant\.name=nf4 with trainer\.accelerator='tpu'.*use quant=none"),
     ],
 )

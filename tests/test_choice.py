@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bailong.data.config import CorpusConfig
 from bailong.data.corpus import CorpusError, load_documents, split_documents
 from bailong.eval.choice import (
     MCItem,
@@ -113,7 +114,7 @@ def test_mc_file_round_trip_and_errors(tmp_path):
 
 
 def test_poem_items_come_from_held_out_poems_with_same_length_distractors():
-    train, val = split_documents(load_documents({"path": POEMS}), 0.02, 0)
+    train, val = split_documents(load_documents([CorpusConfig(path=str(POEMS))]), 0.02, 0)
     items = next_line_items(val, n_items=60, num_choices=4, context_lines=2, lang="tc", seed=3)
     assert len(items) == 60
     assert items == next_line_items(val, n_items=60, num_choices=4, context_lines=2, lang="tc", seed=3)

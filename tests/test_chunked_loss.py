@@ -10,7 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bailong.eval.bpc import score_batch, scoring_mode
 from bailong.model.build import build_model
+from bailong.model.config import LoraConfig, QuantConfig
 from bailong.train.loss import causal_lm_loss
+from conftest import base_config
 
 NUM_BASE, VOCAB = 96, 128
 
@@ -35,8 +37,10 @@ def tiny_base(tmp_path_factory):
 def peft_model(path, quant: str, embeddings: str):
     torch.manual_seed(1)
     rows = {"embed": torch.randn(VOCAB - NUM_BASE, 64) * 0.02, "head": torch.randn(VOCAB - NUM_BASE, 64) * 0.02}
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "embeddings": embeddings}
-    model = build_model(str(path), vocab_size=VOCAB, num_base=NUM_BASE, rows=rows, quant={"name": quant}, lora=lora)
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, embeddings=embeddings)
+    model = build_model(
+        base_config(str(path)), vocab_size=VOCAB, num_base=NUM_BASE, rows=rows, quant=QuantConfig(name=quant), lora=lora
+    )
     for name, p in model.named_parameters():  # one LoRA factor starts at zero: make every adapter path non-trivial
         if p.requires_grad and "lora_" in name:
             torch.nn.init.normal_(p, std=0.05)

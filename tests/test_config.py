@@ -107,7 +107,12 @@ def toy_strategy():
 def test_a_registered_strategy_is_an_init_option_with_nothing_else_to_edit(toy_strategy, make_config):
     cfg = make_config(["init=toy", "init.scale=3"])
     assert OmegaConf.get_type(cfg.init) is ToyOptions
-    assert rows_depend_on(cfg.init, 1) == {"strategy": "toy", "options": {"scale": 3.0}, "seed": None, "corpus": False}
+    assert rows_depend_on(OmegaConf.to_object(cfg.init), 1) == {
+        "strategy": "toy",
+        "options": {"scale": 3.0},
+        "seed": None,
+        "corpus": False,
+    }
     with pytest.raises(ConfigCompositionException, match="init.steps"):
         make_config(["init=toy", "init.steps=3"])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import opencc
 import pytest
 
+from bailong.data.config import CorpusConfig
 from bailong.data.corpus import load_documents, split_documents
 from bailong.eval.consistency import identify_language, language_consistent, script_counts, traditional_purity
 from conftest import ROOT
@@ -58,7 +59,7 @@ def test_on_held_out_text_and_its_simplified_conversion():
     t2s = opencc.OpenCC("t2s")
     docs = []
     for name in ("zh_tw/poetry_tang", "zh_tw/modern"):
-        _, val = split_documents(load_documents({"path": ROOT / "data" / f"{name}.jsonl.gz"}), 0.02, 0)
+        _, val = split_documents(load_documents([CorpusConfig(path=str(ROOT / "data" / f"{name}.jsonl.gz"))]), 0.02, 0)
         docs += val[:100]
     tc = [identify_language(d) for d in docs]
     sc = [identify_language(t2s.convert(d)) for d in docs]

@@ -6,7 +6,9 @@ import gzip
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
+from bailong.data.config import CorpusConfig
 from bailong.data.corpus import CorpusError, load_documents, split_documents
 from bailong.data.splits import cap_chars, load_splits
 
@@ -24,7 +26,7 @@ def test_jsonl_and_gz(tmp_path, gz):
         [{"text": "床前明月光"}, {"text": "  "}, {"text": "Hello"}],
         gz=gz,
     )
-    assert load_documents({"path": str(p)}) == ["床前明月光", "Hello"]
+    assert load_documents([CorpusConfig(path=str(p))]) == ["床前明月光", "Hello"]
 
 
 def test_txt_blocks_and_gz(tmp_path):
@@ -32,58 +34,58 @@ def test_txt_blocks_and_gz(tmp_path):
     (tmp_path / "a.txt").write_text(body, encoding="utf-8")
     (tmp_path / "a.txt.gz").write_bytes(gzip.compress(body.encode("utf-8")))
     for name in ("a.txt", "a.txt.gz"):
-        assert load_documents({"path": str(tmp_path / name)}) == ["第一段\n第二行", "second doc"]
+        assert load_documents([CorpusConfig(path=str(tmp_path / name))]) == ["第一段\n第二行", "second doc"]
 
 
 def test_custom_text_field_and_max_docs(tmp_path):
     p = write_jsonl(tmp_path / "c.jsonl", [{"content": f"doc {i}"} for i in range(5)])
-    assert load_documents({"path": str(p), "text_field": "content", "max_docs": 2}) == ["doc 0", "doc 1"]
+    assert load_documents([CorpusConfig(path=str(p), text_field="content", max_docs=2)]) == ["doc 0", "doc 1"]
 
 
 def test_hub_code_path_on_local_files(tmp_path):
     # the same datasets.load_dataset call a hub name takes, with the "json" builder on a local file
     p = write_jsonl(tmp_path / "c.jsonl", [{"text": "甲"}, {"text": "乙"}])
-    spec = {"path": "json", "format": "hub", "data_files": str(p), "split": "train"}
-    assert load_documents(spec) == ["甲", "乙"]
-    assert load_documents({**spec, "streaming": True}) == ["甲", "乙"]
+    spec = dict(path="json", format="hub", data_files=str(p), split="train")
+    assert load_documents([CorpusConfig(**spec)]) == ["甲", "乙"]
+    assert load_documents([CorpusConfig(**spec, streaming=True)]) == ["甲", "乙"]
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(CorpusError, match="not found"):
-        load_documents({"path": str(tmp_path / "nope.jsonl")})
+        load_documents([CorpusConfig(path=str(tmp_path / "nope.jsonl"))])
 
 
 def test_empty_corpus(tmp_path):
     p = write_jsonl(tmp_path / "e.jsonl", [{"text": ""}])
     with pytest.raises(CorpusError, match="empty"):
-        load_documents({"path": str(p)})
+        load_documents([CorpusConfig(path=str(p))])
 
 
 def test_bad_json_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{"text": oops}\n', encoding="utf-8")
     with pytest.raises(CorpusError, match=r"bad\.jsonl:2: not valid JSON"):
-        load_documents({"path": str(p)})
+        load_documents([CorpusConfig(path=str(p))])
 
 
 def test_missing_text_field_names_line_and_keys(tmp_path):
     p = write_jsonl(tmp_path / "f.jsonl", [{"text": "ok"}, {"body": "x"}])
     with pytest.raises(CorpusError, match=r"f\.jsonl:2: expected a string field 'text' \(found: body\)"):
-        load_documents({"path": str(p)})
+        load_documents([CorpusConfig(path=str(p))])
 
 
 def test_non_utf8_names_line(tmp_path):
     p = tmp_path / "latin.txt"
     p.write_bytes(b"fine\n" + "caf\xe9\n".encode("latin-1"))
     with pytest.raises(CorpusError, match=r"latin\.txt:2: bytes are not valid UTF-8"):
-        load_documents({"path": str(p)})
+        load_documents([CorpusConfig(path=str(p))])
 
 
 def test_unknown_extension(tmp_path):
     p = tmp_path / "c.csv"
     p.write_text("a,b\n")
     with pytest.raises(CorpusError, match="cannot tell the corpus format"):
-        load_documents({"path": str(p)})
+        load_documents([CorpusConfig(path=str(p))])
 
 
 def test_split_is_deterministic_by_document():
@@ -110,7 +112,7 @@ def test_cap_chars():
 
 def test_repo_corpora_split(make_config, tmp_path):
     cfg = make_config(["data.max_val_chars=3000"], output_dir=tmp_path)
-    s = load_splits(cfg.data)
+    s = load_splits(OmegaConf.to_object(cfg.data))
     assert s.tc_train and s.en_train and s.tc_val and s.en_val
     assert not set(s.tc_val) & set(s.tc_train)
     assert sum(map(len, s.tc_val)) <= 3000 + max(map(len, s.tc_val)) * len(cfg.data.tc)

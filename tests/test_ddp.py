@@ -9,8 +9,10 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
+from bailong.model.config import LoraConfig, QuantConfig
+from conftest import ROOT, base_config, compose_config
 
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
 needs_two_gpus = pytest.mark.skipif(
@@ -148,7 +150,11 @@ def test_fsdp_on_two_cpu_processes_trains_gathers_and_saves_as_ddp_does(tmp_path
     model, tok = load_adapter(tmp_path / "fsdp" / "adapter")
     cfg = compose_config(common, tmp_path / "fsdp")
     scores = evaluate_texts(
-        model, tok, load_splits(cfg.data).val(), seq_len=cfg.data.seq_len, batch_size=cfg.eval.batch_size
+        model,
+        tok,
+        load_splits(OmegaConf.to_object(cfg.data)).val(),
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.eval.batch_size,
     )
     assert abs(scores["tc_bpc"] - sharded["final/tc_bpc"]) < 1e-6
 
@@ -179,7 +185,11 @@ def test_fsdp_qlora_trains_on_two_cpu_processes(tmp_path):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     cfg = compose_config(overrides, tmp_path / "run")
     scores = evaluate_texts(
-        model, tok, load_splits(cfg.data).val(), seq_len=cfg.data.seq_len, batch_size=cfg.eval.batch_size
+        model,
+        tok,
+        load_splits(OmegaConf.to_object(cfg.data)).val(),
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.eval.batch_size,
     )
     assert abs(scores["tc_bpc"] - metrics["final/tc_bpc"]) < 1e-6
 
@@ -206,7 +216,8 @@ def test_fsdp_qlora_storage_must_match_model_dtype():
 
     with pytest.raises(ValueError, match="quant.quant_storage=bfloat16 needs model.dtype"):
         load_base_model(
-            str(ROOT / "models" / "mini-base"), dtype="float32", quant={"name": "nf4", "quant_storage": "bfloat16"}
+            base_config(str(ROOT / "models" / "mini-base"), dtype="float32"),
+            quant=QuantConfig(name="nf4", quant_storage="bfloat16"),
         )
 
 
@@ -239,7 +250,9 @@ def test_qlora_ddp_each_rank_loads_its_own_4bit_copy(monkeypatch):
     from bailong.model.build import load_base_model
 
     monkeypatch.setenv("LOCAL_RANK", "1")
-    model = load_base_model(str(ROOT / "models" / "mini-base"), quant={"name": "nf4"}, dtype="bfloat16")
+    model = load_base_model(
+        base_config(str(ROOT / "models" / "mini-base"), dtype="bfloat16"), quant=QuantConfig(name="nf4")
+    )
     devices = {p.device for p in model.parameters()}
     assert devices == {torch.device("cuda", 1)}
 
@@ -249,12 +262,11 @@ def test_fsdp_qlora_keeps_one_dtype_per_unit():
     from bailong.model.build import build_model
 
     model = build_model(
-        str(ROOT / "models" / "mini-base"),
+        base_config(str(ROOT / "models" / "mini-base"), dtype="bfloat16"),
         vocab_size=5000,
         num_base=5000,
         rows=None,
-        quant={"name": "nf4", "quant_storage": "bfloat16"},
-        lora={"r": 4},
-        dtype="bfloat16",
+        quant=QuantConfig(name="nf4", quant_storage="bfloat16"),
+        lora=LoraConfig(r=4),
     )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -8,8 +8,10 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
+from bailong.model.config import LoraConfig, QuantConfig
+from conftest import ROOT, base_config, compose_config
 
 
 @pytest.mark.parametrize("accelerator", ["cpu", "auto"])
@@ -52,13 +54,13 @@ def test_init_strategy_and_its_corpus_pass_get_the_base_on_the_configured_device
     the base on the device the run trains on. The run's device is made the meta device (weights without
     values, so nothing computes): the old code, which loaded the base without a device, handed it a CPU
     model and fails this test."""
-    from bailong import pipeline
     from bailong.data.splits import load_splits
+    from bailong.stages import common as pipeline
 
     cfg = compose_config(
         ["experiment=smoke", "init=zip_tie", f"paths.cache_dir={tmp_path}"], output_dir=tmp_path / "run"
     )
-    splits = load_splits(cfg.data)
+    splits = load_splits(OmegaConf.to_object(cfg.data))
     _, ext, base_tok, tok = pipeline.build_tokenizers(cfg, splits)
     asked = []
 
@@ -108,13 +110,12 @@ def _build(pad: int, **kwargs):
     torch.manual_seed(0)
     rows = {"embed": torch.randn(37, 256) * 0.02, "head": torch.randn(37, 256) * 0.02}
     return build_model(
-        str(ROOT / "models" / "mini-base"),
+        base_config(str(ROOT / "models" / "mini-base"), pad_vocab_to_multiple_of=pad),
         vocab_size=5037,
         num_base=5000,
         rows=rows,
-        quant={"name": "none"},
-        lora={"r": 4, "dropout": 0.0},
-        pad_vocab_to_multiple_of=pad,
+        quant=QuantConfig(name="none"),
+        lora=LoraConfig(r=4, dropout=0.0),
         **kwargs,
     )
 

@@ -26,9 +26,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 from bailong.config import compose_config
 from bailong.embedding import (
     EmbeddingInitError,
+    InitOptions,
     available_strategies,
     find_new_tokens,
     get_strategy,
+    init_options,
     resize_and_initialize,
 )
 from bailong.embedding.corpus_pass import shuffled
@@ -155,9 +157,16 @@ def weights(k: int, rule: str) -> np.ndarray:
     return raw / raw.sum()
 
 
+def as_options(cfg) -> InitOptions:
+    """A test's init settings as the library takes them: written as a dict (``init_options``), or composed."""
+    if isinstance(cfg, dict):
+        return init_options(**cfg)
+    return cfg if isinstance(cfg, InitOptions) else OmegaConf.to_object(cfg)
+
+
 def run(base_model, tokenizers, cfg, texts=None, seed=0):
     model = copy.deepcopy(base_model)
-    report = resize_and_initialize(model, tokenizers[0], tokenizers[1], cfg, texts=texts, seed=seed)
+    report = resize_and_initialize(model, tokenizers[0], tokenizers[1], as_options(cfg), texts=texts, seed=seed)
     return model, report
 
 
@@ -186,8 +195,10 @@ def test_registry_lists_every_strategy_and_names_them_on_a_bad_name():
 
 
 def test_bad_config_is_a_clear_error(base_model, tokenizers):
-    with pytest.raises(EmbeddingInitError, match="no `name`"):
-        run(base_model, tokenizers, {})
+    with pytest.raises(EmbeddingInitError, match="unknown init strategy 'zip_tye'; valid names: distill, mean"):
+        run(base_model, tokenizers, {"name": "zip_tye"})
+    with pytest.raises(TypeError, match="InitOptions dataclass"):  # the library takes typed options only
+        resize_and_initialize(copy.deepcopy(base_model), *tokenizers, {"name": "zip_tie"})
     with pytest.raises(EmbeddingInitError, match=r"\['input_rul'\] are not options of 'zip_tie'; it takes: input_rule"):
         run(base_model, tokenizers, {"name": "zip_tie", "input_rul": "mean"})
     with pytest.raises(EmbeddingInitError, match="output_rule 'middle'"):
@@ -239,7 +250,7 @@ def test_a_tokenizer_that_moves_base_ids_is_refused(tmp_path, tokenizers, base_m
     smaller = copy.deepcopy(base_model)
     smaller.resize_token_embeddings(len(base) - 1, mean_resizing=False)
     with pytest.raises(EmbeddingInitError, match="embedding rows but the base tokenizer has"):
-        resize_and_initialize(smaller, base, extended, {"name": "mean"})
+        resize_and_initialize(smaller, base, extended, init_options("mean"))
 
 
 def test_the_extension_stage_output_is_accepted(tmp_path, tokenizers, texts):
@@ -283,7 +294,7 @@ def test_old_rows_stay_and_new_rows_are_written(name, base_model, tokenizers, te
 
 def test_no_new_tokens_leaves_the_model_as_it_was(base_model, tokenizers):
     model = copy.deepcopy(base_model)
-    report = resize_and_initialize(model, tokenizers[0], tokenizers[0], {"name": "zip_tie"})
+    report = resize_and_initialize(model, tokenizers[0], tokenizers[0], init_options("zip_tie"))
     assert report["num_new"] == 0 and report["info"] == {}
     assert all(torch.equal(v, base_model.state_dict()[k]) for k, v in model.state_dict().items())
 
@@ -299,7 +310,7 @@ def test_a_tied_model_gets_its_input_rows_only(tokenizers):
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
-    report = resize_and_initialize(model, tokenizers[0], tokenizers[1], {"name": "subword_mean"})
+    report = resize_and_initialize(model, tokenizers[0], tokenizers[1], init_options("subword_mean"))
     assert report["tied_embeddings"] and model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 

@@ -18,17 +18,24 @@ from torch.utils.data import DataLoader
 
 import bailong.train.checkpoint_io as checkpoint_io
 from bailong.checks import ConfigError, check_output_dir, checkpoint_problem
+from bailong.data.config import CorpusConfig
 from bailong.model.build import build_model
+from bailong.model.config import LoraConfig, QuantConfig
 from bailong.train.callbacks import NonFiniteGuard
 from bailong.train.checkpoint_io import PARTIAL_SUFFIX, AtomicCheckpointIO
 from bailong.train.pretrain import PretrainModule, warmup_cosine
-from conftest import ROOT, compose_config
+from conftest import ROOT, base_config, compose_config
 
 
 def tiny_model(base):
     torch.manual_seed(1)
     return build_model(
-        str(base), vocab_size=64, num_base=64, rows=None, quant={"name": "none"}, lora={"r": 4, "dropout": 0.0}
+        base_config(str(base)),
+        vocab_size=64,
+        num_base=64,
+        rows=None,
+        quant=QuantConfig(name="none"),
+        lora=LoraConfig(r=4, dropout=0.0),
     )
 
 
@@ -113,18 +120,18 @@ def test_a_model_collapsed_to_uniform_guessing_is_stopped(tmp_path):
     from bailong.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(ROOT / "models" / "mini-base"))
-    docs = load_documents({"path": str(ROOT / "data/en/kjv.jsonl.gz"), "max_docs": 30})
+    docs = load_documents([CorpusConfig(path=str(ROOT / "data/en/kjv.jsonl.gz"), max_docs=30)])
     ids = [i for d in docs for i in tok.encode(d)]
     rows = [torch.tensor(ids[i : i + 64]) for i in range(0, 64 * 8, 64)]
     loader = DataLoader([{"input_ids": r, "labels": r} for r in rows], batch_size=2)
     torch.manual_seed(0)
     model = build_model(
-        str(ROOT / "models" / "mini-base"),
+        base_config(str(ROOT / "models" / "mini-base")),
         vocab_size=len(tok),
         num_base=len(tok),
         rows=None,
-        quant={"name": "none"},
-        lora={"r": 4, "dropout": 0.0},
+        quant=QuantConfig(name="none"),
+        lora=LoraConfig(r=4, dropout=0.0),
     )
     record, guard = Recorder(), NonFiniteGuard(dirpath=tmp_path)
     with pytest.raises(
@@ -351,7 +358,7 @@ def test_last_checkpoint_is_a_link_not_a_second_copy(tiny_base, tmp_path):
 )
 def test_the_pipeline_trainer_writes_checkpoints_atomically(tmp_path, monkeypatch, overrides):
     """Every strategy the pipeline builds saves through AtomicCheckpointIO (passed as a Trainer plugin)."""
-    import bailong.pipeline as pipeline
+    import bailong.stages.common as pipeline
 
     built = []
     monkeypatch.setattr(pl.Trainer, "fit", lambda self, *args, **kwargs: built.append(self))

@@ -12,20 +12,22 @@ import bitsandbytes as bnb
 import peft
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from bailong.checks import ConfigError, check_config
 from bailong.model.adapter import META_FILE, load_adapter, save_adapter
 from bailong.model.build import build_model, count_parameters, load_base_model
+from bailong.model.config import FinetuneConfig
 from bailong.train.loss import causal_lm_loss, decoder_and_head, head_weights
 from bailong.train.pretrain import _param_groups
-from conftest import ROOT, compose_config
+from conftest import ROOT, base_config, compose_config
 from test_adapter import logits
-from test_build import HIDDEN, NF4, NONE, NUM_BASE, NUM_NEW, VOCAB, batch, build, lora
+from test_build import HIDDEN, NF4, NONE, NUM_BASE, NUM_NEW, VOCAB, batch, build
 
 
 def full(tiny, **kw):
-    return build(tiny, quant=NONE, finetune="full", **kw)
+    return build(tiny, quant=NONE, finetune=FinetuneConfig(name="full"), **kw)
 
 
 def is_4bit(model) -> bool:
@@ -52,38 +54,38 @@ def test_full_finetuning_with_nf4_is_refused_naming_both_keys_and_the_fix(tmp_pa
         check_config(cfg)
     with pytest.raises(ValueError, match=r"finetune\.name=full with quant\.name=nf4"):  # before any loading
         build_model(
-            "/nonexistent",
+            base_config("/nonexistent"),
             vocab_size=VOCAB,
             num_base=NUM_BASE,
             rows=tiny.rows,
             quant=NF4,
             lora=None,
-            finetune={"name": "full"},
+            finetune=FinetuneConfig(name="full"),
         )
     with pytest.raises(ValueError, match=r"finetune\.name='partial'"):
         build_model(
-            "/nonexistent",
+            base_config("/nonexistent"),
             vocab_size=VOCAB,
             num_base=NUM_BASE,
             rows=tiny.rows,
             quant=NONE,
             lora=None,
-            finetune="partial",
+            finetune=FinetuneConfig(name="partial"),
         )
 
 
 # -- build ----------------------------------------------------------------------------------------------
 def test_full_build_trains_every_weight_of_the_resized_base_without_peft(tiny):
-    model = full(tiny, lora=lora(r=0))  # lora.* ignored, even an invalid rank
+    model = full(tiny)  # lora.* ignored (the stage does not even read it: test_finetune_full_is_one_override...)
     assert not isinstance(model, peft.PeftModel) and not is_4bit(model) and model.training
     assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
     counts = count_parameters(model)
     assert (
         counts["trainable"]
         == counts["total"]
-        == sum(p.numel() for p in load_base_model(tiny.path).parameters()) + 2 * NUM_NEW * HIDDEN
+        == sum(p.numel() for p in load_base_model(base_config(tiny.path)).parameters()) + 2 * NUM_NEW * HIDDEN
     )
-    base = load_base_model(tiny.path, quant=None)
+    base = load_base_model(base_config(tiny.path), quant=None)
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert embed.shape == head.shape == (VOCAB, HIDDEN)
     assert torch.equal(embed[NUM_BASE:], tiny.rows["embed"]) and torch.equal(head[NUM_BASE:], tiny.rows["head"])
@@ -207,7 +209,8 @@ def test_smoke_run_with_full_finetuning_end_to_end(tmp_path):
     4-bit; the saved model reproduces the final metrics; ``python -m bailong.eval`` scores it; SFT continues it."""
     from bailong.data.splits import load_splits
     from bailong.eval.bpc import evaluate_texts
-    from bailong.pipeline import build_tokenizers, initial_rows, run
+    from bailong.stages import run
+    from bailong.stages.common import build_tokenizers, initial_rows
 
     out = tmp_path / "run"
     cfg = compose_config(SMOKE_FULL, output_dir=out)
@@ -217,14 +220,14 @@ def test_smoke_run_with_full_finetuning_end_to_end(tmp_path):
 
     model, tok = load_adapter(out / "adapter")
     assert not is_4bit(model) and not isinstance(model, peft.PeftModel)
-    splits = load_splits(cfg.data)
+    splits = load_splits(OmegaConf.to_object(cfg.data))
     scores = evaluate_texts(model, tok, splits.val(), seq_len=cfg.data.seq_len, batch_size=cfg.eval.batch_size)
     assert scores["tc_bpc"] == pytest.approx(metrics["final/tc_bpc"], rel=1e-6)  # same logits as trained
     assert scores["en_bpc"] == pytest.approx(metrics["final/en_bpc"], rel=1e-6)
 
     _, ext, base_tok, _ = build_tokenizers(cfg, splits)
     rows, _ = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)  # cached: the run's own initial rows
-    base = dict(load_base_model(cfg.model.pretrained).named_parameters())
+    base = dict(load_base_model(base_config(cfg.model.pretrained)).named_parameters())
     num_base = ext.num_base
     for name, p in model.named_parameters():
         before = base[name]
@@ -241,6 +244,7 @@ def test_smoke_run_with_full_finetuning_end_to_end(tmp_path):
             sys.executable,
             "-m",
             "bailong.eval",
+            "bpc",
             str(out),
             "--tc",
             str(ROOT / "data/zh_tw/modern.jsonl.gz"),

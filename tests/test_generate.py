@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bailong.eval.generate import PLAIN_CHAT_TEMPLATE, PromptTooLongError, chat_prompt_ids, generate
-from conftest import ROOT
+from conftest import ROOT, LoraConfig, QuantConfig, base_config
 
 MINI = ROOT / "models" / "mini-base"
 CHAT = [
@@ -91,17 +90,11 @@ def test_peft_model_on_a_4bit_base(mini):
     from bailong.model.build import build_model
 
     _, tok = mini
-    quant = OmegaConf.create(
-        {
-            "name": "nf4",
-            "quant_type": "nf4",
-            "double_quant": True,
-            "compute_dtype": "bfloat16",
-            "quant_storage": "uint8",
-        }
+    quant = QuantConfig(name="nf4")
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, embeddings="frozen")
+    model = build_model(
+        base_config(str(MINI)), vocab_size=len(tok), num_base=len(tok), rows=None, quant=quant, lora=lora
     )
-    lora = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "embeddings": "frozen"})
-    model = build_model(str(MINI), vocab_size=len(tok), num_base=len(tok), rows=None, quant=quant, lora=lora)
     model.train()
     out = generate(model, tok, CHAT[:2], max_new_tokens=8, seed=0)
     assert isinstance(out, str) and out == generate(model, tok, CHAT[:2], max_new_tokens=8, seed=0)

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from bailong.data.chat import load_conversations
+from bailong.data.config import ChatCorpusConfig, CorpusConfig, InstructConfig
 from bailong.data.corpus import load_documents, split_documents
 from bailong.data.instruct import build_instruct_set, read_poems, to_simplified
 from conftest import ROOT
@@ -20,11 +21,11 @@ HAN = re.compile(r"[\u4e00-\u9fff]")
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("instruct")
-    cfg = {"poems": str(POEMS), "max_train": 3000, "max_val": None, "seed": 0}
+    cfg = InstructConfig(poems=str(POEMS), max_train=3000, max_val=None, seed=0)
     stats = build_instruct_set(cfg, val_fraction=0.02, split_seed=0, out_dir=out)
     sets = {}
     for name in ("train", "val"):
-        convs = load_conversations({"path": str(out / f"{name}.jsonl")})  # validated as any chat file
+        convs = load_conversations(ChatCorpusConfig(path=str(out / f"{name}.jsonl")))  # validated as any chat file
         tasks = [json.loads(line) for line in (out / f"{name}.tasks.jsonl").read_text().splitlines()]
         assert len(convs) == len(tasks)
         sets[name] = list(zip(convs, tasks))
@@ -34,7 +35,7 @@ def built(tmp_path_factory):
 def test_no_held_out_poem_is_trained_on(built):
     """Held-out poems are exactly those pre-training holds out of the same file (split_documents)."""
     _, stats, sets, poems = built
-    _, held_texts = split_documents(load_documents({"path": str(POEMS), "format": "jsonl"}), 0.02, 0)
+    _, held_texts = split_documents(load_documents([CorpusConfig(path=str(POEMS), format="jsonl")]), 0.02, 0)
     held = {p.index for p in poems if p.text in set(held_texts)}
     assert stats["val_poems"] == len(held) > 100
     train_poems = {t["poem"] for _, t in sets["train"]}
@@ -95,7 +96,7 @@ def test_both_languages_all_tasks_multi_turn_and_system(built):
 
 def test_generation_is_deterministic(built, tmp_path):
     out, _, _, _ = built
-    cfg = {"poems": str(POEMS), "max_train": 3000, "max_val": None, "seed": 0}
+    cfg = InstructConfig(poems=str(POEMS), max_train=3000, max_val=None, seed=0)
     build_instruct_set(cfg, val_fraction=0.02, split_seed=0, out_dir=tmp_path)
     for name in ("train.jsonl", "val.jsonl", "train.tasks.jsonl"):
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes()

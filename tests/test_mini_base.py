@@ -18,8 +18,9 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bailong.data.config import CorpusConfig
 from bailong.data.corpus import load_documents, split_documents
-from bailong.model.base import (
+from bailong.model.mini_base import (
     MiniBaseConfig,
     PackedRows,
     build_mini_base,
@@ -51,7 +52,7 @@ TINY = replace(
 
 
 def _train_docs(path: str, n: int) -> list[str]:
-    return split_documents(load_documents({"path": str(ROOT / path), "max_docs": n}), 0.02, seed=0)[0]
+    return split_documents(load_documents([CorpusConfig(path=str(ROOT / path), max_docs=n)]), 0.02, seed=0)[0]
 
 
 @pytest.fixture(scope="module")

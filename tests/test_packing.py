@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bailong.config import DataConfig
+from bailong.data.config import CorpusConfig
 from bailong.data.corpus import load_documents
 from bailong.data.packing import (
     EpochShuffleSampler,
@@ -31,14 +32,14 @@ def tiny_corpora() -> tuple[list[str], list[str]]:
     """A few hundred real TC and EN documents (long modern/KJV documents included)."""
     tc = load_documents(
         [
-            {"path": DATA / "zh_tw/poetry_tang.jsonl.gz", "max_docs": 200},
-            {"path": DATA / "zh_tw/modern.jsonl.gz", "max_docs": 40},
+            CorpusConfig(path=str(DATA / "zh_tw/poetry_tang.jsonl.gz"), max_docs=200),
+            CorpusConfig(path=str(DATA / "zh_tw/modern.jsonl.gz"), max_docs=40),
         ]
     )
     en = load_documents(
         [
-            {"path": DATA / "en/fortunes.jsonl.gz", "max_docs": 200},
-            {"path": DATA / "en/kjv.jsonl.gz", "max_docs": 10},
+            CorpusConfig(path=str(DATA / "en/fortunes.jsonl.gz"), max_docs=200),
+            CorpusConfig(path=str(DATA / "en/kjv.jsonl.gz"), max_docs=10),
         ]
     )
     return tc, en
@@ -230,7 +231,7 @@ def test_datamodule_from_the_shipped_config(tokenizer):
     for spec in list(cfg.data.tc) + list(cfg.data.en):
         spec.max_docs = 60  # the real files, a sliver of each
     cfg.data.val_fraction = 0.1
-    dm = PretrainDataModule.from_config(tokenizer, cfg.data, seed=0)
+    dm = PretrainDataModule.from_config(tokenizer, OmegaConf.to_object(cfg.data), seed=0)
     dm.setup("fit")
     assert dm.train_tokens_per_epoch > 0
     assert 0 < dm.val_chars["tc"] <= cfg.data.max_val_chars and 0 < dm.val_chars["en"] <= cfg.data.max_val_chars

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
 
@@ -46,7 +47,7 @@ def run_py(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    from bailong.pipeline import run
+    from bailong.stages import run
 
     out = tmp_path_factory.mktemp("smoke")
     cfg = compose_config(SMOKE, output_dir=out)
@@ -85,7 +86,11 @@ def test_saved_adapter_reproduces_the_final_metrics(smoke_run):
     out, cfg, metrics = smoke_run
     model, tok = load_adapter(out / "adapter")
     scores = evaluate_texts(
-        model, tok, load_splits(cfg.data).val(), seq_len=cfg.data.seq_len, batch_size=cfg.eval.batch_size
+        model,
+        tok,
+        load_splits(OmegaConf.to_object(cfg.data)).val(),
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.eval.batch_size,
     )
     assert scores["tc_bpc"] == pytest.approx(metrics["final/tc_bpc"], rel=1e-6)
     assert scores["en_bpc"] == pytest.approx(metrics["final/en_bpc"], rel=1e-6)
@@ -184,10 +189,11 @@ def test_eval_command_scores_a_run_and_a_base(smoke_run, tmp_path, capsys):
     out, cfg, metrics = smoke_run
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("春眠不覺曉，處處聞啼鳥。\n\n夜來風雨聲，花落知多少。\n", encoding="utf-8")
-    run_scores = main([str(out), "--tc", str(held_out), "--seq-len", "64"])
+    run_scores = main(["bpc", str(out), "--tc", str(held_out), "--seq-len", "64"])
     assert set(run_scores) >= {"final/tc_bpc", "final/tc_bpb", "final/tc_tokens_per_char"}
     base_scores = main(
         [
+            "bpc",
             str(ROOT / "models" / "mini-base"),
             "--en",
             str(ROOT / "data/en/kjv.jsonl.gz"),

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from bailong.model import random_base
-from bailong.model.base import tokenizer_layout
+from bailong.model.config import ModelConfig, RandomBaseConfig
+from bailong.model.mini_base import tokenizer_layout
 from bailong.model.random_base import ensure_random_base
 from conftest import ROOT, compose_config
 
@@ -57,11 +58,9 @@ TINY = (
 )
 
 
-def cfg(path: Path, architecture: str = "tiny", num_layers: int = 2, seed: int = 0) -> dict:
-    return {
-        "pretrained": str(path),
-        "random_base": {"architecture": architecture, "num_layers": num_layers, "seed": seed},
-    }
+def cfg(path: Path, architecture: str = "tiny", num_layers: int = 2, seed: int = 0) -> ModelConfig:
+    spec = RandomBaseConfig(architecture=architecture, num_layers=num_layers, seed=seed)
+    return ModelConfig(name=path.name, pretrained=str(path), random_base=spec)
 
 
 @pytest.fixture
@@ -139,7 +138,7 @@ def test_sharded_past_the_shard_size(tiny, tmp_path, monkeypatch):
 
 def test_no_random_base_is_a_no_op(tmp_path):
     target = tmp_path / "somewhere"
-    assert ensure_random_base({"pretrained": str(target), "random_base": None}) == target
+    assert ensure_random_base(ModelConfig(name="somewhere", pretrained=str(target))) == target
     assert not target.exists()
 
 

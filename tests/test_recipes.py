@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from omegaconf import OmegaConf
+
 from bailong.data.splits import load_splits
 from conftest import compose_config
 
@@ -63,7 +65,7 @@ def test_hub_mix_loads_through_datasets_streaming_with_conversion_and_dedup(tmp_
         ],
         tmp_path,
     )
-    splits = load_splits(cfg.data)
+    splits = load_splits(OmegaConf.to_object(cfg.data))
     tc = splits.tc_train + splits.tc_val
     # s2twp turned the Simplified article into Taiwan Traditional (软件→軟體, 数据→資料, 中间件→中介軟體,
     # 台湾→臺灣); the hub's Traditional copy differs from it in one character: a near-duplicate, dropped

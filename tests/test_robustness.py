@@ -10,9 +10,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from bailong.model.build import build_model
+from bailong.model.config import LoraConfig, QuantConfig
 from bailong.train.callbacks import NonFiniteGuard
 from bailong.train.pretrain import PretrainModule
-from conftest import SMOKE_WITH_WANDB, compose_config
+from conftest import SMOKE_WITH_WANDB, base_config, compose_config
 
 
 # -- a NaN/inf stops the run and keeps the last good state ------------------------------------------------
@@ -53,7 +54,12 @@ def tiny_loader():
 @pytest.mark.parametrize("what", ["loss", "grad"])
 def test_non_finite_training_stops_and_saves_the_last_good_state(tiny_base, tmp_path, what):
     model = build_model(
-        str(tiny_base), vocab_size=64, num_base=64, rows=None, quant={"name": "none"}, lora={"r": 4, "dropout": 0.0}
+        base_config(str(tiny_base)),
+        vocab_size=64,
+        num_base=64,
+        rows=None,
+        quant=QuantConfig(name="none"),
+        lora=LoraConfig(r=4, dropout=0.0),
     )
     module = PoisonedAt(model, bad_step=3, what=what)
     trainer = pl.Trainer(
@@ -85,7 +91,7 @@ def test_non_finite_training_stops_and_saves_the_last_good_state(tiny_base, tmp_
 # -- outputs of earlier runs are never overwritten --------------------------------------------------------
 def test_a_finished_run_directory_is_never_overwritten(tmp_path):
     from bailong.checks import ConfigError
-    from bailong.pipeline import run
+    from bailong.stages import run
 
     (tmp_path / "metrics.json").write_text('{"final/tc_bpc": 1.0}')
     with pytest.raises(ConfigError, match=r"metrics\.json exists: this directory holds a finished run"):
@@ -125,7 +131,7 @@ def test_redact_replaces_planted_keys_and_secret_named_values():
 def test_no_planted_key_reaches_any_output_of_a_run(tmp_path, monkeypatch, capfd, caplog):
     """Keys planted in the environment, and pulled into the config by interpolation, appear in no file
     the run writes (config, adapter, CSV, W&B offline run, checkpoints) and in no log line."""
-    from bailong.pipeline import run
+    from bailong.stages import run
 
     wandb_key, judge_key = "planted-wandb-key-5f3a9c", "planted-judge-key-81d2e7"
     monkeypatch.setenv("WANDB_API_KEY", wandb_key)

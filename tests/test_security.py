@@ -42,7 +42,7 @@ def hostile_run(tmp_path_factory):
     return run
 
 
-def cli(module: str, args: list[str], marker, tmp_path) -> subprocess.CompletedProcess:
+def cli(command: list[str], args: list[str], marker, tmp_path) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -50,20 +50,20 @@ def cli(module: str, args: list[str], marker, tmp_path) -> subprocess.CompletedP
         "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
     }
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", *command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
 
 
 @pytest.mark.parametrize(
-    "module, args",
+    "command, args",
     [
-        ("bailong.chat", ["--prompt", "hi", "--max-new-tokens", "2"]),
-        ("bailong.eval", ["--tc", "data/zh_tw/poetry_tang.jsonl.gz", "--max-chars", "200"]),
+        (["bailong.chat"], ["--prompt", "hi", "--max-new-tokens", "2"]),
+        (["bailong.eval", "bpc"], ["--tc", "data/zh_tw/poetry_tang.jsonl.gz", "--max-chars", "200"]),
     ],
 )
-def test_an_adapter_cannot_turn_on_remote_code(hostile_run, tmp_path, module, args):
+def test_an_adapter_cannot_turn_on_remote_code(hostile_run, tmp_path, command, args):
     marker = tmp_path / "ran.txt"
-    proc = cli(module, [str(hostile_run), *args], marker, tmp_path)
+    proc = cli(command, [str(hostile_run), *args], marker, tmp_path)
     assert not marker.exists(), "the adapter's planted code ran"
     assert proc.returncode != 0
     assert "trust_remote_code=True" in proc.stderr and "--trust-remote-code" in proc.stderr, proc.stderr[-2000:]
@@ -73,7 +73,7 @@ def test_the_users_flag_is_what_allows_remote_code(hostile_run, tmp_path):
     """The control: with the user's --trust-remote-code the planted file does run (so the test above would see it)."""
     marker = tmp_path / "ran.txt"
     cli(
-        "bailong.chat",
+        ["bailong.chat"],
         [str(hostile_run), "--prompt", "hi", "--max-new-tokens", "2", "--trust-remote-code"],
         marker,
         tmp_path,
@@ -82,7 +82,7 @@ def test_the_users_flag_is_what_allows_remote_code(hostile_run, tmp_path):
 
 
 def test_sft_from_a_hostile_run_is_refused_before_loading(hostile_run, make_config):
-    from bailong.sft_pipeline import check_sft
+    from bailong.stages.sft import check_sft
 
     cfg = make_config(["experiment=sft", f"sft.from_run={hostile_run}"])
     with pytest.raises(PermissionError, match="trust_remote_code=True"):

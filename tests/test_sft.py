@@ -34,7 +34,7 @@ SFT_SMOKE = [
 @pytest.fixture
 def no_heavy_work(monkeypatch):
     """Loading a model or data fails the test: config errors must come first."""
-    import bailong.sft_pipeline as sft
+    import bailong.stages.sft as sft
 
     def heavy(*args, **kwargs):
         raise AssertionError("heavy work started before the config was checked")
@@ -44,7 +44,7 @@ def no_heavy_work(monkeypatch):
 
 
 def test_missing_from_run_is_a_config_error_naming_the_key(tmp_path, no_heavy_work):
-    from bailong.pipeline import run
+    from bailong.stages import run
 
     with pytest.raises(ConfigError, match=r"sft\.from_run is not set.*sft\.from_base=true"):
         run(compose_config(["experiment=sft"], tmp_path))
@@ -59,7 +59,7 @@ def test_missing_from_run_is_a_config_error_naming_the_key(tmp_path, no_heavy_wo
     ],
 )
 def test_bad_sft_settings_fail_first(tmp_path, no_heavy_work, overrides, message):
-    from bailong.pipeline import run
+    from bailong.stages import run
 
     with pytest.raises(ConfigError, match=message):
         run(compose_config(["experiment=sft", *overrides], tmp_path))
@@ -78,7 +78,7 @@ def test_sft_config_composes_with_the_schema(tmp_path):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    from bailong.pipeline import run
+    from bailong.stages import run
 
     out = tmp_path_factory.mktemp("pretrain")
     run(compose_config(["experiment=smoke", "logger=csv"], out))
@@ -89,7 +89,7 @@ def pretrained(tmp_path_factory):
 def test_sft_smoke_from_a_pretrained_run(pretrained, tmp_path):
     from bailong.data.chat import CHAT_TEMPLATE
     from bailong.model.adapter import load_adapter
-    from bailong.pipeline import run
+    from bailong.stages import run
 
     cfg = compose_config([*SFT_SMOKE, f"sft.from_run={pretrained}"], tmp_path)
     metrics = run(cfg)
@@ -118,10 +118,12 @@ def test_sft_smoke_from_a_pretrained_run(pretrained, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     model, tok = load_adapter(tmp_path / "adapter")
     assert tok.chat_template == CHAT_TEMPLATE
+    from omegaconf import OmegaConf
+
     from bailong.data.sft import SFTDataModule, load_chat_splits
     from bailong.eval.bpc import score_windows, scoring_mode
 
-    _, val = load_chat_splits(cfg.data, cfg.paths.cache_dir)
+    _, val = load_chat_splits(OmegaConf.to_object(cfg.data), cfg.paths.cache_dir)
     dm = SFTDataModule(tok, [], val, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=0)
     with scoring_mode(model):
         assert score_windows(model, dm.val_batches())["bpc"] == pytest.approx(metrics["sft/after/chat_bpc"], rel=1e-5)
@@ -129,7 +131,7 @@ def test_sft_smoke_from_a_pretrained_run(pretrained, tmp_path):
 
 @pytest.mark.slow
 def test_sft_from_the_base(tmp_path):
-    from bailong.pipeline import run
+    from bailong.stages import run
 
     overrides = [
         *SFT_SMOKE,

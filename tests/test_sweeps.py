@@ -105,7 +105,7 @@ def test_a_failed_single_run_exits_non_zero_and_records_its_error(tmp_path):
     out = tmp_path / "run"
     proc = run_py(["experiment=smoke", "logger=csv", "lora.r=0", f"hydra.run.dir={out}"])
     assert proc.returncode != 0
-    assert "lora.r=0: the LoRA rank must be a positive integer" in proc.stderr
+    assert "lora.r=0: expected a positive integer: the LoRA rank" in proc.stderr
     error = json.loads((out / "error.json").read_text())
     assert error["type"] == "ConfigError" and "lora.r=0" in error["message"]
     assert "Traceback" in error["traceback"] and "bailong/checks.py" in error["traceback"]

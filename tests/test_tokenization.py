@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from bailong.data.config import CorpusConfig
 from bailong.data.corpus import load_documents, split_documents
 from bailong.tokenization import TokenizerConfigError, extend_tokenizer, load_tokenizer, tokens_per_char
 from bailong.tokenization.merge import contains_cjk, new_characters, scores_below
@@ -33,7 +34,7 @@ EXTRA = 300  # multi-character pieces asked for beyond the required new characte
 
 
 def _docs(*specs):
-    return load_documents([{"path": str(ROOT / "data" / p), "max_docs": n} for p, n in specs])
+    return load_documents([CorpusConfig(path=str(ROOT / "data" / p), max_docs=n) for p, n in specs])
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,8 @@ from typing import Any
 
 import yaml
 
-from bailong.config import override_value
-
-METRICS_FILE = "metrics.json"
-ERROR_FILE = "error.json"
+from bailong.overrides import override_value
+from bailong.run_files import ERROR_FILE, METRICS_FILE
 
 
 class DashboardInputError(ValueError):

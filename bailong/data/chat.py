@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from bailong.data.config import ChatCorpusConfig, expect_config
 from bailong.data.corpus import read_jsonl, write_jsonl
 from bailong.data.windows import IGNORE_INDEX
 
@@ -51,10 +52,6 @@ Conversation = list[dict[str, str]]
 
 class ChatDataError(ValueError):
     """Bad chat data: the message names the file and line (or hub record) and what was expected."""
-
-
-def _field(spec: Any, key: str, default: Any = None) -> Any:
-    return spec.get(key, default) if isinstance(spec, Mapping) else getattr(spec, key, default)
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -95,17 +92,17 @@ def _jsonl_conversations(path: Path, messages_field: str) -> Iterator[Conversati
         yield check_conversation(record[messages_field], where)
 
 
-def _hub_conversations(spec: Any) -> Iterator[Conversation]:
+def _hub_conversations(spec: ChatCorpusConfig) -> Iterator[Conversation]:
     import datasets  # only hub chat sets need it
 
-    path, field = _field(spec, "path"), _field(spec, "messages_field", "messages")
+    path, field = spec.path, spec.messages_field
     ds = datasets.load_dataset(
         path,
-        _field(spec, "name"),
-        split=_field(spec, "split", "train"),
-        data_files=_field(spec, "data_files"),
-        revision=_field(spec, "revision"),
-        streaming=bool(_field(spec, "streaming", False)),
+        spec.name,
+        split=spec.split,
+        data_files=spec.data_files,
+        revision=spec.revision,
+        streaming=spec.streaming,
     )
     for i, record in enumerate(ds):
         if field not in record:
@@ -115,10 +112,10 @@ def _hub_conversations(spec: Any) -> Iterator[Conversation]:
         yield check_conversation(record[field], f"hub data set {path!r} record {i}")
 
 
-def load_conversations(spec: Any) -> list[Conversation]:
-    """Conversations of one chat corpus spec (``path``, ``format`` jsonl | hub, ``messages_field``, ``max_records``,
-    and for hub sets ``name``, ``split``, ``data_files``, ``revision``, ``streaming``)."""
-    path, fmt = str(_field(spec, "path")), _field(spec, "format")
+def load_conversations(spec: ChatCorpusConfig) -> list[Conversation]:
+    """Conversations of one chat corpus, at most its ``max_records``."""
+    expect_config(spec, ChatCorpusConfig, "load_conversations(spec)")
+    path, fmt = str(spec.path), spec.format
     if fmt is None:
         fmt = "jsonl" if path.endswith((".jsonl", ".jsonl.gz", ".json")) else None
     if fmt == "hub":
@@ -126,10 +123,10 @@ def load_conversations(spec: Any) -> list[Conversation]:
     elif fmt == "jsonl":
         if not Path(path).is_file():
             raise ChatDataError(f"{path}: chat file not found")
-        records = _jsonl_conversations(Path(path), _field(spec, "messages_field", "messages"))
+        records = _jsonl_conversations(Path(path), spec.messages_field)
     else:
         raise ChatDataError(f"{path}: chat data format {fmt!r}: expected jsonl (.jsonl, .jsonl.gz) or hub")
-    limit = _field(spec, "max_records")
+    limit = spec.max_records
     out = []
     for conv in records:
         if limit is not None and len(out) >= limit:

@@ -1,4 +1,9 @@
-"""The data's configuration: corpora, their split, deduplication, the chat data (``data``)."""
+"""The data's configuration: corpora, their split, deduplication, the chat data (``data``).
+
+The entry point converts the composed config once (``OmegaConf.to_object(cfg.data)`` gives a ``DataConfig``)
+and the data library takes these objects; each checks its ranges in ``__post_init__`` and raises
+``ConfigError`` naming the key, the value and what was expected.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
+
+from bailong.errors import ConfigError, check_choice, check_number, unset
+
+
+def expect_config(value: Any, cls: type, name: str) -> None:
+    """``TypeError`` unless ``value`` is a ``cls``: the data library takes the typed config only, so a dict or a
+    DictConfig fails here, at the public function it was passed to, not as a missing attribute deep inside."""
+    if not isinstance(value, cls):
+        raise TypeError(
+            f"{name}: expected a {cls.__module__}.{cls.__name__}, got {type(value).__name__} "
+            "(build one, or convert the composed config once: OmegaConf.to_object(cfg.data))"
+        )
+
+
+def _text(key: str, value: Any) -> None:
+    if not unset(value) and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"{key}={value!r}: expected a non-empty string")
+
+
+def _format(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value is not None:  # null: told by the file name
+        check_choice(key, value, choices)
 
 
 @dataclass
@@ -21,6 +48,14 @@ class CorpusConfig:
     max_docs: int | None = None  # documents kept (after conversion and deduplication)
     convert: str | None = None  # OpenCC conversion per document, e.g. s2twp (Simplified -> Taiwan Traditional)
 
+    def __post_init__(self) -> None:
+        # a list element does not know its index (data.tc.0, eval.mc.tc_sources.1): its path names it
+        where = f"corpus path={self.path}"
+        _text(f"{where}: path", self.path)
+        _format(f"{where}: format", self.format, ("txt", "jsonl", "hub"))
+        _text(f"{where}: text_field", self.text_field)
+        check_number(f"{where}: max_docs", self.max_docs, lambda v: v >= 1, "null or an integer >= 1", optional=True)
+
 
 @dataclass
 class DedupConfig:
@@ -30,6 +65,13 @@ class DedupConfig:
     near: float | None = 0.8  # MinHash LSH Jaccard threshold over character shingles; null: exact only
     num_perm: int = 128
     ngram: int = 5  # characters per shingle
+
+    def __post_init__(self) -> None:
+        near = "null (exact only) or a Jaccard threshold in (0, 1]"
+        check_number("data.dedup.near", self.near, lambda v: 0 < v <= 1, near, optional=True)
+        # fewer permutations estimate Jaccard too coarsely for the LSH bands to mean anything
+        check_number("data.dedup.num_perm", self.num_perm, lambda v: v >= 16, "an integer >= 16 (128 is usual)")
+        check_number("data.dedup.ngram", self.ngram, lambda v: v >= 1, "a positive number of characters per shingle")
 
 
 @dataclass
@@ -46,6 +88,15 @@ class ChatCorpusConfig:
     streaming: bool = False
     max_records: int | None = None
 
+    def __post_init__(self) -> None:
+        where = f"chat corpus path={self.path}"
+        _text(f"{where}: path", self.path)
+        _format(f"{where}: format", self.format, ("jsonl", "hub"))
+        _text(f"{where}: messages_field", self.messages_field)
+        check_number(
+            f"{where}: max_records", self.max_records, lambda v: v >= 1, "null or an integer >= 1", optional=True
+        )
+
 
 @dataclass
 class InstructConfig:
@@ -59,6 +110,18 @@ class InstructConfig:
     system_share: float = 0.2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for key in ("en_share", "multi_turn_share", "system_share"):
+            check_number(f"data.chat.instruct.{key}", getattr(self, key), lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        for key in ("max_train", "max_val"):
+            check_number(
+                f"data.chat.instruct.{key}",
+                getattr(self, key),
+                lambda v: v >= 0,
+                "null or an integer >= 0",
+                optional=True,
+            )
+
 
 @dataclass
 class ChatDataConfig:
@@ -66,6 +129,9 @@ class ChatDataConfig:
     files: list[ChatCorpusConfig] = field(default_factory=list)  # chat corpora, split by data.val_fraction
     max_val: int = 64  # held-out conversations per source scored as val/chat_bpc
     packing: bool = True  # whole conversations packed into data.seq_len rows (block-diagonal attention)
+
+    def __post_init__(self) -> None:
+        check_number("data.chat.max_val", self.max_val, lambda v: v >= 0, "an integer >= 0")
 
 
 @dataclass
@@ -82,3 +148,13 @@ class DataConfig:
     # off by default (the shipped data pack is clean); hub corpora turn it on: {exact: true, near: 0.8}
     dedup: DedupConfig = field(default_factory=lambda: DedupConfig(exact=False, near=None))
     chat: ChatDataConfig | None = None  # SFT stage: the chat data (conf/data/sft_chat.yaml)
+
+    def __post_init__(self) -> None:
+        check_number("data.tc_ratio", self.tc_ratio, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        check_number("data.val_fraction", self.val_fraction, lambda v: 0 < v < 1, "a number in (0, 1)")
+        check_number("data.seq_len", self.seq_len, lambda v: v >= 2, "an integer >= 2")
+        check_number("data.batch_size", self.batch_size, lambda v: v >= 1, "an integer >= 1")
+        check_number("data.num_workers", self.num_workers, lambda v: v >= 0, "an integer >= 0")
+        check_number(
+            "data.max_val_chars", self.max_val_chars, lambda v: v >= 1, "null or an integer >= 1", optional=True
+        )

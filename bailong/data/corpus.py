@@ -9,19 +9,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+from bailong.data.config import CorpusConfig, expect_config
+
+if TYPE_CHECKING:
+    from bailong.data.dedup import Deduplicator
 
 
 class CorpusError(ValueError):
     """Bad corpus input: the message names the file, the line and what was expected."""
-
-
-def _spec(spec: Any, key: str, default: Any = None) -> Any:
-    if isinstance(spec, Mapping):
-        return spec.get(key, default)
-    return getattr(spec, key, default)
 
 
 def _format_of(path: str, fmt: str | None) -> str:
@@ -108,18 +107,17 @@ def _txt_documents(path: Path) -> Iterator[str]:
         yield "\n".join(block)
 
 
-def _hub_documents(spec: Any) -> Iterator[str]:
+def _hub_documents(spec: CorpusConfig) -> Iterator[str]:
     import datasets  # imported lazily: only hub corpora need it
 
-    path = _spec(spec, "path")
-    text_field = _spec(spec, "text_field", "text")
+    path, text_field = spec.path, spec.text_field
     ds = datasets.load_dataset(
         path,
-        _spec(spec, "name"),
-        split=_spec(spec, "split", "train"),
-        data_files=_spec(spec, "data_files"),
-        revision=_spec(spec, "revision"),
-        streaming=bool(_spec(spec, "streaming", False)),
+        spec.name,
+        split=spec.split,
+        data_files=spec.data_files,
+        revision=spec.revision,
+        streaming=spec.streaming,
     )
     for i, record in enumerate(ds):
         text = record.get(text_field)
@@ -132,10 +130,15 @@ def _hub_documents(spec: Any) -> Iterator[str]:
             yield text
 
 
-def iter_documents(spec: Any) -> Iterator[str]:
-    """Yield the documents of one corpus spec (keys: path, format, text_field, name, split, ...)."""
-    path = str(_spec(spec, "path"))
-    fmt = _format_of(path, _spec(spec, "format"))
+def iter_documents(spec: CorpusConfig) -> Iterator[str]:
+    """Yield the documents of one corpus (``max_docs``, ``convert`` apply in ``load_documents``)."""
+    expect_config(spec, CorpusConfig, "iter_documents(spec)")
+    yield from _documents(spec)
+
+
+def _documents(spec: CorpusConfig) -> Iterator[str]:
+    path = str(spec.path)  # str(): a pathlib.Path put in by Python code reads the same
+    fmt = _format_of(path, spec.format)
     if fmt == "hub":
         yield from _hub_documents(spec)
         return
@@ -143,28 +146,30 @@ def iter_documents(spec: Any) -> Iterator[str]:
     if not file.is_file():
         raise CorpusError(f"{file}: corpus file not found")
     if fmt == "jsonl":
-        yield from _jsonl_documents(file, _spec(spec, "text_field", "text"))
+        yield from _jsonl_documents(file, spec.text_field)
     elif fmt == "txt":
         yield from _txt_documents(file)
     else:
         raise CorpusError(f"{file}: unknown corpus format {fmt!r}; expected txt, jsonl or hub")
 
 
-def load_documents(specs: Any, dedup: Any = None) -> list[str]:
-    """All documents of one spec or a list of specs, in order, each capped at its ``max_docs``.
+def load_documents(specs: Sequence[CorpusConfig], dedup: Deduplicator | None = None) -> list[str]:
+    """All documents of a list of corpora, in order, each capped at its ``max_docs``.
 
     A spec's ``convert`` (an OpenCC configuration such as ``s2twp``) rewrites each document first; then
     ``dedup`` (a ``bailong.data.dedup.Deduplicator``, shared across calls) drops copies of documents it
     has already seen. ``max_docs`` counts the documents kept, so a streamed corpus reads on past duplicates.
     """
-    if isinstance(specs, Mapping) or not isinstance(specs, Iterable) or isinstance(specs, str):
-        specs = [specs]
+    if isinstance(specs, (CorpusConfig, Mapping, str)) or not isinstance(specs, Sequence):
+        raise TypeError(f"load_documents(specs): expected a list of CorpusConfig, got {type(specs).__name__}")
+    for i, spec in enumerate(specs):
+        expect_config(spec, CorpusConfig, f"load_documents(specs[{i}])")
     docs: list[str] = []
     for spec in specs:
-        limit = _spec(spec, "max_docs")
+        limit = spec.max_docs
         convert = _converter(spec)
         n = 0
-        for doc in iter_documents(spec):
+        for doc in _documents(spec):
             if limit is not None and n >= limit:
                 break
             if convert is not None:
@@ -175,13 +180,13 @@ def load_documents(specs: Any, dedup: Any = None) -> list[str]:
             n += 1
         if n == 0:
             why = " after deduplication" if dedup is not None and dedup.stats.seen else ""
-            raise CorpusError(f"{_spec(spec, 'path')}: corpus is empty{why} (no non-blank documents)")
+            raise CorpusError(f"{spec.path}: corpus is empty{why} (no non-blank documents)")
     return docs
 
 
-def _converter(spec: Any):
+def _converter(spec: CorpusConfig):
     """OpenCC's converter for the spec's ``convert`` key (None when unset); an unknown name fails here."""
-    name = _spec(spec, "convert")
+    name = spec.convert
     if not name:
         return None
     import opencc
@@ -190,7 +195,7 @@ def _converter(spec: Any):
         return opencc.OpenCC(str(name)).convert
     except RuntimeError as err:  # "<name>.json not found or not accessible"
         raise CorpusError(
-            f"{_spec(spec, 'path')}: convert={name!r} is not an OpenCC configuration "
+            f"{spec.path}: convert={name!r} is not an OpenCC configuration "
             "(e.g. s2twp: Simplified to Taiwan Traditional with Taiwan phrasing; s2t, t2s, s2tw)"
         ) from err
 

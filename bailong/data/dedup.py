@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+
+from bailong.data.config import DedupConfig, expect_config
 
 _SPACES = re.compile(r"\s+")
 
@@ -52,28 +53,22 @@ class DedupStats:
 
 @dataclass
 class Deduplicator:
-    """Stateful filter: ``keep(doc)`` is True for the first copy of a document, False for later copies."""
+    """Stateful filter: ``keep(doc)`` is True for the first copy of a document, False for later copies.
 
-    exact: bool = True
-    near: float | None = 0.8  # Jaccard threshold of a near duplicate; None: exact only
-    num_perm: int = 128
-    ngram: int = 5
+    ``cfg`` holds the settings (``DedupConfig`` checked their ranges); ``seed`` seeds MinHash's permutations."""
+
+    cfg: DedupConfig
     seed: int = 1
     stats: DedupStats = field(default_factory=DedupStats)
 
     def __post_init__(self) -> None:
-        if self.near is not None and not 0.0 < self.near <= 1.0:
-            raise ValueError(f"data.dedup.near={self.near}: a Jaccard threshold in (0, 1], or null for exact only")
-        if self.num_perm < 16:
-            raise ValueError(f"data.dedup.num_perm={self.num_perm}: use at least 16 permutations (128 is usual)")
-        if self.ngram < 1:
-            raise ValueError(f"data.dedup.ngram={self.ngram}: must be a positive number of characters")
+        expect_config(self.cfg, DedupConfig, "Deduplicator(cfg)")
         self._hashes: set[bytes] = set()
         self._lsh = None
-        if self.near is not None:
+        if self.cfg.near is not None:
             from datasketch import MinHashLSH
 
-            self._lsh = MinHashLSH(threshold=self.near, num_perm=self.num_perm)
+            self._lsh = MinHashLSH(threshold=self.cfg.near, num_perm=self.cfg.num_perm)
 
     def minhash(self, text: str):
         return self._minhash(normalise(text))
@@ -81,14 +76,14 @@ class Deduplicator:
     def _minhash(self, normalised: str):
         from datasketch import MinHash
 
-        m = MinHash(num_perm=self.num_perm, seed=self.seed)
-        m.update_batch(list(_shingles(normalised, self.ngram)))
+        m = MinHash(num_perm=self.cfg.num_perm, seed=self.seed)
+        m.update_batch(list(_shingles(normalised, self.cfg.ngram)))
         return m
 
     def keep(self, text: str) -> bool:
         self.stats.seen += 1
         t = normalise(text)  # once: both checks compare normalised text
-        if self.exact:
+        if self.cfg.exact:
             digest = hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest()
             if digest in self._hashes:
                 self.stats.exact += 1
@@ -106,15 +101,14 @@ class Deduplicator:
         return (d for d in docs if self.keep(d))
 
 
-def make_deduplicator(cfg: Any) -> Deduplicator | None:
-    """A Deduplicator for a ``data.dedup`` node ({exact, near, num_perm, ngram}); None when both are off."""
+def make_deduplicator(cfg: DedupConfig | None) -> Deduplicator | None:
+    """A fresh Deduplicator for ``data.dedup``; None when it is unset or both exact and near are off."""
     if cfg is None:
         return None
-    get = cfg.get if isinstance(cfg, Mapping) or hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
-    exact, near = bool(get("exact", True)), get("near", None)
-    if not exact and near is None:
+    expect_config(cfg, DedupConfig, "make_deduplicator(cfg)")
+    if not cfg.exact and cfg.near is None:
         return None
-    return Deduplicator(exact=exact, near=near, num_perm=int(get("num_perm", 128)), ngram=int(get("ngram", 5)))
+    return Deduplicator(cfg)
 
 
 def jaccard(a: str, b: str, ngram: int = 5) -> float:

@@ -26,7 +26,6 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 from bailong.cache import atomic_dir, cache_key
 from bailong.data.chat import Conversation, write_conversations
+from bailong.data.config import InstructConfig, expect_config
 from bailong.data.corpus import CorpusError, read_jsonl, split_documents, write_jsonl
 
 CLAUSE = re.compile(r"[^，。？！；、\n]+")
@@ -167,13 +167,7 @@ def conversation_for(
 
 
 def make_conversations(
-    poems: list[Poem],
-    *,
-    seed: int,
-    limit: int | None,
-    en_share: float = 0.4,
-    multi_turn_share: float = 0.3,
-    system_share: float = 0.2,
+    poems: list[Poem], *, seed: int, limit: int | None, en_share: float, multi_turn_share: float, system_share: float
 ) -> list[dict[str, Any]]:
     """Conversations in a seeded order of ``poems`` (one per poem at most), up to ``limit``."""
     rng = random.Random(seed)
@@ -191,23 +185,17 @@ def make_conversations(
     return out
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
-
-
-def build_instruct_set(cfg: Any, *, val_fraction: float, split_seed: int, out_dir: str | Path) -> dict[str, Any]:
+def build_instruct_set(
+    cfg: InstructConfig, *, val_fraction: float, split_seed: int, out_dir: str | Path
+) -> dict[str, Any]:
     """Write ``train.jsonl``, ``val.jsonl`` and ``stats.json`` under ``out_dir``; returns the stats."""
-    poems = read_poems(_get(cfg, "poems"))
+    expect_config(cfg, InstructConfig, "build_instruct_set(cfg)")
+    poems = read_poems(cfg.poems)
     train, val = split_poems(poems, val_fraction, split_seed)
-    opts = dict(
-        en_share=_get(cfg, "en_share", 0.4),
-        multi_turn_share=_get(cfg, "multi_turn_share", 0.3),
-        system_share=_get(cfg, "system_share", 0.2),
-    )
-    seed = int(_get(cfg, "seed", 0))
+    opts = dict(en_share=cfg.en_share, multi_turn_share=cfg.multi_turn_share, system_share=cfg.system_share)
     sets = {
-        "train": make_conversations(train, seed=seed, limit=_get(cfg, "max_train"), **opts),
-        "val": make_conversations(val, seed=seed + 1, limit=_get(cfg, "max_val"), **opts),
+        "train": make_conversations(train, seed=cfg.seed, limit=cfg.max_train, **opts),
+        "val": make_conversations(val, seed=cfg.seed + 1, limit=cfg.max_val, **opts),
     }
     out = Path(out_dir)
     stats: dict[str, Any] = {"poems": len(poems), "train_poems": len(train), "val_poems": len(val)}
@@ -224,16 +212,17 @@ def build_instruct_set(cfg: Any, *, val_fraction: float, split_seed: int, out_di
     return stats
 
 
-def cached_instruct_set(cfg: Any, *, val_fraction: float, split_seed: int, cache_dir: str | Path) -> Path:
+def cached_instruct_set(cfg: InstructConfig, *, val_fraction: float, split_seed: int, cache_dir: str | Path) -> Path:
     """The generated set's directory under ``<cache_dir>/instruct/<key>``, built once per distinct input."""
     from bailong.cache import fingerprint
 
+    expect_config(cfg, InstructConfig, "cached_instruct_set(cfg)")
     settings = {
-        k: _get(cfg, k) for k in ("max_train", "max_val", "en_share", "multi_turn_share", "system_share", "seed")
+        k: getattr(cfg, k) for k in ("max_train", "max_val", "en_share", "multi_turn_share", "system_share", "seed")
     }
     key = cache_key(
         {
-            "poems": fingerprint(str(_get(cfg, "poems"))),
+            "poems": fingerprint(str(cfg.poems)),
             "settings": settings,
             "version": 2,
             "val_fraction": val_fraction,
@@ -252,12 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poems", default="data/zh_tw/poetry_tang.jsonl.gz")
     parser.add_argument("--out", required=True, help="directory for train.jsonl, val.jsonl, stats.json")
     parser.add_argument("--max-train", type=int, default=None)
-    parser.add_argument("--max-val", type=int, default=None)
+    parser.add_argument("--max-val", type=int, default=None, help="default: every held-out poem")
     parser.add_argument("--val-fraction", type=float, default=0.02, help="as data.val_fraction of pre-training")
     parser.add_argument("--split-seed", type=int, default=0, help="as data.split_seed of pre-training")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cfg = {"poems": args.poems, "max_train": args.max_train, "max_val": args.max_val, "seed": args.seed}
+    cfg = InstructConfig(poems=args.poems, max_train=args.max_train, max_val=args.max_val, seed=args.seed)
     stats = build_instruct_set(cfg, val_fraction=args.val_fraction, split_seed=args.split_seed, out_dir=args.out)
     print(json.dumps(stats, indent=2, ensure_ascii=False))
 

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from bailong.data.config import DataConfig, expect_config
 from bailong.data.packing import (
     EpochShuffleSampler,
     MixPlan,
@@ -80,22 +81,23 @@ class PretrainDataModule(pl.LightningDataModule):
 
     @classmethod
     def from_config(
-        cls, tokenizer: Any, data_cfg: Any, *, seed: int, splits: Splits | None = None
+        cls, tokenizer: Any, data: DataConfig, *, seed: int, splits: Splits | None = None
     ) -> PretrainDataModule:
         """The data module of a ``conf/data`` config, on ``splits`` (default: its corpora loaded and split as the
         pipeline does, ``load_splits``: split per file, validation capped at ``max_val_chars`` per language)."""
-        s = splits if splits is not None else load_splits(data_cfg)
+        expect_config(data, DataConfig, "PretrainDataModule.from_config(data)")
+        s = splits if splits is not None else load_splits(data)
         return cls(
             tokenizer,
             s.tc_train,
             s.en_train,
             s.tc_val,
             s.en_val,
-            seq_len=data_cfg.seq_len,
-            batch_size=data_cfg.batch_size,
-            tc_ratio=data_cfg.tc_ratio,
+            seq_len=data.seq_len,
+            batch_size=data.batch_size,
+            tc_ratio=data.tc_ratio,
             seed=seed,
-            num_workers=data_cfg.num_workers,
+            num_workers=data.num_workers,
         )
 
     # -- building (lazy, once) ----------------------------------------------------------------------

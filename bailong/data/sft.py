@@ -27,6 +27,7 @@ from bailong.data.chat import (
     load_conversations,
     pack_conversations,
 )
+from bailong.data.config import ChatCorpusConfig, DataConfig, expect_config
 from bailong.data.corpus import split_documents
 from bailong.data.instruct import cached_instruct_set
 from bailong.data.packing import EpochShuffleSampler
@@ -34,24 +35,25 @@ from bailong.data.packing import EpochShuffleSampler
 log = logging.getLogger(__name__)
 
 
-def load_chat_splits(data_cfg: Any, cache_dir: str | Path) -> tuple[list[Conversation], list[Conversation]]:
+def load_chat_splits(data: DataConfig, cache_dir: str | Path) -> tuple[list[Conversation], list[Conversation]]:
     """(train, val) conversations of ``data.chat``: the generated Tang-poem set (its own held-out poems)
     plus each chat file split by a hash of the conversation (``data.val_fraction``, ``data.split_seed``)."""
-    chat = data_cfg.chat
+    expect_config(data, DataConfig, "load_chat_splits(data)")
+    chat = data.chat
     if chat is None:
         raise ValueError("data.chat is not set: the SFT stage needs chat data (e.g. data=sft_chat)")
     train: list[Conversation] = []
     val: list[Conversation] = []
     if chat.instruct is not None:
         folder = cached_instruct_set(
-            chat.instruct, val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed, cache_dir=cache_dir
+            chat.instruct, val_fraction=data.val_fraction, split_seed=data.split_seed, cache_dir=cache_dir
         )
-        train += load_conversations({"path": str(folder / "train.jsonl"), "format": "jsonl"})
-        val += load_conversations({"path": str(folder / "val.jsonl"), "format": "jsonl"})[: chat.max_val]
+        train += load_conversations(ChatCorpusConfig(path=str(folder / "train.jsonl"), format="jsonl"))
+        val += load_conversations(ChatCorpusConfig(path=str(folder / "val.jsonl"), format="jsonl"))[: chat.max_val]
     for spec in chat.files:
         convs = load_conversations(spec)
         keys = [cache_key(c) for c in convs]  # split by content, as pre-training documents are
-        _, held = split_documents(keys, data_cfg.val_fraction, data_cfg.split_seed)
+        _, held = split_documents(keys, data.val_fraction, data.split_seed)
         held = set(held)
         train += [c for c, k in zip(convs, keys) if k not in held]
         val += [c for c, k in zip(convs, keys) if k in held][: chat.max_val]
@@ -85,6 +87,32 @@ class SFTDataModule(pl.LightningDataModule):
         self.pad_id = pad if pad is not None else tokenizer.eos_token_id  # never scored: labels are -100 there
         self._rows: dict[str, torch.Tensor] | None = None
         self._val: list[EncodedChat] | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        tokenizer: Any,
+        data: DataConfig,
+        train: Sequence[Conversation],
+        val: Sequence[Conversation],
+        *,
+        seed: int,
+    ) -> SFTDataModule:
+        """The data module of ``data`` (``seq_len``, ``batch_size``, ``num_workers``, ``chat.packing``) on the
+        conversations of ``load_chat_splits(data, cache_dir)``."""
+        expect_config(data, DataConfig, "SFTDataModule.from_config(data)")
+        if data.chat is None:
+            raise ValueError("data.chat is not set: the SFT stage needs chat data (e.g. data=sft_chat)")
+        return cls(
+            tokenizer,
+            train,
+            val,
+            seq_len=data.seq_len,
+            batch_size=data.batch_size,
+            seed=seed,
+            packing=data.chat.packing,
+            num_workers=data.num_workers,
+        )
 
     @property
     def train_rows(self) -> dict[str, torch.Tensor]:

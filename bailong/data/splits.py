@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bailong.data.config import CorpusConfig, DataConfig, expect_config
 from bailong.data.corpus import load_documents, split_documents
 from bailong.data.dedup import make_deduplicator
 
@@ -32,20 +34,20 @@ def cap_chars(docs: list[str], max_chars: int | None) -> list[str]:
     return kept
 
 
-def _split_each(specs, val_fraction: float, seed: int, max_val_chars: int | None, dedup_cfg=None):
+def _split_each(specs: Sequence[CorpusConfig], data: DataConfig) -> tuple[list[str], list[str]]:
     train, val = [], []
-    share = None if max_val_chars is None else max(1, max_val_chars // max(1, len(specs)))
-    dedup = make_deduplicator(dedup_cfg)  # one per language: a copy in another corpus is a copy too
+    share = None if data.max_val_chars is None else max(1, data.max_val_chars // max(1, len(specs)))
+    dedup = make_deduplicator(data.dedup)  # one per language: a copy in another corpus is a copy too
     for spec in specs:  # per file, so every corpus has its share of the validation text
-        t, v = split_documents(load_documents(spec, dedup), val_fraction, seed)
+        t, v = split_documents(load_documents([spec], dedup), data.val_fraction, data.split_seed)
         train += t
         val += cap_chars(v, share)
     return train, val
 
 
-def load_splits(data_cfg) -> Splits:
+def load_splits(data: DataConfig) -> Splits:
     """Load TC and EN corpora and split them by document (deterministic, by hash of the text)."""
-    args = (data_cfg.val_fraction, data_cfg.split_seed, data_cfg.max_val_chars, getattr(data_cfg, "dedup", None))
-    tc_train, tc_val = _split_each(data_cfg.tc, *args)
-    en_train, en_val = _split_each(data_cfg.en, *args)
+    expect_config(data, DataConfig, "load_splits(data)")
+    tc_train, tc_val = _split_each(data.tc, data)
+    en_train, en_val = _split_each(data.en, data)
     return Splits(tc_train, tc_val, en_train, en_val)

@@ -1,7 +1,8 @@
 """Initialisation of the embedding and output rows of new tokens, one strategy per module.
 
-    report = resize_and_initialize(model, base_tokenizer, tokenizer, init_cfg, texts=None, seed=0)
-    key_inputs = rows_depend_on(init_cfg, seed)  # what the rows depend on: the init rows' cache key
+    options = init_options("zip_tie", output_rule="first")  # or OmegaConf.to_object(cfg.init) of a composed config
+    report = resize_and_initialize(model, base_tokenizer, tokenizer, options, texts=None, seed=0)
+    key_inputs = rows_depend_on(options, seed)  # what the rows depend on: the init rows' cache key
 
 Importing this package registers every strategy: random, mean, multivariate, subword_mean,
 zip_tie, distill (see ``available_strategies()``), each with its options class as the Hydra ``init`` group
@@ -19,6 +20,7 @@ from bailong.embedding.registry import (
     RowInputs,
     available_strategies,
     get_strategy,
+    init_options,
     register,
 )
 
@@ -33,6 +35,7 @@ __all__ = [
     "find_new_tokens",
     "get_strategy",
     "global_rng_kept",
+    "init_options",
     "register",
     "resize_and_initialize",
     "row_norm_stats",

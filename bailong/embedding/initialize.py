@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bailong.embedding.pieces import EmbeddingInitError, find_new_tokens
-from bailong.embedding.registry import InitContext, config_items, get_strategy, parse_options
+from bailong.embedding.registry import InitContext, InitOptions, strategy_of
 
 
 def row_norm_stats(rows: torch.Tensor) -> dict[str, float]:
@@ -50,15 +50,12 @@ def global_rng_kept(device: torch.device | str = "cpu") -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
-def rows_depend_on(init_cfg, seed: int) -> dict[str, Any]:
+def rows_depend_on(options: InitOptions, seed: int) -> dict[str, Any]:
     """What the new rows depend on besides the base model and the two tokenizers, as JSON for a cache key:
     the strategy, the options that change its rows, the seed (``None`` if it changes nothing) and whether
-    the TC corpus does. Raises ``EmbeddingInitError`` for a bad config, as ``resize_and_initialize`` would."""
-    items = config_items(init_cfg)
-    if not items.get("name"):
-        raise EmbeddingInitError("init config has no `name`; set it to one of the registered strategies")
-    strategy = get_strategy(items["name"])
-    inputs = strategy.row_inputs(parse_options(strategy, items))
+    the TC corpus does."""
+    strategy = strategy_of(options)
+    inputs = strategy.row_inputs(options)
     return {
         "strategy": strategy.name,
         "options": inputs.options,
@@ -72,11 +69,11 @@ def _is_tied(model) -> bool:
     return head is None or head.weight is model.get_input_embeddings().weight
 
 
-def resize_and_initialize(model, base_tokenizer, tokenizer, init_cfg, texts=None, seed: int = 0) -> dict:
+def resize_and_initialize(model, base_tokenizer, tokenizer, options: InitOptions, texts=None, seed: int = 0) -> dict:
     """Resize ``model`` to ``len(tokenizer)`` and initialise the new rows; return a JSON-able report.
 
-    ``init_cfg`` has ``name`` (a registered strategy) plus that strategy's options; ``texts`` are
-    TC training documents for strategies that estimate from the corpus (zip_tie shift, distill).
+    ``options`` are a registered strategy's options (``init=<name>`` composed, or ``init_options(name, ...)``);
+    ``texts`` are TC training documents for strategies that estimate from the corpus (zip_tie shift, distill).
     The global RNGs are left as they were (``global_rng_kept``). The report's ``options`` and ``seed`` are
     those the rows depend on (``rows_depend_on``): a cached report is true of every run that shares it.
     """
@@ -84,9 +81,8 @@ def resize_and_initialize(model, base_tokenizer, tokenizer, init_cfg, texts=None
     # transformers would add half a second to every config composition
     from transformers.initialization import no_init_weights
 
-    depends_on = rows_depend_on(init_cfg, seed)
-    strategy = get_strategy(depends_on["strategy"])
-    options = parse_options(strategy, config_items(init_cfg))
+    depends_on = rows_depend_on(options, seed)
+    strategy = strategy_of(options)
     new = find_new_tokens(base_tokenizer, tokenizer)
 
     embed = model.get_input_embeddings()

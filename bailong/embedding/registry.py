@@ -4,7 +4,7 @@ Each strategy is one function ``fn(ctx: InitContext, options) -> NewRows`` regis
 dataclass of its options, a subclass of ``InitOptions``. That class is the strategy's only schema and
 the only place its defaults are declared: ``register`` also stores it in Hydra's ConfigStore as the
 ``init`` group option of the same name, so ``init=mean init.steps=3`` fails when Hydra composes the
-config, and ``parse_options`` refuses a key the strategy does not take when the config is a plain mapping.
+config, and ``init_options`` refuses a key the strategy does not take when options are built in code.
 
 Each strategy also declares what its rows depend on (``RowInputs``): the options that change them,
 whether the run seed does, whether the TC corpus does. Cached rows are keyed on exactly that, so runs
@@ -15,13 +15,13 @@ that differ only in what the rows ignore (the seed of ``mean``, the shift option
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
 from bailong.embedding.pieces import EmbeddingInitError, NewTokens
 
@@ -143,25 +143,27 @@ def get_strategy(name: str) -> Strategy:
         ) from None
 
 
-def config_items(init_cfg: Any) -> dict[str, Any]:
-    """The keys of an init config given as a DictConfig, a mapping, a dataclass or a plain object."""
-    if isinstance(init_cfg, DictConfig):
-        return dict(OmegaConf.to_container(init_cfg, resolve=True))
-    if isinstance(init_cfg, Mapping):
-        return dict(init_cfg)
-    if dataclasses.is_dataclass(init_cfg):
-        return {f.name: getattr(init_cfg, f.name) for f in dataclasses.fields(init_cfg)}
-    if hasattr(init_cfg, "__dict__"):
-        return {k: v for k, v in vars(init_cfg).items() if not k.startswith("_")}
-    raise EmbeddingInitError(f"init config must be a mapping or an object with attributes, got {init_cfg!r}")
-
-
-def parse_options(strategy: Strategy, items: Mapping[str, Any]) -> InitOptions:
-    """The strategy's options dataclass filled from ``items`` (missing or null keys keep defaults). A key the
-    strategy does not take is an error, another strategy's included: it would change nothing, silently."""
+def init_options(name: str, **values: Any) -> InitOptions:
+    """The options of strategy ``name`` with ``values`` set (null or absent keys keep their defaults), as Hydra
+    would compose ``init=<name> init.<key>=<value>``. A key the strategy does not take is an error, another
+    strategy's included: it would change nothing, silently."""
+    strategy = get_strategy(name)
     own = [f.name for f in dataclasses.fields(strategy.options)]
-    unknown = sorted(set(items) - set(own))
+    unknown = sorted(set(values) - set(own))
     if unknown:
         takes = ", ".join(k for k in own if k != "name") or "no options"
-        raise EmbeddingInitError(f"init config keys {unknown} are not options of {strategy.name!r}; it takes: {takes}")
-    return strategy.options(**{k: v for k, v in items.items() if k != "name" and v is not None}, name=strategy.name)
+        raise EmbeddingInitError(f"init config keys {unknown} are not options of {name!r}; it takes: {takes}")
+    return strategy.options(**{k: v for k, v in values.items() if k != "name" and v is not None}, name=name)
+
+
+def strategy_of(options: InitOptions) -> Strategy:
+    """The registered strategy whose options ``options`` are (``init=<name>`` composed, or ``init_options``)."""
+    if not isinstance(options, InitOptions):
+        raise TypeError(f"init options must be an InitOptions dataclass (init_options(name, ...)), got {options!r}")
+    strategy = get_strategy(options.name)
+    if not isinstance(options, strategy.options):
+        raise EmbeddingInitError(
+            f"init options of class {type(options).__name__} name strategy {options.name!r}, whose options are "
+            f"{strategy.options.__name__}"
+        )
+    return strategy

@@ -1,85 +1,173 @@
-"""Score a saved run, its adapter, or a base model on any text file, in bits per character.
+"""Evaluate a saved run, its adapter, or a base model: one command, one subcommand per evaluation.
 
-    python -m bailong.eval outputs/pretrain/runs/<run> --tc held_out_zh.jsonl.gz --en held_out_en.txt
-    python -m bailong.eval models/mini-base --tc data/zh_tw/modern.jsonl.gz --max-chars 20000
+    python -m bailong.eval bpc outputs/pretrain/runs/<run> --tc held_out_zh.jsonl.gz --en held_out_en.txt
+    python -m bailong.eval bpc models/mini-base --tc data/zh_tw/modern.jsonl.gz --max-chars 20000
+    python -m bailong.eval mc outputs/pretrain/runs/<run> "mc.files=[my_mc.jsonl]"  # -> <run>/instruct_eval/mc/
+    python -m bailong.eval bench outputs/sft/runs/<run> --judge-url http://127.0.0.1:8000/v1 --judge-model m
+    python -m bailong.eval instruct models/mini-base --out /tmp/base_eval          # mc + bench
 
-Prints one JSON object with the keys of metrics.json: ``final/*`` for a run or adapter, ``base/*`` for a
-base model (scored with its own tokenizer).
+``bpc``: bits per character of any text files, keys as in metrics.json: ``final/*`` for a run or adapter,
+``base/*`` for a base model (scored with its own base tokenizer). ``mc``, ``bench``, ``instruct`` (both) take
+config overrides (``mc.items_per_lang=500``, ``judge.timeout_s=120``) and write their files under ``--out``
+(default: ``<run>/instruct_eval``; ``bench``: the run directory itself, whose metrics.json then gets the
+``bench/*`` keys). Each prints one JSON object of metrics. Every subcommand runs the registered evaluators
+of ``bailong.eval.evaluators``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from bailong.data.corpus import load_documents
-from bailong.data.splits import cap_chars
-
-DEVICE_CHOICES = ("auto", "cpu", "gpu", "cuda", "mps")  # as trainer.accelerator
-DEVICE_HELP = "where the model runs (auto: this process's GPU when there is one, else the CPU)"
-TRUST_REMOTE_CODE_HELP = (
-    "run the Python code a base model ships with (transformers' trust_remote_code); never "
-    "turned on by what a run or adapter directory says. Read that code first"
+from bailong.errors import ConfigError
+from bailong.eval.evaluators import EvalContext, run_evaluators
+from bailong.model.loading import (
+    DEVICE_CHOICES,
+    DEVICE_HELP,
+    QUANT_CHOICES,
+    QUANT_HELP,
+    TRUST_REMOTE_CODE_HELP,
+    load_for_inference,
 )
 
-
-def load_target(target: str, quant: str, device: str = "auto", trust_remote_code: bool = False):
-    """``(metrics prefix, model, tokenizer)`` for a run, an adapter or a base, loaded on ``device``
-    (``auto``: this process's GPU when there is one, else the CPU); a base's own code runs only if
-    ``trust_remote_code`` (the user's flag)."""
-    from types import SimpleNamespace
-
-    from bailong.model.adapter import find_adapter, load_adapter
-    from bailong.model.build import load_base_model  # applies the bitsandbytes CPU repack guard
-    from bailong.model.device import run_device
-    from bailong.tokenization import extend_tokenizer, load_tokenizer
-
-    device = run_device(device)
-    adapter = find_adapter(target)
-    if adapter is not None:
-        model, tok = load_adapter(adapter, device=device, trust_remote_code=trust_remote_code)
-        return "final", model, tok
-    q = SimpleNamespace(
-        name=quant, quant_type="nf4", double_quant=True, compute_dtype="bfloat16", quant_storage="uint8"
-    )
-    model = load_base_model(target, quant=q, device=device, trust_remote_code=trust_remote_code)
-    # the base tokenizer exactly as runs build it for their base/* metrics (added_vocab=0)
-    cache = Path(os.environ.get("BAILONG_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
-    return "base", model, load_tokenizer(extend_tokenizer(target, [], 0, cache).path)
+EVALUATIONS = {  # subcommand -> evaluators, in order
+    "bpc": ("bpc",),
+    "mc": ("mc",),
+    "bench": ("bench",),
+    "instruct": ("mc", "bench"),
+}
+OVERRIDES_EXAMPLE = {
+    "mc": "mc.items_per_lang=500",
+    "bench": "bench.do_sample=true judge.timeout_s=120",
+    "instruct": "mc.items_per_lang=500 bench.max_new_tokens=256",
+}
+HELP = {
+    "bpc": "bits per character of text files (final/* for a run, base/* for a base model)",
+    "mc": "multiple choice in both languages (mc/*)",
+    "bench": "the bench: rule scores, and the judge when configured (bench/*)",
+    "instruct": "mc and bench, as the SFT stage evaluates",
+}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from bailong.eval.bpc import evaluate_texts
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (for --help) and one parser per subcommand."""
+    parser = argparse.ArgumentParser(prog="python -m bailong.eval", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(EVALUATIONS) + "}")
+    subs = {}
+    for name in EVALUATIONS:
+        sub = commands.add_parser(name, help=HELP[name], description=HELP[name])
+        sub.add_argument("target", help="run directory, adapter directory, or base model (directory or hub id)")
+        if name == "bpc":
+            sub.add_argument("--tc", nargs="*", default=[], help="Traditional Chinese .txt/.jsonl(.gz) files")
+            sub.add_argument("--en", nargs="*", default=[], help="English .txt/.jsonl(.gz) files")
+            sub.add_argument("--text-field", default="text")
+            sub.add_argument("--max-chars", type=int, default=None, help="cap per language (first documents)")
+            sub.add_argument("--seq-len", type=int, default=256)
+            sub.add_argument("--batch-size", type=int, default=8)
+        else:
+            default = "the run directory" if name == "bench" else "<run dir>/instruct_eval"
+            sub.add_argument("--out", help=f"output directory (default: {default})")
+        if name in ("bench", "instruct"):
+            sub.add_argument("--prompts", help="bench prompts JSONL (default: bench.prompts)")
+            sub.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+            sub.add_argument("--judge-model", help="judge model name (default: judge.model)")
+            sub.add_argument("--max-prompts", type=int)
+        sub.add_argument("--quant", choices=QUANT_CHOICES, default="nf4", help=QUANT_HELP)
+        sub.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
+        sub.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
+        if name != "bpc":
+            sub.add_argument("overrides", nargs="*", help=f"config overrides, e.g. {OVERRIDES_EXAMPLE[name]}")
+        subs[name] = sub
+    return parser, subs
 
-    ap = argparse.ArgumentParser(prog="python -m bailong.eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("target", help="run directory, adapter directory, or base model (directory or hub id)")
-    ap.add_argument("--tc", nargs="*", default=[], help="Traditional Chinese .txt/.jsonl(.gz) files")
-    ap.add_argument("--en", nargs="*", default=[], help="English .txt/.jsonl(.gz) files")
-    ap.add_argument("--text-field", default="text")
-    ap.add_argument("--max-chars", type=int, default=None, help="cap per language (first documents)")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--quant", choices=["nf4", "none"], default="nf4", help="for a base model")
-    ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
-    ap.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
-    args = ap.parse_args(argv)
-    if not args.tc and not args.en:
-        ap.error("give at least one file with --tc or --en")
+
+def held_out_texts(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The documents of ``--tc`` and ``--en``, each language capped at ``--max-chars``."""
+    from bailong.data.config import CorpusConfig
+    from bailong.data.corpus import load_documents
+    from bailong.data.splits import cap_chars
 
     texts = {}
     for lang in ("tc", "en"):
         files = getattr(args, lang)
         if files:
-            docs = load_documents([{"path": f, "text_field": args.text_field} for f in files])
+            docs = load_documents([CorpusConfig(path=f, text_field=args.text_field) for f in files])
             texts[lang] = cap_chars(docs, args.max_chars)
-    prefix, model, tok = load_target(args.target, args.quant, args.device, args.trust_remote_code)
-    scores = evaluate_texts(model, tok, texts, seq_len=args.seq_len, batch_size=args.batch_size)
-    result = {f"{prefix}/{k}": v for k, v in scores.items()}
+    return texts
+
+
+def bpc(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
+    from bailong.eval.config import EvalConfig
+
+    if not args.tc and not args.en:
+        sub.error("give at least one file with --tc or --en")
+    try:
+        settings = EvalConfig(batch_size=args.batch_size, seq_len=args.seq_len)
+    except ConfigError as err:
+        sub.error(str(err))  # eval.batch_size: --batch-size, eval.seq_len: --seq-len
+    texts = held_out_texts(args)
+    kind, model, tok = load_for_inference(
+        args.target, quant=args.quant, device=args.device, trust_remote_code=args.trust_remote_code
+    )
+    # bpc writes no files: out_dir is never used
+    ctx = EvalContext(model, tok, out_dir=Path.cwd(), texts=texts, eval=settings)
+    return {f"{kind}/{k}": v for k, v in run_evaluators(EVALUATIONS["bpc"], ctx).items()}
+
+
+def with_config(command: str, args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
+    """``mc``, ``bench``, ``instruct``: the composed config (with the overrides), then the evaluators."""
+    from bailong.config import compose_config
+    from bailong.eval.bench import is_run_dir, merge_metrics
+    from bailong.redact import install_log_filter, run_secrets
+
+    overrides = list(args.overrides)
+    for flag, key in (
+        ("prompts", "bench.prompts"),
+        ("judge_url", "judge.base_url"),
+        ("judge_model", "judge.model"),
+        ("max_prompts", "bench.max_prompts"),
+    ):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    target = Path(args.target)
+    is_run = is_run_dir(target)
+    if args.out is None and not is_run:
+        sub.error(f"{target} is not a run directory (no adapter/): give --out for the outputs")
+    out = Path(args.out) if args.out else target if command == "bench" else target / "instruct_eval"
+    cfg = compose_config(overrides)
+    install_log_filter(run_secrets(cfg, overrides))  # no log line shows a key, wherever it came from
+    try:  # the settings are checked before a model loads
+        ctx = EvalContext.from_config(cfg, None, None, out)
+    except ConfigError as err:
+        sub.error(str(err))
+    _, ctx.model, ctx.tokenizer = load_for_inference(
+        target, quant=args.quant, device=args.device, trust_remote_code=args.trust_remote_code
+    )
+    metrics = run_evaluators(EVALUATIONS[command], ctx)
+    if command == "bench" and is_run and args.out is None:
+        merge_metrics(target, metrics)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run one subcommand (``argv`` as on the command line, default ``sys.argv[1:]``); print and return its
+    metrics."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subs = build_parser()
+    if not argv or argv[0] not in subs:
+        parser.parse_args(argv)  # --help, or the error naming the subcommands
+        parser.error(f"the first argument must be one of {', '.join(subs)}")
+    command, sub = argv[0], subs[argv[0]]
+    args = sub.parse_intermixed_args(argv[1:])  # overrides may come before or after the options
+    result = bpc(args, sub) if command == "bpc" else with_config(command, args, sub)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return result
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main()

@@ -1,9 +1,9 @@
 """Bailong-bench-style runner: instructions by category in Traditional Chinese and English, answered by
 the model, scored offline by rules and, when a judge is configured, by an LLM judge.
 
-    python -m bailong.eval.bench outputs/sft/runs/<run>                       # rules only
-    python -m bailong.eval.bench outputs/sft/runs/<run> --judge-url http://127.0.0.1:8000/v1 --judge-model qwen2.5-7b
-    python -m bailong.eval.bench models/mini-base --out /tmp/base_bench        # a base model (plain chat format)
+    python -m bailong.eval bench outputs/sft/runs/<run>                       # rules only
+    python -m bailong.eval bench outputs/sft/runs/<run> --judge-url http://127.0.0.1:8000/v1 --judge-model qwen2.5-7b
+    python -m bailong.eval bench models/mini-base --out /tmp/base_bench        # a base model (plain chat format)
 
 Prompts file (JSON Lines): ``{"id", "category", "lang": "tc"|"en", "prompt", "expected_lang"?}``;
 ``expected_lang`` is the language the answer must be in when it differs from the prompt's (a request to
@@ -18,7 +18,6 @@ of the answers expected in Traditional Chinese; both also per prompt language an
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
@@ -27,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bailong.config import compose_config
 from bailong.data.corpus import CorpusError, read_jsonl
 from bailong.eval.consistency import LANGS, identify_language, traditional_purity
 from bailong.files import write_json_atomically
+from bailong.run_files import ADAPTER_DIR, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -179,63 +178,17 @@ def run_bench(model: Any, tokenizer: Any, bench_cfg: Any, judge_cfg: Any, out_di
     metrics = summarize_rules(rows)
     if judging:
         metrics.update(judge_rows(rows, judge_cfg, out))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
     return metrics
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "adapter" / "adapter_config.json").is_file()
+    return (path / ADAPTER_DIR / "adapter_config.json").is_file()
 
 
 def merge_metrics(run_dir: Path, new: dict) -> None:
     """Add ``new`` keys to ``run_dir/metrics.json`` (atomically: a reader sees the old file or the new one)."""
-    path = run_dir / "metrics.json"
+    path = run_dir / METRICS_FILE
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     metrics.update(new)
     write_json_atomically(path, metrics)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from bailong.eval.__main__ import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP, load_target
-    from bailong.redact import install_log_filter, run_secrets
-
-    ap = argparse.ArgumentParser(prog="python -m bailong.eval.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("target", help="run directory, adapter directory, or base model directory")
-    ap.add_argument("--out", help="output directory (default: <run dir>/bench)")
-    ap.add_argument("--prompts", help="bench prompts JSONL (default: bench.prompts)")
-    ap.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
-    ap.add_argument("--judge-model", help="judge model name (default: judge.model)")
-    ap.add_argument("--max-prompts", type=int)
-    ap.add_argument("--quant", choices=["nf4", "none"], default="nf4", help="for a base model")
-    ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
-    ap.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
-    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. bench.do_sample=true judge.timeout_s=120")
-    args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
-
-    overrides = list(args.overrides)
-    for flag, key in (
-        (args.prompts, "bench.prompts"),
-        (args.judge_url, "judge.base_url"),
-        (args.judge_model, "judge.model"),
-        (args.max_prompts, "bench.max_prompts"),
-    ):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    cfg = compose_config(overrides)
-    install_log_filter(run_secrets(cfg, overrides))  # no log line shows a key, wherever it came from
-    target = Path(args.target)
-    is_run = is_run_dir(target)
-    if args.out is None and not is_run:
-        ap.error(f"{target} is not a run directory (no adapter/): give --out for the outputs")
-    out = Path(args.out) if args.out else target / "bench"
-    _, model, tokenizer = load_target(str(target), args.quant, args.device, args.trust_remote_code)
-    metrics = run_bench(model, tokenizer, cfg.bench, cfg.judge, out)
-    if is_run and args.out is None:
-        merge_metrics(target, metrics)
-    print(json.dumps(metrics, indent=2, ensure_ascii=False))
-    return metrics
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()

@@ -1,5 +1,10 @@
-"""Evaluation settings: held-out bits/char (``eval``), multiple choice (``mc``), the bench (``bench``) and the
-LLM judge (``judge``)."""
+"""Evaluation settings: held-out bits/char (``eval``), multiple choice (``mc``), the bench (``bench``), the
+LLM judge (``judge``), and the paper's sampling settings (``PAPER_SAMPLING``).
+
+Each dataclass checks its ranges in ``__post_init__`` and raises ``ConfigError`` naming the full key, the value
+and what was expected. Only resolved values are checked: OmegaConf builds the schema's defaults by calling these
+classes with MISSING (``???``) and interpolations (``${...}``), which ``bailong.errors.check_number`` skips.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,30 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from bailong.data.config import CorpusConfig
+from bailong.errors import ConfigError, check_number, unset
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings of one generation."""
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 40
+    repetition_penalty: float = 1.1
+
+
+# the sampling of the paper's examples: the one definition generate(), the chat CLI, the export's
+# generation_config.json and the bench's defaults take their numbers from
+PAPER_SAMPLING = SamplingConfig()
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _at_least(n: int):
+    return lambda v: v >= n
 
 
 @dataclass
@@ -15,6 +44,12 @@ class EvalConfig:
     batch_size: int = 8
     seq_len: int | None = None  # default: data.seq_len
     base: bool = True  # also score the base model with the base tokenizer (cached)
+
+    def __post_init__(self) -> None:
+        check_number("eval.batch_size", self.batch_size, _at_least(1), "an integer >= 1")
+        check_number(
+            "eval.seq_len", self.seq_len, _at_least(2), "null (data.seq_len) or an integer >= 2", optional=True
+        )
 
 
 @dataclass
@@ -34,6 +69,17 @@ class MCConfig:
     max_len: int = 256  # tokens per scored question + choice (question cut from the left)
     batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        check_number("mc.items_per_lang", self.items_per_lang, _at_least(1), "an integer >= 1")
+        check_number("mc.num_choices", self.num_choices, _at_least(2), "an integer >= 2")
+        # the question is the lines before the answer: without one, an item asks nothing (mc_sets refuses 0)
+        check_number("mc.context_lines", self.context_lines, _at_least(1), "an integer >= 1")
+        check_number("mc.max_len", self.max_len, _at_least(2), "an integer >= 2")
+        check_number("mc.batch_size", self.batch_size, _at_least(1), "an integer >= 1")
+        check_number(
+            "mc.en_length_tolerance", self.en_length_tolerance, _at_least(0), "a number >= 0 (0.2: within ±20%)"
+        )
+
 
 @dataclass
 class BenchConfig:
@@ -44,12 +90,22 @@ class BenchConfig:
     system_prompt: str | None = None
     max_new_tokens: int = 128
     do_sample: bool = False  # greedy by default: rule scores do not move between runs
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int = 40
-    repetition_penalty: float = 1.1
+    temperature: float = PAPER_SAMPLING.temperature
+    top_p: float = PAPER_SAMPLING.top_p
+    top_k: int = PAPER_SAMPLING.top_k
+    repetition_penalty: float = PAPER_SAMPLING.repetition_penalty
     seed: int = 0
     max_prompts: int | None = None
+
+    def __post_init__(self) -> None:
+        check_number("bench.max_new_tokens", self.max_new_tokens, _at_least(1), "an integer >= 1")
+        check_number("bench.temperature", self.temperature, _positive, "a number > 0")
+        check_number("bench.top_p", self.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]")
+        check_number("bench.top_k", self.top_k, _at_least(0), "an integer >= 0 (0: no top-k cut)")
+        check_number("bench.repetition_penalty", self.repetition_penalty, _positive, "a number > 0 (1: none)")
+        check_number(
+            "bench.max_prompts", self.max_prompts, _at_least(1), "null (all) or an integer >= 1", optional=True
+        )
 
 
 @dataclass
@@ -73,3 +129,15 @@ class JudgeConfig:
     max_retries: int = 4  # attempts after the first, on timeouts, 429/5xx and malformed replies
     backoff_s: float = 1.0  # wait before retry k: backoff_s * 2**k, at most max_backoff_s
     max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        check_number("judge.timeout_s", self.timeout_s, _positive, "a number of seconds > 0")
+        check_number("judge.max_retries", self.max_retries, _at_least(0), "an integer >= 0")
+        check_number("judge.backoff_s", self.backoff_s, _at_least(0), "a number of seconds >= 0")
+        check_number("judge.max_backoff_s", self.max_backoff_s, _at_least(0), "a number of seconds >= 0")
+        if not (unset(self.backoff_s) or unset(self.max_backoff_s)) and self.max_backoff_s < self.backoff_s:
+            raise ConfigError(
+                f"judge.max_backoff_s={self.max_backoff_s!r}: expected a number >= judge.backoff_s ({self.backoff_s})"
+            )
+        check_number("judge.max_tokens", self.max_tokens, _at_least(1), "an integer >= 1")
+        check_number("judge.temperature", self.temperature, _at_least(0), "a number >= 0")

@@ -2,7 +2,7 @@
 
 The chat CLI (``bailong.chat``) and the bench runner (``bailong.eval.bench``) both call ``generate``, so a
 transcript and a bench answer come from the same code path. Defaults are the sampling settings of the
-paper's examples: temperature 0.6, top-p 0.9, top-k 40, repetition penalty 1.1.
+paper's examples, ``bailong.eval.config.PAPER_SAMPLING``.
 
 A tokenizer without a chat template (a base model, e.g. the mini base before SFT) is formatted with
 ``PLAIN_CHAT_TEMPLATE``, a documented plain-text layout::
@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig
+
+from bailong.eval.config import PAPER_SAMPLING
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,10 @@ def generate(
     messages: Sequence[Mapping[str, Any]],
     *,
     max_new_tokens: int = 256,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    top_k: int = 40,
-    repetition_penalty: float = 1.1,
+    temperature: float = PAPER_SAMPLING.temperature,
+    top_p: float = PAPER_SAMPLING.top_p,
+    top_k: int = PAPER_SAMPLING.top_k,
+    repetition_penalty: float = PAPER_SAMPLING.repetition_penalty,
     do_sample: bool = True,
     streamer: Any = None,
     seed: int | None = None,

@@ -18,15 +18,16 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
-from typing import Any
 
+from bailong.data.config import CorpusConfig
 from bailong.data.corpus import load_documents, split_documents
 from bailong.eval.choice import MCItem
+from bailong.eval.config import MCConfig
 
 
-def held_out_documents(spec: Any, val_fraction: float, split_seed: int) -> list[str]:
+def held_out_documents(spec: CorpusConfig, val_fraction: float, split_seed: int) -> list[str]:
     """The validation documents of one corpus file, as ``bailong.data.splits`` holds them out."""
-    _, val = split_documents(load_documents(spec), val_fraction, split_seed)
+    _, val = split_documents(load_documents([spec]), val_fraction, split_seed)
     return val
 
 
@@ -103,7 +104,7 @@ def next_line_items(
 
 
 def held_out_mc_set(
-    sources: Sequence[Any],
+    sources: Sequence[CorpusConfig],
     *,
     n_items: int,
     lang: str,
@@ -134,11 +135,12 @@ def held_out_mc_set(
     return items
 
 
-def build_mc_sets(mc_cfg: Any, data_cfg: Any) -> dict[str, list[MCItem]]:
-    """``{"tc": items, "en": items}`` from the ``mc`` config over the pre-training split of ``data``."""
+def build_mc_sets(mc_cfg: MCConfig, *, val_fraction: float, split_seed: int) -> dict[str, list[MCItem]]:
+    """``{"tc": items, "en": items}`` from the ``mc`` config over the pre-training split (``data.val_fraction``,
+    ``data.split_seed``)."""
     common = dict(
-        val_fraction=data_cfg.val_fraction,
-        split_seed=data_cfg.split_seed,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
         num_choices=mc_cfg.num_choices,
         context_lines=mc_cfg.context_lines,
         seed=mc_cfg.seed,

@@ -22,6 +22,7 @@ directory is a standalone Hugging Face model (``model.safetensors``, ``config.js
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +35,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from bailong.model.build import (
-    _plain,
     disable_cpu_repack,
     is_quantised,
     load_base_model,
@@ -44,7 +44,9 @@ from bailong.model.build import (
     write_rows,
     zero_rows,
 )
+from bailong.model.config import ModelConfig, QuantConfig, RandomBaseConfig
 from bailong.model.random_base import ensure_random_base
+from bailong.run_files import ADAPTER_DIR
 
 META_FILE = "bailong_adapter.json"
 ROWS_FILE = "new_rows.safetensors"
@@ -114,7 +116,7 @@ def save_adapter(
     meta = {"format": 1, "build": build, "files": files}
     (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     if config is not None:
-        (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(_plain(config))))
+        (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(dict(config))))
     return out
 
 
@@ -122,7 +124,7 @@ def find_adapter(path: str | Path) -> Path | None:
     """The adapter directory of a run directory (``<run>/adapter``) or an adapter directory itself; None if
     ``path`` is neither (e.g. a base or an exported model directory)."""
     path = Path(path)
-    return next((d for d in (path / "adapter", path) if (d / META_FILE).is_file()), None)
+    return next((d for d in (path / ADAPTER_DIR, path) if (d / META_FILE).is_file()), None)
 
 
 def check_remote_code(path: Path, build: Mapping, trust_remote_code: bool) -> None:
@@ -136,7 +138,7 @@ def check_remote_code(path: Path, build: Mapping, trust_remote_code: bool) -> No
             f"{path / META_FILE}: this adapter was built on a base loaded with trust_remote_code=True "
             f"({build.get('pretrained')!r}), which runs Python code that comes with the model. bailong never runs it "
             "because a downloaded file asks: read that code, then pass --trust-remote-code (python -m bailong.chat, "
-            "bailong.eval, bailong.eval.bench, bailong.export) or set model.trust_remote_code=true (sft.from_run)"
+            "python -m bailong.eval, python -m bailong.export) or set model.trust_remote_code=true (sft.from_run)"
         )
 
 
@@ -167,7 +169,7 @@ def load_adapter(
     adapter_dir: str | Path,
     *,
     pretrained: str | None = None,
-    quant: Any = None,
+    quant: QuantConfig | None = None,
     dtype: str | None = None,
     is_trainable: bool = False,
     device: str | torch.device | None = None,
@@ -185,7 +187,7 @@ def load_adapter(
     build = meta["build"]
     check_remote_code(path, build, trust_remote_code)
     trust_remote_code = bool(build.get("trust_remote_code")) and trust_remote_code  # what the base needs, if allowed
-    quant = quant if quant is not None else build["quant"]
+    quant = quant if quant is not None else built_quant(build)
     if build.get("finetune") == "full":
         return _load_full_model(
             path,
@@ -196,17 +198,10 @@ def load_adapter(
             device=device,
             trust_remote_code=trust_remote_code,
         )
-    if build.get("random_base") and not pretrained:  # trained on a random real-width base: rebuilt if missing
-        ensure_random_base({"pretrained": build["pretrained"], "random_base": build["random_base"]})
-    model = load_base_model(
-        pretrained or build["pretrained"],
-        quant=quant,
-        dtype=dtype or build["dtype"],
-        revision=build.get("revision"),
-        trust_remote_code=trust_remote_code,
-        device=device,
-        attn_implementation=build.get("attn_implementation", "sdpa"),
-    )
+    base = built_base(build, pretrained=pretrained, dtype=dtype, trust_remote_code=trust_remote_code)
+    if base.random_base is not None:  # trained on a random real-width base: rebuilt if missing
+        ensure_random_base(base)
+    model = load_base_model(base, quant=quant, device=device)
     num_base, vocab_size = build["num_base"], build["vocab_size"]
     rows_in_model = build.get("padded_vocab_size", vocab_size)  # adapters saved before padding existed: unpadded
     if rows_in_model != num_base:
@@ -232,7 +227,7 @@ def _load_full_model(
     path: Path,
     build: dict,
     *,
-    quant: Any,
+    quant: QuantConfig | None,
     dtype: str | None,
     is_trainable: bool,
     device: str | torch.device | None = None,
@@ -242,16 +237,36 @@ def _load_full_model(
     asks, for evaluation only), with its build record; eval mode and frozen unless ``is_trainable``."""
     if is_trainable and is_quantised(quant):
         raise ValueError(f"{path}: a full fine-tuning model reloaded with quant.name=nf4 cannot train; use quant none")
-    model = load_base_model(
-        str(path),
-        quant=quant,
-        dtype=dtype or build["dtype"],
-        trust_remote_code=trust_remote_code,
-        device=device,
-        attn_implementation=build.get("attn_implementation", "sdpa"),
-    )
+    whole = built_base(build, pretrained=str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_base_model(dataclasses.replace(whole, revision=None), quant=quant, device=device)
     mask_padding_logits(model, build["vocab_size"])  # padding rows past the tokenizer: -inf, as build_model set
     model.requires_grad_(is_trainable)
     model.train(is_trainable)
     model.bailong_build = build
     return model, AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def built_quant(build: dict) -> QuantConfig | None:
+    """The quantisation an adapter was trained under, from its build record (None: unquantised, old records)."""
+    recorded = build.get("quant")
+    if not recorded:
+        return None
+    known = {f.name for f in dataclasses.fields(QuantConfig)}
+    return QuantConfig(**{k: v for k, v in recorded.items() if k in known})
+
+
+def built_base(
+    build: dict, *, pretrained: str | None = None, dtype: str | None = None, trust_remote_code: bool = False
+) -> ModelConfig:
+    """The base an adapter was built on, from its build record; ``pretrained``/``dtype`` replace the recorded
+    ones (a moved base, another dtype). ``trust_remote_code`` is the caller's, never the record's."""
+    random_base = build.get("random_base")
+    return ModelConfig(
+        name=Path(pretrained or build["pretrained"]).name,
+        pretrained=pretrained or build["pretrained"],
+        revision=None if pretrained else build.get("revision"),
+        dtype=dtype or build["dtype"],
+        trust_remote_code=trust_remote_code,
+        attn_implementation=build.get("attn_implementation", "sdpa"),
+        random_base=None if pretrained or not random_base else RandomBaseConfig(**random_base),
+    )

@@ -10,6 +10,7 @@ rows after quantising equals "initialise, then quantise".
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 import bitsandbytes as bnb
@@ -18,41 +19,18 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from bailong.model.config import FinetuneConfig, LoraConfig, ModelConfig, QuantConfig
 from bailong.model.device import local_rank
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_STORAGE = {**DTYPES, "uint8": torch.uint8}
-EMBEDDING_MODES = ("new_rows", "full", "lora", "frozen")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FINETUNE_MODES = ("lora", "full")  # conf/finetune/: LoRA on a frozen (4-bit) base, or every weight
-# transformers' attention kernels: sdpa (torch's fused attention), eager (the reference loop),
-# flash_attention_2 (needs the flash-attn package and a GPU); None lets transformers choose
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", None)
 
 
-def _field(obj: Any, key: str, default: Any = None) -> Any:
-    """Read ``key`` from a dict, a DictConfig or a plain object."""
-    if isinstance(obj, Mapping):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
+def is_quantised(quant: QuantConfig | None) -> bool:
+    return quant is not None and quant.quantised
 
 
-def _dtype(name: str, key: str, table: dict = DTYPES) -> torch.dtype:
-    if name not in table:
-        raise ValueError(f"{key}={name!r}: expected one of {', '.join(table)}")
-    return table[name]
-
-
-def is_quantised(quant: Any) -> bool:
-    if quant is None:
-        return False
-    name = _field(quant, "name")
-    if name not in ("nf4", "none"):
-        raise ValueError(f"quant.name={name!r}: expected nf4 or none")
-    return name == "nf4"
-
-
-def bnb_config(quant: Any) -> BitsAndBytesConfig | None:
+def bnb_config(quant: QuantConfig | None) -> BitsAndBytesConfig | None:
     """QLoRA's 4-bit NF4 (+ double quantisation) for every linear projection; ``None`` for ``quant.name=none``.
 
     lm_head is skipped explicitly (transformers skips it by default too, but an explicit
@@ -60,17 +38,14 @@ def bnb_config(quant: Any) -> BitsAndBytesConfig | None:
     """
     if not is_quantised(quant):
         return None
-    quant_type = _field(quant, "quant_type", "nf4")
-    if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quant.quant_type={quant_type!r}: expected nf4 or fp4")
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=bool(_field(quant, "double_quant", True)),
-        bnb_4bit_compute_dtype=_dtype(_field(quant, "compute_dtype", "bfloat16"), "quant.compute_dtype"),
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
         # uint8 packs two 4-bit values per byte; FSDP-QLoRA needs bfloat16 storage to shard with the rest
-        bnb_4bit_quant_storage=_dtype(_field(quant, "quant_storage", "uint8"), "quant.quant_storage", QUANT_STORAGE),
-        llm_int8_skip_modules=list(_field(quant, "skip_modules", None) or ["lm_head"]),
+        bnb_4bit_quant_storage=QUANT_STORAGE[quant.quant_storage],
+        llm_int8_skip_modules=list(quant.skip_modules or ["lm_head"]),
     )
 
 
@@ -98,46 +73,35 @@ def disable_cpu_repack(model: torch.nn.Module) -> int:
 
 
 def load_base_model(
-    pretrained: str,
-    *,
-    quant: Any = None,
-    dtype: str = "float32",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    device: str | torch.device | None = None,
-    attn_implementation: str | None = "sdpa",
+    model: ModelConfig, *, quant: QuantConfig | None = None, device: str | torch.device | None = None
 ) -> PreTrainedModel:
-    """The base causal LM (local directory or hub id), 4-bit when ``quant.name == 'nf4'``, repack-guarded.
+    """The base causal LM ``model.pretrained`` (local directory or hub id) at ``model.revision``, 4-bit when
+    ``quant.name == 'nf4'``, repack-guarded; its own Python code runs only if ``model.trust_remote_code``.
 
-    ``dtype`` is the dtype of everything not quantised. ``device`` is where the weights load (straight
+    ``model.dtype`` is the dtype of everything not quantised. ``device`` is where the weights load (straight
     there: a 7B base never passes through CPU memory on a GPU run); ``None`` keeps the old default: 4-bit
     models on this rank's GPU when there is one, the rest on the CPU. Like ``from_pretrained`` it returns
     eval mode.
     """
     quant_config = bnb_config(quant)
-    storage = None if quant_config is None else quant_config.bnb_4bit_quant_storage
-    if storage not in (None, torch.uint8) and storage != _dtype(dtype, "model.dtype"):  # FSDP-QLoRA: one dtype per unit
+    storage = None if quant_config is None else quant.quant_storage
+    if storage not in (None, "uint8") and storage != model.dtype:  # FSDP-QLoRA: one dtype per unit
         raise ValueError(
-            f"quant.quant_storage={_field(quant, 'quant_storage')} needs model.dtype to match "
-            f"(got {dtype}): FSDP shards a layer's 4-bit and unquantised weights as one dtype"
+            f"quant.quant_storage={storage} needs model.dtype to match "
+            f"(got {model.dtype}): FSDP shards a layer's 4-bit and unquantised weights as one dtype"
         )
-    if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(
-            f"model.attn_implementation={attn_implementation!r}: expected one of "
-            f"{', '.join(str(a) for a in ATTN_IMPLEMENTATIONS)}"
-        )
-    model = AutoModelForCausalLM.from_pretrained(
-        pretrained,
+    loaded = AutoModelForCausalLM.from_pretrained(
+        model.pretrained,
         quantization_config=quant_config,
-        dtype=_dtype(dtype, "model.dtype"),
-        revision=revision,
-        trust_remote_code=trust_remote_code,
+        dtype=DTYPES[model.dtype],
+        revision=model.revision,
+        trust_remote_code=model.trust_remote_code,
         use_safetensors=True,  # never unpickle .bin weights
         device_map=rank_device_map(quant_config) if device is None else device_map(device),
-        attn_implementation=attn_implementation,
+        attn_implementation=model.attn_implementation,
     )
-    disable_cpu_repack(model)
-    return model
+    disable_cpu_repack(loaded)
+    return loaded
 
 
 def device_map(device: str | torch.device) -> dict[str, Any] | None:
@@ -287,25 +251,9 @@ def scored_vocab(model: torch.nn.Module) -> int:
     return getattr(model, "bailong_scored_vocab", None) or model.config.vocab_size
 
 
-def check_lora(lora: Any) -> tuple[int, float, float, str]:
-    """``(r, alpha, dropout, embeddings)`` after range checks, before any model is loaded."""
-    r, alpha, dropout = _field(lora, "r", 16), _field(lora, "alpha", 32), _field(lora, "dropout", 0.05)
-    embeddings = _field(lora, "embeddings", "new_rows")
-    if not isinstance(r, int) or r <= 0:
-        raise ValueError(f"lora.r={r!r}: the LoRA rank must be a positive integer (e.g. 8, 16, 64)")
-    if not alpha > 0:
-        raise ValueError(f"lora.alpha={alpha!r}: must be positive")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora.dropout={dropout!r}: must be in [0, 1)")
-    if embeddings not in EMBEDDING_MODES:
-        raise ValueError(f"lora.embeddings={embeddings!r}: expected one of {', '.join(EMBEDDING_MODES)}")
-    return r, alpha, dropout, embeddings
-
-
-def lora_config(model: PreTrainedModel, lora: Any, new_ids: list[int]) -> peft.LoraConfig:
-    """peft's LoraConfig for the ``lora`` settings, after checking them against ``model``."""
-    r, alpha, dropout, embeddings = check_lora(lora)
-    targets = list(_field(lora, "target_modules", None) or DEFAULT_TARGETS)
+def lora_config(model: PreTrainedModel, lora: LoraConfig, new_ids: list[int]) -> peft.LoraConfig:
+    """peft's LoraConfig for the ``lora`` settings, after checking its targets against ``model``."""
+    embeddings, targets = lora.embeddings, list(lora.target_modules)
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
@@ -321,58 +269,49 @@ def lora_config(model: PreTrainedModel, lora: Any, new_ids: list[int]) -> peft.L
     elif embeddings == "lora":  # low-rank updates of embedding and head, as the paper describes
         targets += [embed, head]
     return peft.LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM", **extra
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        **extra,
     )
 
 
 def build_model(
-    pretrained: str,
+    base: ModelConfig,
     *,
     vocab_size: int,
     num_base: int,
     rows: Mapping[str, torch.Tensor] | None,
-    quant: Any,
-    lora: Any,
+    quant: QuantConfig | None,
+    lora: LoraConfig | None,
+    finetune: FinetuneConfig | None = None,
     gradient_checkpointing: bool = False,
-    dtype: str = "float32",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    finetune: Any = None,
     device: str | torch.device | None = None,
-    attn_implementation: str | None = "sdpa",
-    pad_vocab_to_multiple_of: int = 1,
 ) -> peft.PeftModel:
-    """The model to train: base (4-bit if ``quant.name == 'nf4'``) loaded on ``device``, resized to
-    ``vocab_size`` (rounded up to ``pad_vocab_to_multiple_of`` rows), new rows written by token id, LoRA per
+    """The model to train: ``base`` (4-bit if ``quant.name == 'nf4'``) loaded on ``device``, resized to
+    ``vocab_size`` (rounded up to ``base.pad_vocab_to_multiple_of`` rows), new rows written by token id, LoRA per
     ``lora``; in train mode, repack-guarded.
 
-    ``finetune.name == 'full'`` (``finetune`` may also be the name): full fine-tuning on the same base,
-    resized and with the same rows, unquantised, every parameter trainable, no peft, ``lora`` ignored; the
-    transformers model itself is returned."""
-    full = is_full_finetuning(finetune, quant)
-    if not full:
-        check_lora(lora)  # fail before minutes of loading
-    model = load_base_model(
-        pretrained,
-        quant=quant,
-        dtype=dtype,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        device=device,
-        attn_implementation=attn_implementation,
-    )
-    padded_vocab = extend_vocabulary(model, num_base, vocab_size, rows, pad_vocab_to_multiple_of)
+    ``finetune.name == 'full'``: full fine-tuning on the same base, resized and with the same rows, unquantised,
+    every parameter trainable, no peft, ``lora`` ignored; the transformers model itself is returned."""
+    full = is_full_finetuning(finetune or FinetuneConfig(), quant)
+    if not full and lora is None:
+        raise ValueError("build_model: lora settings are needed unless finetune.name=full")
+    model = load_base_model(base, quant=quant, device=device)
+    padded_vocab = extend_vocabulary(model, num_base, vocab_size, rows, base.pad_vocab_to_multiple_of)
     # what save_adapter records so load_adapter can rebuild the same base
     build = {
-        "pretrained": pretrained,
-        "revision": revision,
-        "trust_remote_code": trust_remote_code,
-        "dtype": dtype,
-        "quant": _plain(quant),
+        "pretrained": base.pretrained,
+        "revision": base.revision,
+        "trust_remote_code": base.trust_remote_code,
+        "dtype": base.dtype,
+        "quant": None if quant is None else asdict(quant),
         "vocab_size": vocab_size,
         "num_base": num_base,
         "padded_vocab_size": padded_vocab,
-        "attn_implementation": attn_implementation,
+        "attn_implementation": base.attn_implementation,
     }
 
     checkpoint_kwargs = {"use_reentrant": False}  # no need for input grads; works with frozen embeddings
@@ -397,14 +336,14 @@ def build_model(
     disable_cpu_repack(model)
     mask_padding_logits(model, vocab_size)
     match_quant_storage(model, quant)
-    model.bailong_build = {**build, "embeddings": _field(lora, "embeddings", "new_rows")}
+    model.bailong_build = {**build, "embeddings": lora.embeddings}
     return model
 
 
-def match_quant_storage(model: torch.nn.Module, quant: Any) -> None:
+def match_quant_storage(model: torch.nn.Module, quant: QuantConfig | None) -> None:
     """FSDP-QLoRA (``quant.quant_storage`` a float dtype): undo ``prepare_model_for_kbit_training``'s fp32 upcast,
     so every parameter of a unit has the storage dtype FSDP flattens it into; a no-op for uint8 storage."""
-    storage = _field(quant, "quant_storage", "uint8") if is_quantised(quant) else "uint8"
+    storage = quant.quant_storage if is_quantised(quant) else "uint8"
     if storage == "uint8":
         return
     for p in model.parameters():
@@ -412,19 +351,15 @@ def match_quant_storage(model: torch.nn.Module, quant: Any) -> None:
             p.data = p.data.to(QUANT_STORAGE[storage])
 
 
-def is_full_finetuning(finetune: Any, quant: Any) -> bool:
-    """Whether ``finetune`` (a config, a dict, a name, or None for the default, LoRA) asks for full
-    fine-tuning; refuses it with 4-bit weights, which cannot train."""
-    name = finetune if isinstance(finetune, str) else _field(finetune, "name", "lora")
-    if name not in FINETUNE_MODES:
-        raise ValueError(f"finetune.name={name!r}: expected one of {', '.join(FINETUNE_MODES)}")
-    if name == "full" and is_quantised(quant):
+def is_full_finetuning(finetune: FinetuneConfig, quant: QuantConfig | None) -> bool:
+    """Whether ``finetune`` asks for full fine-tuning; refuses it with 4-bit weights, which cannot train."""
+    if finetune.full and is_quantised(quant):
         raise ValueError(
             "finetune.name=full with quant.name=nf4: full fine-tuning updates every weight and 4-bit "
             "weights cannot be trained; use quant=none (finetune=full selects it unless quant=nf4 is "
             "also given)"
         )
-    return name == "full"
+    return finetune.full
 
 
 def train_every_weight(model: PreTrainedModel, build: dict) -> PreTrainedModel:
@@ -434,22 +369,6 @@ def train_every_weight(model: PreTrainedModel, build: dict) -> PreTrainedModel:
     model.train()  # from_pretrained returned eval mode and Lightning keeps modules as they are
     model.bailong_build = {**build, "embeddings": None, "finetune": "full"}  # lora.embeddings has no meaning here
     return model
-
-
-def _plain(obj: Any) -> dict | None:
-    """A JSON-able copy of a config object (dict, DictConfig or dataclass-like)."""
-    if obj is None:
-        return None
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(obj, DictConfig):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        pass
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    return dict(vars(obj))
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

@@ -9,6 +9,21 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from bailong.errors import ConfigError, check_choice, check_number
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name: bailong.model.build.DTYPES
+QUANT_NAMES = ("nf4", "none")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
+# transformers' attention kernels: sdpa (torch's fused attention), eager (the reference loop),
+# flash_attention_2 (needs the flash-attn package and a GPU); None lets transformers choose
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", None)
+# LoRA on every attention and MLP projection of a Llama block (QLoRA's recipe): the one list of default targets
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EMBEDDING_MODES = ("new_rows", "full", "lora", "frozen")
+FINETUNE_MODES = ("lora", "full")  # conf/finetune/: LoRA on a frozen (4-bit) base, or every weight
+
 
 @dataclass
 class RandomBaseConfig:
@@ -18,6 +33,10 @@ class RandomBaseConfig:
     architecture: str = "llama2_7b"  # a name in bailong.model.random_base.ARCHITECTURES
     num_layers: int = 2
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_number("model.random_base.num_layers", self.num_layers, lambda v: v >= 1, "a positive integer")
+        check_number("model.random_base.seed", self.seed, lambda v: v >= 0, "a non-negative integer")
 
 
 @dataclass
@@ -35,6 +54,17 @@ class ModelConfig:
     # padding rows are zero, never sampled and outside every softmax. 1: no padding
     pad_vocab_to_multiple_of: int = 64
 
+    def __post_init__(self) -> None:
+        check_choice("model.dtype", self.dtype, DTYPE_NAMES)
+        check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        check_number("model.max_seq_len", self.max_seq_len, lambda v: v >= 2, "an integer >= 2")
+        check_number(
+            "model.pad_vocab_to_multiple_of",
+            self.pad_vocab_to_multiple_of,
+            lambda v: isinstance(v, int) and v >= 1,
+            "a positive integer (1: no padding, 64: tensor-core shapes)",
+        )
+
 
 @dataclass
 class QuantConfig:
@@ -45,16 +75,35 @@ class QuantConfig:
     quant_storage: str = "uint8"
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # kept out of quantisation
 
+    def __post_init__(self) -> None:
+        check_choice("quant.name", self.name, QUANT_NAMES)
+        check_choice("quant.quant_type", self.quant_type, QUANT_TYPES)
+        check_choice("quant.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        check_choice("quant.quant_storage", self.quant_storage, QUANT_STORAGE)
+
+    @property
+    def quantised(self) -> bool:
+        """Whether the base's linear layers load in 4 bits."""
+        return self.name == "nf4"
+
 
 @dataclass
 class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     embeddings: str = "new_rows"  # new_rows | full | lora | frozen
+
+    def __post_init__(self) -> None:
+        check_number(
+            "lora.r", self.r, lambda v: isinstance(v, int) and v > 0, "a positive integer: the LoRA rank (8, 16, 64)"
+        )
+        check_number("lora.alpha", self.alpha, lambda v: v > 0, "a positive number")
+        check_number("lora.dropout", self.dropout, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        check_choice("lora.embeddings", self.embeddings, EMBEDDING_MODES)
+        if not isinstance(self.target_modules, str) and len(self.target_modules) == 0:
+            raise ConfigError("lora.target_modules=[]: expected at least one module name (e.g. q_proj, v_proj)")
 
 
 @dataclass
@@ -63,3 +112,10 @@ class FinetuneConfig:
     every weight of the resized base, no LoRA, no quantisation (``lora.*`` ignored)."""
 
     name: str = "lora"  # lora | full
+
+    def __post_init__(self) -> None:
+        check_choice("finetune.name", self.name, FINETUNE_MODES)
+
+    @property
+    def full(self) -> bool:
+        return self.name == "full"

@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bailong.model.config import ModelConfig
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,32 +91,16 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    """``key`` of a dict, a DictConfig or a dataclass."""
-    if isinstance(obj, Mapping) or hasattr(obj, "keys"):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
-
-
-def random_base_spec(model_cfg: Any) -> dict[str, Any] | None:
-    """``{architecture, num_layers, seed}`` of ``model_cfg.random_base`` after range checks; None if unset."""
-    rb = _get(model_cfg, "random_base")
+def random_base_spec(model: ModelConfig) -> dict[str, Any] | None:
+    """``{architecture, num_layers, seed}`` of ``model.random_base``; None if unset."""
+    rb = model.random_base
     if rb is None:
         return None
-    spec = {
-        "architecture": _get(rb, "architecture", "llama2_7b"),
-        "num_layers": _get(rb, "num_layers", 2),
-        "seed": _get(rb, "seed", 0),
-    }
-    if spec["architecture"] not in ARCHITECTURES:
+    if rb.architecture not in ARCHITECTURES:
         raise ValueError(
-            f"model.random_base.architecture={spec['architecture']!r}: expected one of {', '.join(ARCHITECTURES)}"
+            f"model.random_base.architecture={rb.architecture!r}: expected one of {', '.join(ARCHITECTURES)}"
         )
-    if not isinstance(spec["num_layers"], int) or spec["num_layers"] < 1:
-        raise ValueError(f"model.random_base.num_layers={spec['num_layers']!r}: must be a positive integer")
-    if not isinstance(spec["seed"], int) or spec["seed"] < 0:
-        raise ValueError(f"model.random_base.seed={spec['seed']!r}: must be a non-negative integer")
-    return spec
+    return {"architecture": rb.architecture, "num_layers": rb.num_layers, "seed": rb.seed}
 
 
 def architecture_config(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,14 +109,14 @@ def architecture_config(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"model_type": model_type, **config, "num_hidden_layers": spec["num_layers"]}
 
 
-def ensure_random_base(model_cfg: Any, *, device: str | None = None) -> Path:
-    """Materialise ``model_cfg.random_base`` at ``model_cfg.pretrained`` unless it is already there; the path.
+def ensure_random_base(model: ModelConfig, *, device: str | None = None) -> Path:
+    """Materialise ``model.random_base`` at ``model.pretrained`` unless it is already there; the path.
 
     A no-op returning ``Path(pretrained)`` when ``random_base`` is null. ``device`` (default CPU) is where
     the weights are drawn: ``"cuda"`` builds a 32-layer 7B in seconds.
     """
-    target = Path(str(_get(model_cfg, "pretrained")))
-    spec = random_base_spec(model_cfg)
+    target = Path(model.pretrained)
+    spec = random_base_spec(model)
     if spec is None:
         return target
     if _complete(target, spec):
@@ -191,7 +177,7 @@ def write_random_base(out_dir: Path, spec: Mapping[str, Any], *, device: str = "
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from bailong.model.base import save_tokenizer
+    from bailong.model.mini_base import save_tokenizer
 
     out_dir = Path(out_dir)
     _, tokenizer, _ = ARCHITECTURES[spec["architecture"]]

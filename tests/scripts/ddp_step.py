@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from bailong.model.build import build_model  # noqa: E402
+from bailong.model.config import LoraConfig, ModelConfig, QuantConfig  # noqa: E402
 from bailong.train.pretrain import PretrainModule  # noqa: E402
 
 NUM_BASE, NEW_ROWS, SEQ = 5000, 16, 32
@@ -29,12 +30,12 @@ def make_model():
     rows = {k: torch.randn(NEW_ROWS, 256, generator=g) * 0.02 for k in ("embed", "head")}
     torch.manual_seed(0)  # LoRA's A matrices
     return build_model(
-        str(ROOT / "models" / "mini-base"),
+        ModelConfig(name="bench", pad_vocab_to_multiple_of=1, pretrained=str(ROOT / "models" / "mini-base")),
         vocab_size=NUM_BASE + NEW_ROWS,
         num_base=NUM_BASE,
         rows=rows,
-        quant={"name": "none"},
-        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        quant=QuantConfig(name="none"),
+        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
     )
 
 

@@ -1,7 +1,8 @@
-"""The whole experiment, stage by stage: tokenizer → model → data → train → evaluate.
+"""The steps every stage shares: the run directory and its checks, the tokenizers, the model and its initial
+rows, the Lightning fit with its loggers, the evaluation under the training precision, the metrics written last.
 
-Each stage is one call into its package; this file only wires them together and writes the run
-directory (README, "What a run writes", has the layout).
+Each step is one call into its package (bailong.tokenization, bailong.embedding, bailong.model, bailong.data,
+bailong.train, bailong.eval); the stages (pretrain.py, sft.py) call them in order.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -20,82 +22,29 @@ from safetensors.torch import load_file, save_file
 
 from bailong.cache import atomic_dir, cache_key, cached_json, computed_once, fingerprint, hash_texts
 from bailong.checks import check_config, check_output_dir
-from bailong.data.pretrain import PretrainDataModule
-from bailong.data.splits import Splits, load_splits
+from bailong.data.splits import Splits
 from bailong.embedding import global_rng_kept, resize_and_initialize, rows_depend_on
-from bailong.eval.bpc import evaluate_texts
+from bailong.eval.evaluators import EvalContext, run_evaluators
 from bailong.files import write_json_atomically
-from bailong.model.adapter import save_adapter
-from bailong.model.build import build_model, count_parameters, load_base_model, new_rows
-from bailong.model.device import autocast, global_rank, run_device
+from bailong.model.build import build_model, load_base_model, new_rows
+from bailong.model.device import autocast, run_device
 from bailong.model.random_base import ensure_random_base
+from bailong.overrides import task_overrides
 from bailong.redact import check_env_var_name, redact, run_secrets
+from bailong.run_files import METRICS_FILE
 from bailong.tokenization import extend_tokenizer, load_tokenizer, tokens_per_char
 from bailong.train.callbacks import GatherFullState
 from bailong.train.checkpoint_io import AtomicCheckpointIO
-from bailong.train.pretrain import PretrainModule
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> dict:
-    if cfg.stage == "sft":  # the instruction-tuning stage starts from a finished run: its own module
-        from bailong.sft_pipeline import run_sft
-
-        return run_sft(cfg)
-    if cfg.stage != "pretrain":
-        raise ValueError(f"stage={cfg.stage!r}: expected pretrain or sft")
-    out = start_run(cfg)
-    metrics: dict = {"init/strategy": cfg.init.name}
-
-    splits = load_splits(cfg.data)
-
-    # 1 tokenizer: base + appended TC pieces (old ids kept), cached by a hash of its inputs
-    base, ext, base_tok, tok = build_tokenizers(cfg, splits)
-    tok.save_pretrained(out / "tokenizer")
-    metrics.update(tokenizer_metrics(base_tok, tok, ext, splits))
-
-    # 2 model: base metrics → new rows by the init strategy (full precision) → 4-bit base + rows + LoRA;
-    # every forward pass outside Lightning's loop runs on the run's device (this rank's GPU under DDP)
-    device, rank_zero = run_device(cfg.trainer.accelerator), global_rank() == 0
-    if cfg.eval.base and rank_zero:
-        metrics.update(base_metrics(cfg, base_tok, base.cache_key, splits))
-    rows, init_report = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
-    (out / "init_report.json").write_text(json.dumps(init_report, indent=2, ensure_ascii=False))
-    model = make_model(cfg, tok, ext.num_base, rows, device)
-    params = count_parameters(model)
-    metrics.update(
-        {
-            "params/trainable": params["trainable"],
-            "params/total": params["total"],
-            "params/trainable_pct": 100.0 * params["trainable"] / params["total"],
-            "params/vocab_rows": model.bailong_build["padded_vocab_size"],
-        }
-    )
-    log.info(
-        "parameters: %s trainable of %s (%.2f%%)", params["trainable"], params["total"], metrics["params/trainable_pct"]
-    )
-
-    # step 0: the extended, initialised model before any update (rank 0 reports; the others go on to fit)
-    if rank_zero:
-        metrics.update(prefixed("step0", evaluate_run_model(cfg, model, tok, splits.val())))
-
-    # 3 data, 4 train
-    datamodule = PretrainDataModule.from_config(tok, cfg.data, seed=cfg.seed, splits=splits)
-    module = PretrainModule(model, **module_kwargs(cfg))
-    trainer, loggers = fit(cfg, module, datamodule, metrics)
-    model = trained_model(trainer, model, lambda: make_model(cfg, tok, ext.num_base, rows, device))
-    if not trainer.is_global_zero:  # DDP/FSDP: rank 0 evaluates and writes
-        finish_wandb(loggers)
-        return metrics
-
-    # 5 evaluate the trained model on the same held-out text; save a reloadable adapter
-    metrics.update(prefixed("final", evaluate_run_model(cfg, model, tok, splits.val())))
-    save_adapter(model, tok, out / "adapter", rows=rows, config=redacted_config(cfg))
-    return finish_run(out, metrics, loggers, trainer.global_step)
+def typed(node: DictConfig) -> Any:
+    """A composed config group as its schema's dataclass (``cfg.model`` → ``ModelConfig``), range-checked by the
+    dataclass's ``__post_init__``: the library below the stages takes these objects, never a DictConfig."""
+    return OmegaConf.to_object(node)
 
 
-# -- the steps every stage shares (pre-training here, SFT in sft_pipeline.py) ------------------------
 def start_run(cfg: DictConfig) -> Path:
     """The run directory, after the cheap checks that must pass before any heavy work."""
     out = Path(cfg.paths.output_dir)
@@ -103,7 +52,7 @@ def start_run(cfg: DictConfig) -> Path:
     check_env_var_name("judge.api_key_env", OmegaConf.select(cfg, "judge.api_key_env"))
     check_output_dir(out, cfg.ckpt_path)  # never overwrite an earlier run's results
     # model.random_base: build the random real-width base first (seconds; once), so the checks read its config
-    ensure_random_base(cfg.model)
+    ensure_random_base(typed(cfg.model))
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     return out
@@ -128,21 +77,17 @@ def build_tokenizers(cfg: DictConfig, splits: Splits):
 
 def make_model(cfg: DictConfig, tok, num_base: int, rows: dict | None, device) -> torch.nn.Module:
     """The model to train, as ``cfg`` asks: base + extended vocabulary + rows, then LoRA (or every weight)."""
+    finetune = typed(cfg.finetune)
     model = build_model(
-        cfg.model.pretrained,
+        typed(cfg.model),
         vocab_size=len(tok),
         num_base=num_base,
         rows=rows,
-        quant=cfg.quant,
-        lora=cfg.lora,
+        quant=typed(cfg.quant),
+        lora=None if finetune.full else typed(cfg.lora),  # full fine-tuning reads no lora.* key
+        finetune=finetune,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
-        dtype=cfg.model.dtype,
-        revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
-        finetune=cfg.finetune,
         device=device,
-        attn_implementation=cfg.model.attn_implementation,
-        pad_vocab_to_multiple_of=cfg.model.pad_vocab_to_multiple_of,
     )
     if cfg.model.get("random_base") is not None:  # a reload rebuilds the random base if its cache is gone
         model.bailong_build["random_base"] = OmegaConf.to_container(cfg.model.random_base, resolve=True)
@@ -167,13 +112,13 @@ def trained_model(trainer: pl.Trainer, model: torch.nn.Module, rebuild) -> torch
     return fresh
 
 
-def evaluate_run_model(cfg: DictConfig, model: torch.nn.Module, tok, texts: dict) -> dict:
-    """Bits/char of ``texts`` with the run's evaluation settings, under the autocast training used."""
-    device = next(model.parameters()).device
-    with autocast(device, cfg.trainer.precision):
-        return evaluate_texts(
-            model, tok, texts, seq_len=cfg.eval.seq_len or cfg.data.seq_len, batch_size=cfg.eval.batch_size
-        )
+def evaluate(cfg: DictConfig, model: torch.nn.Module, tok, names: tuple[str, ...], out_dir: Path, **inputs) -> dict:
+    """The registered evaluators ``names`` (bailong/eval/evaluators.py) on ``model`` with the run's settings, under
+    the autocast training used. ``inputs``: ``texts`` (held-out text per language, for ``bpc``) and
+    ``chat_batches`` (for ``chat_bpc``)."""
+    ctx = EvalContext.from_config(cfg, model, tok, out_dir, **inputs)
+    with autocast(next(model.parameters()).device, cfg.trainer.precision):
+        return run_evaluators(names, ctx)
 
 
 def module_kwargs(cfg: DictConfig) -> dict:
@@ -216,7 +161,7 @@ def finish_run(out: Path, metrics: dict, loggers: list, step: int) -> dict:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         lg.save()
     finish_wandb(loggers)
-    write_json_atomically(out / "metrics.json", metrics)
+    write_json_atomically(out / METRICS_FILE, metrics)
     from bailong.summary import run_summary  # the console's last lines; metrics.json has every number
 
     log.info("%s", run_summary(metrics, out))
@@ -259,16 +204,8 @@ def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) 
     }
 
     def compute() -> dict:
-        model = load_base_model(
-            cfg.model.pretrained,
-            quant=cfg.quant,
-            dtype=cfg.model.dtype,
-            revision=cfg.model.revision,
-            trust_remote_code=cfg.model.trust_remote_code,
-            device=run_device(cfg.trainer.accelerator),
-            attn_implementation=cfg.model.attn_implementation,
-        )
-        return evaluate_run_model(cfg, model, base_tok, splits.val())
+        model = load_base_model(typed(cfg.model), quant=typed(cfg.quant), device=run_device(cfg.trainer.accelerator))
+        return evaluate(cfg, model, base_tok, ("bpc",), Path(cfg.paths.output_dir), texts=splits.val())
 
     return prefixed("base", cached_json(Path(cfg.paths.cache_dir) / "base_metrics", key, compute))
 
@@ -282,7 +219,8 @@ def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Spl
     The base runs on the run's device; the first process computes while the others (DDP ranks, sweep
     jobs) wait and read. Computing leaves the global RNGs as reading does: the run's result does not
     depend on whether the rows were cached."""
-    depends_on = rows_depend_on(cfg.init, cfg.seed)
+    options = typed(cfg.init)
+    depends_on = rows_depend_on(options, cfg.seed)
     key = cache_key(
         {
             **model_identity(cfg),
@@ -298,16 +236,8 @@ def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Spl
             return load_file(cached / "rows.safetensors"), {**report, "cached": True}
         device = run_device(cfg.trainer.accelerator)
         with global_rng_kept(device):  # loading and resizing may draw: a cache hit draws nothing
-            model = load_base_model(
-                cfg.model.pretrained,
-                quant=None,
-                dtype=cfg.model.dtype,
-                revision=cfg.model.revision,
-                trust_remote_code=cfg.model.trust_remote_code,
-                device=device,
-                attn_implementation=cfg.model.attn_implementation,
-            )
-            report = resize_and_initialize(model, base_tok, tok, cfg.init, texts=splits.tc_train, seed=cfg.seed)
+            model = load_base_model(typed(cfg.model), quant=None, device=device)
+            report = resize_and_initialize(model, base_tok, tok, options, texts=splits.tc_train, seed=cfg.seed)
         rows = {k: v.cpu() for k, v in new_rows(model, len(base_tok)).items()}
         report["device"] = str(next(model.parameters()).device)
         # for `python -m bailong.cache list`: which run computed the entry (any run with this key reads it)
@@ -322,8 +252,6 @@ def initial_rows(cfg: DictConfig, base_tok, tok, tokenizer_key: str, splits: Spl
 def config_secrets(cfg: DictConfig) -> list[str]:
     """The run's secrets (bailong.redact.run_secrets): environment keys, secret-named or key-shaped values in the
     config and in its command-line overrides."""
-    from bailong.config import task_overrides
-
     return run_secrets(cfg, task_overrides())
 
 

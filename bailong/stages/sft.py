@@ -5,7 +5,7 @@
 
 The start is a pre-training run's adapter (its LoRA, new rows and tokenizer; the adapter keeps training)
 or the base built exactly as pre-training builds it. Before and after fine-tuning the same evaluation
-runs: ``evaluate_instruct`` (multiple choice TC/EN, bench rule scores, the judge when configured), bits
+runs (``SFT_EVALUATORS``): multiple choice TC/EN, bench rule scores and the judge when configured, bits
 per character of the held-out TC/EN text (what SFT costs in language modelling) and of the held-out
 answers (``chat_bpc``). Keys: ``sft/before/...``, ``sft/after/...``; the after-SFT ``mc/*`` and
 ``bench/*`` are also written unprefixed for the dashboard.
@@ -19,15 +19,29 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from bailong.checks import ConfigError
 from bailong.data.chat import set_chat_template
 from bailong.data.sft import SFTDataModule, load_chat_splits
 from bailong.data.splits import Splits, load_splits
-from bailong.eval.bpc import score_windows, scoring_mode
-from bailong.eval.sft_metrics import evaluate_instruct
+from bailong.errors import ConfigError
 from bailong.model.adapter import META_FILE, check_remote_code, find_adapter, load_adapter, read_meta, save_adapter
 from bailong.model.build import count_parameters
-from bailong.model.device import autocast, global_rank, run_device
+from bailong.model.device import global_rank, run_device
+from bailong.run_files import ADAPTER_DIR, TOKENIZER_DIR
+from bailong.stages.common import (
+    build_tokenizers,
+    evaluate,
+    finish_run,
+    finish_wandb,
+    fit,
+    initial_rows,
+    make_model,
+    module_kwargs,
+    prefixed,
+    redacted_config,
+    start_run,
+    trained_model,
+    typed,
+)
 from bailong.train.sft import SFTModule
 
 log = logging.getLogger(__name__)
@@ -68,8 +82,6 @@ def check_sft(cfg: DictConfig) -> Path | None:
 def start_from_base(cfg: DictConfig, splits: Splits, device):
     """Stages 1–2 of pre-training: extended tokenizer, initialised new rows, 4-bit base + LoRA; and how to
     build that model again (rank 0 rebuilds it after FSDP training)."""
-    from bailong.pipeline import build_tokenizers, initial_rows, make_model
-
     _, ext, base_tok, tok = build_tokenizers(cfg, splits)
     rows, _ = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
     return (
@@ -79,38 +91,21 @@ def start_from_base(cfg: DictConfig, splits: Splits, device):
     )
 
 
-def evaluate_stage(
-    model: Any, tok: Any, cfg: DictConfig, datamodule: SFTDataModule, held_out: dict, out_dir: Path
-) -> dict[str, Any]:
+# what the SFT stage measures before and after fine-tuning, in this order (bailong/eval/evaluators.py)
+SFT_EVALUATORS = ("mc", "bench", "chat_bpc", "bpc")
+
+
+def evaluate_stage(model: Any, tok: Any, cfg: DictConfig, datamodule: SFTDataModule, held_out: dict, out_dir: Path):
     """Instruction-following scores plus bits/char of held-out text and of held-out answers."""
-    from bailong.pipeline import evaluate_run_model
-
-    with autocast(next(model.parameters()).device, cfg.trainer.precision):  # as training computed
-        metrics = dict(evaluate_instruct(model, tok, cfg, out_dir))
-        if datamodule.val_chats:
-            with scoring_mode(model):
-                metrics["chat_bpc"] = score_windows(model, datamodule.val_batches())["bpc"]
-    for key, value in evaluate_run_model(cfg, model, tok, held_out).items():
-        if key.endswith(("_bpc", "_bpb")):
-            metrics[key] = value
-    return metrics
+    chat_batches = datamodule.val_batches if datamodule.val_chats else None
+    return evaluate(cfg, model, tok, SFT_EVALUATORS, out_dir, texts=held_out, chat_batches=chat_batches)
 
 
-def run_sft(cfg: DictConfig) -> dict:
-    from bailong.pipeline import (
-        finish_run,
-        finish_wandb,
-        fit,
-        module_kwargs,
-        prefixed,
-        redacted_config,
-        start_run,
-        trained_model,
-    )
-
+def run(cfg: DictConfig) -> dict:
     adapter_dir = check_sft(cfg)  # before any model is loaded
     out = start_run(cfg)
-    splits = load_splits(cfg.data)  # the pre-training corpora: held-out text to score, and the base's tokenizer
+    data = typed(cfg.data)
+    splits = load_splits(data)  # the pre-training corpora: held-out text to score, and the base's tokenizer
     # start: a pre-training run's adapter (trainable again) or the base built as pre-training builds it
     device, rank_zero = run_device(cfg.trainer.accelerator), global_rank() == 0
     if adapter_dir is not None:
@@ -123,7 +118,7 @@ def run_sft(cfg: DictConfig) -> dict:
         model, tok, rebuild = start_from_base(cfg, splits, device)
         source = "base"
     set_chat_template(tok)
-    tok.save_pretrained(out / "tokenizer")
+    tok.save_pretrained(out / TOKENIZER_DIR)
     params = count_parameters(model)
     metrics: dict[str, Any] = {
         "sft/source": source,
@@ -131,16 +126,16 @@ def run_sft(cfg: DictConfig) -> dict:
         "params/total": params["total"],
     }
 
-    train_convs, val_convs = load_chat_splits(cfg.data, cfg.paths.cache_dir)
+    train_convs, val_convs = load_chat_splits(data, cfg.paths.cache_dir)
     datamodule = SFTDataModule(
         tok,
         train_convs,
         val_convs,
-        seq_len=cfg.data.seq_len,
-        batch_size=cfg.data.batch_size,
+        seq_len=data.seq_len,
+        batch_size=data.batch_size,
         seed=cfg.seed,
-        packing=cfg.data.chat.packing,
-        num_workers=cfg.data.num_workers,
+        packing=data.chat.packing,
+        num_workers=data.num_workers,
     )
     metrics.update(
         {
@@ -167,5 +162,5 @@ def run_sft(cfg: DictConfig) -> dict:
         after = evaluate_stage(model, tok, cfg, datamodule, held_out, out / "eval_after")
         metrics.update(prefixed("sft/after", after))
         metrics.update({k: v for k, v in after.items() if k.startswith(("mc/", "bench/"))})
-    save_adapter(model, tok, out / "adapter", config=redacted_config(cfg))
+    save_adapter(model, tok, out / ADAPTER_DIR, config=redacted_config(cfg))
     return finish_run(out, metrics, loggers, trainer.global_step)
