@@ -41,6 +41,7 @@ from pathlib import Path
 
 from bailong.model.config import LORA_TARGETS
 from bailong.model.random_base import ARCHITECTURES, architecture_config, random_base_spec
+from bailong.train.config import OPTIMIZERS
 
 GIB = 1024**3
 
@@ -61,7 +62,6 @@ GPUS = {
 }
 FIT_CLASSES = (24, 40, 80)
 PROJECTIONS = LORA_TARGETS  # the Llama block's projections, each a LoRA target by default
-OPTIMIZERS = ("adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit")
 EIGHT_BIT_BLOCK = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 values of each state
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TRAIN_LOGIT_BUDGET = 2**24  # bailong.train.loss.TRAIN_LOGIT_BUDGET (a test keeps them equal; no torch import here)

@@ -60,7 +60,7 @@ TINY = (
 
 def cfg(path: Path, architecture: str = "tiny", num_layers: int = 2, seed: int = 0) -> ModelConfig:
     spec = RandomBaseConfig(architecture=architecture, num_layers=num_layers, seed=seed)
-    return ModelConfig(name=path.name, pretrained=str(path), random_base=spec)
+    return ModelConfig(name=Path(path).name, pretrained=str(path), random_base=spec)
 
 
 @pytest.fixture

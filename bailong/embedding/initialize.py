@@ -140,7 +140,8 @@ def _write_rows(model, num_base: int, embed_rows: torch.Tensor, head_rows: torch
             raise EmbeddingInitError(f"strategy returned {what} rows of shape {tuple(rows.shape)}, expected {expected}")
         if not torch.isfinite(rows).all():
             raise EmbeddingInitError(f"strategy returned non-finite {what} rows")
-    weight[num_base:] = embed_rows.to(device=weight.device, dtype=weight.dtype)
-    if not tied:  # tied: the head *is* the embedding, so the output rule has nothing to write
-        head = model.get_output_embeddings().weight
-        head[num_base:] = head_rows.to(device=head.device, dtype=head.dtype)
+    # the one row writer (bailong.model.build; imported here, not with this package: see resize_and_initialize)
+    from bailong.model.build import write_rows
+
+    # tied: the head *is* the embedding, so the output rule has nothing to write
+    write_rows(model, num_base, {"embed": embed_rows} if tied else {"embed": embed_rows, "head": head_rows})

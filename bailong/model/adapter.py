@@ -238,7 +238,7 @@ def _load_full_model(
     if is_trainable and is_quantised(quant):
         raise ValueError(f"{path}: a full fine-tuning model reloaded with quant.name=nf4 cannot train; use quant none")
     whole = built_base(build, pretrained=str(path), dtype=dtype, trust_remote_code=trust_remote_code)
-    model = load_base_model(dataclasses.replace(whole, revision=None), quant=quant, device=device)
+    model = load_base_model(whole, quant=quant, device=device)
     mask_padding_logits(model, build["vocab_size"])  # padding rows past the tokenizer: -inf, as build_model set
     model.requires_grad_(is_trainable)
     model.train(is_trainable)

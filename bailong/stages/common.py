@@ -122,16 +122,18 @@ def evaluate(cfg: DictConfig, model: torch.nn.Module, tok, names: tuple[str, ...
 
 
 def module_kwargs(cfg: DictConfig) -> dict:
-    """The LightningModule's optimisation settings from ``train`` and ``trainer``."""
+    """The LightningModule's optimisation settings from ``train`` (range-checked by ``TrainConfig``) and
+    ``trainer.max_steps``."""
+    train = typed(cfg.train)
     return dict(
-        lr=cfg.train.lr,
+        lr=train.lr,
         max_steps=cfg.trainer.max_steps,
-        optimizer=cfg.train.optimizer,
-        embedding_lr=cfg.train.embedding_lr,
-        weight_decay=cfg.train.weight_decay,
-        betas=tuple(cfg.train.betas),
-        warmup_steps=cfg.train.warmup_steps,
-        min_lr_ratio=cfg.train.min_lr_ratio,
+        optimizer=train.optimizer,
+        embedding_lr=train.embedding_lr,
+        weight_decay=train.weight_decay,
+        betas=tuple(train.betas),
+        warmup_steps=train.warmup_steps,
+        min_lr_ratio=train.min_lr_ratio,
     )
 
 

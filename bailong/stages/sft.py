@@ -127,16 +127,7 @@ def run(cfg: DictConfig) -> dict:
     }
 
     train_convs, val_convs = load_chat_splits(data, cfg.paths.cache_dir)
-    datamodule = SFTDataModule(
-        tok,
-        train_convs,
-        val_convs,
-        seq_len=data.seq_len,
-        batch_size=data.batch_size,
-        seed=cfg.seed,
-        packing=data.chat.packing,
-        num_workers=data.num_workers,
-    )
+    datamodule = SFTDataModule.from_config(tok, data, train_convs, val_convs, seed=cfg.seed)
     metrics.update(
         {
             "sft/train_conversations": len(train_convs),
