@@ -31,6 +31,7 @@ from bailong.embedding import (
     find_new_tokens,
     get_strategy,
     init_options,
+    multivariate,
     resize_and_initialize,
 )
 from bailong.embedding.corpus_pass import shuffled
@@ -340,20 +341,31 @@ def test_mean_is_the_mean_of_all_old_rows(base_model, tokenizers):
     np.testing.assert_allclose(head, np.broadcast_to(old_head.mean(0), head.shape), atol=1e-7)
 
 
-def test_multivariate_rows_are_the_seeded_gaussian_draw(base_model, tokenizers):
+def test_multivariate_rows_are_the_seeded_gaussian_draw(base_model, tokenizers, monkeypatch):
+    """With float32 products (machines without fast bfloat16) the rows are the float64 draw to float32 rounding;
+    the bfloat16 path keeps the distribution (next tests), not the values."""
+    monkeypatch.setattr(multivariate, "fast_product_dtype", lambda: torch.float32)
     num_base, n = len(tokenizers[0]), len(tokenizers[2])
-    model, _ = run(base_model, tokenizers, {"name": "multivariate", "covariance_scale": 0.25}, seed=3)
+    model, report = run(base_model, tokenizers, {"name": "multivariate", "covariance_scale": 0.25}, seed=3)
+    assert report["info"]["product_dtype"] == "float32"
     gen = torch.Generator().manual_seed(3)
     for old, new in zip(old_rows(base_model, num_base), new_rows(model, num_base)):
         mean = old.mean(0)
         cov = 0.25 * np.cov(old, rowvar=False, bias=True)
-        z = torch.randn(n, 32, generator=gen, dtype=torch.float64).numpy()
+        z = torch.randn(n, 32, generator=gen, dtype=torch.float32).double().numpy()
         np.testing.assert_allclose(new, mean + z @ np.linalg.cholesky(cov).T, atol=1e-5)
 
 
-def test_multivariate_samples_have_the_old_rows_mean_and_covariance(base_model):
+def test_the_fast_product_dtype_is_one_this_machine_multiplies_fastest():
+    dtype = multivariate.fast_product_dtype()
+    assert dtype in (torch.float32, torch.bfloat16)
+    assert multivariate.fast_product_dtype() is dtype  # measured once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multivariate_samples_have_the_old_rows_mean_and_covariance(base_model, dtype):
     old = base_model.get_input_embeddings().weight.detach()
-    draws = sample_rows(old, 1.0, 40_000, torch.Generator().manual_seed(0)).double().numpy()
+    draws = sample_rows(old, 1.0, 40_000, torch.Generator().manual_seed(0), dtype).double().numpy()
     want = old.double().numpy()
     np.testing.assert_allclose(draws.mean(0), want.mean(0), atol=4e-4)
     cov, want_cov = np.cov(draws, rowvar=False), np.cov(want, rowvar=False, bias=True)

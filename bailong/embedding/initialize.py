@@ -79,7 +79,7 @@ def resize_and_initialize(model, base_tokenizer, tokenizer, options: InitOptions
     """
     # imported here: this package is imported with bailong.config (it registers the init configs), and
     # transformers would add half a second to every config composition
-    from transformers.initialization import no_init_weights
+    from bailong.model.build import resize_rows
 
     depends_on = rows_depend_on(options, seed)
     strategy = strategy_of(options)
@@ -97,12 +97,10 @@ def resize_and_initialize(model, base_tokenizer, tokenizer, options: InitOptions
         before["head"] = row_norm_stats(model.get_output_embeddings().weight[: new.num_base])
 
     start = time.perf_counter()
-    # no_init_weights: transformers would fill the new rows with random values (twice for the embedding,
-    # twice for the head: seconds at Llama-2 shapes) only for the strategy to overwrite every one of them
-    # below; global_rng_kept: what is still drawn (the new modules' own init, any strategy's) is undone
+    # resize_rows computes nothing for the new rows (the strategy writes every one of them below);
+    # global_rng_kept: what a strategy draws from the global RNGs is undone
     with global_rng_kept(embed.weight.device):
-        with no_init_weights():
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        resize_rows(model, len(tokenizer))
         info: dict[str, Any] = {}
         if new.num_new:
             ctx = InitContext(model, base_tokenizer, tokenizer, new, list(texts) if texts is not None else None, seed)
@@ -133,15 +131,17 @@ def resize_and_initialize(model, base_tokenizer, tokenizer, options: InitOptions
 
 @torch.no_grad()
 def _write_rows(model, num_base: int, embed_rows: torch.Tensor, head_rows: torch.Tensor, tied: bool) -> None:
+    """Check a strategy's rows, then write them with bailong.model.build's ``write_rows`` (the one row writer;
+    imported here for the reason resize_and_initialize gives)."""
+    from bailong.model.build import write_rows
+
     weight = model.get_input_embeddings().weight
     expected = (weight.shape[0] - num_base, weight.shape[1])
     for what, rows in (("embed", embed_rows), ("head", head_rows)):
         if tuple(rows.shape) != expected:
             raise EmbeddingInitError(f"strategy returned {what} rows of shape {tuple(rows.shape)}, expected {expected}")
-        if not torch.isfinite(rows).all():
+        # the extremes are NaN or infinite exactly when some value is: one pass, no boolean copy of the rows
+        if not all(torch.isfinite(v) for v in torch.aminmax(rows)):
             raise EmbeddingInitError(f"strategy returned non-finite {what} rows")
-    # the one row writer (bailong.model.build; imported here, not with this package: see resize_and_initialize)
-    from bailong.model.build import write_rows
-
     # tied: the head *is* the embedding, so the output rule has nothing to write
     write_rows(model, num_base, {"embed": embed_rows} if tied else {"embed": embed_rows, "head": head_rows})
