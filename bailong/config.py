@@ -48,7 +48,7 @@ class SFTConfig:
 
     from_run: str | None = None  # a pre-training run directory (its adapter/ is fine-tuned further)
     from_base: bool = False  # instead: the base + extended tokenizer + init rows, as pre-training builds them
-    eval_before: bool = True  # evaluate_instruct + held-out bits/char before fine-tuning
+    eval_before: bool = True  # the SFT_EVALUATORS (bailong/stages/sft.py) before fine-tuning
     eval_after: bool = True
 
 

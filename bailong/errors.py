@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-MISSING = "???"  # omegaconf.MISSING, without importing omegaconf here
+from omegaconf import MISSING
 
 
 class ConfigError(ValueError):

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from bailong.config import compose_config  # noqa: E402  composed as run.py does; tests import it from here
-from bailong.model.config import LoraConfig, ModelConfig, QuantConfig  # noqa: E402,F401  (tests import them here)
+from bailong.model.config import ModelConfig  # noqa: E402
 
 
 def base_config(pretrained, **settings) -> ModelConfig:

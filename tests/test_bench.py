@@ -1,6 +1,6 @@
 """The bench runner: the shipped prompts file, prompt-file errors, rule scores by hand, and a whole run on
 the mini base (generations file, rule metrics, judge through a local server, ``python -m bailong.eval bench``);
-evaluate_instruct."""
+the mc and bench evaluators together, as the SFT stage runs them."""
 
 from __future__ import annotations
 
@@ -113,12 +113,12 @@ def test_cli_on_a_base_model_needs_out_and_writes_there(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == metrics
 
 
-def test_evaluate_instruct_returns_flat_float_metrics(mini, tmp_path):
-    from bailong.eval.sft_metrics import evaluate_instruct
+def test_mc_and_bench_evaluators_return_flat_float_metrics(mini, tmp_path):
+    from bailong.eval.evaluators import EvalContext, run_evaluators
 
     model, tok = mini
     cfg = compose_config(["mc.items_per_lang=6", "bench.max_prompts=2", "bench.max_new_tokens=4"], tmp_path)
-    metrics = evaluate_instruct(model, tok, cfg, tmp_path / "eval")
+    metrics = run_evaluators(("mc", "bench"), EvalContext.from_config(cfg, model, tok, tmp_path / "eval"))
     for key in ("mc/tc_acc", "mc/en_acc", "mc/tc_chance", "bench/lang_consistency"):
         assert isinstance(metrics[key], float), key
     assert metrics["mc/tc_n"] == 6.0 and metrics["mc/en_n"] == 6.0 and metrics["mc/tc_chance"] == 0.25

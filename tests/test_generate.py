@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bailong.eval.generate import PLAIN_CHAT_TEMPLATE, PromptTooLongError, chat_prompt_ids, generate
-from conftest import ROOT, LoraConfig, QuantConfig, base_config
+from bailong.model.config import LoraConfig, QuantConfig
+from conftest import ROOT, base_config
 
 MINI = ROOT / "models" / "mini-base"
 CHAT = [
