@@ -9,20 +9,20 @@ Llama, trained through ``bailong.train.loss.causal_lm_loss``), term by term, so 
 (docs/scale.md). The peak of a step is the resident state plus the largest of its moments:
 
 * static (always resident): 4-bit weights (0.5 byte/param + double-quantised absmax), the unquantised
-  embedding, head (rows padded to ``model.pad_vocab_to_multiple_of``) and norms (upcast to fp32 by
-  ``prepare_model_for_kbit_training``), LoRA and new-row parameters, the original rows peft keeps, optimizer
+  embedding, head (rows padded to ``model.pad_vocab_to_multiple_of``) and norms (in ``model.dtype``:
+  ``build_model`` undoes ``prepare_model_for_kbit_training``'s fp32 upcast for the base's own weights), LoRA and
+  new-row parameters, the original rows peft keeps, optimizer
   state (2 states per trainable parameter: the parameter's dtype for AdamW, 1 byte + block absmax for 8-bit),
   DDP's gradient buckets;
 * forward, at the last chunk of the fused loss: what each layer's ops keep for backward (RMSNorm inputs in
   fp32, RoPE'd q/k/v and the attention output, SwiGLU's gate output, silu(gate) and up output, LoRA dropout
   masks and inputs, autocast's bf16 weight casts; with gradient checkpointing only each layer's input), the
-  final norm's input and output, and the loss's buffers: the merged head matrix peft's trainable-token rows
-  imply, the hidden-state gradient, the fp32 gradient of the trained head rows and its per-chunk product, one
-  chunk of ``TRAIN_LOGIT_BUDGET`` logits;
+  final norm's input and output, and the loss's buffers: the head pieces cast to the matmul dtype, the
+  hidden-state gradient, the fp32 gradient of the trained head rows and its per-chunk product, one chunk of
+  ``TRAIN_LOGIT_BUDGET`` logits;
 * backward: the loss's saved gradients turned into parameter gradients, one recomputed layer under
   checkpointing, and at the end the embedding's dense gradient beside every parameter gradient;
-* optimizer step: every parameter gradient plus torch AdamW's temporaries (a parameter group's square roots
-  at once on CUDA; per tensor on the CPU);
+* optimizer step: every parameter gradient (torch's fused AdamW and bitsandbytes' optimizers step in place);
 * GPU only: the CUDA context and allocator slack (``cuda_overhead``), excluded when compared with a CPU.
 
 ``finetune=full`` trains every weight in ``model.dtype`` (no LoRA, no quantisation): weights, gradients and
@@ -167,6 +167,13 @@ class Setup:
         return 4 if (self.quantised and self.upcast) else self.dtype_bytes
 
     @property
+    def residual_bytes(self) -> int:
+        """Bytes per element of the residual stream and the norm outputs: the dtype of the embedding that feeds it
+        (the base's own, in ``model.dtype``; ``lora.embeddings=full``'s trainable float32 copy)."""
+        full_copy = self.embeddings == "full" and not self.full_finetune
+        return self.param_bytes if full_copy else self.dtype_bytes
+
+    @property
     def vocab(self) -> int:
         """Tokens: the base vocabulary plus the appended pieces (what the loss's softmax covers)."""
         return self.arch.base_vocab + self.added_vocab
@@ -251,30 +258,6 @@ def parameter_counts(s: Setup) -> dict[str, int]:
     return counts
 
 
-def trainable_groups(s: Setup) -> dict[str, list[int]]:
-    """Element counts of the trainable tensors, by optimizer parameter group, in the order the optimizer steps
-    them (bailong.train.pretrain._param_groups / _full_param_groups)."""
-    a, h = s.arch, s.arch.hidden
-    shapes, matrices = a.projection_shapes(), (1 if a.tied else 2)
-    if s.full_finetune:
-        return {
-            "decoder": [i * o for _ in range(a.layers) for i, o in shapes.values()],
-            "norms": [h] * (2 * a.layers + 1),
-            "embeddings": [s.rows * h] * matrices,
-        }
-    lora = [
-        n
-        for _ in range(a.layers)
-        for t, (i, o) in shapes.items()
-        if t in s.targets
-        for n in (s.lora_r * i, o * s.lora_r)
-    ]
-    if s.embeddings == "lora":
-        lora += [s.lora_r * s.rows, h * s.lora_r] * matrices
-    rows = {"new_rows": [s.added_vocab * h] * matrices, "full": [s.rows * h] * matrices}.get(s.embeddings, [])
-    return {"lora": lora, "rows": [n for n in rows if n]}
-
-
 def optimizer_state_bytes_per_param(s: Setup) -> float:
     """Two states per parameter: AdamW's take the parameter's dtype; 8-bit ones a byte + block absmax."""
     if s.optimizer in ("adamw", "paged_adamw"):
@@ -289,7 +272,8 @@ def static_bytes(s: Setup) -> dict[str, float]:
     n = parameter_counts(s)
     # NF4 packs 2 params/byte; one absmax per 64-block: 8-bit + a fp32 per 256 absmax when double-quantised
     per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if s.double_quant else 4 / 64) if s.quantised else s.dtype_bytes
-    unquantised = (n["matrices"] + n["norms"]) * s.param_bytes
+    # the base's own unquantised weights stay in model.dtype (bailong.model.build.keep_base_in_model_dtype)
+    unquantised = (n["matrices"] + n["norms"]) * s.dtype_bytes
     # peft TrainableTokens keeps the original values of the new rows beside the deltas
     originals = n["rows"] * s.param_bytes if s.embeddings == "new_rows" and not s.full_finetune else 0
     shard = s.world_size if s.strategy == "fsdp" else 1
@@ -323,7 +307,7 @@ def layer_activation_bytes_per_token(s: Setup) -> float:
     """Bytes one decoder layer keeps for backward, per token: what each op saves (see the module docstring)."""
     a = s.arch
     h, kv, i = a.hidden, a.kv_dim, a.intermediate
-    res = s.param_bytes  # residual stream / norm outputs follow the embedding and norm weights
+    res = s.residual_bytes
     half = 2 if s.autocast else None
 
     def proj_out(in_bytes: int) -> int:  # Linear4bit casts its output back to the input dtype
@@ -349,6 +333,9 @@ def layer_activation_bytes_per_token(s: Setup) -> float:
     kept = set()
     for name, (width, xb, shared) in inputs.items():
         cast = s.autocast and xb != 2  # autocast keeps a bf16 copy of an fp32 input, per module
+        # LoRA's input: peft casts it to the adapter's float32 unless autocast runs (the fit turns that cast off
+        # under autocast, which casts to bf16 itself: bailong.model.build.follow_autocast)
+        lb = xb if s.autocast else max(xb, s.param_bytes)
         if s.full_finetune:  # a trained nn.Linear keeps its input; a frozen one (or a 4-bit matmul) keeps none
             if cast:
                 total += width * 2
@@ -356,10 +343,12 @@ def layer_activation_bytes_per_token(s: Setup) -> float:
                 kept.add(shared)
         if name in s.targets:
             if s.lora_dropout > 0:
-                total += width * (1 if s.device == "cuda" else xb)  # dropout mask: bool on CUDA, input dtype on CPU
-                total += width * (2 if cast else xb)  # lora_A's input: the dropped-out copy
+                total += width * (1 if s.device == "cuda" else lb)  # dropout mask: bool on CUDA, input dtype on CPU
+                total += width * (2 if cast else lb)  # lora_A's input: the dropped-out copy
             elif cast:
                 total += width * 2
+            elif lb != xb:
+                total += width * lb  # peft's float32 copy of the input
             else:
                 kept.add(shared)
             total += s.lora_r * (half or s.param_bytes)  # lora_B's input
@@ -392,7 +381,7 @@ def phase_bytes(s: Setup) -> dict[str, dict[str, float]]:
     (checkpointing: the last layer recomputed), ``backward_embedding`` (the embedding's gradient, last) and
     ``optimizer`` (the step). The peak of a step is the static state plus the largest of them."""
     a, t, h = s.arch, s.tokens, s.arch.hidden
-    res = pb = s.param_bytes  # the residual stream follows the (upcast) embedding and norm weights
+    pb, res = s.param_bytes, s.residual_bytes
     cached, per_call = layer_weight_copies(s)
     per_layer = layer_activation_bytes_per_token(s) * t + per_call
     saved = {
@@ -403,25 +392,30 @@ def phase_bytes(s: Setup) -> dict[str, dict[str, float]]:
     # autocast's cached bf16 copies of trained fp32 matrices: through the forward; after it only where saved
     forward_copies = {"autocast_weight_copies": a.layers * cached} if cached else {}
     backward_copies = forward_copies if not s.checkpointing else {}
-    mm = 2 if s.autocast else pb  # the dtype the head's matmuls run in
+    # the head as stored (the base's in model.dtype; a trained float32 copy) and the dtype its matmuls run in
+    head_bytes = pb if (s.embeddings == "full" or s.full_finetune) else s.dtype_bytes
+    mm = 2 if s.autocast else head_bytes
     chunk = max(1, TRAIN_LOGIT_BUDGET // s.rows)  # positions per chunk (the loss divides by the padded rows)
     n_rows = s.head_rows_trained
     new_rows = s.embeddings == "new_rows" and not s.full_finetune and s.added_vocab > 0
     phases: dict[str, dict[str, float]] = {}
     if s.full_finetune or s.embeddings != "lora":  # bailong.train.loss's fused linear + cross-entropy
-        # within a chunk, two moments: the head matmul (autocast casts the whole head to bf16; the bf16 logits
-        # before their fp32 copy) and the trained rows' product (in the matmul dtype, then copied to fp32)
-        cast_moment = (s.rows * h * 2 + chunk * s.vocab * 2) if s.autocast else 0
-        product_moment = n_rows * h * (mm + (4 if mm != 4 else 0)) + (chunk * s.vocab * pb if pb != 4 else 0)
+        # the head's pieces cast once per call to the matmul dtype where stored in another: the frozen rows (in
+        # model.dtype) and the trained ones (float32 parameters; the whole head under full training)
+        whole = s.full_finetune or s.embeddings == "full"
+        trained_in_vocab = s.vocab if whole else n_rows
+        frozen_cast = (s.vocab - trained_in_vocab) * h * mm if mm != s.dtype_bytes else 0
         phases["forward"] = {
             **saved,
             **forward_copies,
-            # peft's trainable-token rows written into a copy of the whole head (index_copy), as its forward does
-            "loss_merged_head": s.rows * h * pb if new_rows else 0,
+            "loss_head_cast": frozen_cast + (trained_in_vocab * h * mm if mm != pb else 0),
             "loss_grad_hidden": t * h * res,
             "loss_grad_rows": n_rows * h * 4,  # fp32 accumulator of the trained head rows' gradient
-            "loss_logit_chunk": chunk * s.vocab * 4,  # one chunk's fp32 logits, turned into probabilities in place
-            "loss_chunk_temporaries": max(cast_moment, product_moment),
+            # one chunk's products in the matmul dtype and its fp32 logits (one buffer when the matmul is fp32)
+            "loss_logit_chunk": chunk * s.vocab * (4 + (mm if mm != 4 else 0)),
+            # a chunk's row gradient in the matmul dtype and widened to fp32 before its sum
+            "loss_row_products": n_rows * h * (mm + 4) if mm != 4 else 0,
+            "loss_chunk_temporaries": chunk * h * (mm + 4 + 4),  # the chunk's hidden states cast, its gradient
         }
         # the loss node's backward scales its saved gradients into new tensors: the head rows' .grad
         phases["backward_loss"] = {
@@ -451,18 +445,12 @@ def phase_bytes(s: Setup) -> dict[str, dict[str, float]]:
     # last: the embedding's gradient, dense over every row, beside all other gradients (peft keeps its new rows)
     phases["backward_embedding"] = {
         "gradients": gradient_bytes(s),
-        "embedding_dense_gradient": s.rows * h * pb if new_rows else 0,
+        # peft's merged embedding is in the base's dtype, and so is its gradient
+        "embedding_dense_gradient": s.rows * h * s.dtype_bytes if new_rows else 0,
     }
-    step_tmp = 0
-    if s.optimizer == "adamw":  # torch's AdamW; bitsandbytes' optimizers step each tensor in place
-        groups = trainable_groups(s)
-        if s.device == "cuda":  # multi-tensor: the square roots of a whole group's second moments at once
-            step_tmp = max(sum(g) for g in groups.values()) * pb
-        else:  # per tensor: sqrt(v) and sqrt(v) / c, while the previous tensor's result is still referenced
-            sizes = sorted(n for g in groups.values() for n in g)[-2:]
-            step_tmp = (2 * sizes[-1] + (sizes[0] if len(sizes) > 1 else 0)) * pb
-    shard = s.world_size if s.strategy == "fsdp" else 1
-    phases["optimizer"] = {"gradients": gradient_bytes(s), "optimizer_step_temporaries": step_tmp / shard}
+    # torch's fused AdamW (bailong.train.pretrain.make_optimizer) and bitsandbytes' optimizers update each tensor in
+    # place: nothing beside the gradients
+    phases["optimizer"] = {"gradients": gradient_bytes(s)}
     return phases
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bailong.model.build import build_model  # noqa: E402
+from bailong.model.build import build_model, follow_autocast  # noqa: E402
 from bailong.model.config import LoraConfig, ModelConfig, QuantConfig
 from bailong.plan import (  # noqa: E402
     PROJECTIONS,  # noqa: E402
@@ -215,6 +215,7 @@ def main() -> None:
     hidden, added = setup.arch.hidden, setup.added_vocab
     rows = {"embed": torch.randn(added, hidden) * 0.02, "head": torch.randn(added, hidden) * 0.02} if added else None
     model = build(rows)
+    follow_autocast(model, train["precision"])  # as PretrainModule.on_fit_start does
     del rows
     with torch.no_grad():  # weights still mmapped from the safetensors file -> ordinary memory
         for param in model.parameters():

@@ -1,11 +1,12 @@
 """Tokenizer and data-pipeline speed: is the data ever the training bottleneck?
 
-    python benchmarks/tokenize_speed.py                          # ~1 min at 1 thread
+    python benchmarks/tokenize_speed.py                          # ~2 min at 1 thread
     python benchmarks/tokenize_speed.py --train-tokens-per-sec 900   # compare with a measured training rate
 
 Measures, on the run's TC and EN training text (conf/data/pretrain_tc):
 - characters/s of the extended tokenizer (mini base + 8,000 TC pieces) and of the base tokenizer, batch-
-  encoding documents as the data module does (``tokenize_documents``);
+  encoding documents as the data module does (``tokenize_documents``), in ``--repeats`` paired rounds: the
+  speed ratio is the median of the rounds' ratios, the rates those of the median round;
 - the packing pipeline as the run builds it: ``PretrainDataModule.setup`` (tokenise both languages, plan the
   TC/EN mix, pack) once, then the training DataLoader's tokens/s;
 - headroom: the loader's tokens/s over the training step's tokens/s (``--train-tokens-per-sec``, default:
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -58,6 +60,7 @@ def main() -> None:
         help="training step tokens/s to compare with (default: measured mini bailong figure)",
     )
     parser.add_argument("--loader-batches", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3, help="paired rounds (extended, then base) per language")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,10 +69,15 @@ def main() -> None:
         base_tok = load_tokenizer(extend_tokenizer(cfg.model.pretrained, [], 0, Path(cfg.paths.cache_dir)).path)
         result = {"benchmark": "tokenize_speed", "machine": machine(), "tokenizers": {}}
         for lang, docs in (("tc", splits.tc_train), ("en", splits.en_train)):
-            result["tokenizers"][lang] = {"extended": chars_per_sec(tok, docs), "base": chars_per_sec(base_tok, docs)}
-            ext, base = result["tokenizers"][lang]["extended"], result["tokenizers"][lang]["base"]
-            ratio = round(ext["chars_per_sec"] / base["chars_per_sec"], 2)
-            result["tokenizers"][lang]["extended_over_base_chars_per_sec"] = ratio
+            rounds = [(chars_per_sec(tok, docs), chars_per_sec(base_tok, docs)) for _ in range(args.repeats)]
+            ratios = [e["chars_per_sec"] / b["chars_per_sec"] for e, b in rounds]  # paired: one round each
+            middle = rounds[ratios.index(statistics.median_low(ratios))]
+            result["tokenizers"][lang] = {
+                "extended": middle[0],
+                "base": middle[1],
+                "extended_over_base_chars_per_sec": round(statistics.median(ratios), 2),
+                "extended_over_base_each_round": [round(r, 3) for r in ratios],
+            }
 
         data = PretrainDataModule.from_config(tok, OmegaConf.to_object(cfg.data), seed=cfg.seed, splits=splits)
         t0 = time.perf_counter()

@@ -1,26 +1,39 @@
-"""Training throughput and peak memory: bailong's training step against the standard QLoRA recipe.
+"""Training throughput and peak memory: bailong's training step against transformers Trainer + peft.
 
-    python benchmarks/train_throughput.py                 # both models, three sides each (~6 min at 1 thread)
-    python benchmarks/train_throughput.py --models mini --steps 4
+    python benchmarks/train_throughput.py                        # both models, both precisions, 3 repeats
+    python benchmarks/train_throughput.py --models mini --precisions bf16 --repeats 1 --steps 4
 
 Every side trains the same 4-bit NF4 model with the same LoRA (``build_model`` with the run's config:
 r16 on every projection, the 8,000 new embedding/head rows trainable), the same optimizer (AdamW,
-lr 2e-4, warm-up + cosine, clipping at 1.0), sequence length and sequences per step, in its own
-subprocess so each side's peak RSS is its own:
+lr 2e-4, warm-up + cosine, clipping at 1.0), sequence length, sequences per step and precision (``fp32``:
+the run's default, ``trainer.precision=32-true``; ``bf16``: ``trainer.precision=bf16-mixed model.dtype=bfloat16``,
+autocast with the base's own weights in bfloat16, ``TrainingArguments(bf16=True)`` for the Trainer), each in its
+own subprocess so each side's peak memory is its own:
 
 - ``bailong``: ``PretrainModule`` + ``PretrainDataModule`` under a Lightning ``Trainer`` built from
-  ``conf/trainer`` as run.py builds it: packed sequences, chunked cross-entropy;
-- ``hf_padded``: the standard recipe, transformers ``Trainer`` on one document per row, truncated to
-  the sequence length and padded per batch (``DataCollatorForLanguageModeling``, pad = unk), loss from
-  the model's full logits;
-- ``hf_packed``: transformers ``Trainer`` on bailong's packed rows: the same tokens per step, so the
-  ratio to it is the training step alone (chunked loss, Lightning loop) without the packing gain.
+  ``conf/trainer`` as run.py builds it: packed rows, the fused chunked cross-entropy;
+- ``hf_packed`` (**the baseline**): transformers ``Trainer`` on bailong's packed rows, loss from the model's full
+  logits. Packing is the standard recipe for pre-training (LLaMA-Factory, axolotl and transformers' ``run_clm``
+  all pack), so the ratio to it is bailong's own gain;
+- ``hf_padded``: transformers ``Trainer`` on one document per row, truncated to the sequence length and padded
+  per batch (``DataCollatorForLanguageModeling``, pad = unk): ``hf_packed / hf_padded`` is what packing gives;
+- ``hf_liger`` (CUDA only, with ``liger-kernel`` installed): ``hf_packed`` with ``use_liger_kernel=True``, whose
+  fused linear cross-entropy never builds the full logits either: the strongest baseline. Left out, with the
+  reason in the JSON, where there is no GPU.
 
-``tokens_per_sec`` counts scored tokens (labels not -100) per second of optimizer steps after
-``--warmup`` steps; padding is not counted. ``positions_per_sec`` counts every position fed.
-Models: ``mini`` (the embedded base, vocabulary 5,000 + 8,000 appended) and ``large`` (a random
-Llama, hidden 1024, 8 layers, vocabulary 40,000 + 8,000 appended = 48k, saved as safetensors and
-loaded in 4-bit through the same code path).
+``--repeats`` runs the sides round-robin; each ratio is the median over repeats of the ratio within one round
+(paired: load from other processes hits both sides of a pair alike), and each side's figures are its median.
+``tokens_per_sec`` counts scored tokens (labels not -100) per second of optimizer steps after ``--warmup``
+steps; padding is not counted. ``positions_per_sec`` counts every position fed.
+
+The **ceiling** is the tokens/s this machine would reach if every useful FLOP of a step (``step_flops``) ran at
+the matmul rate measured here for the dtype it runs in: the 4-bit projections in ``quant.compute_dtype``,
+attention and the head in the activations' dtype (bfloat16 under ``bf16-mixed``, else ``model.dtype``).
+``fraction_of_ceiling`` is achieved positions/s over it.
+
+Models: ``mini`` (the embedded base, vocabulary 5,000 + 8,000 appended) and ``large`` (a random Llama, hidden
+1024, 8 layers, vocabulary 40,000 + 8,000 appended = 48k, saved as safetensors and loaded in 4-bit through the
+same code path).
 """
 
 from __future__ import annotations
@@ -49,7 +62,14 @@ from common import (  # noqa: E402
     window_peak_rss_mib,
 )
 
-SIDES = ("bailong", "hf_padded", "hf_packed")
+SIDES = ("bailong", "hf_packed", "hf_padded", "hf_liger")
+BASELINE = "hf_packed"
+# each precision as the config asks for it: bf16 = autocast and the base's own weights in bfloat16 (activations in
+# bfloat16 end to end); fp32 = the run's default on the mini base
+PRECISIONS = {
+    "fp32": ("trainer.precision=32-true",),
+    "bf16": ("trainer.precision=bf16-mixed", "model.dtype=bfloat16"),
+}
 MODELS = {
     # sequences per step x tokens: the run's default (data.batch_size 8 x data.seq_len 256) on the mini base;
     # 4 x 256 on the large one keeps each side to about a minute on one thread
@@ -104,8 +124,8 @@ class StepClock:
         }
 
 
-def build(model_name: str, work: Path):
-    """The run's config, tokenizer, data module and 4-bit LoRA model for ``model_name``."""
+def build(model_name: str, work: Path, overrides: list[str]):
+    """The run's config (plus ``overrides``), tokenizer, data module and 4-bit LoRA model for ``model_name``."""
     import torch
 
     from bailong.data.pretrain import PretrainDataModule
@@ -113,7 +133,7 @@ def build(model_name: str, work: Path):
 
     spec = MODELS[model_name]
     cfg = compose_config(
-        [f"data.batch_size={spec['batch_size']}", f"data.seq_len={spec['seq_len']}"], str(work / "run")
+        [f"data.batch_size={spec['batch_size']}", f"data.seq_len={spec['seq_len']}", *overrides], str(work / "run")
     )
     splits, tok, ext = extended_tokenizer(cfg)
     torch.manual_seed(cfg.seed)
@@ -179,7 +199,8 @@ def run_bailong(cfg, data, model, steps: int, work: Path) -> StepClock:
     return clock
 
 
-def run_hf(cfg, tok, splits, data, model, steps: int, packed: bool, work: Path) -> StepClock:
+def run_hf(cfg, tok, splits, data, model, steps: int, packed: bool, work: Path, liger: bool = False) -> StepClock:
+    """transformers ``Trainer`` on the same model: packed rows or padded documents, at the run's precision."""
     import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
@@ -217,8 +238,10 @@ def run_hf(cfg, tok, splits, data, model, steps: int, packed: bool, work: Path) 
         warmup_steps=cfg.train.warmup_steps,
         lr_scheduler_type="cosine",
         max_grad_norm=cfg.trainer.gradient_clip_val,
-        optim="adamw_torch",
-        use_cpu=True,
+        optim="adamw_torch_fused",  # transformers' default with torch >= 2.8; bailong's adamw is fused too
+        use_cpu=not torch.cuda.is_available(),
+        bf16=str(cfg.trainer.precision) == "bf16-mixed",
+        use_liger_kernel=liger,
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
@@ -231,22 +254,41 @@ def run_hf(cfg, tok, splits, data, model, steps: int, packed: bool, work: Path) 
     return clock
 
 
-def worker(side: str, model_name: str, steps: int, warmup: int) -> dict:
+def liger_unavailable() -> str | None:
+    """Why the Liger side cannot run here, or ``None`` when it can (Liger's kernels are Triton: CUDA only)."""
+    import importlib.util
+
     import torch
 
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (Liger's kernels are Triton)"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    return None
+
+
+def worker(side: str, model_name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    import os
+
+    import torch
+
+    load_at_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        cfg, tok, splits, data, model = build(model_name, work)
+        cfg, tok, splits, data, model = build(model_name, work, overrides)
         data.setup("fit")
         rss_before = peak_rss_mib()
         windowed = reset_peak_rss()  # the training window's own peak, apart from loading's
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         if side == "bailong":
             clock = run_bailong(cfg, data, model, steps, work)
         else:
-            clock = run_hf(cfg, tok, splits, data, model, steps, packed=side == "hf_packed", work=work)
+            packed = side != "hf_padded"
+            clock = run_hf(cfg, tok, splits, data, model, steps, packed=packed, work=work, liger=side == "hf_liger")
         config = model.get_base_model().config
         training_peak = window_peak_rss_mib() if windowed else None
-    return {
+    result = {
         "peak_rss_training_mib": training_peak and round(training_peak, 1),
         "side": side,
         "model": model_name,
@@ -254,84 +296,137 @@ def worker(side: str, model_name: str, steps: int, warmup: int) -> dict:
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "peak_rss_before_training_mib": round(rss_before, 1),
         "torch_threads": torch.get_num_threads(),
-        "train_flops_per_token": train_flops_per_token(config, cfg.data.seq_len),
+        "load_average_1m": [load_at_start, round(os.getloadavg()[0], 2)],
+        "step_flops": step_flops(config, cfg),
+    }
+    if torch.cuda.is_available():
+        result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result
+
+
+def step_flops(config, cfg) -> dict[str, dict]:
+    """Useful FLOPs per trained position with a frozen base, by where they run: ``{part: {flops, dtype}}``.
+
+    Forward (2 x the weights of every projection and of the head, plus causal attention over half the window)
+    and the backward to the inputs (the same again); LoRA's and the new rows' own weight gradients are small
+    and left out, and so is recomputation (chunked loss, checkpointing). The 4-bit projections run in
+    ``quant.compute_dtype``; attention and the head in the activations' dtype."""
+    h, i, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    activations = "bfloat16" if str(cfg.trainer.precision) == "bf16-mixed" else cfg.model.dtype
+    projections = cfg.quant.compute_dtype if cfg.quant.name == "nf4" else activations  # Linear4bit computes so
+    return {
+        "projections": {"flops": 2 * 2 * layers * (2 * h * h + 2 * h * kv + 3 * h * i), "dtype": projections},
+        "attention": {"flops": 2 * 2 * layers * cfg.data.seq_len * h, "dtype": activations},
+        "head": {"flops": 2 * 2 * h * v, "dtype": activations},
     }
 
 
-def train_flops_per_token(config, seq_len: int) -> float:
-    """Useful FLOPs per trained token with a frozen base: forward (2 x weights of every projection and the head,
-    plus causal attention) and the backward to the inputs (the same again); LoRA's and the new rows' own
-    weight gradients are small and left out. Recomputation (chunked loss, checkpointing) is not counted."""
-    h, i, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    projections = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
-    forward = 2 * (projections + h * v) + 2 * layers * seq_len * h  # attention: QK^T and AV over half the window
-    return float(2 * forward)
+def ceiling(parts: dict[str, dict], rates: dict[str, float]) -> dict:
+    """Positions/s if every part's FLOPs ran at this machine's measured matmul rate for its dtype."""
+    seconds = sum(p["flops"] / rates[p["dtype"]] for p in parts.values())
+    return {
+        "flops_per_position": sum(p["flops"] for p in parts.values()),
+        "dtypes": {name: p["dtype"] for name, p in parts.items()},
+        "positions_per_sec": round(1 / seconds, 1),
+    }
 
 
 # -- parent: every side of every model, then the ratios ------------------------------------------------
+def peak_memory(run: dict) -> float:
+    """The figure sides are compared on: CUDA peak on a GPU, else the training window's peak RSS."""
+    return run.get("peak_cuda_mib") or run.get("peak_rss_training_mib") or run["peak_rss_mib"]
+
+
+def paired(runs: dict[str, list[dict]], a: str, b: str) -> dict:
+    """``a / b`` within each round-robin round, then the median: tokens/s and peak memory."""
+    speed = [x["tokens_per_sec"] / y["tokens_per_sec"] for x, y in zip(runs[a], runs[b])]
+    memory = [peak_memory(x) / peak_memory(y) for x, y in zip(runs[a], runs[b])]
+    return {
+        "tokens_per_sec": round(statistics.median(speed), 3),
+        "tokens_per_sec_each_round": [round(r, 3) for r in speed],
+        "peak_memory": round(statistics.median(memory), 3),
+    }
+
+
+def side_summary(runs: list[dict]) -> dict:
+    """One side's medians over the rounds, and every round's tokens/s, peak memory and load."""
+    return {
+        "tokens_per_sec": round(statistics.median(r["tokens_per_sec"] for r in runs), 1),
+        "positions_per_sec": round(statistics.median(r["positions_per_sec"] for r in runs), 1),
+        "seconds_per_step_median": round(statistics.median(r["seconds_per_step_median"] for r in runs), 3),
+        "peak_memory_mib": round(statistics.median(peak_memory(r) for r in runs), 1),
+        "rounds": [
+            {k: r.get(k) for k in ("tokens_per_sec", "peak_rss_training_mib", "peak_cuda_mib", "load_average_1m")}
+            for r in runs
+        ],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default: mini 8, large 5)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="run the sides round-robin this many times and keep each side's fastest run "
-        "(the CPU is shared: load from other processes slows whichever side it hits)",
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin rounds over the sides (median of them)")
+    parser.add_argument("--override", action="append", default=[], help="a run.py override for every side (repeatable)")
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         side, model_name = args.worker
-        print(json.dumps(worker(side, model_name, args.steps, args.warmup)))
+        print(json.dumps(worker(side, model_name, args.steps, args.warmup, args.override)))
         return
 
     script = Path(__file__).resolve()
+    rates = {d: matmul_flops(d) for d in ("float32", "bfloat16")}
     result = {
         "benchmark": "train_throughput",
         "machine": machine(),
-        "matmul_flops_per_sec": {d: round(matmul_flops(d) / 1e9, 1) for d in ("float32", "bfloat16")},
-        "units": {"matmul_flops_per_sec": "GFLOP/s", "achieved": "GFLOP/s"},
-        "models": {},
+        "matmul_gflops_per_sec": {d: round(r / 1e9, 1) for d, r in rates.items()},
+        "baseline": BASELINE,
+        "runs": {},
     }
+    skipped = {"hf_liger": liger_unavailable()} if "hf_liger" in args.sides else {}
+    sides = [s for s in args.sides if not skipped.get(s)]
     for model_name in args.models:
-        steps = args.steps or (8 if model_name == "mini" else 5)
-        sides: dict[str, dict] = {}
-        for _ in range(args.repeats):
-            for side in args.sides:
-                run = run_worker(
-                    script,
-                    ["--worker", side, model_name, "--steps", str(steps), "--warmup", str(args.warmup)],
-                    timeout=1800,
+        for precision in args.precisions:
+            steps = args.steps or (8 if model_name == "mini" else 5)
+            overrides = [*PRECISIONS[precision], *args.override]
+            runs: dict[str, list[dict]] = {side: [] for side in sides}
+            for _ in range(args.repeats):
+                for side in sides:
+                    command = ["--worker", side, model_name, "--steps", str(steps), "--warmup", str(args.warmup)]
+                    runs[side].append(run_worker(script, command + [f"--override={o}" for o in overrides], 1800))
+            entry = {
+                "spec": MODELS[model_name],
+                "precision": precision,
+                "steps": steps,
+                "timed_steps": steps - args.warmup,
+                "repeats": args.repeats,
+                "sides": {side: side_summary(r) for side, r in runs.items()},
+                "skipped": {s: why for s, why in skipped.items() if why},
+            }
+            if "bailong" in runs:
+                parts = runs["bailong"][0]["step_flops"]
+                top = ceiling(parts, rates)
+                achieved = entry["sides"]["bailong"]["positions_per_sec"]
+                entry["ceiling"] = top
+                entry["fraction_of_ceiling"] = round(achieved / top["positions_per_sec"], 3)
+                entry["ratios"] = {f"bailong_vs_{o}": paired(runs, "bailong", o) for o in runs if o != "bailong"}
+            if "hf_packed" in runs and "hf_padded" in runs:  # what packing alone gives the standard recipe
+                entry.setdefault("ratios", {})["packing_gain_hf_packed_vs_hf_padded"] = paired(
+                    runs, "hf_packed", "hf_padded"
                 )
-                per_token = run.pop("train_flops_per_token")
-                run["achieved_gflops_per_sec"] = round(per_token * run["positions_per_sec"] / 1e9, 1)
-                run["tokens_per_sec_all_repeats"] = sides.get(side, {}).get("tokens_per_sec_all_repeats", []) + [
-                    run["tokens_per_sec"]
-                ]
-                if side not in sides or run["tokens_per_sec"] > sides[side]["tokens_per_sec"]:
-                    sides[side] = run
-                else:
-                    sides[side]["tokens_per_sec_all_repeats"] = run["tokens_per_sec_all_repeats"]
-        entry = {"spec": MODELS[model_name], "train_flops_per_token": per_token, "sides": sides}
-        if "bailong" in sides:
-            b = sides["bailong"]
-            peak = result["matmul_flops_per_sec"]["bfloat16"]
-            entry["bailong_achieved_over_bf16_matmul"] = round(b["achieved_gflops_per_sec"] / peak, 3)
-            for other in ("hf_padded", "hf_packed"):
-                if other in sides:
-                    speed = b["tokens_per_sec"] / sides[other]["tokens_per_sec"]
-                    entry[f"tokens_per_sec_ratio_vs_{other}"] = round(speed, 2)
-                    entry[f"peak_rss_ratio_vs_{other}"] = round(b["peak_rss_mib"] / sides[other]["peak_rss_mib"], 2)
-                    if b.get("peak_rss_training_mib") and sides[other].get("peak_rss_training_mib"):
-                        entry[f"training_peak_rss_ratio_vs_{other}"] = round(
-                            b["peak_rss_training_mib"] / sides[other]["peak_rss_training_mib"], 2
-                        )
-        result["models"][model_name] = entry
+            if "bailong_vs_hf_packed" in entry.get("ratios", {}):
+                vs = entry["ratios"]["bailong_vs_hf_packed"]
+                entry["targets"] = {
+                    "speed_vs_packed_trainer_at_least_1.5x": vs["tokens_per_sec"] >= 1.5,
+                    "peak_memory_at_most_packed_trainer": vs["peak_memory"] <= 1.0,
+                    "fraction_of_ceiling_at_least_0.85": entry["fraction_of_ceiling"] >= 0.85,
+                }
+            result["runs"][f"{model_name}/{precision}"] = entry
     result["machine"]["load_average_1m_end"] = machine()["load_average_1m"]
     print(json.dumps(result, indent=2))
 

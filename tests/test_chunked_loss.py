@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bailong.eval.bpc import score_batch, scoring_mode
 from bailong.model.build import build_model
 from bailong.model.config import LoraConfig, QuantConfig
-from bailong.train.loss import causal_lm_loss
+from bailong.train.loss import HeadWeights, _FusedLinearCrossEntropy, causal_lm_loss, column_blocks
 from conftest import base_config
 
 NUM_BASE, VOCAB = 96, 128
@@ -128,3 +129,86 @@ def test_packed_rows_score_each_conversation_alone(tiny_base):
         ignoring_positions = causal_lm_loss(model, packed, labels) * 30
     assert together.item() == pytest.approx(alone.item(), rel=1e-5)
     assert abs(ignoring_positions.item() - alone.item()) > 1e-3  # the test can tell the difference
+
+
+@pytest.mark.parametrize("quant,embeddings", [("none", "new_rows"), ("nf4", "new_rows"), ("none", "full")])
+def test_bf16_head_is_as_close_to_float32_as_transformers_own_bf16_loss(tiny_base, quant, embeddings):
+    """trainer.precision=bf16-mixed: the head multiplies in bfloat16 (the softmax, the loss and the row gradient's
+    sum in float32). The loss is transformers' own loss under the same autocast to float32 rounding, and the
+    gradients are no further from the float32 ones than transformers' bf16 gradients are."""
+    model = peft_model(tiny_base, quant, embeddings)
+    ids, labels, mask = batch(labels_masked=True)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    exact = grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    reference.backward()
+    theirs = grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = causal_lm_loss(model, ids, labels, mask, logit_budget=50)
+    ours.backward()
+    got = grads(model)
+
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for name in exact:
+        ours_off = float((got[name] - exact[name]).norm() / exact[name].norm())
+        theirs_off = float((theirs[name] - exact[name]).norm() / exact[name].norm())
+        assert theirs_off > 0, f"{name}: autocast changed nothing, the test would prove nothing"
+        assert ours_off <= 1.5 * theirs_off, f"{name}: {ours_off:.2e} from float32, transformers' bf16 {theirs_off:.2e}"
+
+
+@pytest.mark.parametrize("ids", [[5, 6, 7], [1, 5, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
+def test_fused_loss_with_trainable_rows_equals_the_merged_head(ids):
+    """The head as pieces (frozen rows, trained rows: ``column_blocks``) gives the loss and gradients of the merged
+    matrix peft's forward would build, for a consecutive run of trained rows, scattered ones and every row."""
+    torch.manual_seed(3)
+    weight = torch.randn(10, 4)
+    rows = torch.randn(len(ids), 4, requires_grad=True)
+    hidden = torch.randn(13, 4, requires_grad=True)
+    targets = torch.randint(0, 10, (13,))
+    index = torch.tensor(ids)
+    expected = F.cross_entropy(hidden @ weight.index_copy(0, index, rows).T, targets, reduction="sum")
+    expected.backward()
+    want = hidden.grad.clone(), rows.grad.clone()
+    hidden.grad = rows.grad = None
+
+    weights = HeadWeights(weight, rows, index)
+    blocks = column_blocks(weights, 10, torch.float32)
+    assert len(blocks) == (3 if ids == [5, 6, 7] else 1)  # a consecutive run is its own piece, nothing merged
+    got = _FusedLinearCrossEntropy.apply(hidden, rows, index, blocks, 10, targets, 4)
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # float32: to its rounding
+    torch.testing.assert_close((hidden.grad, rows.grad), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_base_trains_under_autocast_with_checkpointing(tiny_base):
+    """model.dtype=bfloat16 + NF4: the base's own weights stay bfloat16, what trains is float32, and a
+    checkpointed step under autocast recomputes exactly what its forward did (LoRA inputs uncast for the fit)."""
+    import bitsandbytes as bnb
+
+    from bailong.model.build import follow_autocast
+
+    rows = {"embed": torch.randn(VOCAB - NUM_BASE, 64) * 0.02, "head": torch.randn(VOCAB - NUM_BASE, 64) * 0.02}
+    model = build_model(
+        base_config(str(tiny_base), dtype="bfloat16"),
+        vocab_size=VOCAB,
+        num_base=NUM_BASE,
+        rows=rows,
+        quant=QuantConfig(name="nf4"),
+        lora=LoraConfig(r=4, alpha=8, dropout=0.1),
+        gradient_checkpointing=True,
+    )
+    for name, p in model.named_parameters():
+        if isinstance(p, bnb.nn.Params4bit):
+            continue
+        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
+    follow_autocast(model, "bf16-mixed")
+    ids, labels, mask = batch(labels_masked=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = causal_lm_loss(model, ids, labels, mask)
+    loss.backward()
+    trained = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in trained)
+    assert sum(float(g.norm()) for g in trained) > 0

@@ -62,8 +62,8 @@ def test_static_terms_on_llama2_7b_shapes():
     parts = static_bytes(llama7b())
     # NF4: half a byte per weight + 8-bit absmax per 64 + fp32 per 256 absmax (double quantisation)
     assert parts["weights_4bit"] == pytest.approx(LLAMA2_7B_LINEAR * (0.5 + 1 / 64 + 4 / 16384))
-    # fp32 (upcast) embedding + head + 65 norms, and the original values peft keeps of the new rows
-    assert parts["weights_unquantised"] == 4 * (2 * 59241 * 4096 + 65 * 4096 + NEW_ROWS)
+    # embedding + head + 65 norms in model.dtype (bf16), and the fp32 original values peft keeps of the new rows
+    assert parts["weights_unquantised"] == 2 * (2 * 59241 * 4096 + 65 * 4096) + 4 * NEW_ROWS
     assert parts["trainable_params"] == 4 * (LORA_R64 + NEW_ROWS)
     # 8-bit AdamW: two 1-byte states + one fp32 absmax per 256 values each
     assert parts["optimizer_state"] == pytest.approx(2 * (1 + 4 / 256) * (LORA_R64 + NEW_ROWS))
@@ -79,9 +79,13 @@ def test_padded_vocabulary_rows():
     padded = llama7b(pad_multiple=64)
     assert (padded.vocab, padded.rows) == (59241, 59264)
     extra = static_bytes(padded)["weights_unquantised"] - static_bytes(llama7b())["weights_unquantised"]
-    assert extra == 2 * 23 * 4096 * 4  # 23 padding rows in each fp32 matrix
+    assert extra == 2 * 23 * 4096 * 2  # 23 padding rows in each matrix, kept in model.dtype (bf16)
     assert parameter_counts(padded)["trainable"] == LORA_R64 + NEW_ROWS  # padding rows never train
-    assert phase_bytes(padded)["forward"]["loss_merged_head"] == 59264 * 4096 * 4
+    # autocast over a bf16 head: only the float32 trained rows are cast; over a float32 head every scored row is
+    # (once per step), the padding rows never
+    assert phase_bytes(padded)["forward"]["loss_head_cast"] == 27241 * 4096 * 2
+    fp32_head = phase_bytes(llama7b(pad_multiple=64, dtype_bytes=4))["forward"]["loss_head_cast"]
+    assert fp32_head == 59241 * 4096 * 2
 
 
 def test_full_finetuning_is_parameters_times_bytes():

@@ -37,6 +37,28 @@ def test_paged_optimizer_needs_a_gpu_and_unknown_names_fail():
         make_optimizer("sgd", [{"params": [p]}], (0.9, 0.95))
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fused_adamw_is_clipped_as_configured(precision, algorithm):
+    """AdamW is torch's fused kernel; trainer.gradient_clip_val still clips (Lightning's mixed-precision plugin
+    refuses to clip for a fused optimizer, so the module clips itself) and 16-mixed gets the unfused one."""
+    model = torch.nn.Linear(4, 4)
+    module = PretrainModule(model, lr=1e-3, max_steps=1)
+    module._trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False)
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    module.configure_gradient_clipping(opt, gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    if algorithm == "norm":
+        assert float(grads.norm()) == pytest.approx(0.5, rel=1e-5)
+    else:
+        assert torch.equal(grads, torch.full_like(grads, 0.5))
+    p = torch.nn.Parameter(torch.ones(4))
+    assert not make_optimizer("adamw", [{"params": [p]}], (0.9, 0.95), fused=False).defaults["fused"]
+
+
 class TwoKinds(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -37,6 +37,7 @@ from transformers import AutoTokenizer
 from bailong.model.build import (
     disable_cpu_repack,
     is_quantised,
+    keep_base_in_model_dtype,
     load_base_model,
     mask_padding_logits,
     match_quant_storage,
@@ -214,6 +215,7 @@ def load_adapter(
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # new_rows / full modes: the resized rows stay as random placeholders; peft's stored values replace them
     model = peft.PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+    keep_base_in_model_dtype(model, quant, base.dtype)  # as build_model left it
     match_quant_storage(model, quant)  # as build_model left it: FSDP-QLoRA trained every parameter in bf16
     model.train(is_trainable)
     disable_cpu_repack(model)

@@ -9,7 +9,10 @@ through the head, ``logit_budget`` logits at a time:
 - the head as peft leaves it (a frozen ``nn.Linear``, peft's trainable-token rows, or a
   ``modules_to_save`` copy): a fused linear + cross-entropy computes each chunk's logits once and
   turns them straight into the gradients of the hidden states and of the *trainable* rows only
-  (peft's own path builds the full-vocabulary weight gradient and then keeps the new rows of it);
+  (peft's own path writes the rows into a copy of the whole head each step, builds the full-vocabulary
+  weight gradient and then keeps the new rows of it). The matmuls run in autocast's dtype where autocast
+  is on (``trainer.precision=bf16-mixed``: bfloat16, the head cast once per step, not per chunk), else in
+  the head's own; logits, softmax, the loss and the trained rows' gradient sum are float32;
 - any other head (LoRA on lm_head): each chunk runs through the module under activation
   checkpointing, so backward recomputes that chunk's logits instead of storing them.
 
@@ -46,8 +49,9 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 
 @dataclass
 class HeadWeights:
-    """What the head multiplies by: ``weight`` (no grad; peft's trainable rows already written in) and the
-    parameter that trains, ``rows``, standing for ``weight[ids]`` (``ids=None``: the whole matrix)."""
+    """What the head multiplies by: ``weight``, the stored matrix without grad (peft's trainable rows *not*
+    written in), and the parameter that trains, ``rows``, standing for ``weight[ids]`` (``ids=None``: the
+    whole matrix, and ``weight`` is ``rows`` detached)."""
 
     weight: torch.Tensor
     rows: torch.Tensor | None
@@ -55,8 +59,8 @@ class HeadWeights:
 
 
 def head_weights(head: torch.nn.Module) -> HeadWeights | None:
-    """The effective weight of a bias-free linear head as peft's forward would use it; ``None`` for heads
-    the fused loss does not know (LoRA on lm_head, several active adapters, a bias)."""
+    """The weights of a bias-free linear head as peft's forward would use them; ``None`` for heads the fused
+    loss does not know (LoRA on lm_head, several active adapters, a bias)."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
@@ -76,51 +80,97 @@ def head_weights(head: torch.nn.Module) -> HeadWeights | None:
         if len(active) != 1 or base is None or base.rows is not None:
             return None
         ids = torch.tensor(head.token_indices[active[0]], device=base.weight.device)
-        delta = head.trainable_tokens_delta[active[0]]
-        weight = base.weight.index_copy(0, ids, delta.detach().to(base.weight))  # as peft's get_merged_weights
-        return HeadWeights(weight, delta, ids)
+        return HeadWeights(base.weight, head.trainable_tokens_delta[active[0]], ids)
     if type(head) is torch.nn.Linear and head.bias is None:
         w = head.weight
         return HeadWeights(w.detach(), w, None) if w.requires_grad else HeadWeights(w, None, None)
     return None
 
 
+def matmul_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype the head multiplies in: autocast's (``trainer.precision=bf16-mixed``: bfloat16) where it is on,
+    else the stored weight's. The softmax and the loss always accumulate in float32."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return stored
+
+
+def _consecutive(ids: torch.Tensor) -> bool:
+    return int(ids[-1]) - int(ids[0]) == len(ids) - 1 and bool((ids.diff() == 1).all())
+
+
+def column_blocks(weights: HeadWeights, vocab: int, dtype: torch.dtype) -> list[tuple[int, torch.Tensor]]:
+    """The head's first ``vocab`` rows as ``(first column, matrix)`` pieces in ``dtype``, each cast once per call.
+
+    Trainable rows that form one consecutive run (appended tokens do) are a piece of their own, so no copy of
+    the whole head is merged each step (peft's forward writes them into one: 0.2 GB at 48k x 1,024 in float32);
+    other ids are merged as peft does."""
+    frozen = weights.weight[:vocab]
+    if weights.rows is None or weights.ids is None:  # frozen, or the whole matrix trains
+        return [(0, frozen.to(dtype))]
+    ids, rows = weights.ids, weights.rows.detach()
+    first, n = int(ids[0]), len(ids)
+    if _consecutive(ids) and first + n <= vocab:
+        pieces = [(0, frozen[:first]), (first, rows), (first + n, frozen[first + n :])]
+        return [(column, m.to(dtype)) for column, m in pieces if len(m)]
+    return [(0, frozen.index_copy(0, ids, rows.to(frozen.dtype)).to(dtype))]
+
+
 def _columns(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``x[:, ids]``; a view when the ids are one consecutive run (appended tokens are)."""
-    first, n = int(ids[0]), len(ids)
-    if int(ids[-1]) == first + n - 1 and bool((ids.diff() == 1).all()):
-        return x.narrow(1, first, n)
+    if _consecutive(ids):
+        return x.narrow(1, int(ids[0]), len(ids))
     return x.index_select(1, ids)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, ``chunk`` rows at a time.
+    """Summed cross-entropy of ``hidden @ head.T`` against ``targets``, ``chunk`` rows at a time; the head is
+    given as ``blocks`` of columns (``column_blocks``), all in the matmul dtype.
 
-    The forward pass already computes both gradients (softmax minus one-hot, times the weight or the
-    hidden states), so no logits outlive their chunk and backward only scales them.
+    The forward pass already computes both gradients (softmax minus one-hot, times the head or the hidden
+    states), so no logits outlive their chunk and backward only scales them. Products run in the blocks'
+    dtype; logits, softmax, the loss and the accumulated row gradient are float32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, rows, weight, ids, targets, chunk: int):
+    def forward(ctx, hidden, rows, ids, blocks, vocab: int, targets, chunk: int):
+        dtype = blocks[0][1].dtype
         grad_hidden = torch.empty_like(hidden)
         grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if rows is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = (h.to(weight.dtype) @ weight.T).float()
-            target_logit = logits.gather(1, t[:, None]).squeeze(1)
-            top = logits.amax(dim=-1)
-            probs = logits.sub_(top[:, None]).exp_()  # in place: the chunk holds one [chunk, vocab] buffer
-            norm = probs.sum(dim=-1)
-            total += (norm.log() + top - target_logit).sum()
-            probs.div_(norm[:, None])[torch.arange(len(t), device=t.device), t] -= 1.0  # d nll / d logits
-            grad_logits = probs.to(weight.dtype)
-            grad_hidden[start : start + chunk] = (grad_logits @ weight).to(hidden.dtype)
-            if grad_rows is not None:  # only the rows that train: the frozen ones need no gradient at all
-                if ids is None:  # the whole matrix trains; padding rows past ``weight`` get no gradient
-                    grad_rows[: weight.shape[0]] += (grad_logits.T @ h.to(weight.dtype)).float()
-                else:
-                    grad_rows += (_columns(grad_logits, ids).T @ h.to(weight.dtype)).float()
+        rows_per_chunk = min(chunk, hidden.shape[0])
+        # buffers for the chunk's products and float32 logits (and the rows' gradient product), reused across
+        # chunks: on the CPU a fresh large allocation costs more in page faults than the copy into it
+        products = torch.empty(rows_per_chunk, vocab, dtype=dtype, device=hidden.device)
+        buffer = products if dtype == torch.float32 else torch.empty_like(products, dtype=torch.float32)
+        row_products = None
+        with torch.autocast(hidden.device.type, enabled=False):  # every cast below is explicit
+            for start in range(0, hidden.shape[0], chunk):
+                h, t = hidden[start : start + chunk].to(dtype), targets[start : start + chunk]
+                product = products[: len(t)]
+                for column, m in blocks:
+                    torch.mm(h, m.T, out=product[:, column : column + len(m)])
+                logits = product if buffer is products else buffer[: len(t)].copy_(product)
+                target_logit = logits.gather(1, t[:, None]).squeeze(1)
+                top = logits.amax(dim=-1)
+                probs = logits.sub_(top[:, None]).exp_()  # in place: the chunk's float32 buffer
+                norm = probs.sum(dim=-1)
+                total += (norm.log() + top - target_logit).sum()
+                probs.div_(norm[:, None])[torch.arange(len(t), device=t.device), t] -= 1.0  # d nll / d logits
+                grad_logits = product.copy_(probs) if product is not probs else probs
+                part = sum((grad_logits[:, c : c + len(m)] @ m).float() for c, m in blocks)
+                grad_hidden[start : start + chunk] = part.to(hidden.dtype)
+                if grad_rows is not None:  # only the rows that train: the frozen ones need no gradient at all
+                    # the whole matrix trains (ids None): padding rows past ``vocab`` get no gradient
+                    columns = grad_logits if ids is None else _columns(grad_logits, ids)
+                    target = grad_rows[:vocab] if ids is None else grad_rows
+                    if dtype == torch.float32:
+                        target.addmm_(columns.T, h)
+                    else:  # the product in ``dtype``, widened into a reused float32 buffer, summed in float32
+                        if row_products is None:
+                            row_products = torch.empty(target.shape, dtype=dtype, device=h.device)
+                            widened = torch.empty_like(target)
+                        target.add_(widened.copy_(torch.mm(columns.T, h, out=row_products)))
         ctx.save_for_backward(grad_hidden, grad_rows)
         ctx.rows_dtype = rows.dtype if rows is not None else None
         return total
@@ -129,7 +179,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_rows = ctx.saved_tensors
         grad_rows = None if grad_rows is None else (grad_rows * grad_total).to(ctx.rows_dtype)
-        return grad_hidden * grad_total, grad_rows, None, None, None, None
+        return grad_hidden * grad_total, grad_rows, None, None, None, None, None
 
 
 def _chunk_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -168,8 +218,9 @@ def causal_lm_loss(
     weights = head_weights(head) if torch.is_grad_enabled() else None
     if weights is not None:
         # a padded vocabulary (bailong.model.build.extend_vocabulary): the softmax is over the real tokens only
-        weight = weights.weight[: scored_vocab(model)]
-        total = _FusedLinearCrossEntropy.apply(hidden, weights.rows, weight, weights.ids, targets, chunk)
+        vocab = scored_vocab(model)
+        blocks = column_blocks(weights, vocab, matmul_dtype(hidden.device, weights.weight.dtype))
+        total = _FusedLinearCrossEntropy.apply(hidden, weights.rows, weights.ids, blocks, vocab, targets, chunk)
         return total / n
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk):

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from bailong.eval.bpc import score_batch
+from bailong.model.build import follow_autocast
 from bailong.train.loss import TRAIN_LOGIT_BUDGET, causal_lm_loss
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,13 @@ def _full_param_groups(model: torch.nn.Module, lr: float, embedding_lr: float | 
     ]
 
 
-def make_optimizer(name: str, groups: list[dict], betas: tuple[float, float]) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(groups, betas=betas)
+def make_optimizer(
+    name: str, groups: list[dict], betas: tuple[float, float], *, fused: bool = True
+) -> torch.optim.Optimizer:
+    """``train.optimizer``: torch's AdamW, fused unless ``fused=False`` (a 16-mixed run: Lightning unscales fp16
+    gradients before clipping only for unfused optimizers), or one of bitsandbytes' 8-bit / paged AdamWs."""
+    if name == "adamw":  # fused: one kernel per step, 4x the per-tensor loop on this CPU; transformers' default too
+        return torch.optim.AdamW(groups, betas=betas, fused=fused)
     import bitsandbytes as bnb
 
     optimizers = {
@@ -124,6 +129,9 @@ class PretrainModule(pl.LightningModule):
         self._val_chars: dict[str, int] = {}
 
     # -- training ---------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        follow_autocast(self.model, self.trainer.precision)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # chunked cross-entropy: full-vocabulary logits are never materialised (bailong/train/loss.py)
         loss = causal_lm_loss(
@@ -151,6 +159,15 @@ class PretrainModule(pl.LightningModule):
                 raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: FSDP runs clip by norm")
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
+        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # a fused AdamW: Lightning's mixed-precision plugin refuses to clip for it even under bf16-mixed, where
+            # no scaler holds the gradients scaled (16-mixed runs get the unfused optimizer: configure_optimizers)
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
         self.clip_gradients(
             optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
         )
@@ -163,7 +180,8 @@ class PretrainModule(pl.LightningModule):
             {"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"], "betas": tuple(hp["betas"])}
             for g in groups
         ]
-        opt = make_optimizer(hp["optimizer"], groups, hp["betas"])
+        precision = self._trainer.precision if self._trainer is not None else "32-true"
+        opt = make_optimizer(hp["optimizer"], groups, hp["betas"], fused=str(precision) != "16-mixed")
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, hp["warmup_steps"], hp["max_steps"], hp["min_lr_ratio"])
         )
