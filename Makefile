@@ -39,7 +39,7 @@ lint: $(STAMP)
 BENCH_THREADS ?= 1
 bench: $(STAMP)
 	mkdir -p outputs/bench
-	for b in train_throughput init_speed tokenize_speed; do \
+	for b in train_throughput init_speed tokenize_speed prepare_speed; do \
 	  OMP_NUM_THREADS=$(BENCH_THREADS) MKL_NUM_THREADS=$(BENCH_THREADS) $(PY) benchmarks/$$b.py \
 	    > outputs/bench/$$b.json || exit 1; cat outputs/bench/$$b.json; done
 

@@ -55,7 +55,7 @@ class SFTConfig:
 @dataclass
 class Config:
     task_name: str = "pretrain"
-    stage: str = "pretrain"  # pretrain | sft
+    stage: str = "pretrain"  # prepare | pretrain | sft
     seed: int = 1234
     ckpt_path: str | None = None  # resume from a Lightning checkpoint
     sweep_metric: str = "final/tc_bpc"  # what run.py returns to a Hydra sweeper

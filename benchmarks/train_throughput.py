@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -217,11 +218,11 @@ def run_hf(cfg, tok, splits, data, model, steps: int, packed: bool, work: Path, 
 
     if packed:
         dataset, collator = PackedSequenceDataset(data.train_sequences), None
-    else:  # one document per row, BOS + text + EOS cut at seq_len, in the epoch's TC/EN mix order
+    else:  # one document per row, BOS + text + EOS cut at seq_len, TC/EN interleaved as the stream mixes rows
         bos, eos = tok.bos_token_id, tok.eos_token_id
-        order = data.mix.docs
-        texts = {"tc": splits.tc_train, "en": splits.en_train}
-        wanted = [texts[lang][i] for lang, i in order[: (steps + 1) * cfg.data.batch_size * 4]]
+        needed = (steps + 1) * cfg.data.batch_size * 4
+        texts = {lang: itertools.cycle(splits.train_documents(lang)) for lang in ("tc", "en")}
+        wanted = [next(texts[data.stream.source(g)[0]]) for g in range(needed)]
         ids = tokenize_documents(tok, wanted)
         dataset = [{"input_ids": [bos, *x.tolist(), eos][: cfg.data.seq_len]} for x in ids]
         tok.pad_token = tok.unk_token  # the QLoRA recipe's pad; the collator sets its labels to -100

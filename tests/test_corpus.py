@@ -112,7 +112,7 @@ def test_cap_chars():
 
 def test_repo_corpora_split(make_config, tmp_path):
     cfg = make_config(["data.max_val_chars=3000"], output_dir=tmp_path)
-    s = load_splits(OmegaConf.to_object(cfg.data))
-    assert s.tc_train and s.en_train and s.tc_val and s.en_val
+    s = load_splits(OmegaConf.to_object(cfg.data), tmp_path)
+    assert s.tc_train and list(s.train_documents("en")) and s.tc_val and s.en_val and s.tc_test and s.en_test
     assert not set(s.tc_val) & set(s.tc_train)
     assert sum(map(len, s.tc_val)) <= 3000 + max(map(len, s.tc_val)) * len(cfg.data.tc)

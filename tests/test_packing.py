@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,6 @@ from bailong.data.corpus import load_documents
 from bailong.data.packing import (
     EpochShuffleSampler,
     pack_documents,
-    pack_mixture,
-    plan_mix,
     special_token_ids,
     tokenize_documents,
 )
@@ -120,50 +117,6 @@ def test_pack_rejects_too_little_text():
         pack_documents([np.array([5, 6], dtype=np.int32)], 64, 1, 2)
 
 
-@pytest.mark.parametrize("ratio", [0.2, 0.5, 0.8, 0.95])
-def test_mix_meets_the_tc_token_share(token_docs, ratio):
-    tc_len = [len(d) + 2 for d in token_docs[0]]
-    en_len = [len(d) + 2 for d in token_docs[1]]
-    plan = plan_mix(tc_len, en_len, ratio, seed=0)
-    total = plan.tc_tokens + plan.en_tokens
-    # exact up to one document of the repeated side
-    assert abs(plan.tc_share - ratio) <= max(tc_len + en_len) / total
-    # the side with more than its share is used exactly once; the other is repeated, evenly
-    counts = {lang: Counter(i for doc_lang, i in plan.docs if doc_lang == lang) for lang in ("tc", "en")}
-    limiting = "tc" if plan.tc_passes == 1.0 else "en"
-    assert (plan.tc_passes if limiting == "en" else plan.en_passes) >= 1.0
-    assert sorted(counts[limiting]) == list(range(len(tc_len if limiting == "tc" else en_len)))
-    assert set(counts[limiting].values()) == {1}
-    repeated = counts["en" if limiting == "tc" else "tc"]
-    assert max(repeated.values()) - min(repeated.values()) <= 1
-
-
-def test_single_language_mixes_and_bad_ratios(token_docs):
-    tc_len = [len(d) + 2 for d in token_docs[0]]
-    only_tc = plan_mix(tc_len, [], 1.0, seed=0)
-    assert only_tc.en_tokens == 0 and only_tc.tc_passes == 1.0 and len(only_tc.docs) == len(tc_len)
-    assert plan_mix([], tc_len, 0.0, seed=0).tc_tokens == 0
-    with pytest.raises(ValueError, match="tc_ratio must be in"):
-        plan_mix(tc_len, tc_len, 1.2, seed=0)
-    with pytest.raises(ValueError, match="EN training corpus is empty"):
-        plan_mix(tc_len, [], 0.5, seed=0)
-
-
-def test_mixture_is_deterministic_in_the_seed_and_follows_the_plan(tokenizer, token_docs):
-    bos, eos = special_token_ids(tokenizer)
-    tc, en = token_docs
-    kwargs = dict(seq_len=48, tc_ratio=0.7, bos_id=bos, eos_id=eos)
-    a, plan_a = pack_mixture(tc, en, seed=3, **kwargs)
-    b, plan_b = pack_mixture(tc, en, seed=3, **kwargs)
-    c, _ = pack_mixture(tc, en, seed=4, **kwargs)
-    assert torch.equal(a, b) and plan_a == plan_b
-    assert not torch.equal(a, c)
-    stream = np.concatenate(
-        [np.concatenate([[bos], (tc if lang == "tc" else en)[i], [eos]]) for lang, i in plan_a.docs]
-    )
-    assert a.flatten().tolist() == stream[: a.numel()].tolist()
-
-
 def test_sampler_order_is_a_function_of_seed_and_epoch():
     sampler = EpochShuffleSampler(50, seed=7)
     first = list(sampler)
@@ -183,35 +136,44 @@ def make_datamodule(tokenizer, corpora, **overrides):
     return PretrainDataModule(tokenizer, tc[:-20], en[:-20], tc[-20:], en[-20:], **kwargs)
 
 
-def test_train_loader_yields_full_packed_batches_in_a_seeded_order(tokenizer, corpora):
-    dm = make_datamodule(tokenizer, corpora)
+def test_train_loader_yields_the_stream_in_full_batches_with_the_mix_in_each(tokenizer, corpora, tmp_path):
+    dm = make_datamodule(tokenizer, corpora, cache_dir=tmp_path)
     dm.setup("fit")
     loader = dm.train_dataloader()
-    order = list(loader.sampler)
-    assert sorted(order) == list(range(len(dm.train_sequences)))
     batches = list(loader)
-    assert len(batches) == dm.train_batches_per_epoch == len(order) // 4  # drop_last: full batches only
+    assert len(batches) == dm.train_batches_per_epoch == len(loader)  # drop_last: full batches only
     assert dm.train_tokens_per_epoch == len(batches) * 4 * 64
+    rows = dm.train_sequences
     for k, batch in enumerate(batches):
         assert set(batch) == {"input_ids", "labels"}
         assert batch["input_ids"].dtype == torch.long
-        assert torch.equal(batch["input_ids"], dm.train_sequences[order[4 * k : 4 * k + 4]].long())
+        assert torch.equal(batch["input_ids"], rows[4 * k : 4 * k + 4].long())  # one process reads the stream in order
         assert torch.equal(batch["input_ids"], batch["labels"])
-    assert abs(dm.mix.tc_share - 0.8) < 0.02
-    again = make_datamodule(tokenizer, corpora)
+        tc_rows = sum(dm.stream.source(4 * k + j)[0] == "tc" for j in range(4))
+        assert tc_rows in (3, 4)  # 0.8 of 4 rows, up to one: the mix holds in every step
+    assert abs(dm.mix.tc_share - 0.8) < 0.01
+    # the side with the larger share of its need is read once per pass, the other repeated evenly
+    limiting = "tc" if dm.mix.tc_passes <= dm.mix.en_passes else "en"
+    assert getattr(dm.mix, f"{limiting}_passes") <= 1.0
+    again = make_datamodule(tokenizer, corpora, cache_dir=tmp_path)
     assert torch.equal(next(iter(again.train_dataloader()))["input_ids"], batches[0]["input_ids"])
-    other = make_datamodule(tokenizer, corpora, seed=1)
+    other = make_datamodule(tokenizer, corpora, seed=1, cache_dir=tmp_path)
     assert not torch.equal(next(iter(other.train_dataloader()))["input_ids"], batches[0]["input_ids"])
 
 
-def test_datamodule_rejects_bad_input(tokenizer, corpora):
+def test_datamodule_rejects_bad_input(tokenizer, corpora, tmp_path):
     tc, en = corpora
     with pytest.raises(ValueError, match="no en validation documents"):
         PretrainDataModule(tokenizer, tc, en, tc[:2], [], seq_len=64, batch_size=4, tc_ratio=0.8, seed=0)
+    kwargs = dict(tc_ratio=0.5, seed=0, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="too small to pack"):
+        PretrainDataModule(tokenizer, tc[:1], en[:1], tc[:2], en[:2], seq_len=4096, batch_size=4, **kwargs).setup("fit")
     with pytest.raises(ValueError, match="fewer than one batch"):
-        PretrainDataModule(
-            tokenizer, tc[:2], en[:2], tc[:2], en[:2], seq_len=256, batch_size=64, tc_ratio=0.5, seed=0
-        ).setup("fit")
+        PretrainDataModule(tokenizer, tc[:20], en[:20], tc[:2], en[:2], seq_len=64, batch_size=512, **kwargs).setup(
+            "fit"
+        )
+    with pytest.raises(ValueError, match="asks for EN tokens but its training corpus is empty"):
+        PretrainDataModule(tokenizer, tc, [], tc[:2], en[:2], seq_len=64, batch_size=4, tc_ratio=0.5, seed=0)
 
 
 @pytest.mark.parametrize("name", ["pretrain_tc", "hub_example"])
@@ -225,13 +187,13 @@ def test_data_configs_fit_the_schema(name):
             assert Path(spec["path"]).is_file(), spec["path"]
 
 
-def test_datamodule_from_the_shipped_config(tokenizer):
+def test_datamodule_from_the_shipped_config(tokenizer, tmp_path):
     data = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(ROOT / "conf/data/pretrain_tc.yaml"))
     cfg = OmegaConf.create({"paths": {"data_dir": str(DATA)}, "data": data})
     for spec in list(cfg.data.tc) + list(cfg.data.en):
         spec.max_docs = 60  # the real files, a sliver of each
     cfg.data.val_fraction = 0.1
-    dm = PretrainDataModule.from_config(tokenizer, OmegaConf.to_object(cfg.data), seed=0)
+    dm = PretrainDataModule.from_config(tokenizer, OmegaConf.to_object(cfg.data), seed=0, cache_dir=tmp_path)
     dm.setup("fit")
     assert dm.train_tokens_per_epoch > 0
     assert 0 < dm.val_chars["tc"] <= cfg.data.max_val_chars and 0 < dm.val_chars["en"] <= cfg.data.max_val_chars

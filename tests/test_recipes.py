@@ -65,11 +65,11 @@ def test_hub_mix_loads_through_datasets_streaming_with_conversion_and_dedup(tmp_
         ],
         tmp_path,
     )
-    splits = load_splits(OmegaConf.to_object(cfg.data))
-    tc = splits.tc_train + splits.tc_val
+    splits = load_splits(OmegaConf.to_object(cfg.data), tmp_path)
+    tc = splits.tc_train + splits.tc_val + splits.tc_test
     # s2twp turned the Simplified article into Taiwan Traditional (软件→軟體, 数据→資料, 中间件→中介軟體,
     # 台湾→臺灣); the hub's Traditional copy differs from it in one character: a near-duplicate, dropped
     assert len(tc) == 3 and all("软件" not in t and "台湾" not in t for t in tc)
     assert sum("中介軟體" in t for t in tc) == 1
     assert any(t.startswith("臺北是臺灣的首都") for t in tc)
-    assert len(splits.en_train) + len(splits.en_val) == 5  # max_docs
+    assert len(list(splits.train_documents("en"))) + len(splits.en_val) + len(splits.en_test) == 5  # max_docs

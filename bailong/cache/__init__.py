@@ -1,8 +1,8 @@
 """Results cached by a hash of their inputs, shared by the jobs of a sweep (written atomically).
 
 Layout: ``<cache_dir>/<kind>/<entry>`` (kinds: tokenizers, base_metrics, init_rows, instruct,
-random_bases), and ``<cache_dir>/<kind>/.locks/<entry>.lock``, held by whichever process computes or
-writes the entry; its mtime records the entry's last use. A writer fills a hidden temporary sibling
+random_bases, prepared_text, token_shards), and ``<cache_dir>/<kind>/.locks/<entry>.lock``, held by whichever
+process computes or writes the entry; its mtime records the entry's last use. A writer fills a hidden temporary sibling
 (``.<entry>.…``) under that lock and renames it into place, so ``python -m bailong.cache prune`` can tell
 an orphan left by a killed writer (its lock is free) from one being written (see bailong/cache/__main__.py).
 """

@@ -30,7 +30,15 @@ from pathlib import Path
 
 from bailong.cache import LOCKS, default_cache_dir, lock_path
 
-KINDS = ("base_metrics", "init_rows", "instruct", "random_bases", "tokenizers")  # what bailong writes
+KINDS = (  # what bailong writes
+    "base_metrics",
+    "init_rows",
+    "instruct",
+    "prepared_text",
+    "random_bases",
+    "token_shards",
+    "tokenizers",
+)
 # Every writer takes the entry's lock before creating its temporary, so a free lock means the writer is gone;
 # the grace covers writers that do not lock (an older bailong sharing the cache): their temps grow while alive.
 ORPHAN_MIN_AGE_S = 60.0
@@ -43,7 +51,13 @@ TEMP_NAMES = (
     re.compile(r"^\.(?P<entry>.+)\.pruning-[0-9a-f]{8}$"),  # prune's own, interrupted mid-removal
     re.compile(r"^\.(?P<entry>.+)\.[a-z0-9_]{8}$"),  # atomic_dir: .<entry>.<random>
 )
-MANIFESTS = ("report.json", "extension.json", "random_base.json", "stats.json")  # what an entry says about itself
+MANIFESTS = (
+    "report.json",
+    "extension.json",
+    "random_base.json",
+    "stats.json",
+    "manifest.json",
+)  # what an entry says about itself
 SUMMARY_KEYS = (
     "strategy",
     "seed",

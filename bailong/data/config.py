@@ -65,10 +65,20 @@ class DedupConfig:
     near: float | None = 0.8  # MinHash LSH Jaccard threshold over character shingles; null: exact only
     num_perm: int = 128
     ngram: int = 5  # characters per shingle
+    # near-duplicate grouping before the split: a kept document at least this similar (estimated Jaccard) to an
+    # earlier kept one goes to that one's split, so a variant of a held-out text is never trained on; null: each
+    # document by the hash of its own text
+    group: float | None = None
 
     def __post_init__(self) -> None:
         near = "null (exact only) or a Jaccard threshold in (0, 1]"
         check_number("data.dedup.near", self.near, lambda v: 0 < v <= 1, near, optional=True)
+        group = "null (no grouping) or a Jaccard threshold in (0, 1], below data.dedup.near"
+        check_number("data.dedup.group", self.group, lambda v: 0 < v <= 1, group, optional=True)
+        if self.group is not None and self.near is not None and self.group >= self.near:
+            raise ConfigError(
+                f"data.dedup.group={self.group}: expected {group} ({self.near}): documents that similar are removed"
+            )
         # fewer permutations estimate Jaccard too coarsely for the LSH bands to mean anything
         check_number("data.dedup.num_perm", self.num_perm, lambda v: v >= 16, "an integer >= 16 (128 is usual)")
         check_number("data.dedup.ngram", self.ngram, lambda v: v >= 1, "a positive number of characters per shingle")
@@ -135,12 +145,31 @@ class ChatDataConfig:
 
 
 @dataclass
+class PrepareConfig:
+    """How the prepare stage splits its work (bailong/data/prepare.py). ``workers`` and ``batch_docs`` change only
+    its speed; the shard sizes change how the same rows are cut into files (and so the cache key)."""
+
+    workers: int = 1  # processes converting, fingerprinting and tokenizing (the index and the writer are one)
+    batch_docs: int = 256  # documents per task sent to a worker
+    shard_docs: int = 20000  # training documents per text shard: a killed prepare resumes after the last one
+    shard_tokens: int = 1 << 24  # tokens per .npy shard (32 MiB of uint16 ids)
+
+    def __post_init__(self) -> None:
+        for key in ("workers", "batch_docs", "shard_docs", "shard_tokens"):
+            check_number(f"data.prepare.{key}", getattr(self, key), lambda v: v >= 1, "an integer >= 1")
+
+
+@dataclass
 class DataConfig:
     tc: list[CorpusConfig] = field(default_factory=list)
     en: list[CorpusConfig] = field(default_factory=list)
     tc_ratio: float = 0.8  # share of training tokens that are Traditional Chinese
-    val_fraction: float = 0.02
+    val_fraction: float = 0.02  # the dev split: validation during training, every choice made on held-out text
+    test_fraction: float = 0.02  # the test split: held out of training and of every choice
     split_seed: int = 0
+    # TC training documents the tokenizer and the init strategies' corpus passes learn from: all of them (null), or
+    # a seeded uniform sample of this many (a corpus of billions of tokens: training still streams all of it)
+    tc_sample_docs: int | None = None
     seq_len: int = 256
     batch_size: int = 8
     num_workers: int = 0
@@ -148,10 +177,20 @@ class DataConfig:
     # off by default (the shipped data pack is clean); hub corpora turn it on: {exact: true, near: 0.8}
     dedup: DedupConfig = field(default_factory=lambda: DedupConfig(exact=False, near=None))
     chat: ChatDataConfig | None = None  # SFT stage: the chat data (conf/data/sft_chat.yaml)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
     def __post_init__(self) -> None:
         check_number("data.tc_ratio", self.tc_ratio, lambda v: 0 <= v <= 1, "a number in [0, 1]")
         check_number("data.val_fraction", self.val_fraction, lambda v: 0 < v < 1, "a number in (0, 1)")
+        check_number("data.test_fraction", self.test_fraction, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction}: expected < 1 "
+                "(the rest is training text)"
+            )
+        check_number(
+            "data.tc_sample_docs", self.tc_sample_docs, lambda v: v >= 1, "null (all) or an integer >= 1", optional=True
+        )
         check_number("data.seq_len", self.seq_len, lambda v: v >= 2, "an integer >= 2")
         check_number("data.batch_size", self.batch_size, lambda v: v >= 1, "an integer >= 1")
         check_number("data.num_workers", self.num_workers, lambda v: v >= 0, "an integer >= 0")

@@ -19,6 +19,8 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from bailong.data.config import DedupConfig, expect_config
 
 _SPACES = re.compile(r"\s+")
@@ -27,6 +29,11 @@ _SPACES = re.compile(r"\s+")
 def normalise(text: str) -> str:
     """The text two copies of one document share: NFKC (full-width → ASCII), case-folded, whitespace collapsed."""
     return _SPACES.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def digest(normalised: str) -> bytes:
+    """The exact-copy fingerprint: BLAKE2b-128 of the normalised text."""
+    return hashlib.blake2b(normalised.encode("utf-8"), digest_size=16).digest()
 
 
 def shingles(text: str, ngram: int) -> set[bytes]:
@@ -64,11 +71,13 @@ class Deduplicator:
     def __post_init__(self) -> None:
         expect_config(self.cfg, DedupConfig, "Deduplicator(cfg)")
         self._hashes: set[bytes] = set()
-        self._lsh = None
-        if self.cfg.near is not None:
-            from datasketch import MinHashLSH
+        self._lsh = self._groups = None
+        from datasketch import MinHashLSH
 
+        if self.cfg.near is not None:
             self._lsh = MinHashLSH(threshold=self.cfg.near, num_perm=self.cfg.num_perm)
+        if self.cfg.group is not None:  # kept documents, keyed "<index>:<split>"
+            self._groups = MinHashLSH(threshold=self.cfg.group, num_perm=self.cfg.num_perm)
 
     def minhash(self, text: str):
         return self._minhash(normalise(text))
@@ -81,21 +90,52 @@ class Deduplicator:
         return m
 
     def keep(self, text: str) -> bool:
+        return self.check(*self.fingerprint(text)) is None
+
+    def fingerprint(self, text: str) -> tuple[bytes, np.ndarray | None]:
+        """``(digest, MinHash hash values)`` of the normalised text (no MinHash when ``near`` is off): what
+        ``check`` compares, computable in another process (bailong/data/prepare.py's workers)."""
+        t = normalise(text)  # once: both fingerprints read normalised text
+        needs_minhash = self.cfg.near is not None or self.cfg.group is not None
+        return digest(t), (self._minhash(t).hashvalues if needs_minhash else None)
+
+    def group_split(self, minhash_values) -> str | None:
+        """The split of the earliest kept document within ``cfg.group`` of this one (None: no such document, or
+        no grouping); ``assign`` records a kept document's split."""
+        if self._groups is None:
+            return None
+        from datasketch import LeanMinHash
+
+        matches = self._groups.query(LeanMinHash(seed=self.seed, hashvalues=minhash_values))
+        if not matches:
+            return None
+        return min(matches, key=lambda key: int(key.partition(":")[0])).partition(":")[2]
+
+    def assign(self, minhash_values, split: str) -> None:
+        if self._groups is not None:
+            from datasketch import LeanMinHash
+
+            self._groups.insert(f"{self.stats.seen}:{split}", LeanMinHash(seed=self.seed, hashvalues=minhash_values))
+
+    def check(self, text_digest: bytes, minhash_values=None) -> str | None:
+        """None for a first copy (recorded as seen), else ``"exact"`` or ``"near"``: the filter on precomputed
+        fingerprints (``digest`` of the normalised text, MinHash hash values), which worker processes compute
+        while this index stays in one process (bailong/data/prepare.py)."""
         self.stats.seen += 1
-        t = normalise(text)  # once: both checks compare normalised text
         if self.cfg.exact:
-            digest = hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest()
-            if digest in self._hashes:
+            if text_digest in self._hashes:
                 self.stats.exact += 1
-                return False
-            self._hashes.add(digest)
+                return "exact"
+            self._hashes.add(text_digest)
         if self._lsh is not None:
-            m = self._minhash(t)
+            from datasketch import LeanMinHash
+
+            m = LeanMinHash(seed=self.seed, hashvalues=minhash_values)
             if self._lsh.query(m):
                 self.stats.near += 1
-                return False
+                return "near"
             self._lsh.insert(str(self.stats.seen), m)
-        return True
+        return None
 
     def filter(self, docs: Iterable[str]) -> Iterator[str]:
         return (d for d in docs if self.keep(d))
@@ -106,7 +146,7 @@ def make_deduplicator(cfg: DedupConfig | None) -> Deduplicator | None:
     if cfg is None:
         return None
     expect_config(cfg, DedupConfig, "make_deduplicator(cfg)")
-    if not cfg.exact and cfg.near is None:
+    if not cfg.exact and cfg.near is None and cfg.group is None:
         return None
     return Deduplicator(cfg)
 

@@ -1,5 +1,6 @@
-"""Pre-training token streams: tokenise documents in batches, mix TC and EN by share of tokens, and
-pack the mix into fixed-length sequences with no padding.
+"""Pre-training token streams: tokenise documents in batches and pack them into fixed-length rows with no padding
+(the prepare stage writes these rows to shards per language, ``bailong.data.prepare``; ``bailong.data.shards``
+mixes TC and EN rows per step).
 
 Each document becomes ``BOS + doc + EOS``; documents are concatenated and the stream is cut every
 ``seq_len`` tokens, so a sequence may start or end mid-document and EOS marks every boundary (the
@@ -10,7 +11,6 @@ usual packing of GPT/Llama pre-training). The final partial sequence is dropped:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,74 +47,6 @@ def tokenize_documents(
     return out
 
 
-@dataclass(frozen=True)
-class MixPlan:
-    """Which documents make one epoch, in order: ``("tc" | "en", index)`` pairs, plus what it adds up to."""
-
-    docs: list[tuple[str, int]]
-    tc_tokens: int
-    en_tokens: int
-    tc_passes: float  # how many times the TC corpus is used (1.0 = once; >1 = repeated)
-    en_passes: float
-
-    @property
-    def tc_share(self) -> float:
-        return self.tc_tokens / max(1, self.tc_tokens + self.en_tokens)
-
-
-def _draw_documents(lengths: Sequence[int], target: int, rng: np.random.Generator) -> list[int]:
-    """Whole passes over fresh permutations, one document at a time, until ``target`` tokens are reached."""
-    picks: list[int] = []
-    taken = 0
-    while taken < target:
-        for i in rng.permutation(len(lengths)):
-            if taken >= target:
-                break
-            picks.append(int(i))
-            taken += lengths[i]
-    return picks
-
-
-def plan_mix(tc_lengths: Sequence[int], en_lengths: Sequence[int], tc_ratio: float, seed: int) -> MixPlan:
-    """Choose one epoch's documents so that a share ``tc_ratio`` of the tokens is TC.
-
-    Lengths are tokens per document as packed (with BOS and EOS). The side with more tokens than its
-    share needs is used exactly once; the other side is repeated (whole shuffled passes, then part
-    of one more) until its share is met, so the share is exact up to one document. No text is
-    dropped. Both sides' draws and the final interleaving come from ``seed`` only.
-    """
-    if not 0.0 <= tc_ratio <= 1.0:
-        raise ValueError(f"tc_ratio must be in [0, 1], got {tc_ratio}")
-    tc_total, en_total = int(sum(tc_lengths)), int(sum(en_lengths))
-    if tc_ratio > 0 and tc_total == 0:
-        raise ValueError(f"tc_ratio={tc_ratio} asks for TC tokens but the TC training corpus is empty")
-    if tc_ratio < 1 and en_total == 0:
-        raise ValueError(f"tc_ratio={tc_ratio} asks for EN tokens but the EN training corpus is empty")
-    # Targets in whole tokens: the limiting side (the one with the larger total relative to its share) is used once.
-    if tc_ratio == 1.0:
-        tc_target, en_target = tc_total, 0
-    elif tc_ratio == 0.0:
-        tc_target, en_target = 0, en_total
-    elif tc_total * (1 - tc_ratio) >= en_total * tc_ratio:
-        tc_target, en_target = tc_total, int(np.ceil(tc_total * (1 - tc_ratio) / tc_ratio))
-    else:
-        tc_target, en_target = int(np.ceil(en_total * tc_ratio / (1 - tc_ratio))), en_total
-    rng = np.random.default_rng(seed)
-    tc_picks = _draw_documents(tc_lengths, tc_target, rng) if tc_target else []
-    en_picks = _draw_documents(en_lengths, en_target, rng) if en_target else []
-    docs = [("tc", i) for i in tc_picks] + [("en", i) for i in en_picks]
-    docs = [docs[i] for i in rng.permutation(len(docs))]
-    tc_tokens = int(sum(tc_lengths[i] for i in tc_picks))
-    en_tokens = int(sum(en_lengths[i] for i in en_picks))
-    return MixPlan(
-        docs=docs,
-        tc_tokens=tc_tokens,
-        en_tokens=en_tokens,
-        tc_passes=tc_tokens / tc_total if tc_total else 0.0,
-        en_passes=en_tokens / en_total if en_total else 0.0,
-    )
-
-
 def pack_documents(token_docs: Sequence[np.ndarray], seq_len: int, bos_id: int, eos_id: int) -> torch.Tensor:
     """Concatenate ``BOS + doc + EOS`` for each document and cut into rows of ``seq_len`` tokens.
 
@@ -139,23 +71,6 @@ def pack_documents(token_docs: Sequence[np.ndarray], seq_len: int, bos_id: int, 
         stream[pos] = eos_id
         pos += 1
     return torch.from_numpy(stream[: n_seq * seq_len].reshape(n_seq, seq_len))
-
-
-def pack_mixture(
-    tc_docs: Sequence[np.ndarray],
-    en_docs: Sequence[np.ndarray],
-    *,
-    seq_len: int,
-    tc_ratio: float,
-    seed: int,
-    bos_id: int,
-    eos_id: int,
-) -> tuple[torch.Tensor, MixPlan]:
-    """Plan the TC/EN mix of tokenised documents and pack it: ``(sequences, plan)``."""
-    plan = plan_mix([len(d) + 2 for d in tc_docs], [len(d) + 2 for d in en_docs], tc_ratio, seed)
-    sources = {"tc": tc_docs, "en": en_docs}
-    ordered = [sources[lang][i] for lang, i in plan.docs]
-    return pack_documents(ordered, seq_len, bos_id, eos_id), plan
 
 
 class PackedSequenceDataset(torch.utils.data.Dataset):

@@ -1,5 +1,9 @@
-"""The pre-training DataModule: a packed TC/EN token mix for training, bits-per-character windows for
+"""The pre-training DataModule: packed TC/EN token shards streamed for training, bits-per-character windows for
 validation.
+
+Training text goes through the prepare stage's token step (``bailong.data.prepare.prepare_tokens``: tokenized
+once into cached ``.npy`` shards) and is read as ``bailong.data.shards`` streams it: the TC/EN mix holds in every
+batch, each rank reads its share, and a resumed run continues at the sample it stopped at.
 
 Validation batches are cut into the evaluator's scoring windows (``bailong.data.windows``) and carry
 ``labels`` (-100 where not scored) plus ``chars``/``bytes``, so summing ``score_batch`` bits and
@@ -9,22 +13,19 @@ Validation batches are cut into the evaluator's scoring windows (``bailong.data.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from bailong.cache import default_cache_dir
 from bailong.data.config import DataConfig, expect_config
-from bailong.data.packing import (
-    EpochShuffleSampler,
-    MixPlan,
-    PackedSequenceDataset,
-    pack_mixture,
-    special_token_ids,
-    tokenize_documents,
-)
+from bailong.data.packing import special_token_ids
+from bailong.data.prepare import PreparedText, prepare_tokens, texts_key
+from bailong.data.shards import MixedStream, StreamMix, StreamSampler
 from bailong.data.splits import Splits, cap_chars, load_splits
 from bailong.data.windows import ScoringWindow, collate_windows, scoring_windows
 
@@ -32,9 +33,10 @@ log = logging.getLogger(__name__)
 
 
 class PretrainDataModule(pl.LightningDataModule):
-    """Training: rows of ``seq_len`` packed tokens (``input_ids``, ``labels`` = input_ids), a share
-    ``tc_ratio`` of them TC, in an order fixed by ``seed`` and the epoch. Validation: one loader per
-    language in ``val_names`` order (``tc`` first), scoring-window batches.
+    """Training: rows of ``seq_len`` packed tokens (``input_ids``, ``labels`` = input_ids) from the token shards,
+    ``tc_ratio`` of every batch TC (up to one row), in an order fixed by ``seed`` (``bailong.data.shards``); under
+    DDP each rank reads its own share. Validation: one loader per language in ``val_names`` order (``tc`` first),
+    scoring-window batches.
 
     ``max_val_chars`` keeps the first documents of each validation list up to that many characters.
     """
@@ -44,8 +46,8 @@ class PretrainDataModule(pl.LightningDataModule):
     def __init__(
         self,
         tokenizer: Any,
-        tc_train: Sequence[str],
-        en_train: Sequence[str],
+        tc_train: Sequence[str] | PreparedText,
+        en_train: Sequence[str] | None,
         tc_val: Sequence[str],
         en_val: Sequence[str],
         *,
@@ -56,7 +58,12 @@ class PretrainDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         max_val_chars: int | None = None,
         eval_stride: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        prepare_workers: int = 1,
+        shard_tokens: int = 1 << 24,
     ) -> None:
+        """Training text is ``tc_train``/``en_train`` (lists of documents) or a ``PreparedText`` passed as
+        ``tc_train`` (its ``train`` split streamed from disk; ``en_train`` then None)."""
         super().__init__()
         if seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -70,27 +77,50 @@ class PretrainDataModule(pl.LightningDataModule):
         self.tokenizer = tokenizer
         self.seq_len, self.batch_size, self.tc_ratio, self.seed = seq_len, batch_size, tc_ratio, seed
         self.num_workers, self.eval_stride = num_workers, eval_stride
-        self.train_texts = {"tc": list(tc_train), "en": list(en_train)}
+        self.cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
+        self.prepare_workers, self.shard_tokens = prepare_workers, shard_tokens
+        needed = [lang for lang, share in (("tc", tc_ratio), ("en", 1 - tc_ratio)) if share > 0]
+        if isinstance(tc_train, PreparedText):
+            text = tc_train
+            self._train_text: dict[str, Callable[[], Iterator[str]]] = {
+                lang: (lambda lang=lang: text.documents(lang, "train")) for lang in needed
+            }
+            self._text_key = text.root.name
+        else:
+            lists = {"tc": list(tc_train), "en": list(en_train or [])}
+            for lang in needed:
+                if not lists[lang]:
+                    raise ValueError(
+                        f"tc_ratio={tc_ratio} asks for {lang.upper()} tokens but its training corpus is empty"
+                    )
+            self._train_text = {lang: (lambda docs=lists[lang]: iter(docs)) for lang in needed}
+            self._text_key = texts_key({lang: lists[lang] for lang in needed})
         self.val_texts = {"tc": cap_chars(list(tc_val), max_val_chars), "en": cap_chars(list(en_val), max_val_chars)}
         for name, texts in self.val_texts.items():
             if not texts:
                 raise ValueError(f"no {name} validation documents: val/{name}_bpc needs held-out {name} text")
-        self._sequences: torch.Tensor | None = None
-        self._mix: MixPlan | None = None
+        self._stream: MixedStream | None = None
         self._val_windows: dict[str, list[ScoringWindow]] | None = None
+        self._consumed_samples = 0
 
     @classmethod
     def from_config(
-        cls, tokenizer: Any, data: DataConfig, *, seed: int, splits: Splits | None = None
+        cls,
+        tokenizer: Any,
+        data: DataConfig,
+        *,
+        seed: int,
+        splits: Splits | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> PretrainDataModule:
-        """The data module of a ``conf/data`` config, on ``splits`` (default: its corpora loaded and split as the
-        pipeline does, ``load_splits``: split per file, validation capped at ``max_val_chars`` per language)."""
+        """The data module of a ``conf/data`` config, on ``splits`` (default: its corpora prepared and split as the
+        pipeline does, ``load_splits``): training streams every document of the prepared ``train`` split."""
         expect_config(data, DataConfig, "PretrainDataModule.from_config(data)")
-        s = splits if splits is not None else load_splits(data)
+        s = splits if splits is not None else load_splits(data, cache_dir)
         return cls(
             tokenizer,
-            s.tc_train,
-            s.en_train,
+            s.prepared,
+            None,
             s.tc_val,
             s.en_val,
             seq_len=data.seq_len,
@@ -98,6 +128,9 @@ class PretrainDataModule(pl.LightningDataModule):
             tc_ratio=data.tc_ratio,
             seed=seed,
             num_workers=data.num_workers,
+            cache_dir=cache_dir,
+            prepare_workers=data.prepare.workers,
+            shard_tokens=data.prepare.shard_tokens,
         )
 
     # -- building (lazy, once) ----------------------------------------------------------------------
@@ -108,24 +141,30 @@ class PretrainDataModule(pl.LightningDataModule):
             self._build_val()
 
     def _build_train(self) -> None:
-        if self._sequences is not None:
+        if self._stream is not None:
             return
-        bos, eos = special_token_ids(self.tokenizer)
-        tc_docs = tokenize_documents(self.tokenizer, self.train_texts["tc"]) if self.tc_ratio > 0 else []
-        en_docs = tokenize_documents(self.tokenizer, self.train_texts["en"]) if self.tc_ratio < 1 else []
-        self._sequences, self._mix = pack_mixture(
-            tc_docs, en_docs, seq_len=self.seq_len, tc_ratio=self.tc_ratio, seed=self.seed, bos_id=bos, eos_id=eos
+        prepared = prepare_tokens(
+            self._train_text,
+            self.tokenizer,
+            seq_len=self.seq_len,
+            cache_dir=self.cache_dir,
+            text_key=self._text_key,
+            workers=self.prepare_workers,
+            shard_tokens=self.shard_tokens,
         )
-        if len(self._sequences) < self.batch_size:
+        self._stream = MixedStream(prepared, self.tc_ratio, self.seed)
+        if self._stream.samples_per_pass() < self.batch_size:
             raise ValueError(
-                f"training text packs into {len(self._sequences)} sequences of {self.seq_len} tokens, "
+                f"training text packs into {self._stream.samples_per_pass()} rows of {self.seq_len} tokens per pass, "
                 f"fewer than one batch of {self.batch_size}: add text or lower data.batch_size/seq_len"
             )
-        m = self._mix
+        m = self.mix
         log.info(
-            "packed %d sequences x %d tokens: TC share %.3f (target %.3f), TC corpus used %.2fx, EN %.2fx",
-            len(self._sequences),
+            "streaming %d TC + %d EN rows x %d tokens from %s: TC share %.3f (target %.3f), used TC %.2fx, EN %.2fx",
+            m.tc_rows,
+            m.en_rows,
             self.seq_len,
+            prepared.root,
             m.tc_share,
             self.tc_ratio,
             m.tc_passes,
@@ -141,19 +180,25 @@ class PretrainDataModule(pl.LightningDataModule):
 
     # -- what a run reports ---------------------------------------------------------------------------
     @property
-    def mix(self) -> MixPlan:
-        """The epoch's document plan and its token counts (``tc_share``, ``tc_passes``, ...)."""
+    def stream(self) -> MixedStream:
         self._build_train()
-        return self._mix
+        return self._stream
+
+    @property
+    def mix(self) -> StreamMix:
+        """One pass's rows by language and what they add up to (``tc_share``, ``tc_passes``, ...)."""
+        return self.stream.mix()
 
     @property
     def train_sequences(self) -> torch.Tensor:
-        self._build_train()
-        return self._sequences
+        """One pass's rows in the order one process reads them (``[rows, seq_len]`` int32; for small data only)."""
+        stream = self.stream
+        n = self.train_batches_per_epoch * self.batch_size
+        return torch.stack([stream[g]["input_ids"].to(torch.int32) for g in range(n)])
 
     @property
     def train_batches_per_epoch(self) -> int:
-        return len(self.train_sequences) // self.batch_size  # drop_last: every step sees a full batch
+        return self.stream.samples_per_pass() // self.batch_size  # drop_last: every step sees a full batch
 
     @property
     def train_tokens_per_epoch(self) -> int:
@@ -168,11 +213,13 @@ class PretrainDataModule(pl.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        sequences = self.train_sequences
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        start, self._consumed_samples = self._consumed_samples, 0
         return DataLoader(
-            PackedSequenceDataset(sequences),
+            self.stream,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(sequences), self.seed, start=self._resume_start()),
+            sampler=StreamSampler(self.stream, self.batch_size, num_replicas=world, rank=rank, start_sample=start),
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -181,18 +228,19 @@ class PretrainDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    # Mid-epoch resume: Lightning restores this state before it asks for the train loader, so a
-    # resumed run skips exactly the batches the interrupted run had consumed in that epoch.
+    # Mid-epoch resume: Lightning restores this state before it asks for the train loader, so a resumed run
+    # starts at the global sample the interrupted run stopped at, on any number of ranks.
     def state_dict(self) -> dict:
-        return {"consumed_batches": self.trainer.global_step * self.trainer.accumulate_grad_batches}
+        t = self.trainer
+        return {"consumed_samples": t.global_step * t.accumulate_grad_batches * self.batch_size * t.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self._consumed_batches = int(state.get("consumed_batches", 0))
-
-    def _resume_start(self) -> int:
-        consumed = getattr(self, "_consumed_batches", 0)
-        self._consumed_batches = 0
-        return (consumed % self.train_batches_per_epoch) * self.batch_size
+        if "consumed_samples" not in state:
+            raise ValueError(
+                "this checkpoint's data state has no consumed_samples: it was written before training read prepared "
+                "shards, so its data order cannot be continued; start the run afresh"
+            )
+        self._consumed_samples = int(state["consumed_samples"])
 
     def val_dataloader(self) -> list[DataLoader]:
         self._build_val()

@@ -1,30 +1,67 @@
-"""The corpora of one experiment, split once into train and validation text per language."""
+"""The corpora of one experiment, prepared once (``bailong.data.prepare``: converted, deduplicated, split into
+train/dev/test) and read back per language: validation text is the dev split, capped per corpus."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from bailong.data.config import CorpusConfig, DataConfig, expect_config
-from bailong.data.corpus import load_documents, split_documents
-from bailong.data.dedup import make_deduplicator
+import numpy as np
+
+from bailong.cache import default_cache_dir
+from bailong.data.config import DataConfig, expect_config
+from bailong.data.prepare import PreparedText, prepare_text
 
 
 @dataclass
 class Splits:
+    """What a run reads of its prepared text: the TC training text the tokenizer and the init strategies' corpus
+    passes learn from (every document, or a seeded sample of ``data.tc_sample_docs``), dev (``*_val``) and test
+    text capped at ``max_val_chars``; training itself streams every training document from ``prepared``."""
+
     tc_train: list[str]
     tc_val: list[str]
-    en_train: list[str]
     en_val: list[str]
+    tc_test: list[str]
+    en_test: list[str]
+    prepared: PreparedText
+    tc_train_seen: int = 0  # TC training documents the sample was drawn from
 
     def val(self) -> dict[str, list[str]]:
         return {"tc": self.tc_val, "en": self.en_val}
 
+    def train_documents(self, lang: str) -> Iterator[str]:
+        """Every training document of ``lang``, streamed from disk in corpus order."""
+        if lang not in self.prepared.manifest["languages"]:
+            return iter(())
+        return self.prepared.documents(lang, "train")
 
-def cap_chars(docs: list[str], max_chars: int | None) -> list[str]:
+
+def sample_documents(docs: Iterable[str], k: int | None, seed: int) -> tuple[list[str], int]:
+    """``(sample, seen)``: every document when ``k`` is None, else a uniform sample of ``k`` drawn in one pass with
+    a seeded reservoir (memory: the sample), returned in corpus order."""
+    if k is None:
+        kept = list(docs)
+        return kept, len(kept)
+    rng = np.random.default_rng(seed)
+    reservoir: list[tuple[int, str]] = []
+    seen = 0
+    for i, doc in enumerate(docs):
+        seen = i + 1
+        if i < k:
+            reservoir.append((i, doc))
+        else:
+            j = int(rng.integers(0, i + 1))
+            if j < k:
+                reservoir[j] = (i, doc)
+    return [doc for _, doc in sorted(reservoir)], seen
+
+
+def cap_chars(docs: Iterable[str], max_chars: int | None) -> list[str]:
     """The first documents up to ``max_chars`` characters (at least one): a fixed, cheap eval set."""
     if max_chars is None:
-        return docs
+        return list(docs)
     kept, total = [], 0
     for doc in docs:
         if kept and total + len(doc) > max_chars:
@@ -34,20 +71,30 @@ def cap_chars(docs: list[str], max_chars: int | None) -> list[str]:
     return kept
 
 
-def _split_each(specs: Sequence[CorpusConfig], data: DataConfig) -> tuple[list[str], list[str]]:
-    train, val = [], []
-    share = None if data.max_val_chars is None else max(1, data.max_val_chars // max(1, len(specs)))
-    dedup = make_deduplicator(data.dedup)  # one per language: a copy in another corpus is a copy too
-    for spec in specs:  # per file, so every corpus has its share of the validation text
-        t, v = split_documents(load_documents([spec], dedup), data.val_fraction, data.split_seed)
-        train += t
-        val += cap_chars(v, share)
-    return train, val
+def _held_out(text: PreparedText, lang: str, split: str, data: DataConfig) -> list[str]:
+    sources = text.documents_by_source(lang, split)  # per corpus, so every corpus has its share
+    share = None if data.max_val_chars is None else max(1, data.max_val_chars // max(1, len(sources)))
+    return [doc for docs in sources for doc in cap_chars(docs, share)]
 
 
-def load_splits(data: DataConfig) -> Splits:
-    """Load TC and EN corpora and split them by document (deterministic, by hash of the text)."""
+def load_splits(data: DataConfig, cache_dir: str | os.PathLike | None = None) -> Splits:
+    """TC and EN text prepared (cached under ``cache_dir``, default the project's) and read back: the TC training
+    text (or its sample), and dev/test capped at ``max_val_chars`` per language."""
     expect_config(data, DataConfig, "load_splits(data)")
-    tc_train, tc_val = _split_each(data.tc, data)
-    en_train, en_val = _split_each(data.en, data)
-    return Splits(tc_train, tc_val, en_train, en_val)
+    text = prepare_text(data, cache_dir if cache_dir is not None else default_cache_dir())
+    langs = text.manifest["languages"]
+
+    def held(lang: str, split: str) -> list[str]:
+        return _held_out(text, lang, split, data) if lang in langs else []
+
+    tc_docs = text.documents("tc", "train") if "tc" in langs else iter(())
+    tc_train, seen = sample_documents(tc_docs, data.tc_sample_docs, data.split_seed)
+    return Splits(
+        tc_train=tc_train,
+        tc_val=held("tc", "dev"),
+        en_val=held("en", "dev"),
+        tc_test=held("tc", "test"),
+        en_test=held("en", "test"),
+        prepared=text,
+        tc_train_seen=seen,
+    )

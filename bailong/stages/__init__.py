@@ -1,6 +1,7 @@
 """The experiment's stages; ``run.py`` runs the one ``cfg.stage`` names.
 
-A stage is a module with ``run(cfg) -> metrics``: ``pretrain`` (continued pre-training, bailong/stages/pretrain.py)
+A stage is a module with ``run(cfg) -> metrics``: ``prepare`` (data preparation: text and token shards, cached for
+the stages that train, bailong/stages/prepare.py), ``pretrain`` (continued pre-training, bailong/stages/pretrain.py)
 and ``sft`` (instruction tuning from a pre-training run or the base, bailong/stages/sft.py); the steps they share
 live in bailong/stages/common.py. A new stage is a module plus one line in ``STAGES``.
 """
@@ -12,9 +13,9 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 
 from bailong.errors import ConfigError
-from bailong.stages import pretrain, sft
+from bailong.stages import prepare, pretrain, sft
 
-STAGES: dict[str, Callable[[DictConfig], dict]] = {"pretrain": pretrain.run, "sft": sft.run}
+STAGES: dict[str, Callable[[DictConfig], dict]] = {"prepare": prepare.run, "pretrain": pretrain.run, "sft": sft.run}
 
 
 def run(cfg: DictConfig) -> dict:

@@ -23,6 +23,7 @@ from bailong.run_files import ADAPTER_DIR, INIT_REPORT_FILE, TOKENIZER_DIR
 from bailong.stages.common import (
     base_metrics,
     build_tokenizers,
+    data_metrics,
     evaluate,
     finish_run,
     finish_wandb,
@@ -47,7 +48,8 @@ def run(cfg: DictConfig) -> dict:
     metrics: dict = {"init/strategy": cfg.init.name}
 
     data = typed(cfg.data)
-    splits = load_splits(data)
+    splits = load_splits(data, cfg.paths.cache_dir)  # prepared once (cached): text shards, train/dev/test
+    metrics.update(data_metrics(splits))
 
     # 1 tokenizer: base + appended TC pieces (old ids kept), cached by a hash of its inputs
     base, ext, base_tok, tok = build_tokenizers(cfg, splits)
@@ -80,7 +82,7 @@ def run(cfg: DictConfig) -> dict:
         metrics.update(prefixed("step0", evaluate(cfg, model, tok, ("bpc",), out, texts=splits.val())))
 
     # 3 data, 4 train
-    datamodule = PretrainDataModule.from_config(tok, data, seed=cfg.seed, splits=splits)
+    datamodule = PretrainDataModule.from_config(tok, data, seed=cfg.seed, splits=splits, cache_dir=cfg.paths.cache_dir)
     module = PretrainModule(model, **module_kwargs(cfg))
     trainer, loggers = fit(cfg, module, datamodule, metrics)
     model = trained_model(trainer, model, lambda: make_model(cfg, tok, ext.num_base, rows, device))

@@ -105,7 +105,9 @@ def run(cfg: DictConfig) -> dict:
     adapter_dir = check_sft(cfg)  # before any model is loaded
     out = start_run(cfg)
     data = typed(cfg.data)
-    splits = load_splits(data)  # the pre-training corpora: held-out text to score, and the base's tokenizer
+    splits = load_splits(
+        data, cfg.paths.cache_dir
+    )  # the pre-training corpora: held-out text to score, and the base's tokenizer
     # start: a pre-training run's adapter (trainable again) or the base built as pre-training builds it
     device, rank_zero = run_device(cfg.trainer.accelerator), global_rank() == 0
     if adapter_dir is not None:

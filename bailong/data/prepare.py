@@ -1,0 +1,527 @@
+"""The prepare stage: corpora → converted, deduplicated, split text shards → tokenized, packed token shards.
+
+    python run.py stage=prepare data=hub_bailong_mix data.prepare.workers=16   # once, before training
+    python -m bailong.data.prepare data=hub_bailong_mix                         # the same, without a run dir
+
+Two steps, each cached by a hash of its inputs under ``<cache_dir>/prepared_text/<key>`` and
+``<cache_dir>/token_shards/<key>`` (a sweep's jobs and a job's ranks prepare once and read the same files):
+
+1. **text** (``prepare_text``): each language's corpora stream through in order; a pool of worker processes
+   converts (OpenCC) and fingerprints each document (normalised-text digest, MinHash); the parent keeps the
+   first copy (``bailong.data.dedup``) and sends each document to ``train``, ``dev`` or ``test`` by a hash of
+   its text (``split_seed``), so a document's split never depends on corpus order or worker count. Text is
+   written as gzipped JSON Lines shards; nothing but the dedup index and one shard's buffer is held in memory.
+2. **tokens** (``prepare_tokens``): each language's ``train`` text is tokenized by the worker pool with the
+   run's (extended) tokenizer, ``BOS + doc + EOS`` concatenated and cut into rows of ``seq_len`` tokens,
+   written as ``.npy`` shards of fixed-length rows (``bailong.data.shards`` memory-maps and streams them).
+
+Both steps checkpoint after each shard (shard first, then a state file, each written atomically): killed half way,
+a rerun continues after the last whole shard and writes the same bytes an uninterrupted run would. Each finished
+directory holds ``manifest.json`` (sources, revisions, counts, split seed, tokenizer hash, every file's
+SHA-256); a directory with a manifest is complete. docs/data.md says why ``.npy`` rows rather than LitData.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bailong.cache import cache_key, computed_once
+from bailong.data.config import CorpusConfig, DataConfig, expect_config
+from bailong.data.corpus import CorpusError, _converter, _documents, _unit_hash, read_jsonl
+from bailong.data.dedup import Deduplicator, make_deduplicator
+from bailong.data.packing import special_token_ids, tokenize_documents
+from bailong.files import write_atomically, write_json_atomically
+
+log = logging.getLogger(__name__)
+
+LANGUAGES = ("tc", "en")
+SPLITS = ("train", "dev", "test")
+MANIFEST = "manifest.json"
+STATE = "state.pkl"  # the resume point of an unfinished directory; gone once its manifest is written
+FORMAT_VERSION = 1  # bumped when the files' layout or content changes: old cache entries are then not reused
+
+
+# ---------------------------------------------------------------------------------------------------------
+# worker pool: order-preserving, inline for one worker
+
+
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _init_worker(state: dict[str, Any]) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested thread pool
+    _WORKER_STATE.clear()
+    _WORKER_STATE.update(state)
+
+
+def _map_ordered(fn: Callable, batches: Iterable, workers: int, state: dict[str, Any]) -> Iterator:
+    """``fn(batch)`` for each batch, in order; ``workers`` processes (forked, each initialised with ``state``),
+    or this process alone for one worker. The result never depends on ``workers``. At most two batches per
+    worker are in flight (``Pool.imap`` would read its whole input ahead: the whole corpus)."""
+    if workers <= 1:
+        _init_worker(state)
+        try:
+            yield from map(fn, batches)
+        finally:
+            _WORKER_STATE.clear()
+        return
+    ctx = multiprocessing.get_context("fork")  # no re-import of torch per worker; workers run no torch ops
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(state,)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(fn, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# step 1: text
+
+
+@dataclass
+class TextFingerprint:
+    text: str  # after conversion
+    digest: bytes  # of the normalised text: exact copies
+    minhash: np.ndarray | None  # MinHash hash values of its shingles: near copies
+
+
+def _fingerprint_batch(docs: list[str]) -> list[TextFingerprint]:
+    convert = _WORKER_STATE.get("converter")
+    fingerprinter: Deduplicator | None = _WORKER_STATE.get("fingerprinter")
+    out = []
+    for doc in docs:
+        text = convert(doc) if convert is not None else doc
+        if fingerprinter is not None:
+            out.append(TextFingerprint(text, *fingerprinter.fingerprint(text)))
+        else:
+            out.append(TextFingerprint(text, b"", None))
+    return out
+
+
+def split_of(text: str, seed: int, dev_fraction: float, test_fraction: float) -> str:
+    """``train``, ``dev`` or ``test`` by a hash of (seed, text): the same document lands in the same split in every
+    run, whatever the corpus order (``dev`` is the hash range the two-way split called validation)."""
+    u = _unit_hash(text, seed)
+    return "dev" if u < dev_fraction else "test" if u < dev_fraction + test_fraction else "train"
+
+
+def source_record(spec: CorpusConfig) -> dict:
+    """What identifies a corpus in a cache key and a manifest: its settings and, for a local file, its content hash
+    (a hub data set is named by path, configuration, split and revision)."""
+    record = {k: v for k, v in asdict(spec).items() if k != "data_files" or v is not None}
+    record["path"] = str(spec.path)
+    if spec.format != "hub" and Path(spec.path).is_file():
+        record["sha256"] = file_sha256(Path(spec.path))
+    return record
+
+
+def _text_inputs(data: DataConfig) -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "tc": [source_record(s) for s in data.tc],
+        "en": [source_record(s) for s in data.en],
+        "dedup": asdict(data.dedup) if data.dedup is not None else None,
+        "split_seed": data.split_seed,
+        "dev_fraction": data.val_fraction,
+        "test_fraction": data.test_fraction,
+        "shard_docs": data.prepare.shard_docs,
+    }
+
+
+def _write_jsonl_gz(path: Path, texts: Sequence[str]) -> None:
+    def write(f: io.BufferedIOBase) -> None:
+        # mtime=0: the same texts give the same bytes, so a resumed prepare's hashes equal an uninterrupted one's
+        with gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+            for text in texts:
+                gz.write((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    write_atomically(path, write)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class _SourceCounts:
+    read: int = 0  # documents streamed from the corpus (the resume point)
+    kept: int = 0  # after dedup
+    dedup_exact: int = 0
+    dedup_near: int = 0
+    grouped: int = 0  # documents sent to a near-duplicate's split rather than their own hash's
+    docs: dict | None = None  # per split
+    chars: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.docs = self.docs or dict.fromkeys(SPLITS, 0)
+        self.chars = self.chars or dict.fromkeys(SPLITS, 0)
+
+    def add(self, split: str, text: str, sign: int = 1) -> None:
+        self.docs[split] += sign
+        self.chars[split] += sign * len(text)
+
+
+@dataclass
+class _TextState:
+    """Where one language's text step stands: the resume point, written after each flushed shard."""
+
+    source: int = 0  # index of the corpus being read
+    counts: list | None = None  # a _SourceCounts per corpus finished or under way
+    dedup: Deduplicator | None = None  # one per language: a copy in another corpus is a copy too
+    held: dict | None = None  # this corpus's dev/test documents, written when it ends (a few % of it)
+    shards: int = 0  # train shards written for this corpus
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or []
+        self.held = self.held or {"dev": [], "test": []}
+
+
+def _save(path: Path, state: Any) -> None:
+    write_atomically(path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _text_source(
+    data: DataConfig, spec: CorpusConfig, state: _TextState, state_path: Path, out: Path, workers: int
+) -> None:
+    """One corpus of the language: from its resume point to its end, a state save after each train shard."""
+    if len(state.counts) <= state.source:
+        state.counts.append(_SourceCounts())
+    counts: _SourceCounts = state.counts[state.source]
+    for stale in out.glob("train-*.jsonl.gz"):  # written after the last state save: written again below
+        if int(stale.name[len("train-") : -len(".jsonl.gz")]) >= state.shards:
+            stale.unlink()
+    train: list[str] = []
+
+    def flush(finished: bool) -> None:
+        if train:
+            _write_jsonl_gz(out / f"train-{state.shards:05d}.jsonl.gz", train)
+            state.shards += 1
+            train.clear()
+        if finished:
+            for split in ("dev", "test"):
+                _write_jsonl_gz(out / f"{split}.jsonl.gz", state.held[split])
+            state.held, state.shards, state.source = {"dev": [], "test": []}, 0, state.source + 1
+        _save(state_path, state)
+
+    def remaining() -> Iterator[str]:
+        for n, doc in enumerate(_documents(spec)):
+            if n >= counts.read:  # resumed: the documents before the checkpoint were taken already
+                yield doc
+
+    shard_docs = data.prepare.shard_docs
+    batches = _batched(remaining(), data.prepare.batch_docs)
+    # the workers fingerprint with a Deduplicator of the same settings but no index: the index stays here
+    fingerprinter = Deduplicator(state.dedup.cfg, state.dedup.seed) if state.dedup is not None else None
+    worker_state = {"converter": _converter(spec), "fingerprinter": fingerprinter}
+    fingerprints = _map_ordered(_fingerprint_batch, batches, workers, worker_state)
+    for fp in (fp for batch in fingerprints for fp in batch):
+        if spec.max_docs is not None and counts.kept >= spec.max_docs:
+            break
+        counts.read += 1
+        copy = state.dedup.check(fp.digest, fp.minhash) if state.dedup is not None else None
+        if copy is not None:
+            setattr(counts, f"dedup_{copy}", getattr(counts, f"dedup_{copy}") + 1)
+            continue
+        counts.kept += 1
+        own = split_of(fp.text, data.split_seed, data.val_fraction, data.test_fraction)
+        split = (state.dedup.group_split(fp.minhash) if state.dedup is not None else None) or own
+        counts.grouped += split != own
+        if state.dedup is not None:
+            state.dedup.assign(fp.minhash, split)
+        counts.add(split, fp.text)
+        (train if split == "train" else state.held[split]).append(fp.text)
+        # the first shard waits (up to 4x) for a dev document: a tiny corpus falls back to its train text
+        if len(train) >= shard_docs and (state.shards or state.held["dev"] or len(train) >= 4 * shard_docs):
+            flush(False)
+    if counts.kept == 0:
+        why = " after deduplication" if counts.read else ""
+        raise CorpusError(f"{spec.path}: corpus is empty{why} (no non-blank documents)")
+    if not state.held["dev"] and counts.kept > 1:
+        if state.shards:
+            raise CorpusError(f"{spec.path}: no document fell in the dev split; raise data.val_fraction")
+        # tiny corpora: still hold out one document, the train document with the smallest hash
+        fallback = min(train, key=lambda t: _unit_hash(t, data.split_seed))
+        train.remove(fallback)
+        state.held["dev"].append(fallback)
+        counts.add("train", fallback, -1)
+        counts.add("dev", fallback)
+    flush(True)
+
+
+def _text_language(data: DataConfig, lang: str, root: Path, workers: int) -> dict:
+    specs: list[CorpusConfig] = getattr(data, lang)
+    state_path = root / lang / STATE
+    if state_path.is_file():
+        state: _TextState = pickle.loads(state_path.read_bytes())
+    else:
+        state = _TextState(dedup=make_deduplicator(data.dedup))
+    while not state.done and state.source < len(specs):
+        _text_source(data, specs[state.source], state, state_path, root / lang / f"{state.source:03d}", workers)
+    state.done = True
+    _save(state_path, state)
+    sources = [
+        {**source_record(spec), **{k: v for k, v in asdict(c).items() if k != "read"}, "read": c.read}
+        for spec, c in zip(specs, state.counts)
+    ]
+    return {"sources": sources}
+
+
+@dataclass(frozen=True)
+class PreparedText:
+    """A finished text directory: per language and split, its shard files in order (``manifest``: what it holds)."""
+
+    root: Path
+    manifest: dict
+
+    def files(self, lang: str, split: str) -> list[Path]:
+        return [self.root / f for f in self.manifest["files"][lang][split]]
+
+    def documents(self, lang: str, split: str) -> Iterator[str]:
+        """The split's documents in corpus order (one corpus after another), streamed from disk."""
+        for path in self.files(lang, split):
+            for _, record in read_jsonl(path):
+                yield record["text"]
+
+    def documents_by_source(self, lang: str, split: str) -> list[Iterator[str]]:
+        """One stream per corpus (what a per-corpus cap such as ``max_val_chars`` needs)."""
+        n = len(self.manifest["languages"][lang]["sources"])
+        return [self._source_docs(lang, split, i) for i in range(n)]
+
+    def _source_docs(self, lang: str, split: str, i: int) -> Iterator[str]:
+        for path in self.files(lang, split):
+            if path.parent.name == f"{i:03d}":
+                for _, record in read_jsonl(path):
+                    yield record["text"]
+
+
+def prepare_text(data: DataConfig, cache_dir: str | os.PathLike, *, workers: int | None = None) -> PreparedText:
+    """Step 1 for ``data`` (cached): converted, deduplicated text split into train/dev/test shards per language."""
+    expect_config(data, DataConfig, "prepare_text(data)")
+    workers = data.prepare.workers if workers is None else workers
+    inputs = _text_inputs(data)
+    root = Path(cache_dir) / "prepared_text" / cache_key(inputs)
+    with computed_once(root):
+        if not (root / MANIFEST).is_file():
+            log.info("preparing text in %s (%d worker%s)", root, workers, "" if workers == 1 else "s")
+            languages = {lang: _text_language(data, lang, root, workers) for lang in LANGUAGES if getattr(data, lang)}
+            files = {
+                lang: {
+                    split: sorted(
+                        str(p.relative_to(root))
+                        for p in (root / lang).glob(f"*/{split}*.jsonl.gz")
+                        if split != "train" or p.name.startswith("train-")
+                    )
+                    for split in SPLITS
+                }
+                for lang in languages
+            }
+            manifest = {
+                "inputs": inputs,
+                "languages": languages,
+                "files": files,
+                "sha256": {f: file_sha256(root / f) for lang in files.values() for fs in lang.values() for f in fs},
+            }
+            write_json_atomically(root / MANIFEST, manifest)
+            for lang in languages:
+                (root / lang / STATE).unlink(missing_ok=True)
+    return PreparedText(root, json.loads((root / MANIFEST).read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# step 2: tokens
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """SHA-256 of the fast tokenizer's full serialisation (vocabulary, merges, normaliser, added tokens)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def _tokenize_batch(docs: list[str]) -> list[np.ndarray]:
+    return tokenize_documents(_WORKER_STATE["tokenizer"], docs)
+
+
+def row_dtype(vocab_size: int) -> np.dtype:
+    """uint16 rows where every id fits (Llama 2's 32k and its ~60k extension), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+@dataclass
+class _TokenState:
+    docs: int = 0  # train documents consumed
+    carry: np.ndarray | None = None  # tokens after the last whole row
+    rows: int = 0
+    shards: int = 0
+    done: bool = False
+
+
+def _token_language(
+    docs: Callable[[], Iterator[str]], root: Path, tokenizer: Any, seq_len: int, rows_per_shard: int, workers: int
+) -> dict:
+    state_path = root / STATE
+    state: _TokenState = pickle.loads(state_path.read_bytes()) if state_path.is_file() else _TokenState()
+    for stale in root.glob("train-*.npy"):
+        if int(stale.name[6:11]) >= state.shards:
+            stale.unlink()
+    bos, eos = special_token_ids(tokenizer)
+    dtype = row_dtype(len(tokenizer))
+    pending: list[np.ndarray] = [] if state.carry is None else [state.carry]
+    pending_len = 0 if state.carry is None else len(state.carry)
+    shard_tokens = rows_per_shard * seq_len
+
+    def flush(final: bool) -> None:
+        nonlocal pending, pending_len
+        stream = np.concatenate(pending) if pending else np.empty(0, dtype=np.int64)
+        whole = shard_tokens if not final else (len(stream) // seq_len) * seq_len
+        if whole:
+            rows = stream[:whole].reshape(-1, seq_len).astype(dtype)
+            write_atomically(root / f"train-{state.shards:05d}.npy", lambda f: np.save(f, rows, allow_pickle=False))
+            state.shards += 1
+            state.rows += len(rows)
+        rest = stream[whole:]
+        pending, pending_len = ([rest] if len(rest) else []), len(rest)
+        state.carry = rest.copy() if not final else None
+        state.done = final
+        write_atomically(state_path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def remaining() -> Iterator[str]:
+        for n, doc in enumerate(docs()):
+            if n >= state.docs:
+                yield doc
+
+    if not state.done:
+        batches = _batched(remaining(), 256)
+        for ids in _map_ordered(_tokenize_batch, batches, workers, {"tokenizer": tokenizer}):
+            for doc in ids:
+                state.docs += 1
+                pending.append(np.array([bos], dtype=np.int64))
+                pending.append(doc.astype(np.int64))
+                pending.append(np.array([eos], dtype=np.int64))
+                pending_len += len(doc) + 2
+                if pending_len >= shard_tokens:
+                    flush(False)
+        flush(True)
+    if state.rows == 0:
+        raise ValueError(
+            f"training text is too small to pack: {state.docs} documents make no row of seq_len={seq_len} tokens"
+        )
+    files = sorted(p.name for p in root.glob("train-*.npy"))
+    return {"documents": state.docs, "rows": state.rows, "files": files}
+
+
+@dataclass(frozen=True)
+class PreparedTokens:
+    """A finished token-shard directory: ``<lang>/train-NNNNN.npy`` rows of ``seq_len`` ids per language."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    def files(self, lang: str) -> list[Path]:
+        return [self.root / lang / f for f in self.manifest["languages"][lang]["files"]]
+
+
+def prepare_tokens(
+    train_text: dict[str, Callable[[], Iterator[str]]],
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    cache_dir: str | os.PathLike,
+    text_key: str,
+    workers: int = 1,
+    shard_tokens: int = 1 << 24,
+) -> PreparedTokens:
+    """Step 2 (cached by ``text_key``, the tokenizer's hash and ``seq_len``): each language's training documents
+    (``train_text[lang]()`` streams them, in order) tokenized and packed into ``.npy`` shards of rows."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    rows_per_shard = max(1, shard_tokens // seq_len)
+    inputs = {
+        "format": FORMAT_VERSION,
+        "text": text_key,
+        "tokenizer": tokenizer_hash(tokenizer),
+        "seq_len": seq_len,
+        "rows_per_shard": rows_per_shard,
+        "languages": sorted(train_text),
+    }
+    root = Path(cache_dir) / "token_shards" / cache_key(inputs)
+    with computed_once(root):
+        if not (root / MANIFEST).is_file():
+            log.info("tokenizing and packing into %s (%d worker%s)", root, workers, "" if workers == 1 else "s")
+            languages = {}
+            for lang in sorted(train_text):
+                (root / lang).mkdir(parents=True, exist_ok=True)
+                languages[lang] = _token_language(
+                    train_text[lang], root / lang, tokenizer, seq_len, rows_per_shard, workers
+                )
+            manifest = {
+                **inputs,
+                "dtype": row_dtype(len(tokenizer)).name,
+                "vocab_size": len(tokenizer),
+                "bos_eos": list(special_token_ids(tokenizer)),
+                "languages": languages,
+                "sha256": {
+                    f"{lang}/{f}": file_sha256(root / lang / f) for lang, v in languages.items() for f in v["files"]
+                },
+            }
+            write_json_atomically(root / MANIFEST, manifest)
+            for lang in languages:
+                (root / lang / STATE).unlink(missing_ok=True)
+    return PreparedTokens(root, json.loads((root / MANIFEST).read_text()))
+
+
+def texts_key(texts: dict[str, Sequence[str]]) -> str:
+    """A cache key for in-memory training texts (the data module built from lists, as tests and benchmarks do)."""
+    digest = hashlib.sha256()
+    for lang in sorted(texts):
+        digest.update(lang.encode())
+        for text in texts[lang]:
+            digest.update(hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest())
+    return "texts-" + digest.hexdigest()[:24]
+
+
+def prepared_counts(text: PreparedText) -> dict:
+    """Per language: documents and characters per split, documents dedup removed (the numbers a run reports)."""
+    out = {}
+    for lang, info in text.manifest["languages"].items():
+        sources = info["sources"]
+        out[lang] = {
+            "docs": {s: sum(src["docs"][s] for src in sources) for s in SPLITS},
+            "chars": {s: sum(src["chars"][s] for src in sources) for s in SPLITS},
+            "dedup_removed": sum(src["dedup_exact"] + src["dedup_near"] for src in sources),
+        }
+    return out
