@@ -33,8 +33,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Speed and memory against transformers Trainer + peft, init and tokenizer speed (~35 min at one thread); JSON also in
-# outputs/bench/
+# Speed and memory against transformers Trainer + peft, init, tokenizer and prepare-stage speed (~55 min at one
+# thread); JSON also in outputs/bench/
 # One thread by default: on a shared machine more threads slow everyone (set BENCH_THREADS to change).
 BENCH_THREADS ?= 1
 bench: $(STAMP)

@@ -1,14 +1,15 @@
 """Prepare-stage throughput and memory (``bailong/data/prepare.py``), and a kill/rerun check, as JSON on stdout.
 
-    OMP_NUM_THREADS=1 python benchmarks/prepare_speed.py [--scales 1 10] [--workers 1 2]
+    OMP_NUM_THREADS=1 python benchmarks/prepare_speed.py [--scales 1 10] [--workers 1 2] [--dedup near off]
 
 - corpora: the data pack's TC and EN files, and the same pack repeated ``scale`` times with a per-copy change that
   dedup cannot undo (copy ``c`` shifts every Han character's code point by ``c`` within the CJK block and every
   Latin letter by ``c`` places: same lengths and statistics, no shared shingles), so a 10x corpus is 10x the work;
-- each (scale, workers) point prepares text (convert, exact + MinHash dedup at 0.8, split) and token shards (the
-  mini base's tokenizer, rows of 256) in a fresh process with an empty cache, and reports characters per second
-  per step and the peak RSS of the parent and of its worker processes (``ru_maxrss``): memory flat in the corpus
-  size means the stage holds no corpus;
+- each (dedup, scale, workers) point prepares text (convert, dedup: exact + MinHash at 0.8 as the hub configs,
+  or off as the data pack; split) and token shards (the mini base's tokenizer, rows of 256) in a fresh process
+  with an empty cache, and reports characters per second per step and the peak RSS of the parent and of its
+  worker processes (``ru_maxrss``): memory flat in the corpus size means the stage holds no corpus; with MinHash
+  on, the LSH index grows with the documents kept;
 - kill/rerun: the largest corpus is prepared in a process killed (SIGKILL) once its text state file shows a few
   shards written, then prepared again; the manifest's file hashes are compared with an uninterrupted prepare's.
 """
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, run_worker  # noqa: E402
+from common import ROOT, machine, reset_peak_rss, run_worker, window_peak_rss_mib  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 PACK = {
@@ -71,33 +72,45 @@ def write_corpus(directory: Path, scale: int) -> dict[str, Path]:
     return files
 
 
-def data_config(files: dict[str, str], workers: int):
+DEDUP = {
+    "near": {"exact": True, "near": 0.8},  # what the hub configs run
+    "exact": {"exact": True, "near": None},
+    "off": {"exact": False, "near": None},  # the data pack's default
+}
+
+
+def data_config(files: dict[str, str], workers: int, dedup: str):
     from bailong.data.config import CorpusConfig, DataConfig, DedupConfig, PrepareConfig
 
     return DataConfig(
         tc=[CorpusConfig(path=files["tc"])],
         en=[CorpusConfig(path=files["en"])],
-        dedup=DedupConfig(exact=True, near=0.8),
+        dedup=DedupConfig(**DEDUP[dedup]),
         prepare=PrepareConfig(workers=workers),
     )
 
 
-def worker(files: dict[str, str], workers: int, cache: str, tokens: bool) -> dict:
+def worker(files: dict[str, str], workers: int, cache: str, tokens: bool, dedup: str) -> dict:
     """One prepare in this process: both steps timed, peak RSS of this process and of its pool."""
-    from bailong.data.prepare import prepare_counts, prepare_text, prepare_tokens
+    from bailong.data.prepare import prepare_text, prepare_tokens, prepared_counts
     from bailong.tokenization.extend import load_tokenizer
 
-    data = data_config(files, workers)
+    data = data_config(files, workers, dedup)
+    before = window_peak_rss_mib()  # the libraries, before any text
+    reset_peak_rss()
     t0 = time.perf_counter()
     text = prepare_text(data, cache)
     text_s = time.perf_counter() - t0
-    counts = prepare_counts(text)
+    text_peak = window_peak_rss_mib()
+    counts = prepared_counts(text)
     chars = sum(sum(c["chars"].values()) for c in counts.values())
     train_chars = sum(c["chars"]["train"] for c in counts.values())
     result = {
         "chars": chars,
         "docs": sum(sum(c["docs"].values()) for c in counts.values()),
         "dedup_removed": sum(c["dedup_removed"] for c in counts.values()),
+        "imports_rss_mib": before,
+        "text_peak_rss_mib": text_peak,
         "text_seconds": round(text_s, 2),
         "text_chars_per_sec": round(chars / text_s),
         "text_sha256": text.manifest["sha256"],
@@ -105,6 +118,7 @@ def worker(files: dict[str, str], workers: int, cache: str, tokens: bool) -> dic
     if tokens:
         tok = load_tokenizer(ROOT / "models" / "mini-base")
         texts = {lang: (lambda lang=lang: text.documents(lang, "train")) for lang in ("tc", "en")}
+        reset_peak_rss()
         t0 = time.perf_counter()
         shards = prepare_tokens(texts, tok, seq_len=256, cache_dir=cache, text_key=text.root.name, workers=workers)
         tokens_s = time.perf_counter() - t0
@@ -112,15 +126,16 @@ def worker(files: dict[str, str], workers: int, cache: str, tokens: bool) -> dic
             tokens_seconds=round(tokens_s, 2),
             tokens_train_chars_per_sec=round(train_chars / tokens_s),
             rows=sum(v["rows"] for v in shards.manifest["languages"].values()),
+            tokens_peak_rss_mib=window_peak_rss_mib(),
         )
-    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["process_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result["workers_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     return result
 
 
-def kill_and_rerun(files: dict[str, str], cache: Path, reference: dict) -> dict:
+def kill_and_rerun(files: dict[str, str], cache: Path, reference: dict, dedup: str) -> dict:
     """Prepare text in a process SIGKILLed after a few shards, then again: the same files as ``reference``."""
-    args = [sys.executable, str(SCRIPT), "--worker", json.dumps(files), "1", str(cache), "0"]
+    args = [sys.executable, str(SCRIPT), "--worker", json.dumps(files), "1", str(cache), "0", dedup]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started, killed_at = time.perf_counter(), None
     while proc.poll() is None and time.perf_counter() - started < 900:
@@ -134,7 +149,7 @@ def kill_and_rerun(files: dict[str, str], cache: Path, reference: dict) -> dict:
     proc.wait()
     if killed_at is None:
         return {"error": "the prepare ended before three shards were written: nothing was killed"}
-    rerun = run_worker(SCRIPT, ["--worker", json.dumps(files), "1", str(cache), "0"], timeout=1800)
+    rerun = run_worker(SCRIPT, args[2:], timeout=1800)
     return {
         "killed_after_train_shards": killed_at,
         "rerun_seconds": rerun["text_seconds"],
@@ -147,28 +162,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--dedup", nargs="+", choices=sorted(DEDUP), default=["near", "off"])
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        files, workers, cache, tokens = args.worker
-        print(json.dumps(worker(json.loads(files), int(workers), cache, tokens == "1")))
+        files, workers, cache, tokens, dedup = args.worker
+        print(json.dumps(worker(json.loads(files), int(workers), cache, tokens == "1", dedup)))
         return
 
     result = {"benchmark": "prepare_speed", "machine": machine(), "points": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpora = {scale: write_corpus(tmp, scale) for scale in args.scales}
-        for scale in args.scales:
-            for workers in args.workers:
-                files = {k: str(v) for k, v in corpora[scale].items()}
-                cache = tmp / f"cache_x{scale}_w{workers}"
-                point = run_worker(SCRIPT, ["--worker", json.dumps(files), str(workers), str(cache), "1"], 3600)
-                point.update(scale=scale, workers=workers, load_average_1m=round(os.getloadavg()[0], 2))
-                result["points"].append(point)
-        largest = max(args.scales)
+        for dedup in args.dedup:
+            for scale in args.scales:
+                for workers in args.workers:
+                    files = {k: str(v) for k, v in corpora[scale].items()}
+                    cache = tmp / f"cache_{dedup}_x{scale}_w{workers}"
+                    point = run_worker(
+                        SCRIPT, ["--worker", json.dumps(files), str(workers), str(cache), "1", dedup], 3600
+                    )
+                    point.update(
+                        dedup=dedup, scale=scale, workers=workers, load_average_1m=round(os.getloadavg()[0], 2)
+                    )
+                    result["points"].append(point)
+        largest, dedup = max(args.scales), args.dedup[0]
         files = {k: str(v) for k, v in corpora[largest].items()}
-        reference = next(p for p in result["points"] if p["scale"] == largest)["text_sha256"]
-        result["kill_and_rerun"] = {"scale": largest, **kill_and_rerun(files, tmp / "cache_killed", reference)}
+        reference = next(p for p in result["points"] if p["scale"] == largest and p["dedup"] == dedup)["text_sha256"]
+        killed = kill_and_rerun(files, tmp / "cache_killed", reference, dedup)
+        result["kill_and_rerun"] = {"scale": largest, "dedup": dedup, **killed}
     for point in result["points"]:
         point.pop("text_sha256")
     print(json.dumps(result, indent=2))

@@ -321,3 +321,49 @@ def test_near_duplicate_variants_share_a_split(tmp_path):
     assert first == second == split_of(poem, 0, 0.3, 0.3) and src["grouped"] == 1 and src["kept"] == 2
     first, second, src = splits(None)
     assert first != second and src["grouped"] == 0
+
+
+def test_documents_longer_than_a_shard_fill_several(prepared, tokenizer, tmp_path):
+    bos, eos = special_token_ids(tokenizer)
+    docs = [d for d in prepared.documents("tc", "train") if len(d) > 400][:5]
+    texts = {"tc": lambda: iter(docs)}
+    shards = prepare_tokens(texts, tokenizer, seq_len=16, cache_dir=tmp_path, text_key="long", shard_tokens=64)
+    rows = np.concatenate([np.load(f) for f in shards.files("tc")])
+    expected = pack_documents(tokenize_documents(tokenizer, docs), 16, bos, eos).numpy()
+    assert len(shards.files("tc")) > 2 * len(docs) and np.array_equal(rows.astype(np.int32), expected)
+    assert shards.manifest["languages"]["tc"]["shard_rows"] == [len(np.load(f)) for f in shards.files("tc")]
+
+
+def test_the_prepare_stage_leaves_what_the_training_run_reads(tmp_path):
+    """``stage=prepare`` writes text and token shards to the cache and reports them; the training run's data module,
+    built from the same config and cache, streams those very shards (it prepares nothing)."""
+    from omegaconf import OmegaConf
+
+    from bailong.config import compose_config
+    from bailong.data.pretrain import PretrainDataModule
+    from bailong.stages import run
+    from bailong.stages.common import build_tokenizers
+
+    overrides = [
+        "stage=prepare",
+        "tokenizer.added_vocab=0",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "data.tc_sample_docs=50",
+        *[f"data.tc.{i}.max_docs=200" for i in range(3)],
+        *[f"data.en.{i}.max_docs=200" for i in range(2)],
+    ]
+    cfg = compose_config(overrides, tmp_path / "run")
+    metrics = run(cfg)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    assert metrics["data/tc_sample_docs"] == 50 and metrics["data/tc_sample_of_docs"] == metrics["data/tc_train_docs"]
+    assert metrics["data/tc_train_docs"] + metrics["data/tc_dev_docs"] + metrics["data/tc_test_docs"] == 600
+    token_dir = Path(metrics["data/token_dir"])
+    assert (token_dir / MANIFEST).is_file() and (Path(metrics["data/text_dir"]) / MANIFEST).is_file()
+    stamp = (token_dir / MANIFEST).stat().st_mtime_ns
+    splits = load_splits(OmegaConf.to_object(cfg.data), cfg.paths.cache_dir)
+    _, _, _, tok = build_tokenizers(cfg, splits)
+    dm = PretrainDataModule.from_config(
+        tok, OmegaConf.to_object(cfg.data), seed=cfg.seed, splits=splits, cache_dir=cfg.paths.cache_dir
+    )
+    assert dm.stream.prepared.root == token_dir and (token_dir / MANIFEST).stat().st_mtime_ns == stamp
+    assert len(dm.stream.rows["tc"]) == metrics["data/tc_rows"]

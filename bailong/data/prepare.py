@@ -52,7 +52,7 @@ LANGUAGES = ("tc", "en")
 SPLITS = ("train", "dev", "test")
 MANIFEST = "manifest.json"
 STATE = "state.pkl"  # the resume point of an unfinished directory; gone once its manifest is written
-FORMAT_VERSION = 1  # bumped when the files' layout or content changes: old cache entries are then not reused
+FORMAT_VERSION = 2  # bumped when the files' layout or content changes: old cache entries are then not reused
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,33 +387,44 @@ class _TokenState:
 
 
 def _token_language(
-    docs: Callable[[], Iterator[str]], root: Path, tokenizer: Any, seq_len: int, rows_per_shard: int, workers: int
+    docs: Callable[[], Iterator[str]],
+    root: Path,
+    tokenizer: Any,
+    seq_len: int,
+    rows_per_shard: int,
+    workers: int,
+    batch_docs: int,
 ) -> dict:
     state_path = root / STATE
     state: _TokenState = pickle.loads(state_path.read_bytes()) if state_path.is_file() else _TokenState()
-    for stale in root.glob("train-*.npy"):
-        if int(stale.name[6:11]) >= state.shards:
+    for stale in root.glob("train-*.npy"):  # written after the last state save: written again below
+        if int(stale.name[len("train-") : -len(".npy")]) >= state.shards:
             stale.unlink()
     bos, eos = special_token_ids(tokenizer)
     dtype = row_dtype(len(tokenizer))
-    pending: list[np.ndarray] = [] if state.carry is None else [state.carry]
-    pending_len = 0 if state.carry is None else len(state.carry)
     shard_tokens = rows_per_shard * seq_len
+    # one shard's tokens in a preallocated buffer (int32: ids of any vocabulary), plus room for one document's
+    # overflow, which grows it only for a document longer than a shard: memory is a shard, whatever the corpus
+    buffer = np.empty(2 * shard_tokens, dtype=np.int32)
+    filled = 0
+    if state.carry is not None:
+        buffer[: len(state.carry)] = state.carry
+        filled = len(state.carry)
 
     def flush(final: bool) -> None:
-        nonlocal pending, pending_len
-        stream = np.concatenate(pending) if pending else np.empty(0, dtype=np.int64)
-        whole = shard_tokens if not final else (len(stream) // seq_len) * seq_len
+        nonlocal buffer, filled
+        whole = shard_tokens if not final else (filled // seq_len) * seq_len
         if whole:
-            rows = stream[:whole].reshape(-1, seq_len).astype(dtype)
+            rows = buffer[:whole].reshape(-1, seq_len).astype(dtype)
             write_atomically(root / f"train-{state.shards:05d}.npy", lambda f: np.save(f, rows, allow_pickle=False))
             state.shards += 1
             state.rows += len(rows)
-        rest = stream[whole:]
-        pending, pending_len = ([rest] if len(rest) else []), len(rest)
-        state.carry = rest.copy() if not final else None
+        rest = filled - whole
+        buffer[:rest] = buffer[whole:filled]
+        filled = rest
+        state.carry = buffer[:rest].copy() if not final else None
         state.done = final
-        write_atomically(state_path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
+        _save(state_path, state)
 
     def remaining() -> Iterator[str]:
         for n, doc in enumerate(docs()):
@@ -421,15 +432,18 @@ def _token_language(
                 yield doc
 
     if not state.done:
-        batches = _batched(remaining(), 256)
+        batches = _batched(remaining(), batch_docs)
         for ids in _map_ordered(_tokenize_batch, batches, workers, {"tokenizer": tokenizer}):
             for doc in ids:
                 state.docs += 1
-                pending.append(np.array([bos], dtype=np.int64))
-                pending.append(doc.astype(np.int64))
-                pending.append(np.array([eos], dtype=np.int64))
-                pending_len += len(doc) + 2
-                if pending_len >= shard_tokens:
+                need = filled + len(doc) + 2
+                if need > len(buffer):
+                    buffer = np.concatenate([buffer[:filled], np.empty(need - filled, dtype=np.int32)])
+                buffer[filled] = bos
+                buffer[filled + 1 : need - 1] = doc
+                buffer[need - 1] = eos
+                filled = need
+                while filled >= shard_tokens:  # a document longer than a shard fills several
                     flush(False)
         flush(True)
     if state.rows == 0:
@@ -437,7 +451,8 @@ def _token_language(
             f"training text is too small to pack: {state.docs} documents make no row of seq_len={seq_len} tokens"
         )
     files = sorted(p.name for p in root.glob("train-*.npy"))
-    return {"documents": state.docs, "rows": state.rows, "files": files}
+    shard_rows = [int(np.load(root / f, mmap_mode="r").shape[0]) for f in files]
+    return {"documents": state.docs, "rows": state.rows, "files": files, "shard_rows": shard_rows}
 
 
 @dataclass(frozen=True)
@@ -464,6 +479,7 @@ def prepare_tokens(
     text_key: str,
     workers: int = 1,
     shard_tokens: int = 1 << 24,
+    batch_docs: int = 256,
 ) -> PreparedTokens:
     """Step 2 (cached by ``text_key``, the tokenizer's hash and ``seq_len``): each language's training documents
     (``train_text[lang]()`` streams them, in order) tokenized and packed into ``.npy`` shards of rows."""
@@ -486,7 +502,7 @@ def prepare_tokens(
             for lang in sorted(train_text):
                 (root / lang).mkdir(parents=True, exist_ok=True)
                 languages[lang] = _token_language(
-                    train_text[lang], root / lang, tokenizer, seq_len, rows_per_shard, workers
+                    train_text[lang], root / lang, tokenizer, seq_len, rows_per_shard, workers, batch_docs
                 )
             manifest = {
                 **inputs,

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bailong.cache import default_cache_dir
-from bailong.data.config import DataConfig, expect_config
+from bailong.data.config import DataConfig, PrepareConfig, expect_config
 from bailong.data.packing import special_token_ids
 from bailong.data.prepare import PreparedText, prepare_tokens, texts_key
 from bailong.data.shards import MixedStream, StreamMix, StreamSampler
@@ -59,8 +59,7 @@ class PretrainDataModule(pl.LightningDataModule):
         max_val_chars: int | None = None,
         eval_stride: int | None = None,
         cache_dir: str | os.PathLike | None = None,
-        prepare_workers: int = 1,
-        shard_tokens: int = 1 << 24,
+        prepare: PrepareConfig | None = None,
     ) -> None:
         """Training text is ``tc_train``/``en_train`` (lists of documents) or a ``PreparedText`` passed as
         ``tc_train`` (its ``train`` split streamed from disk; ``en_train`` then None)."""
@@ -78,7 +77,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.seq_len, self.batch_size, self.tc_ratio, self.seed = seq_len, batch_size, tc_ratio, seed
         self.num_workers, self.eval_stride = num_workers, eval_stride
         self.cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
-        self.prepare_workers, self.shard_tokens = prepare_workers, shard_tokens
+        self.prepare = prepare if prepare is not None else PrepareConfig()
         needed = [lang for lang, share in (("tc", tc_ratio), ("en", 1 - tc_ratio)) if share > 0]
         if isinstance(tc_train, PreparedText):
             text = tc_train
@@ -129,8 +128,7 @@ class PretrainDataModule(pl.LightningDataModule):
             seed=seed,
             num_workers=data.num_workers,
             cache_dir=cache_dir,
-            prepare_workers=data.prepare.workers,
-            shard_tokens=data.prepare.shard_tokens,
+            prepare=data.prepare,
         )
 
     # -- building (lazy, once) ----------------------------------------------------------------------
@@ -149,8 +147,9 @@ class PretrainDataModule(pl.LightningDataModule):
             seq_len=self.seq_len,
             cache_dir=self.cache_dir,
             text_key=self._text_key,
-            workers=self.prepare_workers,
-            shard_tokens=self.shard_tokens,
+            workers=self.prepare.workers,
+            shard_tokens=self.prepare.shard_tokens,
+            batch_docs=self.prepare.batch_docs,
         )
         self._stream = MixedStream(prepared, self.tc_ratio, self.seed)
         if self._stream.samples_per_pass() < self.batch_size:
