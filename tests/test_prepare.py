@@ -228,7 +228,7 @@ def test_ranks_read_disjoint_shares_that_cover_the_stream(token_shards):
     shares = [list(StreamSampler(stream, 4, num_replicas=2, rank=r)) for r in range(2)]
     assert not set(shares[0]) & set(shares[1])
     assert sorted(shares[0] + shares[1]) == sorted(one) == list(range(len(one)))
-    # batch b of rank r: the r-th quarter... of global batch b, so the two ranks' batch b is the one process's batch b
+    # batch b of rank r is the r-th half of global batch b: together, the one process's batch b
     for b in range(len(one) // 8):
         assert sorted(shares[0][4 * b : 4 * b + 4] + shares[1][4 * b : 4 * b + 4]) == one[8 * b : 8 * b + 8]
 
