@@ -1,7 +1,6 @@
 """The prepare stage: corpora → converted, deduplicated, split text shards → tokenized, packed token shards.
 
     python run.py stage=prepare data=hub_bailong_mix data.prepare.workers=16   # once, before training
-    python -m bailong.data.prepare data=hub_bailong_mix                         # the same, without a run dir
 
 Two steps, each cached by a hash of its inputs under ``<cache_dir>/prepared_text/<key>`` and
 ``<cache_dir>/token_shards/<key>`` (a sweep's jobs and a job's ranks prepare once and read the same files):
@@ -33,13 +32,13 @@ import os
 import pickle
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bailong.cache import cache_key, computed_once
+from bailong.cache import cache_key, computed_once, hash_texts
 from bailong.data.config import CorpusConfig, DataConfig, expect_config
 from bailong.data.corpus import CorpusError, _converter, _documents, _unit_hash, read_jsonl
 from bailong.data.dedup import Deduplicator, make_deduplicator
@@ -180,12 +179,8 @@ class _SourceCounts:
     dedup_exact: int = 0
     dedup_near: int = 0
     grouped: int = 0  # documents sent to a near-duplicate's split rather than their own hash's
-    docs: dict | None = None  # per split
-    chars: dict | None = None
-
-    def __post_init__(self) -> None:
-        self.docs = self.docs or dict.fromkeys(SPLITS, 0)
-        self.chars = self.chars or dict.fromkeys(SPLITS, 0)
+    docs: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))  # per split
+    chars: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
 
     def add(self, split: str, text: str, sign: int = 1) -> None:
         self.docs[split] += sign
@@ -197,15 +192,12 @@ class _TextState:
     """Where one language's text step stands: the resume point, written after each flushed shard."""
 
     source: int = 0  # index of the corpus being read
-    counts: list | None = None  # a _SourceCounts per corpus finished or under way
+    counts: list = field(default_factory=list)  # a _SourceCounts per corpus finished or under way
     dedup: Deduplicator | None = None  # one per language: a copy in another corpus is a copy too
-    held: dict | None = None  # this corpus's dev/test documents, written when it ends (a few % of it)
+    # this corpus's dev/test documents, written when it ends (a few % of it)
+    held: dict = field(default_factory=lambda: {"dev": [], "test": []})
     shards: int = 0  # train shards written for this corpus
     done: bool = False
-
-    def __post_init__(self) -> None:
-        self.counts = self.counts or []
-        self.held = self.held or {"dev": [], "test": []}
 
 
 def _save(path: Path, state: Any) -> None:
@@ -280,7 +272,8 @@ def _text_source(
     flush(True)
 
 
-def _text_language(data: DataConfig, lang: str, root: Path, workers: int) -> dict:
+def _text_language(data: DataConfig, lang: str, records: list[dict], root: Path, workers: int) -> dict:
+    """One language's corpora in order; its manifest entry: each corpus's record (``records``) and counts."""
     specs: list[CorpusConfig] = getattr(data, lang)
     state_path = root / lang / STATE
     if state_path.is_file():
@@ -291,11 +284,7 @@ def _text_language(data: DataConfig, lang: str, root: Path, workers: int) -> dic
         _text_source(data, specs[state.source], state, state_path, root / lang / f"{state.source:03d}", workers)
     state.done = True
     _save(state_path, state)
-    sources = [
-        {**source_record(spec), **{k: v for k, v in asdict(c).items() if k != "read"}, "read": c.read}
-        for spec, c in zip(specs, state.counts)
-    ]
-    return {"sources": sources}
+    return {"sources": [{**record, **asdict(c)} for record, c in zip(records, state.counts)]}
 
 
 @dataclass(frozen=True)
@@ -335,14 +324,15 @@ def prepare_text(data: DataConfig, cache_dir: str | os.PathLike, *, workers: int
     with computed_once(root):
         if not (root / MANIFEST).is_file():
             log.info("preparing text in %s (%d worker%s)", root, workers, "" if workers == 1 else "s")
-            languages = {lang: _text_language(data, lang, root, workers) for lang in LANGUAGES if getattr(data, lang)}
+            languages = {
+                lang: _text_language(data, lang, inputs[lang], root, workers)
+                for lang in LANGUAGES
+                if getattr(data, lang)
+            }
+            # train-NNNNN.jsonl.gz, dev.jsonl.gz, test.jsonl.gz per corpus folder
             files = {
                 lang: {
-                    split: sorted(
-                        str(p.relative_to(root))
-                        for p in (root / lang).glob(f"*/{split}*.jsonl.gz")
-                        if split != "train" or p.name.startswith("train-")
-                    )
+                    split: sorted(str(p.relative_to(root)) for p in (root / lang).glob(f"*/{split}*.jsonl.gz"))
                     for split in SPLITS
                 }
                 for lang in languages
@@ -522,12 +512,7 @@ def prepare_tokens(
 
 def texts_key(texts: dict[str, Sequence[str]]) -> str:
     """A cache key for in-memory training texts (the data module built from lists, as tests and benchmarks do)."""
-    digest = hashlib.sha256()
-    for lang in sorted(texts):
-        digest.update(lang.encode())
-        for text in texts[lang]:
-            digest.update(hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest())
-    return "texts-" + digest.hexdigest()[:24]
+    return "texts-" + cache_key({lang: hash_texts(list(docs)) for lang, docs in texts.items()})
 
 
 def prepared_counts(text: PreparedText) -> dict:

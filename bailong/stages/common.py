@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from bailong.cache import atomic_dir, cache_key, cached_json, computed_once, fingerprint, hash_texts
 from bailong.checks import check_config, check_output_dir
-from bailong.data.prepare import prepared_counts
+from bailong.data.prepare import SPLITS, prepared_counts
 from bailong.data.splits import Splits
 from bailong.embedding import global_rng_kept, resize_and_initialize, rows_depend_on
 from bailong.eval.evaluators import EvalContext, run_evaluators
@@ -179,7 +179,7 @@ def data_metrics(splits: Splits) -> dict:
     """Documents and characters per language and split as prepared, and the TC sample the tokenizer learnt from."""
     metrics = {"data/tc_sample_docs": len(splits.tc_train), "data/tc_sample_of_docs": splits.tc_train_seen}
     for lang, counts in prepared_counts(splits.prepared).items():
-        for split in ("train", "dev", "test"):
+        for split in SPLITS:
             metrics[f"data/{lang}_{split}_docs"] = counts["docs"][split]
             metrics[f"data/{lang}_{split}_chars"] = counts["chars"][split]
         metrics[f"data/{lang}_dedup_removed"] = counts["dedup_removed"]
