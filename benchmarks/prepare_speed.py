@@ -1,15 +1,15 @@
 """Prepare-stage throughput and memory (``bailong/data/prepare.py``), and a kill/rerun check, as JSON on stdout.
 
-    OMP_NUM_THREADS=1 python benchmarks/prepare_speed.py [--scales 1 10] [--workers 1 2] [--dedup near off]
+    OMP_NUM_THREADS=1 python benchmarks/prepare_speed.py [--scales 1 10] [--workers 1 2] [--dedup near datatrove off]
 
 - corpora: the data pack's TC and EN files, and the same pack repeated ``scale`` times with a per-copy change that
   dedup cannot undo (copy ``c`` shifts every Han character's code point by ``c`` within the CJK block and every
   Latin letter by ``c`` places: same lengths and statistics, no shared shingles), so a 10x corpus is 10x the work;
-- each (dedup, scale, workers) point prepares text (convert, dedup: exact + MinHash at 0.8 as the hub configs,
-  or off as the data pack; split) and token shards (the mini base's tokenizer, rows of 256) in a fresh process
-  with an empty cache, and reports characters per second per step and the peak RSS of the parent and of its
-  worker processes (``ru_maxrss``): memory flat in the corpus size means the stage holds no corpus; with MinHash
-  on, the LSH index grows with the documents kept;
+- each (dedup, scale, workers) point prepares text (convert, dedup: exact + MinHash at 0.8 in memory (near) or on
+  disk through datatrove as the hub configs, or off as the data pack; split) and token shards (the mini base's
+  tokenizer, rows of 256) in a fresh process with an empty cache, and reports characters per second per step
+  and the peak RSS of the parent and of its worker processes (``ru_maxrss``): memory flat in the corpus size
+  means the stage holds no corpus; with the in-memory MinHash the LSH index grows with the documents kept;
 - kill/rerun: the largest corpus is prepared in a process killed (SIGKILL) once its text state file shows a few
   shards written, then prepared again; the manifest's file hashes are compared with an uninterrupted prepare's.
 """
@@ -73,7 +73,8 @@ def write_corpus(directory: Path, scale: int) -> dict[str, Path]:
 
 
 DEDUP = {
-    "near": {"exact": True, "near": 0.8},  # what the hub configs run
+    "near": {"exact": True, "near": 0.8},  # the in-memory index (datasketch)
+    "datatrove": {"exact": True, "near": 0.8, "engine": "datatrove"},  # on disk: what the hub configs run
     "exact": {"exact": True, "near": None},
     "off": {"exact": False, "near": None},  # the data pack's default
 }
@@ -140,7 +141,7 @@ def kill_and_rerun(files: dict[str, str], cache: Path, reference: dict, dedup: s
     started, killed_at = time.perf_counter(), None
     while proc.poll() is None and time.perf_counter() - started < 900:
         states = list(cache.glob("prepared_text/*/tc/state.pkl"))
-        shards = list(cache.glob("prepared_text/*/tc/*/train-*.jsonl.gz"))
+        shards = list(cache.glob("prepared_text/*/tc/**/train-*.jsonl.gz"))  # final or datatrove's candidates
         if states and len(shards) >= 3:
             proc.send_signal(signal.SIGKILL)
             killed_at = len(shards)
@@ -162,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--dedup", nargs="+", choices=sorted(DEDUP), default=["near", "off"])
+    parser.add_argument("--dedup", nargs="+", choices=sorted(DEDUP), default=["datatrove", "near", "off"])
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -83,6 +83,49 @@ def test_rule_metrics_by_hand():
     assert m["bench/simplified_answer_rate"] == 0.5 and m["bench/n"] == 4.0
 
 
+def rule_rows(answers) -> list[dict]:
+    """Bench rows for ``(id, category, prompt language, expected language, answer)``, scored by the rules."""
+    return [
+        {"id": i, "category": c, "lang": lang, "expected_lang": exp, "prompt": "p", "answer": a, **rule_scores(a, exp)}
+        for i, c, lang, exp, a in answers
+    ]
+
+
+@pytest.mark.parametrize("penalty", [1.0, None])
+def test_a_wrong_language_answer_is_rated_down_whatever_the_judge_says(tmp_path, penalty):
+    """Bailong-bench's rule in code: a judge that rates every answer 9 (it ignores the rule in its prompt) still
+    leaves an English answer to a TC prompt, a Simplified one, and a Chinese answer to an English prompt at 1."""
+    from bailong.eval.bench import judge_rows
+
+    rows = rule_rows(
+        [
+            ("1", "poetry", "tc", "tc", "床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。"),
+            ("2", "poetry", "tc", "tc", "床前明月光，疑是地上霜。举头望明月，低头思故乡。我们"),  # Simplified
+            ("3", "knowledge", "tc", "tc", "The capital of Taiwan is Taipei."),  # English to a TC prompt
+            ("4", "translation", "tc", "en", "The moon is bright."),  # asked for English: right
+            ("5", "writing", "en", "en", "今天天氣很好，我們去爬山。"),  # Chinese to an English prompt
+        ]
+    )
+    assert [r["lang_consistent"] for r in rows] == [True, False, False, True, False]
+    server = FakeJudgeServer(default=("ok", "Excellent. Rating: [[9]]"))
+    try:
+        overrides = [f"judge.base_url={server.url}", "judge.backoff_s=0.01"]
+        cfg = compose_config(
+            [*overrides, f"judge.wrong_language_rating={'null' if penalty is None else penalty}"], tmp_path
+        )
+        metrics = judge_rows(rows, cfg.judge, tmp_path)
+    finally:
+        server.close()
+    assert metrics["bench/judge_raw_score"] == 9.0 and metrics["bench/judge_n"] == 5.0
+    if penalty is None:  # the rule off: the judge's ratings stand
+        assert metrics["bench/judge_score"] == 9.0 and metrics["bench/judge_language_penalised"] == 0.0
+    else:
+        assert metrics["bench/judge_score"] == pytest.approx((9 + 1 + 1 + 9 + 1) / 5)
+        assert metrics["bench/judge_language_penalised"] == 3.0
+        assert metrics["bench/tc/judge_score"] == pytest.approx((9 + 1 + 1 + 9) / 4)
+        assert metrics["bench/en/judge_score"] == 1.0 and metrics["bench/translation/judge_score"] == 9.0
+
+
 def test_run_bench_with_judge_on_the_mini_base(mini, tmp_path):
     model, tok = mini
     server = FakeJudgeServer(default=("ok", "Weak answer. Rating: [[2]]"))
@@ -97,8 +140,11 @@ def test_run_bench_with_judge_on_the_mini_base(mini, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "bench" / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(isinstance(r["answer"], str) and "answer_lang" in r for r in rows)
     assert metrics["bench/n"] == 3.0 and 0.0 <= metrics["bench/lang_consistency"] <= 1.0
-    assert metrics["bench/judge_score"] == 2.0 and metrics["bench/judge_n"] == 3.0
-    assert metrics["bench/poetry/judge_score"] == 2.0
+    # the judge rated all 2; the language rule rates each answer not in the expected language 1
+    expected = [2.0 if r["lang_consistent"] else 1.0 for r in rows]
+    assert metrics["bench/judge_score"] == pytest.approx(sum(expected) / 3) and metrics["bench/judge_n"] == 3.0
+    assert metrics["bench/judge_raw_score"] == 2.0
+    assert metrics["bench/judge_language_penalised"] == expected.count(1.0)
     assert len(server.requests) == 3
     assert json.loads((tmp_path / "bench" / "metrics.json").read_text()) == metrics
 

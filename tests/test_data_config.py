@@ -122,7 +122,12 @@ def test_the_library_refuses_untyped_configs(tmp_path):
         (lambda: load_chat_splits(cfg.data, tmp_path), "DataConfig, got DictConfig"),
         (lambda: PretrainDataModule.from_config(None, cfg.data, seed=0), "DataConfig, got DictConfig"),
         (lambda: SFTDataModule.from_config(None, cfg.data, [], [], seed=0), "DataConfig, got DictConfig"),
-        (lambda: build_instruct_set({"poems": "p"}, val_fraction=0.1, split_seed=0, out_dir=tmp_path), "Instruct"),
+        (
+            lambda: build_instruct_set(
+                {"poems": "p"}, val_fraction=0.1, test_fraction=0.1, split_seed=0, out_dir=tmp_path
+            ),
+            "Instruct",
+        ),
     ]
     for call, message in calls:
         with pytest.raises(TypeError, match=message) as err:

@@ -9,9 +9,9 @@ import re
 import pytest
 
 from bailong.data.chat import load_conversations
-from bailong.data.config import ChatCorpusConfig, CorpusConfig, InstructConfig
-from bailong.data.corpus import load_documents, split_documents
+from bailong.data.config import ChatCorpusConfig, CorpusConfig, DataConfig, InstructConfig
 from bailong.data.instruct import build_instruct_set, read_poems, to_simplified
+from bailong.data.prepare import prepare_text
 from conftest import ROOT
 
 POEMS = ROOT / "data" / "zh_tw" / "poetry_tang.jsonl.gz"
@@ -22,7 +22,7 @@ HAN = re.compile(r"[\u4e00-\u9fff]")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("instruct")
     cfg = InstructConfig(poems=str(POEMS), max_train=3000, max_val=None, seed=0)
-    stats = build_instruct_set(cfg, val_fraction=0.02, split_seed=0, out_dir=out)
+    stats = build_instruct_set(cfg, val_fraction=0.02, test_fraction=0.02, split_seed=0, out_dir=out)
     sets = {}
     for name in ("train", "val"):
         convs = load_conversations(ChatCorpusConfig(path=str(out / f"{name}.jsonl")))  # validated as any chat file
@@ -32,18 +32,22 @@ def built(tmp_path_factory):
     return out, stats, sets, read_poems(POEMS)
 
 
-def test_no_held_out_poem_is_trained_on(built):
-    """Held-out poems are exactly those pre-training holds out of the same file (split_documents)."""
+def test_no_held_out_poem_is_trained_on(built, tmp_path):
+    """The set's split is the prepare stage's: it trains on the poems pre-training trains on, validates on the dev
+    poems and leaves the test poems out of both."""
     _, stats, sets, poems = built
-    _, held_texts = split_documents(load_documents([CorpusConfig(path=str(POEMS), format="jsonl")]), 0.02, 0)
-    held = {p.index for p in poems if p.text in set(held_texts)}
-    assert stats["val_poems"] == len(held) > 100
+    data = DataConfig(tc=[CorpusConfig(path=str(POEMS), format="jsonl")], val_fraction=0.02, test_fraction=0.02)
+    prepared = prepare_text(data, tmp_path)
+    dev, test = (set(prepared.documents("tc", split)) for split in ("dev", "test"))
+    held = {p.index for p in poems if p.text in dev}
+    left_out = {p.index for p in poems if p.text in test}
+    assert stats["val_poems"] == len(held) > 100 and stats["test_poems_left_out"] == len(left_out) > 100
     train_poems = {t["poem"] for _, t in sets["train"]}
     val_poems = {t["poem"] for _, t in sets["val"]}
-    assert not train_poems & held
+    assert not train_poems & (held | left_out) and not val_poems & left_out
     assert val_poems <= held and len(val_poems) > 0.8 * len(held)
     for _, task in sets["train"]:  # and no training prompt quotes a held-out poem's line
-        assert poems[task["poem"]].text not in held_texts
+        assert poems[task["poem"]].text not in dev | test
 
 
 def test_answers_are_right(built):
@@ -97,7 +101,7 @@ def test_both_languages_all_tasks_multi_turn_and_system(built):
 def test_generation_is_deterministic(built, tmp_path):
     out, _, _, _ = built
     cfg = InstructConfig(poems=str(POEMS), max_train=3000, max_val=None, seed=0)
-    build_instruct_set(cfg, val_fraction=0.02, split_seed=0, out_dir=tmp_path)
+    build_instruct_set(cfg, val_fraction=0.02, test_fraction=0.02, split_seed=0, out_dir=tmp_path)
     for name in ("train.jsonl", "val.jsonl", "train.tasks.jsonl"):
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
 

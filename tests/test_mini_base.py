@@ -197,3 +197,31 @@ def test_shipped_base_matches_its_card():
     assert card["eval"]["tc"]["bpc"] < card["eval"]["tc"]["unigram_bpc"] - 1.0
     if "reference" in card:
         assert card["eval"]["en"]["bpc"] < card["reference"]["eval"]["en"]["bpc"] + 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / "card.json").is_file(), reason="models/mini-base not built yet")
+def test_the_cards_scores_are_the_shipped_weights_scores():
+    """Re-scored from the shipped weights on the card's held-out documents, every figure of the card's eval table:
+    characters and tokens per character exactly, bits per character to the card's 4 decimals (the card rounds)."""
+    from bailong.eval.bpc import bits_per_char
+
+    card = json.loads((SHIPPED / "card.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED))
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
+    totals: dict[str, list[float]] = {}
+    for name, figures in card["eval"].items():
+        if "/" not in name:
+            continue
+        lang, stem = name.split("/")
+        path = ROOT / "data" / ("zh_tw" if lang == "tc" else "en") / f"{stem}.jsonl.gz"
+        _, held = split_documents(load_documents([CorpusConfig(path=str(path))]), 0.02, 0)
+        scored = bits_per_char(model, tok, held, seq_len=card["eval_seq_len"])
+        assert (len(held), scored["chars"]) == (figures["docs"], figures["chars"]), name
+        assert round(scored["tokens_per_char"], 4) == figures["tokens_per_char"], name
+        assert abs(scored["bpc"] - figures["bpc"]) <= 5e-5 + 1e-6, (name, scored["bpc"], figures["bpc"])
+        bits, chars = totals.setdefault(lang, [0.0, 0])
+        totals[lang] = [bits + scored["bits"], chars + scored["chars"]]
+    for lang, (bits, chars) in totals.items():  # the language rows: the files' bits over their characters
+        assert chars == card["eval"][lang]["chars"]
+        assert abs(bits / chars - card["eval"][lang]["bpc"]) <= 5e-5 + 1e-6, lang

@@ -191,18 +191,36 @@ def test_eval_command_scores_a_run_and_a_base(smoke_run, tmp_path, capsys):
     held_out.write_text("春眠不覺曉，處處聞啼鳥。\n\n夜來風雨聲，花落知多少。\n", encoding="utf-8")
     run_scores = main(["bpc", str(out), "--tc", str(held_out), "--seq-len", "64"])
     assert set(run_scores) >= {"final/tc_bpc", "final/tc_bpb", "final/tc_tokens_per_char"}
+    # base/*: the command on the run's own held-out text gives the run's base metrics (the same NF4 base, its own
+    # tokenizer, windows and batches), so what a run reports for its base is what the command measures
+    from omegaconf import OmegaConf
+
+    from bailong.data.corpus import write_jsonl
+    from bailong.data.splits import load_splits
+
+    splits = load_splits(OmegaConf.to_object(cfg.data), cfg.paths.cache_dir)
+    files = {
+        lang: write_jsonl([{"text": t} for t in getattr(splits, f"{lang}_val")], tmp_path / f"{lang}.jsonl")
+        for lang in ("tc", "en")
+    }
+    seq_len = cfg.eval.seq_len or cfg.data.seq_len
     base_scores = main(
         [
             "bpc",
             str(ROOT / "models" / "mini-base"),
+            "--tc",
+            str(files["tc"]),
             "--en",
-            str(ROOT / "data/en/kjv.jsonl.gz"),
-            "--max-chars",
-            "500",
+            str(files["en"]),
             "--seq-len",
-            "64",
+            str(seq_len),
+            "--batch-size",
+            str(cfg.eval.batch_size),
+            "--quant",
+            cfg.quant.name,
         ]
     )
-    assert set(base_scores) >= {"base/en_bpc"} and 0 < base_scores["base/en_bpc"] < 10
+    for key in ("base/tc_bpc", "base/en_bpc", "base/tc_tokens_per_char", "base/en_tokens_per_char"):
+        assert base_scores[key] == pytest.approx(metrics[key], rel=1e-6, abs=0), key
     printed = capsys.readouterr().out
     assert '"final/tc_bpc"' in printed and '"base/en_bpc"' in printed  # JSON on stdout

@@ -119,7 +119,7 @@ def test_a_killed_prepare_resumes_to_the_same_bytes(corpus_files, prepared, tmp_
     root = tmp_path / "prepared_text" / prepared.root.name
     assert not (root / MANIFEST).exists() and (root / "tc" / STATE).is_file()
     state = pickle.loads((root / "tc" / STATE).read_bytes())
-    assert state.shards == 3 and state.counts[0].read > 0  # three shards taken; the rerun goes on from there
+    assert state.shards["train"] == 3 and state.counts[0].read > 0  # three shards taken; the rerun goes on from there
     monkeypatch.setattr(prep, "_write_jsonl_gz", real)
     resumed = prepare_text(data_config(corpus_files), tmp_path)
     assert shard_hashes(resumed.root) == shard_hashes(prepared.root)
@@ -286,6 +286,20 @@ def test_two_processes_read_disjoint_shares_and_a_resume_on_one_continues_them(t
         assert torch.equal(resumed[k], torch.cat([ranks[0][step], ranks[1][step]]))
 
 
+def split_with_grouping(path: Path, group: float | None, cache: Path) -> tuple[dict[str, str], dict]:
+    """One TC corpus prepared with 30% dev, 30% test and dedup.group=``group``: each kept text's split, and the
+    corpus's manifest record."""
+    data = DataConfig(
+        tc=[CorpusConfig(path=str(path))],
+        val_fraction=0.3,
+        test_fraction=0.3,
+        dedup=DedupConfig(exact=True, near=0.9, group=group),
+    )
+    text = prepare_text(data, cache)
+    (src,) = text.manifest["languages"]["tc"]["sources"]
+    return {d: s for s in ("train", "dev", "test") for d in text.documents("tc", s)}, src
+
+
 def test_near_duplicate_variants_share_a_split(tmp_path):
     """A variant of a document (estimated Jaccard ~0.6: kept, under dedup's 0.9) follows the first copy's split with
     data.dedup.group=0.5, whatever its own hash says; without grouping it goes by its own hash."""
@@ -306,15 +320,7 @@ def test_near_duplicate_variants_share_a_split(tmp_path):
     path = write_jsonl([{"text": poem}, {"text": variant}], tmp_path / "pair.jsonl")
 
     def splits(group):
-        data = DataConfig(
-            tc=[CorpusConfig(path=str(path))],
-            val_fraction=0.3,
-            test_fraction=0.3,
-            dedup=DedupConfig(exact=True, near=0.9, group=group),
-        )
-        text = prepare_text(data, tmp_path / f"cache{group}")
-        (src,) = text.manifest["languages"]["tc"]["sources"]
-        where = {d: s for s in ("train", "dev", "test") for d in text.documents("tc", s)}
+        where, src = split_with_grouping(path, group, tmp_path / f"cache{group}")
         return where[poem], where[variant], src
 
     first, second, src = splits(0.5)

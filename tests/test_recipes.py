@@ -38,7 +38,7 @@ def test_hub_mix_loads_through_datasets_streaming_with_conversion_and_dedup(tmp_
     zh = tmp_path / "zhwiki.jsonl"
     simplified = (
         "软件是一系列按照特定顺序组织的计算机数据和指令的集合。一般来讲软件被划分为系统软件、应用软件和介于"
-        "这两者之间的中间件。软件并不只是包括可以在计算机上运行的电脑程序，与这些电脑程序相关的文档一般也被认为"
+        "这两者之间的中间件。软件并不只是包括可以在计算机上运行的电脑程序，与这些电脑程序相关的文件一般也被认为"
         "是软件的一部分。"
     )
     traditional_edit = (

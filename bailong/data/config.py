@@ -45,8 +45,13 @@ class CorpusConfig:
     data_files: Any | None = None  # hub: e.g. the "json" builder on local files
     revision: str | None = None
     streaming: bool = False
-    max_docs: int | None = None  # documents kept (after conversion and deduplication)
+    # documents kept, after conversion and deduplication (data.dedup.engine=datatrove: before near-duplicate removal)
+    max_docs: int | None = None
     convert: str | None = None  # OpenCC conversion per document, e.g. s2twp (Simplified -> Taiwan Traditional)
+    # fields (jsonl, hub) whose values together decide a document's split instead of its text: documents sharing
+    # them share a split, e.g. [title, author] for poems, so the variants of one poem are held out together (a
+    # record lacking some of the fields groups by the rest; lacking all of them is an error)
+    group_by: list[str] | None = None
 
     def __post_init__(self) -> None:
         # a list element does not know its index (data.tc.0, eval.mc.tc_sources.1): its path names it
@@ -55,6 +60,8 @@ class CorpusConfig:
         _format(f"{where}: format", self.format, ("txt", "jsonl", "hub"))
         _text(f"{where}: text_field", self.text_field)
         check_number(f"{where}: max_docs", self.max_docs, lambda v: v >= 1, "null or an integer >= 1", optional=True)
+        for name in self.group_by or ():
+            _text(f"{where}: group_by", name)
 
 
 @dataclass
@@ -65,12 +72,22 @@ class DedupConfig:
     near: float | None = 0.8  # MinHash LSH Jaccard threshold over character shingles; null: exact only
     num_perm: int = 128
     ngram: int = 5  # characters per shingle
-    # near-duplicate grouping before the split: a kept document at least this similar (estimated Jaccard) to an
-    # earlier kept one goes to that one's split, so a variant of a held-out text is never trained on; null: each
-    # document by the hash of its own text
+    # near-duplicate grouping before the split: a kept document at least this similar (estimated Jaccard) to
+    # earlier kept ones goes to their split, so a variant of a held-out text is never trained on (one similar to
+    # documents in two splits is dropped: "bridged"); null: each document by the hash of its own text
     group: float | None = None
+    # where the near-duplicate index lives: "memory" (datasketch's LSH in the prepare process, first copy wins;
+    # about 2.4 KB per kept document) or "datatrove" (its MinHash signature, bucket and cluster stages on disk, in
+    # parallel tasks under data.prepare.executor, local or SLURM: flat memory, any corpus size)
+    engine: str = "memory"
 
     def __post_init__(self) -> None:
+        check_choice("data.dedup.engine", self.engine, ("memory", "datatrove"))
+        if self.engine == "datatrove" and (self.near is None or self.group is not None):
+            raise ConfigError(
+                f"data.dedup.engine=datatrove with near={self.near}, group={self.group}: expected a near threshold "
+                "(datatrove's MinHash stages remove exact copies too) and group null (grouping runs in memory)"
+            )
         near = "null (exact only) or a Jaccard threshold in (0, 1]"
         check_number("data.dedup.near", self.near, lambda v: 0 < v <= 1, near, optional=True)
         group = "null (no grouping) or a Jaccard threshold in (0, 1], below data.dedup.near"
@@ -145,6 +162,21 @@ class ChatDataConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """The SLURM job arrays datatrove submits for the dedup stages (its SlurmPipelineExecutor's arguments)."""
+
+    partition: str | None = None
+    time: str = "04:00:00"  # per task
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+    qos: str | None = None
+    venv_path: str | None = None  # an activate script sourced by each task; null: the submitting environment
+    job_name: str = "bailong-dedup"
+    sbatch_args: dict[str, str] = field(default_factory=dict)  # more #SBATCH lines, e.g. {account: my-account}
+    poll_seconds: int = 60  # how often the prepare process checks whether the arrays finished
+
+
+@dataclass
 class PrepareConfig:
     """How the prepare stage splits its work (bailong/data/prepare.py). ``workers`` and ``batch_docs`` change only
     its speed; the shard sizes change how the same rows are cut into files (and so the cache key)."""
@@ -153,10 +185,18 @@ class PrepareConfig:
     batch_docs: int = 256  # documents per task sent to a worker
     shard_docs: int = 20000  # training documents per text shard: a killed prepare resumes after the last one
     shard_tokens: int = 1 << 24  # tokens per .npy shard (32 MiB of uint16 ids)
+    # data.dedup.engine=datatrove: where its stages run ("local": `workers` processes here; "slurm": job arrays,
+    # this process waits for them) and how many tasks share each LSH band's bucket stage
+    executor: str = "local"
+    tasks_per_bucket: int = 1
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
-        for key in ("workers", "batch_docs", "shard_docs", "shard_tokens"):
+        for key in ("workers", "batch_docs", "shard_docs", "shard_tokens", "tasks_per_bucket"):
             check_number(f"data.prepare.{key}", getattr(self, key), lambda v: v >= 1, "an integer >= 1")
+        check_choice("data.prepare.executor", self.executor, ("local", "slurm"))
+        if self.executor == "slurm" and unset(self.slurm.partition):
+            raise ConfigError("data.prepare.executor=slurm: expected data.prepare.slurm.partition (a partition name)")
 
 
 @dataclass

@@ -85,14 +85,14 @@ def write_jsonl(records: Iterable[Mapping], path: str | Path) -> Path:
     return path
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def _jsonl_records(path: Path, text_field: str) -> Iterator[tuple[str, str, dict]]:
     for where, record in read_jsonl(path):
         text = record.get(text_field)
         if not isinstance(text, str):
             found = ", ".join(sorted(record)) or "no keys"
             raise CorpusError(f"{where}: expected a string field {text_field!r} (found: {found})")
         if text.strip():
-            yield text
+            yield where, text, record
 
 
 def _txt_documents(path: Path) -> Iterator[str]:
@@ -107,7 +107,7 @@ def _txt_documents(path: Path) -> Iterator[str]:
         yield "\n".join(block)
 
 
-def _hub_documents(spec: CorpusConfig) -> Iterator[str]:
+def _hub_records(spec: CorpusConfig) -> Iterator[tuple[str, str, dict]]:
     import datasets  # imported lazily: only hub corpora need it
 
     path, text_field = spec.path, spec.text_field
@@ -120,14 +120,12 @@ def _hub_documents(spec: CorpusConfig) -> Iterator[str]:
         streaming=spec.streaming,
     )
     for i, record in enumerate(ds):
+        where = f"hub data set {path!r} record {i}"
         text = record.get(text_field)
         if not isinstance(text, str):
-            raise CorpusError(
-                f"hub data set {path!r} record {i}: expected a string field {text_field!r} "
-                f"(found: {', '.join(sorted(record))})"
-            )
+            raise CorpusError(f"{where}: expected a string field {text_field!r} (found: {', '.join(sorted(record))})")
         if text.strip():
-            yield text
+            yield where, text, record
 
 
 def iter_documents(spec: CorpusConfig) -> Iterator[str]:
@@ -136,21 +134,44 @@ def iter_documents(spec: CorpusConfig) -> Iterator[str]:
     yield from _documents(spec)
 
 
-def _documents(spec: CorpusConfig) -> Iterator[str]:
+def _records(spec: CorpusConfig) -> Iterator[tuple[str, str, dict | None]]:
+    """``(where, text, record)`` per non-blank document (``record``: the JSON object; None for plain text)."""
     path = str(spec.path)  # str(): a pathlib.Path put in by Python code reads the same
     fmt = _format_of(path, spec.format)
     if fmt == "hub":
-        yield from _hub_documents(spec)
+        yield from _hub_records(spec)
         return
     file = Path(path)
     if not file.is_file():
         raise CorpusError(f"{file}: corpus file not found")
     if fmt == "jsonl":
-        yield from _jsonl_documents(file, spec.text_field)
+        yield from _jsonl_records(file, spec.text_field)
     elif fmt == "txt":
-        yield from _txt_documents(file)
+        for n, text in enumerate(_txt_documents(file)):
+            yield f"{file}: document {n + 1}", text, None
     else:
         raise CorpusError(f"{file}: unknown corpus format {fmt!r}; expected txt, jsonl or hub")
+
+
+def _documents(spec: CorpusConfig) -> Iterator[str]:
+    for _, text, _ in _records(spec):
+        yield text
+
+
+def keyed_documents(spec: CorpusConfig) -> Iterator[tuple[str, str | None]]:
+    """``(text, group key)`` per document: the key is the JSON of the ``group_by`` fields' values, the same for
+    documents that must share a split (None without ``group_by``: the split follows the text)."""
+    for where, text, record in _records(spec):
+        if not spec.group_by:
+            yield text, None
+            continue
+        if record is None:
+            raise CorpusError(f"{where}: group_by={list(spec.group_by)} needs fields: a jsonl or hub corpus")
+        if not any(f in record for f in spec.group_by):  # a misspelt field, or the wrong corpus
+            found = ", ".join(sorted(record))
+            raise CorpusError(f"{where}: none of the group_by fields {list(spec.group_by)} (found: {found})")
+        # a record without some of the fields groups by the others (an untitled poem: by its author)
+        yield text, json.dumps([record.get(f) for f in spec.group_by], ensure_ascii=False)
 
 
 def load_documents(specs: Sequence[CorpusConfig], dedup: Deduplicator | None = None) -> list[str]:
@@ -203,6 +224,14 @@ def _converter(spec: CorpusConfig):
 def _unit_hash(text: str, seed: int) -> float:
     digest = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
+
+
+def split_of(text: str, seed: int, dev_fraction: float, test_fraction: float) -> str:
+    """``train``, ``dev`` or ``test`` by a hash of (seed, text): the same document lands in the same split in every
+    run, whatever the corpus order (``dev`` is the hash range ``split_documents`` holds out as validation). ``text``
+    is a corpus's ``group_by`` key instead where it has one (bailong/data/prepare.py)."""
+    u = _unit_hash(text, seed)
+    return "dev" if u < dev_fraction else "test" if u < dev_fraction + test_fraction else "train"
 
 
 def split_documents(docs: list[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -99,17 +99,16 @@ class Deduplicator:
         needs_minhash = self.cfg.near is not None or self.cfg.group is not None
         return digest(t), (self._minhash(t).hashvalues if needs_minhash else None)
 
-    def group_split(self, minhash_values) -> str | None:
-        """The split of the earliest kept document within ``cfg.group`` of this one (None: no such document, or
-        no grouping); ``assign`` records a kept document's split."""
+    def group_splits(self, minhash_values) -> set[str]:
+        """The splits of the kept documents within ``cfg.group`` of this one (empty: none, or no grouping); ``assign``
+        records a kept document's split. More than one split: the document bridges them, and no split can take it
+        without a near-duplicate across the split."""
         if self._groups is None:
-            return None
+            return set()
         from datasketch import LeanMinHash
 
         matches = self._groups.query(LeanMinHash(seed=self.seed, hashvalues=minhash_values))
-        if not matches:
-            return None
-        return min(matches, key=lambda key: int(key.partition(":")[0])).partition(":")[2]
+        return {key.partition(":")[2] for key in matches}
 
     def assign(self, minhash_values, split: str) -> None:
         if self._groups is not None:

@@ -9,9 +9,10 @@ Chinese or in English and answered in the language asked:
   (``tw2s``, Taiwan standard forms as in the data; the Traditional answer is the original line);
 
 a share of conversations continues with follow-up turns about the same poem (who wrote it, its
-title), and a share opens with a system message. The held-out split is the pre-training split:
-``split_documents`` on the poems' texts with ``data.val_fraction`` / ``data.split_seed``, so no
-poem held out from pre-training (or used by the multiple-choice set) is trained on here.
+title), and a share opens with a system message. The split is the pre-training split of the poems'
+texts (``split_of`` with ``data.val_fraction``, ``data.test_fraction``, ``data.split_seed``): the set
+trains on ``train`` poems, validates on ``dev`` poems and never uses ``test`` poems, so no poem held out
+from pre-training (or used by the multiple-choice set) is trained on here.
 
 The set is generated at run time into the cache (about a second; keyed by the poem file and the
 settings), so it can never drift from the data pack or the split. To look at it::
@@ -34,7 +35,7 @@ from typing import Any
 from bailong.cache import atomic_dir, cache_key
 from bailong.data.chat import Conversation, write_conversations
 from bailong.data.config import InstructConfig, expect_config
-from bailong.data.corpus import CorpusError, read_jsonl, split_documents, write_jsonl
+from bailong.data.corpus import CorpusError, read_jsonl, split_of, write_jsonl
 
 CLAUSE = re.compile(r"[^，。？！；、\n]+")
 SYSTEM = {
@@ -81,11 +82,12 @@ def read_poems(path: str | Path) -> list[Poem]:
     return poems
 
 
-def split_poems(poems: list[Poem], val_fraction: float, seed: int) -> tuple[list[Poem], list[Poem]]:
-    """The pre-training split of the same file (by a hash of each text), applied to the poems."""
-    _, val_texts = split_documents([p.text for p in poems], val_fraction, seed)
-    held_out = set(val_texts)
-    return [p for p in poems if p.text not in held_out], [p for p in poems if p.text in held_out]
+def split_poems(
+    poems: list[Poem], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[Poem], list[Poem]]:
+    """``(train, dev)`` poems by the pre-training split of their texts; ``test`` poems are in neither."""
+    split = [split_of(p.text, seed, val_fraction, test_fraction) for p in poems]
+    return [p for p, s in zip(poems, split) if s == "train"], [p for p, s in zip(poems, split) if s == "dev"]
 
 
 # -- tasks: (prompt, answer) in the language asked ---------------------------------------------------
@@ -186,19 +188,24 @@ def make_conversations(
 
 
 def build_instruct_set(
-    cfg: InstructConfig, *, val_fraction: float, split_seed: int, out_dir: str | Path
+    cfg: InstructConfig, *, val_fraction: float, test_fraction: float, split_seed: int, out_dir: str | Path
 ) -> dict[str, Any]:
-    """Write ``train.jsonl``, ``val.jsonl`` and ``stats.json`` under ``out_dir``; returns the stats."""
+    """Write ``train.jsonl``, ``val.jsonl`` (from dev poems) and ``stats.json`` under ``out_dir``; returns the stats."""
     expect_config(cfg, InstructConfig, "build_instruct_set(cfg)")
     poems = read_poems(cfg.poems)
-    train, val = split_poems(poems, val_fraction, split_seed)
+    train, val = split_poems(poems, val_fraction, test_fraction, split_seed)
     opts = dict(en_share=cfg.en_share, multi_turn_share=cfg.multi_turn_share, system_share=cfg.system_share)
     sets = {
         "train": make_conversations(train, seed=cfg.seed, limit=cfg.max_train, **opts),
         "val": make_conversations(val, seed=cfg.seed + 1, limit=cfg.max_val, **opts),
     }
     out = Path(out_dir)
-    stats: dict[str, Any] = {"poems": len(poems), "train_poems": len(train), "val_poems": len(val)}
+    stats: dict[str, Any] = {
+        "poems": len(poems),
+        "train_poems": len(train),
+        "val_poems": len(val),
+        "test_poems_left_out": len(poems) - len(train) - len(val),
+    }
     for name, convs in sets.items():
         write_conversations([c["messages"] for c in convs], out / f"{name}.jsonl")
         # the task labels ride along in a side file: the chat files stay plain {"messages": ...}
@@ -212,7 +219,9 @@ def build_instruct_set(
     return stats
 
 
-def cached_instruct_set(cfg: InstructConfig, *, val_fraction: float, split_seed: int, cache_dir: str | Path) -> Path:
+def cached_instruct_set(
+    cfg: InstructConfig, *, val_fraction: float, test_fraction: float, split_seed: int, cache_dir: str | Path
+) -> Path:
     """The generated set's directory under ``<cache_dir>/instruct/<key>``, built once per distinct input."""
     from bailong.cache import fingerprint
 
@@ -224,15 +233,18 @@ def cached_instruct_set(cfg: InstructConfig, *, val_fraction: float, split_seed:
         {
             "poems": fingerprint(str(cfg.poems)),
             "settings": settings,
-            "version": 2,
+            "version": 3,
             "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
             "split_seed": split_seed,
         }
     )
     target = Path(cache_dir) / "instruct" / key
     if not (target / "stats.json").is_file():
         with atomic_dir(target) as tmp:
-            build_instruct_set(cfg, val_fraction=val_fraction, split_seed=split_seed, out_dir=tmp)
+            build_instruct_set(
+                cfg, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, out_dir=tmp
+            )
     return target
 
 
@@ -243,11 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-train", type=int, default=None)
     parser.add_argument("--max-val", type=int, default=None, help="default: every held-out poem")
     parser.add_argument("--val-fraction", type=float, default=0.02, help="as data.val_fraction of pre-training")
+    parser.add_argument("--test-fraction", type=float, default=0.02, help="as data.test_fraction of pre-training")
     parser.add_argument("--split-seed", type=int, default=0, help="as data.split_seed of pre-training")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cfg = InstructConfig(poems=args.poems, max_train=args.max_train, max_val=args.max_val, seed=args.seed)
-    stats = build_instruct_set(cfg, val_fraction=args.val_fraction, split_seed=args.split_seed, out_dir=args.out)
+    fractions = {"val_fraction": args.val_fraction, "test_fraction": args.test_fraction}
+    stats = build_instruct_set(cfg, **fractions, split_seed=args.split_seed, out_dir=args.out)
     print(json.dumps(stats, indent=2, ensure_ascii=False))
 
 

@@ -8,8 +8,11 @@ Two steps, each cached by a hash of its inputs under ``<cache_dir>/prepared_text
 1. **text** (``prepare_text``): each language's corpora stream through in order; a pool of worker processes
    converts (OpenCC) and fingerprints each document (normalised-text digest, MinHash); the parent keeps the
    first copy (``bailong.data.dedup``) and sends each document to ``train``, ``dev`` or ``test`` by a hash of
-   its text (``split_seed``), so a document's split never depends on corpus order or worker count. Text is
-   written as gzipped JSON Lines shards; nothing but the dedup index and one shard's buffer is held in memory.
+   its text or its ``group_by`` fields (``split_seed``), or to a near-duplicate's split (``data.dedup.group``),
+   so a document's split never depends on corpus order or worker count. Text is written as gzipped JSON Lines
+   shards; nothing but the dedup index and one shard per split is held in memory. With
+   ``data.dedup.engine=datatrove`` there is no index here: every document is written as a candidate and
+   datatrove's MinHash stages (``bailong.data.dedup_datatrove``, local or SLURM) remove the copies on disk.
 2. **tokens** (``prepare_tokens``): each language's ``train`` text is tokenized by the worker pool with the
    run's (extended) tokenizer, ``BOS + doc + EOS`` concatenated and cut into rows of ``seq_len`` tokens,
    written as ``.npy`` shards of fixed-length rows (``bailong.data.shards`` memory-maps and streams them).
@@ -30,6 +33,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,7 +44,7 @@ import numpy as np
 
 from bailong.cache import cache_key, computed_once, hash_texts
 from bailong.data.config import CorpusConfig, DataConfig, expect_config
-from bailong.data.corpus import CorpusError, _converter, _documents, _unit_hash, read_jsonl
+from bailong.data.corpus import CorpusError, _converter, _unit_hash, keyed_documents, read_jsonl, split_of
 from bailong.data.dedup import Deduplicator, make_deduplicator
 from bailong.data.packing import special_token_ids, tokenize_documents
 from bailong.files import write_atomically, write_json_atomically
@@ -51,7 +55,7 @@ LANGUAGES = ("tc", "en")
 SPLITS = ("train", "dev", "test")
 MANIFEST = "manifest.json"
 STATE = "state.pkl"  # the resume point of an unfinished directory; gone once its manifest is written
-FORMAT_VERSION = 2  # bumped when the files' layout or content changes: old cache entries are then not reused
+FORMAT_VERSION = 3  # bumped when the files' layout or content changes: old cache entries are then not reused
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,28 +111,22 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 @dataclass
 class TextFingerprint:
     text: str  # after conversion
+    key: str | None  # what decides the split when the corpus has group_by (else the text)
     digest: bytes  # of the normalised text: exact copies
     minhash: np.ndarray | None  # MinHash hash values of its shingles: near copies
 
 
-def _fingerprint_batch(docs: list[str]) -> list[TextFingerprint]:
+def _fingerprint_batch(docs: list[tuple[str, str | None]]) -> list[TextFingerprint]:
     convert = _WORKER_STATE.get("converter")
     fingerprinter: Deduplicator | None = _WORKER_STATE.get("fingerprinter")
     out = []
-    for doc in docs:
+    for doc, key in docs:
         text = convert(doc) if convert is not None else doc
         if fingerprinter is not None:
-            out.append(TextFingerprint(text, *fingerprinter.fingerprint(text)))
+            out.append(TextFingerprint(text, key, *fingerprinter.fingerprint(text)))
         else:
-            out.append(TextFingerprint(text, b"", None))
+            out.append(TextFingerprint(text, key, b"", None))
     return out
-
-
-def split_of(text: str, seed: int, dev_fraction: float, test_fraction: float) -> str:
-    """``train``, ``dev`` or ``test`` by a hash of (seed, text): the same document lands in the same split in every
-    run, whatever the corpus order (``dev`` is the hash range the two-way split called validation)."""
-    u = _unit_hash(text, seed)
-    return "dev" if u < dev_fraction else "test" if u < dev_fraction + test_fraction else "train"
 
 
 def source_record(spec: CorpusConfig) -> dict:
@@ -179,6 +177,7 @@ class _SourceCounts:
     dedup_exact: int = 0
     dedup_near: int = 0
     grouped: int = 0  # documents sent to a near-duplicate's split rather than their own hash's
+    bridged: int = 0  # documents dropped as near-duplicates (data.dedup.group) of documents in two different splits
     docs: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))  # per split
     chars: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
 
@@ -194,10 +193,13 @@ class _TextState:
     source: int = 0  # index of the corpus being read
     counts: list = field(default_factory=list)  # a _SourceCounts per corpus finished or under way
     dedup: Deduplicator | None = None  # one per language: a copy in another corpus is a copy too
-    # this corpus's dev/test documents, written when it ends (a few % of it)
+    # this corpus's dev/test documents not yet in a shard (a shard of them is written at data.prepare.shard_docs)
     held: dict = field(default_factory=lambda: {"dev": [], "test": []})
-    shards: int = 0  # train shards written for this corpus
+    shards: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))  # shards written per split, this corpus
     done: bool = False
+    # data.dedup.engine=datatrove (bailong/data/dedup_datatrove.py): near-duplicate removal after the text pass
+    deduped: bool = False  # the final shards are all written (the candidates and datatrove's files removed)
+    filtered: dict = field(default_factory=dict)  # candidate file → documents removed, for files already written
 
 
 def _save(path: Path, state: Any) -> None:
@@ -207,32 +209,36 @@ def _save(path: Path, state: Any) -> None:
 def _text_source(
     data: DataConfig, spec: CorpusConfig, state: _TextState, state_path: Path, out: Path, workers: int
 ) -> None:
-    """One corpus of the language: from its resume point to its end, a state save after each train shard."""
+    """One corpus of the language: from its resume point to its end, a state save after each shard."""
+    shard_docs = data.prepare.shard_docs
     if len(state.counts) <= state.source:
         state.counts.append(_SourceCounts())
     counts: _SourceCounts = state.counts[state.source]
-    for stale in out.glob("train-*.jsonl.gz"):  # written after the last state save: written again below
-        if int(stale.name[len("train-") : -len(".jsonl.gz")]) >= state.shards:
-            stale.unlink()
+    for split in SPLITS:  # shards written after the last state save: written again below
+        for stale in out.glob(f"{split}-*.jsonl.gz"):
+            if int(stale.name[len(split) + 1 : -len(".jsonl.gz")]) >= state.shards[split]:
+                stale.unlink()
     train: list[str] = []
+    texts = {"train": train, **state.held}
+
+    def write(split: str) -> None:
+        _write_jsonl_gz(out / f"{split}-{state.shards[split]:05d}.jsonl.gz", texts[split])
+        state.shards[split] += 1
+        texts[split].clear()
 
     def flush(finished: bool) -> None:
-        if train:
-            _write_jsonl_gz(out / f"train-{state.shards:05d}.jsonl.gz", train)
-            state.shards += 1
-            train.clear()
+        for split in SPLITS:  # at the corpus's end every split gets a file, if only an empty one
+            if len(texts[split]) >= shard_docs or (finished and (texts[split] or not state.shards[split])):
+                write(split)
         if finished:
-            for split in ("dev", "test"):
-                _write_jsonl_gz(out / f"{split}.jsonl.gz", state.held[split])
-            state.held, state.shards, state.source = {"dev": [], "test": []}, 0, state.source + 1
+            state.shards, state.source = dict.fromkeys(SPLITS, 0), state.source + 1
         _save(state_path, state)
 
-    def remaining() -> Iterator[str]:
-        for n, doc in enumerate(_documents(spec)):
+    def remaining() -> Iterator[tuple[str, str | None]]:
+        for n, doc in enumerate(keyed_documents(spec)):
             if n >= counts.read:  # resumed: the documents before the checkpoint were taken already
                 yield doc
 
-    shard_docs = data.prepare.shard_docs
     batches = _batched(remaining(), data.prepare.batch_docs)
     # the workers fingerprint with a Deduplicator of the same settings but no index: the index stays here
     fingerprinter = Deduplicator(state.dedup.cfg, state.dedup.seed) if state.dedup is not None else None
@@ -246,22 +252,28 @@ def _text_source(
         if copy is not None:
             setattr(counts, f"dedup_{copy}", getattr(counts, f"dedup_{copy}") + 1)
             continue
+        own = split_of(fp.text if fp.key is None else fp.key, data.split_seed, data.val_fraction, data.test_fraction)
+        near = state.dedup.group_splits(fp.minhash) if state.dedup is not None else set()
+        if len(near) > 1:  # near-duplicate of documents in two splits: any split it joins leaks into another
+            counts.bridged += 1
+            continue
         counts.kept += 1
-        own = split_of(fp.text, data.split_seed, data.val_fraction, data.test_fraction)
-        split = (state.dedup.group_split(fp.minhash) if state.dedup is not None else None) or own
+        split = near.pop() if near else own
         counts.grouped += split != own
         if state.dedup is not None:
             state.dedup.assign(fp.minhash, split)
         counts.add(split, fp.text)
-        (train if split == "train" else state.held[split]).append(fp.text)
+        texts[split].append(fp.text)
         # the first shard waits (up to 4x) for a dev document: a tiny corpus falls back to its train text
-        if len(train) >= shard_docs and (state.shards or state.held["dev"] or len(train) >= 4 * shard_docs):
+        has_dev = state.held["dev"] or state.shards["dev"]
+        train_full = len(train) >= shard_docs and (state.shards["train"] or has_dev or len(train) >= 4 * shard_docs)
+        if train_full or max(len(state.held["dev"]), len(state.held["test"])) >= shard_docs:
             flush(False)
     if counts.kept == 0:
         why = " after deduplication" if counts.read else ""
         raise CorpusError(f"{spec.path}: corpus is empty{why} (no non-blank documents)")
-    if not state.held["dev"] and counts.kept > 1:
-        if state.shards:
+    if not state.held["dev"] and not state.shards["dev"] and counts.kept > 1:
+        if state.shards["train"]:
             raise CorpusError(f"{spec.path}: no document fell in the dev split; raise data.val_fraction")
         # tiny corpora: still hold out one document, the train document with the smallest hash
         fallback = min(train, key=lambda t: _unit_hash(t, data.split_seed))
@@ -276,15 +288,56 @@ def _text_language(data: DataConfig, lang: str, records: list[dict], root: Path,
     """One language's corpora in order; its manifest entry: each corpus's record (``records``) and counts."""
     specs: list[CorpusConfig] = getattr(data, lang)
     state_path = root / lang / STATE
+    on_disk = data.dedup.engine == "datatrove"
     if state_path.is_file():
         state: _TextState = pickle.loads(state_path.read_bytes())
     else:
-        state = _TextState(dedup=make_deduplicator(data.dedup))
+        state = _TextState(dedup=None if on_disk else make_deduplicator(data.dedup))
+    # the on-disk engine removes near-duplicates after the pass: every converted document is a candidate first
+    written = root / lang / "candidates" if on_disk else root / lang
     while not state.done and state.source < len(specs):
-        _text_source(data, specs[state.source], state, state_path, root / lang / f"{state.source:03d}", workers)
+        _text_source(data, specs[state.source], state, state_path, written / f"{state.source:03d}", workers)
     state.done = True
     _save(state_path, state)
+    if on_disk:
+        if not state.deduped:
+            _remove_near_duplicates(data, lang, state, state_path, written, root / lang, workers)
+        for scratch in (written, root / lang / "minhash"):  # the candidates and datatrove's files
+            shutil.rmtree(scratch, ignore_errors=True)
     return {"sources": [{**record, **asdict(c)} for record, c in zip(records, state.counts)]}
+
+
+def _remove_near_duplicates(
+    data: DataConfig, lang: str, state: _TextState, state_path: Path, candidates: Path, out: Path, workers: int
+) -> None:
+    """``data.dedup.engine=datatrove``: its MinHash stages over the language's candidate shards, then each shard
+    written to ``out`` without the removed documents (a state save after each: a rerun continues)."""
+    from bailong.data.dedup_datatrove import kept_documents, run_minhash_stages
+
+    files = sorted(candidates.glob("*/*.jsonl.gz"))
+    work = out / "minhash"
+    removals = run_minhash_stages([str(f) for f in files], work, data.dedup, data.prepare, workers)
+    for rank, path in enumerate(files):
+        name = str(path.relative_to(candidates))  # <corpus>/<split>-NNNNN.jsonl.gz
+        if name in state.filtered:
+            continue
+        texts = [record["text"] for _, record in read_jsonl(path)]
+        kept = kept_documents(texts, rank, removals)
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        _write_jsonl_gz(out / name, kept)
+        counts: _SourceCounts = state.counts[int(path.parent.name)]
+        split = path.name.partition("-")[0]
+        removed = len(texts) - len(kept)
+        counts.kept -= removed
+        counts.dedup_near += removed
+        counts.docs[split] -= removed
+        counts.chars[split] -= sum(map(len, texts)) - sum(map(len, kept))
+        state.filtered[name] = removed
+        _save(state_path, state)
+    if not any(c.docs["dev"] for c in state.counts):
+        raise CorpusError(f"data.{lang}: no dev document is left after near-duplicate removal; raise data.val_fraction")
+    state.deduped = True
+    _save(state_path, state)
 
 
 @dataclass(frozen=True)

@@ -197,11 +197,14 @@ class PretrainDataModule(pl.LightningDataModule):
 
     @property
     def train_batches_per_epoch(self) -> int:
-        return self.stream.samples_per_pass() // self.batch_size  # drop_last: every step sees a full batch
+        """Batches each rank's loader yields per epoch: full global batches of ``batch_size`` x ranks rows (the
+        attached trainer's world size; one process before ``fit``), as ``StreamSampler`` cuts them."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return max(1, self.stream.samples_per_pass() // (self.batch_size * world))
 
     @property
     def train_tokens_per_epoch(self) -> int:
-        """Tokens the training loader yields per epoch (one process; full batches only)."""
+        """Tokens one rank's training loader yields per epoch."""
         return self.train_batches_per_epoch * self.batch_size * self.seq_len
 
     @property

@@ -46,7 +46,11 @@ def load_chat_splits(data: DataConfig, cache_dir: str | Path) -> tuple[list[Conv
     val: list[Conversation] = []
     if chat.instruct is not None:
         folder = cached_instruct_set(
-            chat.instruct, val_fraction=data.val_fraction, split_seed=data.split_seed, cache_dir=cache_dir
+            chat.instruct,
+            val_fraction=data.val_fraction,
+            test_fraction=data.test_fraction,
+            split_seed=data.split_seed,
+            cache_dir=cache_dir,
         )
         train += load_conversations(ChatCorpusConfig(path=str(folder / "train.jsonl"), format="jsonl"))
         val += load_conversations(ChatCorpusConfig(path=str(folder / "val.jsonl"), format="jsonl"))[: chat.max_val]

@@ -152,11 +152,22 @@ def judge_rows(rows: Sequence[dict], judge_cfg: Any, out_dir: Path) -> dict[str,
     ]
     with Judge(judge_cfg) as judge:
         results, failed = judge_answers(judge, answers, out_dir / "judgments.jsonl")
-    rating = {r["id"]: r["rating"] for r in results}
-    metrics = {"bench/judge_n": float(len(rating)), "bench/judge_failed": float(failed)}
+    judged = {r["id"]: r["rating"] for r in results}
+    rating = dict(judged)
+    # the language rule in code: a judge that ignores its prompt's rule cannot rate a wrong-language answer up
+    penalised = []
+    if judge_cfg.wrong_language_rating is not None:
+        penalised = [r["id"] for r in rows if r["id"] in rating and not r["lang_consistent"]]
+        rating.update(dict.fromkeys(penalised, float(judge_cfg.wrong_language_rating)))
+    metrics = {
+        "bench/judge_n": float(len(rating)),
+        "bench/judge_failed": float(failed),
+        "bench/judge_language_penalised": float(len(penalised)),
+    }
     if not rating:
         return metrics
     metrics["bench/judge_score"] = _mean(list(rating.values()))
+    metrics["bench/judge_raw_score"] = _mean(list(judged.values()))  # the judge's ratings before the rule
     for key in ("lang", "category"):
         for value in sorted({r[key] for r in rows}):
             score = _mean([rating.get(r["id"]) for r in rows if r[key] == value])

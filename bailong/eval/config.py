@@ -129,8 +129,19 @@ class JudgeConfig:
     max_retries: int = 4  # attempts after the first, on timeouts, 429/5xx and malformed replies
     backoff_s: float = 1.0  # wait before retry k: backoff_s * 2**k, at most max_backoff_s
     max_backoff_s: float = 30.0
+    # Bailong-bench's language rule, applied in code whatever the judge replied: an answer not in the expected
+    # language (Simplified Chinese where Traditional is expected included; bailong/eval/consistency.py) gets this
+    # rating; null: the judge's rating stands (its prompt still states the rule)
+    wrong_language_rating: float | None = 1.0
 
     def __post_init__(self) -> None:
+        check_number(
+            "judge.wrong_language_rating",
+            self.wrong_language_rating,
+            lambda v: 1 <= v <= 10,
+            "null or a rating in [1, 10]",
+            optional=True,
+        )
         check_number("judge.timeout_s", self.timeout_s, _positive, "a number of seconds > 0")
         check_number("judge.max_retries", self.max_retries, _at_least(0), "an integer >= 0")
         check_number("judge.backoff_s", self.backoff_s, _at_least(0), "a number of seconds >= 0")

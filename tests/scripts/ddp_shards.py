@@ -62,7 +62,13 @@ def main(out: Path, devices: int, batch_size: int, steps: int, ckpt: str | None)
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, datamodule=datamodule(out / "cache", batch_size), ckpt_path=ckpt)
+    dm = datamodule(out / "cache", batch_size)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    # the data module's epoch figures are per rank, as the loader Lightning built counts them
+    assert trainer.num_training_batches == dm.train_batches_per_epoch, (
+        trainer.num_training_batches,
+        dm.train_batches_per_epoch,
+    )
     torch.save(torch.stack(module.seen), out / f"rank{trainer.global_rank}.pt")
 
 
