@@ -24,6 +24,10 @@ REQUIRED_KEYS = [
     "step0/en_bpc",
     "final/tc_bpc",
     "final/en_bpc",
+    "base/test_tc_bpc",  # the test split: the reported figures (dev: every choice)
+    "step0/test_tc_bpc",
+    "final/test_tc_bpc",
+    "final/test_en_bpc",
     "params/trainable",
     "params/total",
     "train/tokens_per_sec",
@@ -199,28 +203,32 @@ def test_eval_command_scores_a_run_and_a_base(smoke_run, tmp_path, capsys):
     from bailong.data.splits import load_splits
 
     splits = load_splits(OmegaConf.to_object(cfg.data), cfg.paths.cache_dir)
-    files = {
-        lang: write_jsonl([{"text": t} for t in getattr(splits, f"{lang}_val")], tmp_path / f"{lang}.jsonl")
-        for lang in ("tc", "en")
-    }
     seq_len = cfg.eval.seq_len or cfg.data.seq_len
-    base_scores = main(
-        [
-            "bpc",
-            str(ROOT / "models" / "mini-base"),
-            "--tc",
-            str(files["tc"]),
-            "--en",
-            str(files["en"]),
-            "--seq-len",
-            str(seq_len),
-            "--batch-size",
-            str(cfg.eval.batch_size),
-            "--quant",
-            cfg.quant.name,
-        ]
-    )
-    for key in ("base/tc_bpc", "base/en_bpc", "base/tc_tokens_per_char", "base/en_tokens_per_char"):
-        assert base_scores[key] == pytest.approx(metrics[key], rel=1e-6, abs=0), key
+    for split, prefix in (("val", ""), ("test", "test_")):  # dev and test
+        files = {
+            lang: write_jsonl(
+                [{"text": t} for t in getattr(splits, f"{lang}_{split}")], tmp_path / f"{lang}_{split}.jsonl"
+            )
+            for lang in ("tc", "en")
+        }
+        base_scores = main(
+            [
+                "bpc",
+                str(ROOT / "models" / "mini-base"),
+                "--tc",
+                str(files["tc"]),
+                "--en",
+                str(files["en"]),
+                "--seq-len",
+                str(seq_len),
+                "--batch-size",
+                str(cfg.eval.batch_size),
+                "--quant",
+                cfg.quant.name,
+            ]
+        )
+        for lang, what in ((lang, what) for lang in ("tc", "en") for what in ("bpc", "tokens_per_char")):
+            scored, reported = base_scores[f"base/{lang}_{what}"], metrics[f"base/{prefix}{lang}_{what}"]
+            assert scored == pytest.approx(reported, rel=1e-6, abs=0), (split, lang, what)
     printed = capsys.readouterr().out
     assert '"final/tc_bpc"' in printed and '"base/en_bpc"' in printed  # JSON on stdout

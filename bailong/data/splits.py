@@ -31,6 +31,13 @@ class Splits:
     def val(self) -> dict[str, list[str]]:
         return {"tc": self.tc_val, "en": self.en_val}
 
+    def held_out(self) -> dict[str, list[str]]:
+        """Dev and test text by evaluation name: ``tc``, ``en`` (dev: every choice) and ``test_tc``, ``test_en``
+        (test: the reported figures), so a run's ``<model>/tc_bpc`` is dev and ``<model>/test_tc_bpc`` test. A
+        language with no test text (``data.test_fraction=0``) has no test name."""
+        test = {f"test_{lang}": docs for lang, docs in (("tc", self.tc_test), ("en", self.en_test)) if docs}
+        return {**self.val(), **test}
+
     def train_documents(self, lang: str) -> Iterator[str]:
         """Every training document of ``lang``, streamed from disk in corpus order."""
         if lang not in self.prepared.manifest["languages"]:

@@ -211,7 +211,7 @@ def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) 
         **model_identity(cfg),
         "tokenizer": tokenizer_key,
         "quant": OmegaConf.to_container(cfg.quant),
-        "texts": splits.val(),
+        "texts": splits.held_out(),
         "seq_len": seq_len,
         "batch_size": cfg.eval.batch_size,
         "precision": str(cfg.trainer.precision),
@@ -219,7 +219,7 @@ def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) 
 
     def compute() -> dict:
         model = load_base_model(typed(cfg.model), quant=typed(cfg.quant), device=run_device(cfg.trainer.accelerator))
-        return evaluate(cfg, model, base_tok, ("bpc",), Path(cfg.paths.output_dir), texts=splits.val())
+        return evaluate(cfg, model, base_tok, ("bpc",), Path(cfg.paths.output_dir), texts=splits.held_out())
 
     return prefixed("base", cached_json(Path(cfg.paths.cache_dir) / "base_metrics", key, compute))
 

@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
 
     # step 0: the extended, initialised model before any update (rank 0 reports; the others go on to fit)
     if rank_zero:
-        metrics.update(prefixed("step0", evaluate(cfg, model, tok, ("bpc",), out, texts=splits.val())))
+        metrics.update(prefixed("step0", evaluate(cfg, model, tok, ("bpc",), out, texts=splits.held_out())))
 
     # 3 data, 4 train
     datamodule = PretrainDataModule.from_config(tok, data, seed=cfg.seed, splits=splits, cache_dir=cfg.paths.cache_dir)
@@ -90,7 +90,7 @@ def run(cfg: DictConfig) -> dict:
         finish_wandb(loggers)
         return metrics
 
-    # 5 evaluate the trained model on the same held-out text; save a reloadable adapter
-    metrics.update(prefixed("final", evaluate(cfg, model, tok, ("bpc",), out, texts=splits.val())))
+    # 5 evaluate the trained model on the same held-out text (dev: tc_bpc; test: test_tc_bpc); save the adapter
+    metrics.update(prefixed("final", evaluate(cfg, model, tok, ("bpc",), out, texts=splits.held_out())))
     save_adapter(model, tok, out / ADAPTER_DIR, rows=rows, config=redacted_config(cfg))
     return finish_run(out, metrics, loggers, trainer.global_step)

@@ -137,7 +137,7 @@ def run(cfg: DictConfig) -> dict:
             "sft/train_rows": int(datamodule.train_rows["input_ids"].shape[0]),
         }
     )
-    held_out = splits.val()
+    held_out = splits.held_out()
 
     if cfg.sft.eval_before and rank_zero:
         metrics.update(
