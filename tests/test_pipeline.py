@@ -28,6 +28,12 @@ REQUIRED_KEYS = [
     "step0/test_tc_bpc",
     "final/test_tc_bpc",
     "final/test_en_bpc",
+    "tokenizer/tc_byte_fallback_rate_base",
+    "tokenizer/tc_byte_fallback_rate",
+    "tokenizer/new_unused_held_out",
+    "tokens/consumed",
+    "tokens/new_seen",
+    "tokens/new_never_seen",
     "params/trainable",
     "params/total",
     "train/tokens_per_sec",
@@ -68,6 +74,16 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     assert metrics["tokenizer/added"] == cfg.tokenizer.added_vocab
     assert metrics["tokenizer/tc_tokens_per_char"] < metrics["tokenizer/tc_tokens_per_char_base"]
     assert 0 < metrics["params/trainable"] < metrics["params/total"]
+    # the token diagnostics count what the run consumed: every step's rows, each appended token once per occurrence
+    rows = cfg.trainer.max_steps * cfg.trainer.get("accumulate_grad_batches", 1) * cfg.data.batch_size
+    assert metrics["tokens/consumed"] == rows * cfg.data.seq_len
+    assert metrics["tokens/new_seen"] + metrics["tokens/new_never_seen"] == metrics["tokenizer/added"]
+    tokens = json.loads((out / "token_report.json").read_text())["tokens"]
+    assert (
+        len(tokens) == metrics["tokenizer/added"]
+        and sum(t["count"] for t in tokens) == metrics["tokens/new_occurrences"]
+    )
+    assert metrics["tokenizer/tc_byte_fallback_rate"] < metrics["tokenizer/tc_byte_fallback_rate_base"]
     for key in ("base/tc_bpc", "step0/tc_bpc", "final/tc_bpc", "final/en_bpc"):
         assert 0 < metrics[key] < 20, (key, metrics[key])
     for sub in (

@@ -25,6 +25,13 @@ from bailong.checks import check_config, check_output_dir
 from bailong.data.prepare import SPLITS, prepared_counts
 from bailong.data.splits import Splits
 from bailong.embedding import global_rng_kept, resize_and_initialize, rows_depend_on
+from bailong.embedding.diagnostics import (
+    effective_new_rows,
+    row_metrics,
+    row_report,
+    token_counts,
+    tokenizer_report,
+)
 from bailong.eval.evaluators import EvalContext, run_evaluators
 from bailong.files import write_json_atomically
 from bailong.model.build import build_model, load_base_model, new_rows
@@ -32,7 +39,7 @@ from bailong.model.device import autocast, run_device
 from bailong.model.random_base import ensure_random_base
 from bailong.overrides import task_overrides
 from bailong.redact import check_env_var_name, redact, run_secrets
-from bailong.run_files import METRICS_FILE
+from bailong.run_files import METRICS_FILE, TOKEN_REPORT_FILE
 from bailong.tokenization import extend_tokenizer, load_tokenizer, tokens_per_char
 from bailong.train.callbacks import GatherFullState
 from bailong.train.checkpoint_io import AtomicCheckpointIO
@@ -187,6 +194,8 @@ def data_metrics(splits: Splits) -> dict:
 
 
 def tokenizer_metrics(base_tok, tok, ext, splits: Splits) -> dict:
+    """Fertility on dev text, byte-fallback rates and the appended pieces held-out text never uses
+    (bailong/embedding/diagnostics.py)."""
     return {
         "tokenizer/added": ext.num_added,
         "tokenizer/vocab_size": len(tok),
@@ -195,7 +204,25 @@ def tokenizer_metrics(base_tok, tok, ext, splits: Splits) -> dict:
         "tokenizer/en_tokens_per_char_base": tokens_per_char(base_tok, splits.en_val),
         "tokenizer/en_tokens_per_char": tokens_per_char(tok, splits.en_val),
         "tokenizer/cached": ext.cached,
+        **tokenizer_report(base_tok, tok, ext.num_base, splits.held_out()),
     }
+
+
+def token_diagnostics(model, tok, num_base: int, initial_rows: dict, datamodule, out: Path) -> dict:
+    """``tokens/*`` after training: how often each appended token occurred in the batches the run consumed (the
+    data module's global sample count, all ranks) and how far its rows moved from ``initial_rows``; the per-token
+    records go to ``token_report.json``. Nothing for a run that appends no token."""
+    if len(tok) <= num_base:
+        return {}
+    stream, consumed = datamodule.stream, datamodule.state_dict()["consumed_samples"]
+    rows = (stream.rows[lang][row] for lang, row in map(stream.source, range(consumed)))
+    counts = token_counts(rows, len(tok))
+    pieces = tok.convert_ids_to_tokens(list(range(num_base, len(tok))))
+    final = effective_new_rows(model, num_base, len(tok))
+    report = row_report(pieces, counts[num_base:], initial_rows, final)
+    metrics = {"tokens/consumed": float(counts.sum()), **row_metrics(report)}
+    write_json_atomically(out / TOKEN_REPORT_FILE, {"first_id": num_base, "tokens": report})
+    return metrics
 
 
 def model_identity(cfg: DictConfig) -> dict:

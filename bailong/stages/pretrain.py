@@ -34,6 +34,7 @@ from bailong.stages.common import (
     prefixed,
     redacted_config,
     start_run,
+    token_diagnostics,
     tokenizer_metrics,
     trained_model,
     typed,
@@ -92,5 +93,6 @@ def run(cfg: DictConfig) -> dict:
 
     # 5 evaluate the trained model on the same held-out text (dev: tc_bpc; test: test_tc_bpc); save the adapter
     metrics.update(prefixed("final", evaluate(cfg, model, tok, ("bpc",), out, texts=splits.held_out())))
+    metrics.update(token_diagnostics(model, tok, ext.num_base, rows, datamodule, out))
     save_adapter(model, tok, out / ADAPTER_DIR, rows=rows, config=redacted_config(cfg))
     return finish_run(out, metrics, loggers, trainer.global_step)
