@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformers import AutoTokenizer
 
 from conftest import ROOT, compose_config
 
@@ -248,3 +249,25 @@ def test_eval_command_scores_a_run_and_a_base(smoke_run, tmp_path, capsys):
             assert scored == pytest.approx(reported, rel=1e-6, abs=0), (split, lang, what)
     printed = capsys.readouterr().out
     assert '"final/tc_bpc"' in printed and '"base/en_bpc"' in printed  # JSON on stdout
+
+
+def test_step0_is_the_initialised_model_before_any_update(smoke_run):
+    """step0/* equals scoring a model built afresh from the run's tokenizer and the init strategy's rows (LoRA B is
+    zero, nothing trained), through bailong.eval.bpc directly: step 0 is not measured after an update or in
+    training mode."""
+    from omegaconf import OmegaConf
+
+    from bailong.data.splits import load_splits
+    from bailong.eval.bpc import bits_per_char
+    from bailong.stages.common import build_tokenizers, initial_rows, make_model
+
+    out, cfg, metrics = smoke_run
+    splits = load_splits(OmegaConf.to_object(cfg.data), cfg.paths.cache_dir)
+    _, ext, base_tok, tok = build_tokenizers(cfg, splits)
+    assert tok.get_vocab() == AutoTokenizer.from_pretrained(out / "tokenizer").get_vocab()  # the run's tokenizer
+    rows, _ = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
+    model = make_model(cfg, tok, ext.num_base, rows, torch.device("cpu"))
+    seq_len = cfg.eval.seq_len or cfg.data.seq_len
+    for name, texts in splits.held_out().items():
+        scored = bits_per_char(model, tok, texts, seq_len=seq_len, batch_size=cfg.eval.batch_size)
+        assert scored["bpc"] == pytest.approx(metrics[f"step0/{name}_bpc"], rel=1e-6, abs=0), name
