@@ -18,7 +18,7 @@ shards, so the report runs on any corpus the prepare stage has written (it prepa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from bailong.data.config import DataConfig, expect_config
@@ -41,24 +41,14 @@ class HeldOut:
 
 def _held_out(prepared: PreparedText, lang: str) -> HeldOut:
     held = HeldOut()
-    for source, _ in enumerate(prepared.manifest["languages"][lang]["sources"]):
-        for split in HELD_OUT:
-            for path in prepared.files(lang, split):
-                if path.parent.name != f"{source:03d}":
-                    continue
-                for text in _texts(prepared, path):
-                    held.texts.append(text)
-                    held.where.append((source, split))
-                    held.pairs.append(0)
-                    held.covered.append(bytearray(len(text)))
+    for split in HELD_OUT:
+        for source, texts in enumerate(prepared.documents_by_source(lang, split)):
+            for text in texts:
+                held.texts.append(text)
+                held.where.append((source, split))
+                held.pairs.append(0)
+                held.covered.append(bytearray(len(text)))
     return held
-
-
-def _texts(prepared: PreparedText, path) -> Iterator[str]:
-    from bailong.data.corpus import read_jsonl
-
-    for _, record in read_jsonl(path):
-        yield record["text"]
 
 
 def count_near_duplicate_pairs(train: Iterable[str], held: HeldOut, jaccard: float, ngram: int) -> None:
