@@ -385,9 +385,14 @@ def tolerance(key: str) -> float | None:
     (2^-8 relative). Bits/char sum thousands of such terms, so before training they agree to about 1e-3;
     1% leaves room. Training (4 steps of AdamW, warm-up 1) feeds those differences into the weights, and the
     zip-tie rows are fitted on each device: 2% after training. Counts (characters, tokens, parameters,
-    tokenizer statistics) do not depend on arithmetic and must be equal."""
+    tokenizer statistics) do not depend on arithmetic and must be equal. The new rows' movement statistics
+    (``tokens/*_change_*``) are not compared: AdamW's first steps divide by sqrt(v) + eps, so a row whose gradient
+    is near zero moves by an amount rounding decides (two CPU processes already gave values 1e-6 apart, and the
+    CUDA kernels round otherwise); the token counts (``tokens/new_*``, ``tokens/consumed``) are equal."""
     stage, _, stat = key.partition("/")
     if stage == "train" and stat != "steps":
+        return None
+    if stage == "tokens" and "_change_" in stat:
         return None
     if stage in ("base", "step0", "final") and stat.endswith(("_bpc", "_bpb", "_bits")):
         return 0.02 if stage == "final" else 0.01
@@ -415,7 +420,8 @@ def compare_metrics(device: dict, cpu: dict) -> dict:
         "metrics": rows,
         "only_device": sorted(set(device) - set(cpu)),
         "only_cpu": sorted(set(cpu) - set(device)),
-        "tolerances": "bits/char, bits/byte, bits: 1% before training, 2% after; counts equal; speed not compared",
+        "tolerances": "bits/char, bits/byte, bits: 1% before training, 2% after; counts equal; "
+        "speed and the new rows' movement statistics not compared",
     }
 
 
