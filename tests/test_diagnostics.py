@@ -23,6 +23,8 @@ from test_build import NONE, NUM_BASE, VOCAB
 def test_token_counts_add_every_batch_and_refuse_foreign_ids():
     counts = token_counts([np.array([[0, 1, 1], [4, 4, 4]], dtype=np.uint16), np.array([1, 2])], 6)
     assert counts.tolist() == [1, 3, 1, 0, 3, 0]
+    batches = [np.array([[0, 1, 1], [4, 4, 4]], dtype=np.uint16), np.array([1, 2])]
+    assert token_counts(batches, 6, chunk_ids=2).tolist() == counts.tolist()  # counted a chunk at a time
     with pytest.raises(ValueError, match=r"outside \[0, 6\)"):
         token_counts([np.array([6])], 6)
 

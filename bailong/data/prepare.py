@@ -382,7 +382,7 @@ def prepare_text(data: DataConfig, cache_dir: str | os.PathLike, *, workers: int
                 for lang in LANGUAGES
                 if getattr(data, lang)
             }
-            # train-NNNNN.jsonl.gz, dev.jsonl.gz, test.jsonl.gz per corpus folder
+            # <split>-NNNNN.jsonl.gz per corpus folder
             files = {
                 lang: {
                     split: sorted(str(p.relative_to(root)) for p in (root / lang).glob(f"*/{split}*.jsonl.gz"))

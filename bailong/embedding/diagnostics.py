@@ -25,14 +25,30 @@ BUCKETS = (("never", 0, 0), ("1-9", 1, 9), ("10-99", 10, 99), ("100+", 100, None
 UNDER_TRAINED = 10  # a row seen fewer times than this (but seen) counts as under-trained
 
 
-def token_counts(batches: Iterable[np.ndarray], vocab_size: int) -> np.ndarray:
-    """Occurrences of each id in ``batches`` (arrays of token ids), as int64 of length ``vocab_size``."""
+def token_counts(batches: Iterable[np.ndarray], vocab_size: int, chunk_ids: int = 1 << 22) -> np.ndarray:
+    """Occurrences of each id in ``batches`` (arrays of token ids), as int64 of length ``vocab_size``. Batches are
+    counted ``chunk_ids`` ids at a time: one ``bincount`` per training row would allocate a vocabulary-sized array
+    per row (a 7B run consumes millions of rows)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for batch in batches:
-        ids = np.asarray(batch, dtype=np.int64).ravel()
+    pending: list[np.ndarray] = []
+    size = 0
+
+    def count() -> None:
+        nonlocal size
+        ids = np.concatenate(pending).astype(np.int64)
         if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
             raise ValueError(f"token_counts: ids outside [0, {vocab_size}) in a training batch")
-        counts += np.bincount(ids, minlength=vocab_size)
+        counts[:] += np.bincount(ids, minlength=vocab_size)
+        pending.clear()
+        size = 0
+
+    for batch in batches:
+        pending.append(np.asarray(batch).ravel())
+        size += pending[-1].size
+        if size >= chunk_ids:
+            count()
+    if pending:
+        count()
     return counts
 
 
@@ -51,13 +67,11 @@ def effective_new_rows(model: Any, num_base: int, vocab_size: int) -> dict[str, 
         head = model.get_output_embeddings()
         weights = head_weights(head) if head is not None else None
         if weights is not None and head is not embedding:
-            if weights.rows is not None and weights.ids is not None:  # the trained rows, by id
-                position = {int(i): k for k, i in enumerate(weights.ids.tolist())}
-                take = [position.get(i) for i in range(num_base, vocab_size)]
-                frozen = weights.weight[num_base:vocab_size]
-                rows["head"] = (
-                    torch.stack([frozen[k] if p is None else weights.rows[p] for k, p in enumerate(take)]).float().cpu()
-                )
+            if weights.rows is not None and weights.ids is not None:  # the trained rows written over the frozen ones
+                head_rows = weights.weight[num_base:vocab_size].detach().float().clone()
+                appended = (weights.ids >= num_base) & (weights.ids < vocab_size)
+                head_rows[weights.ids[appended] - num_base] = weights.rows[appended].detach().float()
+                rows["head"] = head_rows.cpu()
             else:  # frozen, or the whole matrix trains
                 rows["head"] = weights.weight[num_base:vocab_size].detach().float().cpu()
         elif isinstance(head, LoraLayer) and not head.merged:
@@ -127,11 +141,18 @@ def row_metrics(report: list[dict[str, Any]]) -> dict[str, float]:
     return metrics
 
 
+def _ids(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    return [i for row in tokenizer(list(texts), add_special_tokens=False)["input_ids"] for i in row]
+
+
+def _byte_share(tokenizer: Any, ids: list[int]) -> float:
+    byte_ids = {i for piece, i in tokenizer.get_vocab().items() if BYTE_PIECE.fullmatch(piece)}
+    return sum(i in byte_ids for i in ids) / len(ids) if ids else 0.0
+
+
 def byte_fallback_rate(tokenizer: Any, texts: Sequence[str]) -> float:
     """The share of the tokens of ``texts`` that are byte-fallback pieces (``<0x..>``)."""
-    byte_ids = {i for piece, i in tokenizer.get_vocab().items() if BYTE_PIECE.fullmatch(piece)}
-    ids = [i for row in tokenizer(list(texts), add_special_tokens=False)["input_ids"] for i in row]
-    return sum(i in byte_ids for i in ids) / len(ids) if ids else 0.0
+    return _byte_share(tokenizer, _ids(tokenizer, texts))
 
 
 def tokenizer_report(base_tok: Any, tok: Any, num_base: int, held_out: dict[str, Sequence[str]]) -> dict[str, float]:
@@ -142,9 +163,10 @@ def tokenizer_report(base_tok: Any, tok: Any, num_base: int, held_out: dict[str,
     for lang, texts in held_out.items():
         if not texts:
             continue
+        ids = _ids(tok, texts)  # once: the extended tokenizer's rate and the appended pieces used
         metrics[f"tokenizer/{lang}_byte_fallback_rate_base"] = byte_fallback_rate(base_tok, texts)
-        metrics[f"tokenizer/{lang}_byte_fallback_rate"] = byte_fallback_rate(tok, texts)
-        used.update(i for row in tok(list(texts), add_special_tokens=False)["input_ids"] for i in row if i >= num_base)
+        metrics[f"tokenizer/{lang}_byte_fallback_rate"] = _byte_share(tok, ids)
+        used.update(i for i in ids if i >= num_base)
     added = len(tok) - num_base
     if added > 0:
         metrics["tokenizer/new_unused_held_out"] = float(added - len(used))
