@@ -29,8 +29,7 @@ def check_config(cfg: DictConfig) -> None:
     if problems:  # the checks below read values the schema found out of range
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     problems += finetune_problems(cfg)
-    seq = cfg.eval.seq_len or cfg.data.seq_len
-    if max(cfg.data.seq_len, seq) > cfg.model.max_seq_len:
+    if max(cfg.data.seq_len, cfg.eval.seq_len or 0) > cfg.model.max_seq_len:
         problems.append(
             f"data.seq_len={cfg.data.seq_len} / eval.seq_len={cfg.eval.seq_len}: over the model's "
             f"maximum model.max_seq_len={cfg.model.max_seq_len}"

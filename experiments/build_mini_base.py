@@ -4,10 +4,13 @@
     python experiments/build_mini_base.py --out models/mini-base --reference  # + English-only numbers
     python experiments/build_mini_base.py --out /tmp/mb --tiny                # seconds, for tests
 
-Training uses the train side of split_documents(docs, 0.02, seed=0) of every file (the split the
-rest of bailong uses); the validation side is only evaluated. The English-only reference has the
-same tokenizer, architecture and steps; its weights stay in the log directory and only its
-numbers go into the card. Same torch version + same --threads = bit-for-bit the same weights.
+The data is the default data config (conf/data/pretrain_tc.yaml, its ${paths.data_dir} the data/ folder
+under --data-root) prepared by the prepare stage (bailong.data.prepare.prepare_text, cached under --cache-dir,
+default the project's cache: the same prepared text a default run reads): the grouped three-way split every
+stage uses. Training uses each corpus's `train` split; `dev` and `test` are only evaluated, and the card
+reports both. The English-only reference has the same tokenizer, architecture and steps; its weights stay in
+the log directory and only its numbers go into the card. Same torch version + same --threads = bit-for-bit
+the same weights.
 """
 
 from __future__ import annotations
@@ -26,18 +29,16 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-from bailong.data.config import CorpusConfig  # noqa: E402
-from bailong.data.corpus import load_documents, split_documents  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without install
+from bailong.cache import default_cache_dir  # noqa: E402
+from bailong.data.config import DataConfig, data_config_from_yaml  # noqa: E402
+from bailong.data.prepare import SPLITS, prepare_text  # noqa: E402
 from bailong.eval.bpc import bits_per_char  # noqa: E402
 from bailong.model.mini_base import MiniBaseConfig, build_mini_base  # noqa: E402
 
-DATA = {
-    "en": ["data/en/kjv.jsonl.gz", "data/en/fortunes.jsonl.gz"],
-    "tc": ["data/zh_tw/poetry_tang.jsonl.gz", "data/zh_tw/modern.jsonl.gz", "data/zh_tw/classics.jsonl.gz"],
-}
-VAL_FRACTION, SPLIT_SEED = 0.02, 0
-EVAL_SEQ_LEN = 256  # the scoring window of conf/data/pretrain_tc.yaml
+DATA_CONFIG = "conf/data/pretrain_tc.yaml"  # the default data config: its corpora, split and grouping
+HELD_OUT = ("dev", "test")  # evaluated, never trained on
 TINY = dict(
     vocab_size=600,
     han_pieces=40,
@@ -54,18 +55,35 @@ TINY = dict(
     log_every=1,
     eval_every=2,
 )
-TINY_MAX_DOCS = 300
+TINY_MAX_DOCS = 300  # per corpus (its max_docs: the documents kept, before the split)
 
 
-def load_data(root: Path, max_docs: int | None) -> dict[str, dict[str, tuple[list[str], list[str]]]]:
-    """{lang: {file stem: (train, val)}}, split per file."""
+def data_config(data_root: Path, tiny: bool) -> DataConfig:
+    """The default data config with ``${paths.data_dir}`` = ``<data_root>/data``; ``tiny``: each corpus capped at
+    ``TINY_MAX_DOCS`` documents."""
+    data = data_config_from_yaml(REPO / DATA_CONFIG, data_root / "data")
+    if tiny:
+        cap = {lang: [replace(spec, max_docs=TINY_MAX_DOCS) for spec in getattr(data, lang)] for lang in ("tc", "en")}
+        data = replace(data, **cap)
+    return data
+
+
+def load_data(data: DataConfig, cache_dir: Path) -> tuple[dict[str, dict[str, dict[str, list[str]]]], str]:
+    """``({lang: {file stem: {split: documents}}}, prepared text key)``: every corpus's train, dev and test documents
+    as ``prepare_text`` splits them, EN first."""
+    prepared = prepare_text(data, cache_dir)
     out: dict[str, dict] = {}
-    for lang, paths in DATA.items():
+    for lang in ("en", "tc"):
         out[lang] = {}
-        for path in paths:
-            docs = load_documents([CorpusConfig(path=str(root / path), max_docs=max_docs)])
-            out[lang][Path(path).name.split(".")[0]] = split_documents(docs, VAL_FRACTION, SPLIT_SEED)
-    return out
+        for i, spec in enumerate(getattr(data, lang)):
+            stem = Path(spec.path).name.split(".")[0]
+            out[lang][stem] = {split: list(prepared.documents_by_source(lang, split)[i]) for split in SPLITS}
+    return out, prepared.root.name
+
+
+def split_docs(data: dict, lang: str, split: str) -> list[str]:
+    """One language's documents of ``split``, corpus after corpus."""
+    return [d for parts in data[lang].values() for d in parts[split]]
 
 
 def unigram_bits(train: list[str], val: list[str]) -> float:
@@ -75,32 +93,45 @@ def unigram_bits(train: list[str], val: list[str]) -> float:
     return sum(-math.log2((counts[ch] + 1) / (total + slots)) for doc in val for ch in doc)
 
 
+def score(model, tokenizer, docs: list[str]) -> dict:
+    """Bits per character of ``docs``: the one scoring call of the card (every figure goes through here), in the
+    evaluators' default windows (the model's positions: a document that fits is scored whole)."""
+    return bits_per_char(model, tokenizer, docs, batch_size=8)
+
+
 def evaluate(model_dir: Path, data: dict) -> dict:
-    """bits/char of the saved model (as shipped: loaded back) and of the unigram, per file and language."""
+    """``{split: figures}`` for dev and test: bits/char of the saved model (as shipped: loaded back) and of the
+    unigram, per file and language."""
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     result: dict = {}
-    for lang, files in data.items():
-        train_all = [d for tr, _ in files.values() for d in tr]
-        lang_bits = lang_uni = lang_chars = 0.0
-        for name, (_, val) in files.items():
-            scored = bits_per_char(model, tokenizer, val, seq_len=EVAL_SEQ_LEN, batch_size=8)
-            uni = unigram_bits(train_all, val)
-            result[f"{lang}/{name}"] = {
-                "chars": scored["chars"],
-                "docs": len(val),
-                "bpc": round(scored["bpc"], 4),
-                "unigram_bpc": round(uni / scored["chars"], 4),
-                "tokens_per_char": round(scored["tokens_per_char"], 4),
+    for split in HELD_OUT:
+        figures: dict = {}
+        for lang, files in data.items():
+            train_all = split_docs(data, lang, "train")
+            lang_bits = lang_uni = lang_chars = 0.0
+            for name, parts in files.items():
+                held = parts[split]
+                if not held:
+                    raise SystemExit(f"{lang}/{name}: no {split} documents to evaluate (raise max_docs)")
+                scored = score(model, tokenizer, held)
+                uni = unigram_bits(train_all, held)
+                figures[f"{lang}/{name}"] = {
+                    "chars": scored["chars"],
+                    "docs": len(held),
+                    "bpc": round(scored["bpc"], 4),
+                    "unigram_bpc": round(uni / scored["chars"], 4),
+                    "tokens_per_char": round(scored["tokens_per_char"], 4),
+                }
+                lang_bits += scored["bits"]
+                lang_uni += uni
+                lang_chars += scored["chars"]
+            figures[lang] = {
+                "chars": int(lang_chars),
+                "bpc": round(lang_bits / lang_chars, 4),
+                "unigram_bpc": round(lang_uni / lang_chars, 4),
             }
-            lang_bits += scored["bits"]
-            lang_uni += uni
-            lang_chars += scored["chars"]
-        result[lang] = {
-            "chars": int(lang_chars),
-            "bpc": round(lang_bits / lang_chars, 4),
-            "unigram_bpc": round(lang_uni / lang_chars, 4),
-        }
+        result[split] = figures
     return result
 
 
@@ -115,8 +146,12 @@ def cpu_name() -> str:
 
 
 def render_readme(card: dict) -> str:
-    a, t, tr, ev = card["architecture"], card["tokenizer"], card["training"], card["eval"]
+    a, t, tr, ev, d = card["architecture"], card["tokenizer"], card["training"], card["eval"], card["data"]
     ref = card.get("reference")
+    grouped = [f"{k} by {', '.join(v)}" for k, v in d["group_by"].items()]
+    if d["dedup_group"] is not None:
+        grouped.append(f"near-duplicates (estimated Jaccard >= {d['dedup_group']}) in the first copy's split")
+    grouping = "grouped: " + "; ".join(grouped) if grouped else "split by each document's hash"
     lines = [
         "# mini-base: the embedded stand-in for Llama 2",
         "",
@@ -139,38 +174,50 @@ def render_readme(card: dict) -> str:
         "CJK punctuation marks (the most frequent in the TC training text)",
         "- Llama 2's settings: BPE, byte_fallback, split_digits, identity normalisation, no whitespace "
         "collapsing, dummy prefix; Chinese outside the Han pieces falls back to UTF-8 bytes",
-        f"- held-out tokens/char: EN {card['tokens_per_char']['en']:.3f}, TC {card['tokens_per_char']['tc']:.3f}",
+        f"- held-out (dev) tokens/char: EN {card['tokens_per_char']['en']:.3f}, TC {card['tokens_per_char']['tc']:.3f}",
         "",
         "## Training",
         f"- {tr['steps']} steps x {tr['batch_size']} rows x {tr['seq_len']} tokens; tokens: EN {tr['tokens']['en']:,}, "
         f"TC {tr['tokens']['tc']:,} (TC share {tr['tc_token_share']:.0%})",
         f"- AdamW lr {tr['lr']} (warm-up {tr['warmup_steps']}, cosine to {tr['min_lr_ratio']}x), "
         f"weight decay {tr['weight_decay']}, clip {tr['grad_clip']}, bf16 autocast: {tr['bf16_autocast']}",
-        f"- data: train side of `split_documents(docs, {VAL_FRACTION}, seed={SPLIT_SEED})` per file: "
-        + ", ".join(f"`{p}`" for ps in DATA.values() for p in ps),
+        f"- data: the `train` split of `{d['config']}` as the prepare stage splits it (`bailong.data.prepare`; "
+        f"dev {d['val_fraction']:.0%}, test {d['test_fraction']:.0%}, split_seed {d['split_seed']}; "
+        f"{grouping}), per file: "
+        + ", ".join(f"`{p}`" for ps in d["files"].values() for p in ps)
+        + (f"; at most {d['max_docs_per_file']} documents per file" if d["max_docs_per_file"] else ""),
         f"- wall time {tr['wall_time_s'] / 60:.1f} min on {tr['threads']} CPU threads ({card['machine']}), "
         f"seed {tr['seed']}, torch {card['versions']['torch']}, transformers {card['versions']['transformers']}",
         "",
         "## Held-out bits per character",
-        f"Validation side of the same split; `bailong.eval.bpc.bits_per_char`, seq_len {card['eval_seq_len']} "
-        "(BOS + document, EOS not scored). Unigram: add-one character unigram of the language's train split.",
+        "The `dev` and `test` splits of the same preparation (neither trained on; `test` is what reported figures "
+        f"use); `bailong.eval.bpc.bits_per_char` in windows of {card['eval_seq_len']} positions (BOS + document, "
+        "EOS not scored: each document whole where it fits, else the same character windows for every tokenizer). "
+        "Unigram: add-one character unigram of the language's train split.",
         "",
-        "| text | chars | mini-base | unigram |" + (" English-only reference |" if ref else ""),
-        "|---|---:|---:|---:|" + ("---:|" if ref else ""),
+        "| text | chars dev | chars test | mini-base dev | mini-base test | unigram dev | unigram test |"
+        + (" English-only reference dev | reference test |" if ref else ""),
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ref else ""),
     ]
-    for key, row in ev.items():
+    dev, test = ev["dev"], ev["test"]
+    for key in dev:
         name = f"**{key}**" if "/" not in key else key
-        line = f"| {name} | {row['chars']:,} | {row['bpc']:.3f} | {row['unigram_bpc']:.3f} |"
-        lines.append(line + (f" {ref['eval'][key]['bpc']:.3f} |" if ref else ""))
+        line = (
+            f"| {name} | {dev[key]['chars']:,} | {test[key]['chars']:,} | {dev[key]['bpc']:.3f} | "
+            f"{test[key]['bpc']:.3f} | {dev[key]['unigram_bpc']:.3f} | {test[key]['unigram_bpc']:.3f} |"
+        )
+        if ref:
+            line += f" {ref['eval']['dev'][key]['bpc']:.3f} | {ref['eval']['test'][key]['bpc']:.3f} |"
+        lines.append(line)
     if ref:
         lines += [
             "",
             f"The reference is the same architecture and tokenizer trained for the same {ref['steps']} "
             f"steps on English only ({ref['tokens']['en']:,} tokens, {ref['wall_time_s'] / 60:.1f} min on "
-            f"{ref['threads']} CPU threads); only its numbers are kept. English costs the mini base "
-            f"{ev['en']['bpc'] - ref['eval']['en']['bpc']:+.3f} bits/char against it (the reference saw "
+            f"{ref['threads']} CPU threads); only its numbers are kept. On test, English costs the mini base "
+            f"{test['en']['bpc'] - ref['eval']['test']['en']['bpc']:+.3f} bits/char against it (the reference saw "
             f"{ref['tokens']['en'] / tr['tokens']['en']:.1f}x the English tokens); its Chinese is "
-            f"{ev['tc']['unigram_bpc'] - ev['tc']['bpc']:.2f} bits/char below the unigram.",
+            f"{test['tc']['unigram_bpc'] - test['tc']['bpc']:.2f} bits/char below the unigram.",
         ]
     else:
         lines += ["", "English-only reference: not built yet (`--reference`)."]
@@ -178,7 +225,7 @@ def render_readme(card: dict) -> str:
         "",
         "## Rebuild",
         "```",
-        "python experiments/build_mini_base.py --out models/mini-base",
+        f"python experiments/build_mini_base.py --out models/mini-base --threads {tr['threads']}",
         "python experiments/build_mini_base.py --out models/mini-base --reference --threads 1"
         "  # as the card's reference was run",
         "```",
@@ -207,23 +254,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="override the number of training steps")
     parser.add_argument("--threads", type=int, help="override torch threads (changes the weights' bits)")
     parser.add_argument("--log-dir", type=Path, default=Path("outputs/mini_base_build"))
-    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[1])
+    parser.add_argument("--data-root", type=Path, default=REPO, help="the folder whose data/ the corpora are in")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="where the text is prepared (default: the project's cache)"
+    )
     args = parser.parse_args(argv)
 
     cfg = replace(MiniBaseConfig(), **TINY) if args.tiny else MiniBaseConfig()
     cfg = replace(cfg, **{k: v for k, v in (("steps", args.steps), ("threads", args.threads)) if v is not None})
     if args.reference:
         cfg = replace(cfg, tc_share=0.0)
-    data = load_data(args.data_root, TINY_MAX_DOCS if args.tiny else None)
-    train = {lang: [d for tr, _ in files.values() for d in tr] for lang, files in data.items()}
-    val = {lang: [d for _, v in files.values() for d in v] for lang, files in data.items()}
+    data_cfg = data_config(args.data_root, args.tiny)
+    data, prepared_key = load_data(data_cfg, args.cache_dir if args.cache_dir is not None else default_cache_dir())
+    train = {lang: split_docs(data, lang, "train") for lang in data}
+    dev = {lang: split_docs(data, lang, "dev") for lang in data}
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
     model_dir = args.log_dir / "reference" if args.reference else args.out
     log_path = args.log_dir / ("reference.log" if args.reference else "main.log")
     start = time.time()
     stats = build_mini_base(
-        cfg, train["en"], train["tc"], model_dir, log_path, en_held_out=val["en"], tc_held_out=val["tc"]
+        cfg, train["en"], train["tc"], model_dir, log_path, en_held_out=dev["en"], tc_held_out=dev["tc"]
     )
     ev = evaluate(model_dir, data)
     print(json.dumps(ev, indent=1))
@@ -268,10 +319,10 @@ def main(argv: list[str] | None = None) -> None:
             },
         },
         "tokenizer": stats["tokenizer"],
-        "tokens_per_char": {
+        "tokens_per_char": {  # dev
             lang: round(
-                sum(ev[f"{lang}/{n}"]["tokens_per_char"] * ev[f"{lang}/{n}"]["chars"] for n in data[lang])
-                / ev[lang]["chars"],
+                sum(ev["dev"][f"{lang}/{n}"]["tokens_per_char"] * ev["dev"][f"{lang}/{n}"]["chars"] for n in data[lang])
+                / ev["dev"][lang]["chars"],
                 4,
             )
             for lang in data
@@ -286,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
             "build_time_s": round(time.time() - start, 1),
         },
         "eval": ev,
-        "eval_seq_len": EVAL_SEQ_LEN,
+        "eval_seq_len": model_cfg["max_position_embeddings"],  # the windows score() used
         "machine": cpu_name(),
         "versions": {
             "torch": torch.__version__,
@@ -294,9 +345,27 @@ def main(argv: list[str] | None = None) -> None:
             "python": platform.python_version(),
         },
         "data": {
-            "files": DATA,
-            "val_fraction": VAL_FRACTION,
-            "split_seed": SPLIT_SEED,
+            "config": DATA_CONFIG,
+            "files": {
+                lang: [Path(spec.path).relative_to(args.data_root).as_posix() for spec in getattr(data_cfg, lang)]
+                for lang in data
+            },
+            "val_fraction": data_cfg.val_fraction,
+            "test_fraction": data_cfg.test_fraction,
+            "split_seed": data_cfg.split_seed,
+            "group_by": {
+                Path(spec.path).name.split(".")[0]: spec.group_by
+                for lang in data
+                for spec in getattr(data_cfg, lang)
+                if spec.group_by
+            },
+            "dedup_group": data_cfg.dedup.group,
+            "prepared_text": prepared_key,  # the cache key of the prepared text: its corpora, dedup and split
+            "docs": {
+                f"{lang}/{name}": {s: len(parts[s]) for s in SPLITS}
+                for lang in data
+                for name, parts in data[lang].items()
+            },
             "max_docs_per_file": TINY_MAX_DOCS if args.tiny else None,
         },
     }

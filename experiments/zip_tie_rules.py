@@ -3,11 +3,12 @@
     .venv/bin/python experiments/zip_tie_rules.py                  # everything (~35 min on 2 shared CPUs)
     .venv/bin/python experiments/zip_tie_rules.py --only 'zip_tie:last/*,mean' --decompose
 
-Extends the base tokenizer with the TC training split (the pipeline's split: 2% of each
-data/zh_tw file by document hash, seed 0), initialises the new rows of a fresh copy of the base for
-each configuration, and measures bits/char on capped validation text, before any training: TC (the
-three TC files, equal shares) and EN (data/en). The base itself is measured with the same tokenizer
-construction and no added pieces. Prints a markdown table, writes JSON (see --out).
+Extends the base tokenizer with the TC training split (the pipeline's: the default data config,
+conf/data/pretrain_tc.yaml, prepared by the prepare stage), initialises the new rows of a fresh copy of the base
+for each configuration, and measures bits/char on capped `dev` text (choices are made on dev; `test` is never
+read here), before any training: TC (the three TC corpora, equal shares) and EN (the two EN corpora). The base
+itself is measured with the same tokenizer construction and no added pieces. Prints a markdown table, writes JSON
+(see --out).
 """
 
 from __future__ import annotations
@@ -27,23 +28,15 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from bailong.data.config import CorpusConfig  # noqa: E402
-from bailong.data.corpus import load_documents, split_documents  # noqa: E402
+from bailong.data.config import data_config_from_yaml  # noqa: E402
+from bailong.data.prepare import prepare_text  # noqa: E402
 from bailong.embedding import find_new_tokens, init_options, resize_and_initialize  # noqa: E402
 from bailong.embedding.distill import spell_out  # noqa: E402
 from bailong.embedding.pieces import PIECE_RULES  # noqa: E402
 from bailong.eval.bpc import bits_per_char  # noqa: E402
 from bailong.tokenization.extend import extend_tokenizer, load_tokenizer  # noqa: E402
 
-TC_FILES = ["poetry_tang", "modern", "classics"]
-EN_FILES = ["kjv", "fortunes"]
-
-
-def splits(folder: str, names: list[str]) -> dict[str, tuple[list[str], list[str]]]:
-    return {
-        n: split_documents(load_documents([CorpusConfig(path=str(ROOT / "data" / folder / f"{n}.jsonl.gz"))]), 0.02, 0)
-        for n in names
-    }
+DATA_CONFIG = ROOT / "conf" / "data" / "pretrain_tc.yaml"  # the default run's corpora, split and grouping
 
 
 def capped(docs: list[str], max_chars: int) -> list[str]:
@@ -145,9 +138,9 @@ def decompose(model, tok, new, texts: list[str], seq_len: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models/mini-base"))
-    parser.add_argument("--added-vocab", type=int, default=12000)
+    parser.add_argument("--added-vocab", type=int, default=8000, help="default: tokenizer.added_vocab's")
     parser.add_argument("--max-chars", type=int, default=12000, help="validation characters per language")
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=None, help="scoring window (default: the model's positions)")
     parser.add_argument("--shift-tokens", type=int, default=400_000, help="zip_tie shift_max_tokens")
     parser.add_argument(
         "--only", default="", help="comma-separated names, 'prefix*' for all that start so; 'base' is always run"
@@ -158,11 +151,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    tc, en = splits("zh_tw", TC_FILES), splits("en", EN_FILES)
-    tc_train = [d for train, _ in tc.values() for d in train]
-    per_file = args.max_chars // len(TC_FILES)
-    tc_val = [d for _, val in tc.values() for d in capped(val, per_file)]
-    en_val = [d for _, val in en.values() for d in capped(val, args.max_chars // len(EN_FILES))]
+    data = data_config_from_yaml(DATA_CONFIG, ROOT / "data")
+    prepared = prepare_text(data, args.cache_dir)
+    tc_train = list(prepared.documents("tc", "train"))
+
+    def dev(lang: str) -> list[str]:
+        sources = prepared.documents_by_source(lang, "dev")
+        return [d for docs in sources for d in capped(list(docs), args.max_chars // len(sources))]
+
+    tc_val, en_val = dev("tc"), dev("en")
 
     start = time.perf_counter()
     base_tok = load_tokenizer(extend_tokenizer(args.model, tc_train, 0, args.cache_dir).path)
@@ -196,7 +193,7 @@ def main() -> None:
         results.append(row)
         print(f"| {name:44} | {row['tc_bpc']:12.4f} | {row['en_bpc']:12.4f} | {row['init_seconds']:6.1f} |", flush=True)
         if args.decompose:
-            row["tc_decomposition"] = decompose(model, tok, new, tc_val, args.seq_len)
+            row["tc_decomposition"] = decompose(model, tok, new, tc_val, args.seq_len or 256)
             parts = ", ".join(f"{k} {v:.3f}" for k, v in row["tc_decomposition"].items())
             print("    TC bits/char " + parts, flush=True)
 
@@ -210,7 +207,9 @@ def main() -> None:
                 "num_added": extended.num_added,
                 "tc_val_chars": sum(map(len, tc_val)),
                 "en_val_chars": sum(map(len, en_val)),
-                "seq_len": args.seq_len,
+                "seq_len": args.seq_len,  # null: the model's positions
+                "split": "dev",
+                "prepared_text": prepared.root.name,
                 "results": results,
             },
             indent=2,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ from bailong.data.pretrain import PretrainDataModule
 from bailong.data.windows import collate_windows, scoring_windows, window_spans
 from bailong.eval.bpc import bits_per_char, evaluate_texts, score_batch
 from test_packing import DATA, build_tiny_tokenizer, tiny_corpora
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -86,35 +90,96 @@ def test_bits_per_char_equals_brute_force(model, tokenizer, short_texts):
     assert result["tokens_per_char"] == pytest.approx(tokens / chars)
 
 
-@pytest.mark.parametrize("seq_len", [2, 3, 8, 16])
-def test_window_spans_score_every_token_once(seq_len):
-    for n_tokens in range(1, 70):
-        for stride in range(1, seq_len):
-            spans = window_spans(n_tokens, seq_len, stride)
-            scored = [p for _, end, first in spans for p in range(first, end)]
-            assert scored == list(range(1, n_tokens))  # each document token once, in order; BOS never
-            for k, (begin, end, first) in enumerate(spans):
-                assert end - begin == min(seq_len, n_tokens)  # every window as full as the text allows
-                assert begin < first <= end
-                if k > 0:  # context before the first scored token of a later window
-                    assert first - begin >= seq_len - stride
+@pytest.mark.parametrize("budget", [8, 9, 13, 40])
+def test_window_spans_score_every_character_once_within_the_byte_budget(budget):
+    rng = random.Random(budget)
+    for n in range(1, 80):
+        char_bytes = [rng.choice([1, 1, 3, 4]) for _ in range(n)]
+        spans = window_spans(char_bytes, budget)
+        scored = [c for _, end, first in spans for c in range(first, end)]
+        assert scored == list(range(n))  # each character once, in order
+        if sum(char_bytes) <= budget:
+            assert spans == [(0, n, 0)]  # a document that fits is one window, whole
+        for k, (begin, end, first) in enumerate(spans):
+            assert begin <= first < end and sum(char_bytes[begin:end]) <= budget
+            if k > 0:  # a later window keeps the characters before it as context: half the budget, less one char
+                assert sum(char_bytes[begin:first]) > budget // 2 - 4
+        begin, end, _ = spans[-1]
+        assert end == n and (begin == 0 or sum(char_bytes[begin - 1 :]) > budget)  # end-aligned, full
 
 
-def test_window_spans_reject_a_stride_that_skips_tokens():
-    with pytest.raises(ValueError, match="stride"):
-        window_spans(100, 16, 16)
-    with pytest.raises(ValueError, match="seq_len"):
-        window_spans(100, 1, 1)
+def test_window_spans_reject_a_budget_without_room_for_context():
+    with pytest.raises(ValueError, match="byte_budget"):
+        window_spans([1] * 100, 7)
+    with pytest.raises(ValueError, match="seq_len must be at least 10"):
+        scoring_windows(None, ["x"], seq_len=9)
 
 
-def test_sliding_window_gives_each_token_its_full_context(model, tokenizer):
-    """stride 1 means every token is scored with the longest context a window holds (seq_len - 1)."""
-    text = load_documents([CorpusConfig(path=str(DATA / "en/kjv.jsonl.gz"), max_docs=1)])[0][:200]
-    result = bits_per_char(model, tokenizer, [text], seq_len=16, stride=1, batch_size=16)
-    assert result["tokens"] > 40  # several windows
-    assert result["bits"] == pytest.approx(brute_force_bits(model, tokenizer, text, context=15), rel=1e-5)
-    coarse = bits_per_char(model, tokenizer, [text], seq_len=16, stride=15)  # the cheapest exact cover
-    assert (coarse["tokens"], coarse["chars"]) == (result["tokens"], result["chars"])
+def windowed_brute_force_bits(model, tokenizer, text: str, windows) -> float:
+    """-log2 p of each token given the tokens that start in its window's characters (BOS first when the window
+    starts the document), one unpadded forward pass per token: the character windows re-derived from offsets."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, starts = enc["input_ids"], [min(s, len(text) - 1) for s, _ in enc["offset_mapping"]]
+    bits = 0.0
+    with torch.no_grad():
+        for t, (token, start) in enumerate(zip(ids, starts)):
+            begin, first, end = next(w.char_span for w in windows if w.char_span[1] <= start < w.char_span[2])
+            context = [i for i, s in zip(ids[:t], starts[:t]) if s >= begin] or ids[t - 1 : t]
+            context = [tokenizer.bos_token_id, *context] if begin == 0 else context
+            logp = torch.log_softmax(model(torch.tensor([context])).logits[0, -1].double(), -1)
+            bits -= logp[token].item() / math.log(2)
+    return bits
+
+
+@pytest.mark.parametrize("path", ["en/kjv.jsonl.gz", "zh_tw/modern.jsonl.gz"])
+def test_long_documents_are_scored_in_character_windows_with_their_context(model, tokenizer, path):
+    text = load_documents([CorpusConfig(path=str(DATA / path), max_docs=1)])[0][:300]
+    windows = scoring_windows(tokenizer, [text], seq_len=40)
+    assert len(windows) > 4 and all(len(w.input_ids) <= 40 for w in windows)
+    result = bits_per_char(model, tokenizer, [text], seq_len=40, batch_size=16)
+    assert result["tokens"] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert result["bits"] == pytest.approx(windowed_brute_force_bits(model, tokenizer, text, windows), rel=1e-5)
+
+
+def test_two_tokenizers_see_the_same_character_windows(tokenizer):
+    """The fairness the windows exist for: the base's and an extended tokenizer (fewer tokens per character)
+    score each character with the same characters of context."""
+    from transformers import AutoTokenizer
+
+    mini = AutoTokenizer.from_pretrained(str(ROOT / "models" / "mini-base"))
+    docs = [
+        load_documents([CorpusConfig(path=str(DATA / p), max_docs=1)])[0][:900]
+        for p in ("zh_tw/modern.jsonl.gz", "en/kjv.jsonl.gz")
+    ]
+    spans = {}
+    for name, tok in (("tiny", tokenizer), ("mini", mini)):
+        windows = scoring_windows(tok, docs, seq_len=128)
+        assert all(len(w.input_ids) <= 128 for w in windows)
+        spans[name] = sorted(w.char_span for w in windows)
+    assert len(spans["tiny"]) > 6 and spans["tiny"] == spans["mini"]
+
+
+def test_a_tokenizer_with_more_tokens_than_bytes_is_refused():
+    class TwoTokensPerCharacter:
+        bos_token_id, eos_token_id = 1, 2
+
+        def __call__(self, texts, **kwargs):
+            return {
+                "input_ids": [[5, 6] * len(t) for t in texts],
+                "offset_mapping": [[(i, i + 1) for i in range(len(t)) for _ in range(2)] for t in texts],
+            }
+
+    assert len(scoring_windows(TwoTokensPerCharacter(), ["a" * 7], seq_len=16)[0].input_ids) == 15
+    with pytest.raises(ValueError, match="more tokens than bytes; lower eval.seq_len"):
+        scoring_windows(TwoTokensPerCharacter(), ["a" * 14], seq_len=16)
+
+
+def test_documents_that_fit_the_model_positions_are_scored_whole_by_default(model, tokenizer):
+    text = load_documents([CorpusConfig(path=str(DATA / "en/kjv.jsonl.gz"), max_docs=1)])[0][:400]
+    assert model.config.max_position_embeddings - 2 >= len(text.encode())  # fits the tiny model's positions
+    result = bits_per_char(model, tokenizer, [text])  # seq_len: the model's max_position_embeddings
+    assert result["bits"] == pytest.approx(brute_force_bits(model, tokenizer, text), rel=1e-5)
+    assert bits_per_char(model, tokenizer, [text], seq_len=64)["bits"] != pytest.approx(result["bits"], rel=1e-4)
 
 
 def test_uniform_logits_give_log2_vocab_bits_per_token(tokenizer, short_texts):

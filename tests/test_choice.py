@@ -1,17 +1,21 @@
 """Multiple choice: the per-choice score equals a brute-force bits/char, the MC file format fails with
-file:line, and the generated sets come only from held-out documents with length-matched distractors."""
+file:line, and the generated sets come only from test documents with length-matched distractors."""
 
 from __future__ import annotations
 
 import gzip
 import math
+import re
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bailong.data.config import CorpusConfig
-from bailong.data.corpus import CorpusError, load_documents, split_documents
+from bailong.data.corpus import CorpusError
+from bailong.data.prepare import prepare_text
+from bailong.errors import ConfigError
 from bailong.eval.choice import (
     MCItem,
     choice_windows,
@@ -20,8 +24,9 @@ from bailong.eval.choice import (
     score_choices,
     write_mc_file,
 )
-from bailong.eval.mc_sets import _lines, next_line_items
-from conftest import ROOT
+from bailong.eval.config import MCConfig
+from bailong.eval.mc_sets import _lines, build_mc_sets, next_line_items
+from conftest import ROOT, compose_config
 
 MINI = ROOT / "models" / "mini-base"
 POEMS = ROOT / "data" / "zh_tw" / "poetry_tang.jsonl.gz"
@@ -113,28 +118,75 @@ def test_mc_file_round_trip_and_errors(tmp_path):
         load_mc_file(tmp_path / "missing.jsonl")
 
 
-def test_poem_items_come_from_held_out_poems_with_same_length_distractors():
-    train, val = split_documents(load_documents([CorpusConfig(path=str(POEMS))]), 0.02, 0)
-    items = next_line_items(val, n_items=60, num_choices=4, context_lines=2, lang="tc", seed=3)
+@pytest.fixture(scope="module")
+def default_data():
+    """The default data config and its prepared text (the project's cache: shared with runs and other tests)."""
+    cfg = compose_config([])
+    data = OmegaConf.to_object(cfg.data)
+    return cfg, data, prepare_text(data, cfg.paths.cache_dir)
+
+
+def test_poem_items_come_from_test_poems_with_same_length_distractors(default_data):
+    _, _, prepared = default_data
+    train, test = (list(prepared.documents_by_source("tc", split)[0]) for split in ("train", "test"))
+    items = next_line_items(test, n_items=60, num_choices=4, context_lines=2, lang="tc", seed=3)
     assert len(items) == 60
-    assert items == next_line_items(val, n_items=60, num_choices=4, context_lines=2, lang="tc", seed=3)
+    assert items == next_line_items(test, n_items=60, num_choices=4, context_lines=2, lang="tc", seed=3)
     train_lines = {line for doc in train for line in _lines(doc)}
-    val_lines = [_lines(doc) for doc in val]
+    test_lines = [_lines(doc) for doc in test]
     docs_used = set()
     for item in items:
         d, i = map(int, item.id.split(":"))
         docs_used.add(d)
         answer = item.choices[item.answer]
-        assert val_lines[d][i] == answer
-        assert item.question == "\n".join(val_lines[d][max(0, i - 2) : i]) + "\n"
+        assert test_lines[d][i] == answer
+        assert item.question == "\n".join(test_lines[d][max(0, i - 2) : i]) + "\n"
         assert len(set(item.choices)) == 4 and {len(c) for c in item.choices} == {len(answer)}
         for k, choice in enumerate(item.choices):
             if k != item.answer:  # a distractor: a line of another held-out poem
-                assert choice not in val_lines[d]
-                assert any(choice in lines for lines in val_lines)
+                assert choice not in test_lines[d]
+                assert any(choice in lines for lines in test_lines)
     assert len(docs_used) == 60  # one item per poem before any poem gives a second
-    assert sum(answer in train_lines for answer in (it.choices[it.answer] for it in items)) <= 3  # stock lines only
+    assert not any(it.choices[it.answer] in train_lines for it in items)
     assert {it.answer for it in items} == {0, 1, 2, 3}
+
+
+def test_generated_sets_are_the_test_split_and_no_answer_was_trained_on(default_data):
+    """build_mc_sets reads each source's prepared test split (the grouped split of the default data): every item's
+    question and answer are lines of a test document of its corpus, and no TC answer is a line of a training poem
+    (the two-way split of each file's own text, before, gave 10 of 1,000)."""
+    cfg, data, prepared = default_data
+    mc = OmegaConf.to_object(compose_config(["mc.items_per_lang=1000"]).mc)
+    sets = build_mc_sets(mc, data=data, cache_dir=cfg.paths.cache_dir)
+    for lang, sources in (("tc", mc.tc_sources), ("en", mc.en_sources)):
+        for k, spec in enumerate(sources):
+            i = [str(c.path) for c in getattr(data, lang)].index(str(spec.path))
+            docs = [_lines(doc) for doc in prepared.documents_by_source(lang, "test")[i]]
+            mine = [it for it in sets[lang] if it.id.startswith(f"{lang}{k}:")]
+            assert mine
+            for item in mine:
+                d, line = map(int, item.id.split(":")[1:])
+                assert docs[d][line] == item.choices[item.answer]
+    assert len(sets["tc"]) > 800  # the test poems run out before 1,000
+    train_lines = {line for doc in prepared.documents_by_source("tc", "train")[0] for line in _lines(doc)}
+    assert sum(it.choices[it.answer] in train_lines for it in sets["tc"]) == 0
+
+
+def test_a_source_outside_the_data_config_is_a_config_error(default_data, tmp_path):
+    """An MC source is a corpus of the data config, by path: another file was never split, so it fails, naming the
+    key and the path, before anything is prepared."""
+    _, data, _ = default_data
+    other = tmp_path / "poems.jsonl"
+    other.write_text('{"text": "床前明月光，\\n疑是地上霜。"}\n', encoding="utf-8")
+    mc = MCConfig(tc_sources=[CorpusConfig(path=str(POEMS))], en_sources=[data.en[0], CorpusConfig(path=str(other))])
+    with pytest.raises(
+        ConfigError, match=rf"mc\.en_sources\.1: path={re.escape(str(other))} is not a corpus of data\.en"
+    ):
+        build_mc_sets(mc, data=data, cache_dir=tmp_path / "cache")
+    mc = MCConfig(tc_sources=[data.en[0]], en_sources=list(data.en))  # an English corpus is no TC source
+    with pytest.raises(ConfigError, match=r"mc\.tc_sources\.0: path=.*kjv.jsonl.gz is not a corpus of data\.tc"):
+        build_mc_sets(mc, data=data, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_english_distractors_are_length_matched_within_tolerance():

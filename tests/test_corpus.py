@@ -8,8 +8,9 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from bailong.data.config import CorpusConfig
-from bailong.data.corpus import CorpusError, load_documents, split_documents
+from bailong.data.config import CorpusConfig, DataConfig
+from bailong.data.corpus import CorpusError, load_documents, split_documents, split_keys, split_of
+from bailong.data.prepare import prepare_text
 from bailong.data.splits import cap_chars, load_splits
 
 
@@ -102,6 +103,28 @@ def test_split_is_deterministic_by_document():
 def test_split_holds_out_at_least_one():
     train, val = split_documents(["a", "b"], 0.01)
     assert len(val) == 1 and len(train) == 1
+
+
+def test_split_keys_is_the_prepare_stages_three_way_split(tmp_path):
+    """Chat files are split by split_keys: split_of per key (train, dev and test, order-independent) and, as the
+    prepare stage does for a tiny corpus, one dev key when none fell there; on documents it agrees with
+    prepare_text."""
+    keys = [f"conversation {i}" for i in range(2000)]
+    split = split_keys(keys, 0, 0.05, 0.05)
+    assert split == [split_of(k, 0, 0.05, 0.05) for k in keys]
+    assert 60 <= split.count("dev") <= 140 and 60 <= split.count("test") <= 140
+    assert split_keys(list(reversed(keys)), 0, 0.05, 0.05) == list(reversed(split))
+    tiny = split_keys(["a", "b", "c"], 0, 0.01, 0.01)
+    assert tiny.count("dev") == 1 and tiny.count("train") == 2
+    docs = [f"文件{i}：" + "天地玄黃" * (i % 5 + 1) for i in range(300)] + ["a", "b"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    prepared = prepare_text(
+        DataConfig(tc=[CorpusConfig(path=str(path))], val_fraction=0.1, test_fraction=0.1), tmp_path
+    )
+    split = split_keys(docs, 0, 0.1, 0.1)
+    for name in ("train", "dev", "test"):
+        assert list(prepared.documents("tc", name)) == [d for d, s in zip(docs, split) if s == name]
 
 
 def test_cap_chars():

@@ -20,7 +20,7 @@ from bailong.dashboard.collect import DashboardInputError, collect_runs, parse_o
 from bailong.dashboard.table import group_runs, swept_keys
 from conftest import compose_config
 
-CURVE_KEYS = ["epoch", "step", "train/loss", "val/tc_bpc", "val/en_bpc", "final/tc_bpc"]
+CURVE_KEYS = ["epoch", "step", "train/loss", "train/elapsed_s", "val/tc_bpc", "val/en_bpc", "final/tc_bpc"]
 
 
 def write_run(
@@ -29,6 +29,7 @@ def write_run(
     metrics: dict | None = None,
     error: dict | None = None,
     curve: list[tuple[int, float]] = (),
+    seconds_per_step: float | None = None,
 ) -> Path:
     """A run directory as Hydra, the pipeline (metrics.json, csv/metrics.csv) and run.py (error.json) write it."""
     cfg = compose_config(overrides, output_dir=run_dir)
@@ -49,7 +50,10 @@ def write_run(
             writer = csv.DictWriter(fh, CURVE_KEYS)  # Lightning's CSVLogger: union of keys, empty cells
             writer.writeheader()
             for step, value in curve:
-                writer.writerow({"epoch": 0, "step": step, "train/loss": 5.0 - step / 100})
+                row = {"epoch": 0, "step": step, "train/loss": 5.0 - step / 100}
+                if seconds_per_step is not None:  # CSV step k: after k + 1 optimizer steps
+                    row["train/elapsed_s"] = (step + 1) * seconds_per_step
+                writer.writerow(row)
                 writer.writerow({"step": step, "val/tc_bpc": value, "val/en_bpc": 1.8})
     return run_dir
 
@@ -230,3 +234,36 @@ def test_page_renders_in_headless_chromium(init_sweep, tmp_path):
     # the figures rendered: the band of the page where the first figure sits is not blank either
     figure_band = image.crop((100, 700, 1180, 1300))
     assert ImageStat.Stat(figure_band).stddev[0] > 20
+
+
+def test_learning_curves_against_steps_tc_characters_and_training_time(tmp_path):
+    """The vocabulary question's axes: at equal steps the extended tokenizer trains on more TC characters, so a
+    curve against characters moves its points right; seconds come from train/elapsed_s, averaged over seeds."""
+    from bailong.dashboard import plots
+
+    sweep = tmp_path / "ablation_vocab" / "multirun" / "2026-12-03_08-00-00"
+    for job, (added, seed, chars, seconds) in enumerate(
+        [(0, 1, 400.0, 2.0), (0, 2, 400.0, 4.0), (8000, 1, 640.0, 3.0), (8000, 2, 640.0, 3.0)]
+    ):
+        write_run(
+            sweep / str(job),
+            ["experiment=ablation_vocab", f"tokenizer.added_vocab={added}", f"seed={seed}"],
+            metrics_for(8.0, 7.5, **{"train/tc_chars_per_step": chars}),
+            curve=[(9, 7.8), (19, 7.6), (29, 7.5)],
+            seconds_per_step=seconds,
+        )
+    groups = group_runs(collect_runs([sweep]))
+    expected = {
+        "step": {0: [0, 10, 20, 30], 8000: [0, 10, 20, 30]},
+        "tc_chars": {0: [0, 4000, 8000, 12000], 8000: [0, 6400, 12800, 19200]},
+        "seconds": {0: [0, 30, 60, 90], 8000: [0, 30, 60, 90]},  # the added-0 seeds' 2 s and 4 s per step: mean 3
+    }
+    for x, by_added in expected.items():
+        fig = plots.learning_curves(groups, x=x)
+        lines = {line.get_label(): list(line.get_xdata()) for line in fig.axes[0].lines if line.get_label()[0] != "_"}
+        assert fig.axes[0].get_xlabel() == plots.X_AXES[x]
+        for added, xs in by_added.items():
+            label = next(label for label in lines if f"={added}" in label and "base" not in label)
+            assert lines[label] == pytest.approx(xs), (x, added)
+    with pytest.raises(ValueError, match="x='tokens'"):
+        plots.learning_curves(groups, x="tokens")

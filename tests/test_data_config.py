@@ -4,11 +4,13 @@ what was expected), the composed config converting to it, and the library refusi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
 
+from bailong.cache import cache_key
 from bailong.data.chat import load_conversations
 from bailong.data.config import (
     ChatCorpusConfig,
@@ -17,8 +19,9 @@ from bailong.data.config import (
     DataConfig,
     DedupConfig,
     InstructConfig,
+    data_config_from_yaml,
 )
-from bailong.data.corpus import iter_documents, load_documents
+from bailong.data.corpus import iter_documents, load_documents, split_keys
 from bailong.data.dedup import make_deduplicator
 from bailong.data.instruct import build_instruct_set
 from bailong.data.pretrain import PretrainDataModule
@@ -82,7 +85,10 @@ def test_unresolved_values_are_left_for_the_resolved_config():
     InstructConfig(en_share="???")
 
 
-@pytest.mark.parametrize("overrides", [[], ["experiment=sft"], ["data=hub_example"], ["data=hub_chat_example"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["experiment=sft"], ["data=hub_example"], ["data=hub_chat_example"], ["data=hub_bailong_mix"]],
+)
 def test_composed_configs_convert_to_the_typed_config(overrides):
     data = OmegaConf.to_object(compose_config(overrides).data)
     assert isinstance(data, DataConfig) and isinstance(data.dedup, DedupConfig)
@@ -90,6 +96,21 @@ def test_composed_configs_convert_to_the_typed_config(overrides):
     if "experiment=sft" in overrides:
         assert isinstance(data.chat, ChatDataConfig) and isinstance(data.chat.instruct, InstructConfig)
         assert data.chat.instruct.poems.endswith("poetry_tang.jsonl.gz") and "${" not in data.chat.instruct.poems
+    if overrides in ([], ["experiment=sft"], ["data=hub_chat_example"]):  # pretrain_tc and the configs built on it
+        assert data.tc[0].path.endswith("poetry_tang.jsonl.gz") and data.tc[0].group_by == ["title", "author"]
+        assert (data.dedup.group, data.dedup.engine, data.dedup.near) == (0.4, "memory", None)
+    if overrides == ["data=hub_bailong_mix"]:  # datatrove dedup, which cannot group
+        assert (data.dedup.engine, data.dedup.group) == ("datatrove", None)
+
+
+def test_the_default_data_config_without_hydra_is_the_composed_one(tmp_path):
+    """Scripts outside run.py (experiments/build_mini_base.py, python -m bailong.data.instruct) read
+    conf/data/pretrain_tc.yaml with data_config_from_yaml: the same DataConfig, so the same prepared split."""
+    root = Path(__file__).resolve().parents[1]
+    data = data_config_from_yaml(root / "conf" / "data" / "pretrain_tc.yaml", root / "data")
+    assert data == OmegaConf.to_object(compose_config([]).data)
+    with pytest.raises(ConfigError, match="sft_chat.yaml: has a defaults list"):
+        data_config_from_yaml(root / "conf" / "data" / "sft_chat.yaml", root / "data")
 
 
 @pytest.mark.parametrize(
@@ -122,12 +143,8 @@ def test_the_library_refuses_untyped_configs(tmp_path):
         (lambda: load_chat_splits(cfg.data, tmp_path), "DataConfig, got DictConfig"),
         (lambda: PretrainDataModule.from_config(None, cfg.data, seed=0), "DataConfig, got DictConfig"),
         (lambda: SFTDataModule.from_config(None, cfg.data, [], [], seed=0), "DataConfig, got DictConfig"),
-        (
-            lambda: build_instruct_set(
-                {"poems": "p"}, val_fraction=0.1, test_fraction=0.1, split_seed=0, out_dir=tmp_path
-            ),
-            "Instruct",
-        ),
+        (lambda: build_instruct_set({"poems": "p"}, data=DataConfig(), prepared=None, out_dir=tmp_path), "Instruct"),
+        (lambda: build_instruct_set(InstructConfig(), data=cfg.data, prepared=None, out_dir=tmp_path), "DataConfig"),
     ]
     for call, message in calls:
         with pytest.raises(TypeError, match=message) as err:
@@ -148,11 +165,20 @@ def test_sft_data_from_the_typed_config(tmp_path):
         f"data.chat.files=[{{path: '{chats}', max_records: 10}}]",
         "data.chat.packing=false",
         "data.batch_size=2",
+        "data.val_fraction=0.2",  # the chat file's 10 records: some in each split
+        "data.test_fraction=0.2",
+        *[f"data.{lang}.{i}.max_docs=150" for lang, n in (("tc", 3), ("en", 2)) for i in range(n)],  # quick to prepare
     ]
     data = OmegaConf.to_object(compose_config(overrides).data)
     assert isinstance(data.chat.files[0], ChatCorpusConfig)
     train, val = load_chat_splits(data, tmp_path / "cache")
-    # 20 + 3 generated conversations (max_train, max_val) and the file's first 10 records, split between the two
-    assert len(train) + len(val) == 20 + 3 + 10 and len(train) > 20 and len(val) > 3
+    # 20 + 3 generated conversations (max_train, max_val) and the file's first 10 records split three ways: its
+    # train records train, its dev records validate, its test records are in neither
+    records = load_conversations(data.chat.files[0])
+    split = split_keys([cache_key(c) for c in records], data.split_seed, data.val_fraction, data.test_fraction)
+    assert {"train", "dev", "test"} <= set(split)
+    assert [c for c in train if c in records] == [c for c, s in zip(records, split) if s == "train"]
+    assert [c for c in val if c in records] == [c for c, s in zip(records, split) if s == "dev"]
+    assert len(train) == 20 + split.count("train") and len(val) == 3 + split.count("dev")
     dm = SFTDataModule.from_config(SimpleNamespace(pad_token_id=0, eos_token_id=2), data, train, val, seed=5)
     assert (dm.seq_len, dm.batch_size, dm.packing, dm.seed) == (data.seq_len, 2, False, 5)

@@ -153,7 +153,7 @@ def test_fsdp_on_two_cpu_processes_trains_gathers_and_saves_as_ddp_does(tmp_path
         model,
         tok,
         load_splits(OmegaConf.to_object(cfg.data)).val(),
-        seq_len=cfg.data.seq_len,
+        seq_len=cfg.eval.seq_len,
         batch_size=cfg.eval.batch_size,
     )
     assert abs(scores["tc_bpc"] - sharded["final/tc_bpc"]) < 1e-6
@@ -188,7 +188,7 @@ def test_fsdp_qlora_trains_on_two_cpu_processes(tmp_path):
         model,
         tok,
         load_splits(OmegaConf.to_object(cfg.data)).val(),
-        seq_len=cfg.data.seq_len,
+        seq_len=cfg.eval.seq_len,
         batch_size=cfg.eval.batch_size,
     )
     assert abs(scores["tc_bpc"] - metrics["final/tc_bpc"]) < 1e-6

@@ -7,12 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bailong.data.config import CorpusConfig
+from bailong.data.config import CorpusConfig, DataConfig
 from bailong.errors import ConfigError
 from bailong.eval import evaluators as ev
 from bailong.eval.__main__ import main
@@ -54,7 +55,11 @@ def mini():
         (JudgeConfig, {"max_tokens": 0}, r"judge.max_tokens=0: expected an integer >= 1"),
         (JudgeConfig, {"temperature": -0.5}, r"judge.temperature=-0.5: expected a number >= 0"),
         (EvalConfig, {"batch_size": 0}, r"eval.batch_size=0: expected an integer >= 1"),
-        (EvalConfig, {"seq_len": 1}, r"eval.seq_len=1: expected null .* or an integer >= 2"),
+        (
+            EvalConfig,
+            {"seq_len": 1},
+            r"eval.seq_len=1: expected null \(the model's max_position_embeddings\) or an integer >= 10",
+        ),
     ],
 )
 def test_a_value_out_of_range_names_the_key(cls, kwargs, message):
@@ -175,6 +180,8 @@ def test_unknown_names_fail_before_anything_runs(registry, tmp_path):
     assert ran == []
     with pytest.raises(TypeError, match="list of evaluator names"):
         run_evaluators("bpc", EvalContext(None, None, tmp_path))
+    with pytest.raises(ValueError, match="the mc evaluator needs the data config"):
+        run_evaluators(["mc"], EvalContext(None, None, tmp_path))
 
 
 def test_registration_needs_a_name_and_refuses_a_second_class(registry):
@@ -192,15 +199,16 @@ def test_registration_needs_a_name_and_refuses_a_second_class(registry):
 
 
 def test_from_config_gives_typed_settings(tmp_path):
-    cfg = compose_config(["data.seq_len=96", "data.split_seed=7", "eval.batch_size=3", "bench.max_prompts=2"], tmp_path)
+    cfg = compose_config(["eval.seq_len=96", "data.split_seed=7", "eval.batch_size=3", "bench.max_prompts=2"], tmp_path)
     ctx = EvalContext.from_config(cfg, "m", "t", str(tmp_path / "out"), texts={"tc": POEM})
     assert (ctx.model, ctx.tokenizer, ctx.out_dir, ctx.texts) == ("m", "t", tmp_path / "out", {"tc": POEM})
-    assert isinstance(ctx.eval, EvalConfig) and ctx.eval.batch_size == 3
+    assert isinstance(ctx.eval, EvalConfig) and (ctx.eval.batch_size, ctx.eval.seq_len) == (3, 96)
     assert isinstance(ctx.bench, BenchConfig) and ctx.bench.max_prompts == 2
     assert ctx.bench.prompts == str(ROOT / "data" / "bench" / "prompts.jsonl")  # interpolation resolved
     assert isinstance(ctx.judge, JudgeConfig) and isinstance(ctx.mc, MCConfig)
     assert ctx.mc.tc_sources and all(isinstance(s, CorpusConfig) for s in ctx.mc.tc_sources + ctx.mc.en_sources)
-    assert (ctx.seq_len, ctx.val_fraction, ctx.split_seed) == (96, cfg.data.val_fraction, 7)
+    assert isinstance(ctx.data, DataConfig) and (ctx.data.val_fraction, ctx.data.split_seed) == (0.02, 7)
+    assert ctx.cache_dir == Path(cfg.paths.cache_dir)  # where mc's items are prepared: the run's cache
     assert ctx.chat_batches is None
 
 
@@ -208,12 +216,15 @@ def test_bpc_and_chat_bpc_evaluators(mini, tmp_path):
     from bailong.data.windows import collate_windows, scoring_windows
 
     model, tok = mini
-    ctx = EvalContext(model, tok, tmp_path, texts={"tc": POEM}, seq_len=32, eval=EvalConfig(batch_size=2))
+    ctx = EvalContext(model, tok, tmp_path, texts={"tc": POEM}, eval=EvalConfig(batch_size=2, seq_len=32))
     expected = bits_per_char(model, tok, POEM, seq_len=32, batch_size=2)
     scores = run_evaluators(["bpc", "chat_bpc"], ctx)  # no chat data: chat_bpc adds nothing
     assert scores == {f"tc_{k}": v for k, v in expected.items()}
-    ctx.eval = EvalConfig(seq_len=16)  # eval.seq_len wins over data.seq_len: more, shorter windows
+    ctx.eval = EvalConfig(seq_len=16)  # more, shorter windows
     assert run_evaluators(["bpc"], ctx)["tc_bpc"] == pytest.approx(bits_per_char(model, tok, POEM, seq_len=16)["bpc"])
+    ctx.eval = EvalConfig()  # default: windows of the model's own positions
+    whole = bits_per_char(model, tok, POEM, seq_len=model.config.max_position_embeddings)
+    assert run_evaluators(["bpc"], ctx)["tc_bpc"] == pytest.approx(whole["bpc"])
     ctx.chat_batches = lambda: [collate_windows(scoring_windows(tok, POEM, seq_len=32))]
     model.train()
     assert run_evaluators(["chat_bpc"], ctx) == {"chat_bpc": pytest.approx(expected["bpc"])}

@@ -221,7 +221,7 @@ def test_smoke_run_with_full_finetuning_end_to_end(tmp_path):
     model, tok = load_adapter(out / "adapter")
     assert not is_4bit(model) and not isinstance(model, peft.PeftModel)
     splits = load_splits(OmegaConf.to_object(cfg.data))
-    scores = evaluate_texts(model, tok, splits.val(), seq_len=cfg.data.seq_len, batch_size=cfg.eval.batch_size)
+    scores = evaluate_texts(model, tok, splits.val(), seq_len=cfg.eval.seq_len, batch_size=cfg.eval.batch_size)
     assert scores["tc_bpc"] == pytest.approx(metrics["final/tc_bpc"], rel=1e-6)  # same logits as trained
     assert scores["en_bpc"] == pytest.approx(metrics["final/en_bpc"], rel=1e-6)
 

@@ -6,7 +6,9 @@ repo's corpora; the shipped models/mini-base is checked for layout and card cons
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,8 +20,10 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bailong.cache import default_cache_dir
 from bailong.data.config import CorpusConfig
 from bailong.data.corpus import load_documents, split_documents
+from bailong.data.prepare import prepare_text
 from bailong.model.mini_base import (
     MiniBaseConfig,
     PackedRows,
@@ -107,6 +111,38 @@ def test_transformers_tokenizer_matches_sentencepiece(tiny_builds, docs):
         assert hf.decode(hf(text)["input_ids"], skip_special_tokens=True) == text
 
 
+def tokenizer_files_agree(out: Path, texts: list[str]) -> None:
+    """tokenizer.json holds tokenizer.model's vocabulary, and every way of loading the base tokenizes as
+    SentencePiece does (AutoTokenizer; the plain tokenizer.json, as bailong's loaders read a hub model)."""
+    from transformers import PreTrainedTokenizerFast
+
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    assert vocab == {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    loaded = [
+        AutoTokenizer.from_pretrained(str(out)),
+        PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json")),
+    ]
+    for text in texts:
+        for tok in loaded:
+            assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text), (type(tok).__name__, text[:40])
+
+
+def test_a_rebuild_over_another_base_writes_its_own_tokenizer(docs, tmp_path):
+    """Building into a directory that holds another base (models/mini-base, rebuilt in place) must not keep that
+    base's tokenizer.json: from_pretrained prefers it to the new tokenizer.model, and the model would train on the
+    old vocabulary while the extension code reads the new one."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        shutil.copy(SHIPPED / name, tmp_path / name)
+    build_mini_base(TINY, docs["en"], docs["tc"], tmp_path, log_path=tmp_path / "build.log")
+    tokenizer_files_agree(tmp_path, docs["en"][:5] + docs["tc"][:5])
+
+
+def test_the_shipped_tokenizer_files_agree():
+    texts = ["In the beginning God created the heaven and the earth.\nAnd the earth", "床前明月光，疑是地上霜。\n舉頭"]
+    tokenizer_files_agree(SHIPPED, texts)
+
+
 def test_tokenizer_is_laid_out_as_llama_and_uses_han_pieces(docs):
     sp = spm.SentencePieceProcessor(model_proto=train_tokenizer(docs["en"], docs["tc"], TINY))
     layout = tokenizer_layout(sp)
@@ -156,6 +192,49 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
 
 
+def load_builder():
+    """experiments/build_mini_base.py as a module (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("build_mini_base_script", ROOT / "experiments" / "build_mini_base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_builder_trains_on_the_prepared_train_split_and_scores_dev_and_test(tmp_path, monkeypatch):
+    """The build reads the default data config's prepared split (grouped: Tang poems by title and author,
+    near-duplicates at 0.4): it trains on ``train`` only, logs on ``dev``, and its card scores every corpus's ``dev``
+    and ``test`` documents."""
+    script = load_builder()
+    seen = {}
+    real = script.build_mini_base
+
+    def spy(cfg, en_docs, tc_docs, out_dir, log_path=None, en_held_out=(), tc_held_out=()):
+        seen.update(en=list(en_docs), tc=list(tc_docs), en_dev=list(en_held_out), tc_dev=list(tc_held_out))
+        return real(cfg, en_docs, tc_docs, out_dir, log_path, en_held_out, tc_held_out)
+
+    monkeypatch.setattr(script, "build_mini_base", spy)
+    out, cache = tmp_path / "mb", tmp_path / "cache"
+    script.main(["--tiny", "--out", str(out), "--log-dir", str(tmp_path / "logs"), "--cache-dir", str(cache)])
+    data = script.data_config(ROOT, tiny=True)
+    assert data.tc[0].group_by == ["title", "author"] and data.dedup.group == 0.4
+    assert all(spec.max_docs == script.TINY_MAX_DOCS for spec in data.tc + data.en)
+    prepared = prepare_text(data, cache)
+    for lang in ("en", "tc"):
+        assert seen[lang] == list(prepared.documents(lang, "train"))
+        assert seen[f"{lang}_dev"] == list(prepared.documents(lang, "dev"))
+        held = set(prepared.documents(lang, "dev")) | set(prepared.documents(lang, "test"))
+        assert held and not held & set(seen[lang])
+    card = json.loads((out / "card.json").read_text())
+    assert set(card["eval"]) == {"dev", "test"} and card["data"]["prepared_text"] == prepared.root.name
+    for split in ("dev", "test"):
+        for lang in ("en", "tc"):
+            for i, spec in enumerate(getattr(data, lang)):
+                name = f"{lang}/{Path(spec.path).name.split('.')[0]}"
+                docs = list(prepared.documents_by_source(lang, split)[i])
+                assert card["eval"][split][name]["docs"] == len(docs) == card["data"]["docs"][name][split] > 0
+                assert card["eval"][split][name]["chars"] == sum(map(len, docs))
+
+
 @pytest.mark.slow  # a subprocess: imports, tokenizer training and evaluation (~12 s idle, ~40 s shared)
 def test_build_script_tiny_writes_a_loadable_base_and_card(tmp_path):
     out, logs = tmp_path / "mb", tmp_path / "logs"
@@ -175,15 +254,27 @@ def test_build_script_tiny_writes_a_loadable_base_and_card(tmp_path):
     )
     card = json.loads((out / "card.json").read_text())
     assert card["tokenizer"]["han_pieces"] == 40
-    assert set(card["eval"]) >= {"en", "tc", "en/kjv", "tc/poetry_tang"}
-    assert card["eval"]["tc"]["unigram_bpc"] > 0 and card["eval"]["en"]["bpc"] > 0
-    assert "| **tc** |" in (out / "README.md").read_text()
+    for split in ("dev", "test"):
+        assert set(card["eval"][split]) >= {"en", "tc", "en/kjv", "tc/poetry_tang"}
+        assert card["eval"][split]["tc"]["unigram_bpc"] > 0 and card["eval"][split]["en"]["bpc"] > 0
+    readme = (out / "README.md").read_text()
+    assert "| **tc** |" in readme and "| mini-base dev | mini-base test | unigram dev | unigram test |" in readme
+    assert "the `train` split of `conf/data/pretrain_tc.yaml`" in readme
     assert (logs / "main.log").is_file()
+
+
+def shipped_card() -> dict:
+    card = json.loads((SHIPPED / "card.json").read_text())
+    assert set(card["eval"]) == {"dev", "test"}, (
+        "models/mini-base/card.json predates the grouped three-way split: rebuild the base "
+        "(python experiments/build_mini_base.py --out models/mini-base)"
+    )
+    return card
 
 
 @pytest.mark.skipif(not (SHIPPED / "card.json").is_file(), reason="models/mini-base not built yet")
 def test_shipped_base_matches_its_card():
-    card = json.loads((SHIPPED / "card.json").read_text())
+    card = shipped_card()
     model = AutoModelForCausalLM.from_pretrained(str(SHIPPED))
     tok = AutoTokenizer.from_pretrained(str(SHIPPED))
     assert sum(p.numel() for p in model.parameters()) == card["architecture"]["parameters"]
@@ -194,34 +285,39 @@ def test_shipped_base_matches_its_card():
     assert tokenizer_layout(sp) == card["tokenizer"]
     assert len(tok) == model.config.vocab_size == sp.get_piece_size()
     # what the card promises: Chinese well below a unigram character model, English close to the reference
-    assert card["eval"]["tc"]["bpc"] < card["eval"]["tc"]["unigram_bpc"] - 1.0
+    test = card["eval"]["test"]
+    assert test["tc"]["bpc"] < test["tc"]["unigram_bpc"] - 1.0
     if "reference" in card:
-        assert card["eval"]["en"]["bpc"] < card["reference"]["eval"]["en"]["bpc"] + 0.25
+        assert test["en"]["bpc"] < card["reference"]["eval"]["test"]["en"]["bpc"] + 0.25
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHIPPED / "card.json").is_file(), reason="models/mini-base not built yet")
 def test_the_cards_scores_are_the_shipped_weights_scores():
-    """Re-scored from the shipped weights on the card's held-out documents, every figure of the card's eval table:
-    characters and tokens per character exactly, bits per character to the card's 4 decimals (the card rounds)."""
-    from bailong.eval.bpc import bits_per_char
-
-    card = json.loads((SHIPPED / "card.json").read_text())
+    """Re-scored from the shipped weights on the card's dev and test documents (the default data config prepared
+    again: the same prepared text, by its key), every figure of the card's eval table: characters and tokens per
+    character exactly, bits per character to the card's 4 decimals (the card rounds)."""
+    script = load_builder()
+    card = shipped_card()
+    data = script.data_config(ROOT, tiny=False)
+    prepared = prepare_text(data, default_cache_dir())
+    assert prepared.root.name == card["data"]["prepared_text"]
     model = AutoModelForCausalLM.from_pretrained(str(SHIPPED))
     tok = AutoTokenizer.from_pretrained(str(SHIPPED))
-    totals: dict[str, list[float]] = {}
-    for name, figures in card["eval"].items():
-        if "/" not in name:
-            continue
-        lang, stem = name.split("/")
-        path = ROOT / "data" / ("zh_tw" if lang == "tc" else "en") / f"{stem}.jsonl.gz"
-        _, held = split_documents(load_documents([CorpusConfig(path=str(path))]), 0.02, 0)
-        scored = bits_per_char(model, tok, held, seq_len=card["eval_seq_len"])
-        assert (len(held), scored["chars"]) == (figures["docs"], figures["chars"]), name
-        assert round(scored["tokens_per_char"], 4) == figures["tokens_per_char"], name
-        assert abs(scored["bpc"] - figures["bpc"]) <= 5e-5 + 1e-6, (name, scored["bpc"], figures["bpc"])
-        bits, chars = totals.setdefault(lang, [0.0, 0])
-        totals[lang] = [bits + scored["bits"], chars + scored["chars"]]
-    for lang, (bits, chars) in totals.items():  # the language rows: the files' bits over their characters
-        assert chars == card["eval"][lang]["chars"]
-        assert abs(bits / chars - card["eval"][lang]["bpc"]) <= 5e-5 + 1e-6, lang
+    for split in ("dev", "test"):
+        totals: dict[str, list[float]] = {}
+        for name, figures in card["eval"][split].items():
+            if "/" not in name:
+                continue
+            lang, stem = name.split("/")
+            i = [Path(spec.path).name.split(".")[0] for spec in getattr(data, lang)].index(stem)
+            held = list(prepared.documents_by_source(lang, split)[i])
+            scored = script.score(model, tok, held)  # the card's own scoring call
+            assert (len(held), scored["chars"]) == (figures["docs"], figures["chars"]), (split, name)
+            assert round(scored["tokens_per_char"], 4) == figures["tokens_per_char"], (split, name)
+            assert abs(scored["bpc"] - figures["bpc"]) <= 5e-5 + 1e-6, (split, name, scored["bpc"], figures["bpc"])
+            bits, chars = totals.setdefault(lang, [0.0, 0])
+            totals[lang] = [bits + scored["bits"], chars + scored["chars"]]
+        for lang, (bits, chars) in totals.items():  # the language rows: the files' bits over their characters
+            assert chars == card["eval"][split][lang]["chars"]
+            assert abs(bits / chars - card["eval"][split][lang]["bpc"]) <= 5e-5 + 1e-6, (split, lang)

@@ -110,7 +110,7 @@ def test_saved_adapter_reproduces_the_final_metrics(smoke_run):
         model,
         tok,
         load_splits(OmegaConf.to_object(cfg.data)).val(),
-        seq_len=cfg.data.seq_len,
+        seq_len=cfg.eval.seq_len,
         batch_size=cfg.eval.batch_size,
     )
     assert scores["tc_bpc"] == pytest.approx(metrics["final/tc_bpc"], rel=1e-6)
@@ -220,7 +220,7 @@ def test_eval_command_scores_a_run_and_a_base(smoke_run, tmp_path, capsys):
     from bailong.data.splits import load_splits
 
     splits = load_splits(OmegaConf.to_object(cfg.data), cfg.paths.cache_dir)
-    seq_len = cfg.eval.seq_len or cfg.data.seq_len
+    window = ["--seq-len", str(cfg.eval.seq_len)] if cfg.eval.seq_len else []  # default: the model's positions
     for split, prefix in (("val", ""), ("test", "test_")):  # dev and test
         files = {
             lang: write_jsonl(
@@ -236,8 +236,7 @@ def test_eval_command_scores_a_run_and_a_base(smoke_run, tmp_path, capsys):
                 str(files["tc"]),
                 "--en",
                 str(files["en"]),
-                "--seq-len",
-                str(seq_len),
+                *window,
                 "--batch-size",
                 str(cfg.eval.batch_size),
                 "--quant",
@@ -267,7 +266,6 @@ def test_step0_is_the_initialised_model_before_any_update(smoke_run):
     assert tok.get_vocab() == AutoTokenizer.from_pretrained(out / "tokenizer").get_vocab()  # the run's tokenizer
     rows, _ = initial_rows(cfg, base_tok, tok, ext.cache_key, splits)
     model = make_model(cfg, tok, ext.num_base, rows, torch.device("cpu"))
-    seq_len = cfg.eval.seq_len or cfg.data.seq_len
     for name, texts in splits.held_out().items():
-        scored = bits_per_char(model, tok, texts, seq_len=seq_len, batch_size=cfg.eval.batch_size)
+        scored = bits_per_char(model, tok, texts, seq_len=cfg.eval.seq_len, batch_size=cfg.eval.batch_size)
         assert scored["bpc"] == pytest.approx(metrics[f"step0/{name}_bpc"], rel=1e-6, abs=0), name

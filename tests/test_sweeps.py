@@ -40,22 +40,25 @@ def run_py(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("preset,swept", PRESETS.items())
-def test_ablation_presets_are_multirun_deltas_over_two_seeds(preset, swept):
+def test_ablation_presets_are_multirun_deltas_over_three_seeds(preset, swept):
     default = compose_with_hydra([])
     cfg = compose_with_hydra([f"experiment={preset}"])
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.task_name == preset
     params = cfg.hydra.sweeper.params
-    assert len(str(params[swept]).split(",")) >= 4 and len(str(params["seed"]).split(",")) >= 2
-    assert cfg.trainer.max_steps < default.trainer.max_steps  # sized for a 2-core CPU
+    assert len(str(params[swept]).split(",")) >= 3 and len(str(params["seed"]).split(",")) >= 3  # error bars
+    # long enough to move the adapters (20-step presets answered nothing), warm-up the default's share
+    assert cfg.trainer.max_steps >= 2 * default.trainer.max_steps
+    assert cfg.train.warmup_steps / cfg.trainer.max_steps == default.train.warmup_steps / default.trainer.max_steps
     for key in ("model", "quant", "lora", "tokenizer", "init"):  # everything not swept stays the default
         if not swept.startswith(key):
             assert cfg[key] == default[key], key
 
 
-def test_ablation_vocab_values_are_the_ones_the_tokenizer_accepts_or_rejects_clearly():
+def test_ablation_vocab_compares_extension_with_no_extension():
     cfg = compose_with_hydra(["experiment=ablation_vocab"])
     values = [int(v) for v in str(cfg.hydra.sweeper.params["tokenizer.added_vocab"]).split(",")]
-    assert 0 in values and 27241 in values and values == sorted(values)
+    default = compose_with_hydra([]).tokenizer.added_vocab
+    assert values[0] == 0 and default in values and values == sorted(values)  # the base tokenizer, the default
 
 
 def test_optuna_preset_composes_with_the_optuna_sweeper():

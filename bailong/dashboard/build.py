@@ -45,6 +45,18 @@ def build_dashboard(sources: list[Path], out_dir: Path | None = None, title: str
             plots.learning_curves(groups),
         ),
         (
+            "Learning curves against TC characters",
+            "The same curves against the Traditional Chinese characters trained on (steps x characters per step of "
+            "the run's TC rows): at equal steps a tokenizer with fewer tokens per character trains on more text.",
+            plots.learning_curves(groups, x="tc_chars"),
+        ),
+        (
+            "Learning curves against training time",
+            "The same curves against seconds spent in training steps (validation excluded; the seeds' mean). "
+            "Wall times are comparable only between runs made side by side on one quiet machine.",
+            plots.learning_curves(groups, x="seconds"),
+        ),
+        (
             "Step 0 against final",
             "TC bits/char right after initialisation and after training (error bars: std "
             "over seeds); the dashed line is the base model with its own tokenizer.",

@@ -132,9 +132,21 @@ def read_curve(path: Path) -> list[dict[str, float]]:
 
 
 def curve_points(run: Run, key: str) -> list[tuple[float, float]]:
-    """(step, value) for ``key`` in the run's CSV log, finite values only, by step."""
-    points = {row["step"]: row[key] for row in run.curve if key in row and "step" in row and math.isfinite(row[key])}
+    """(steps done, value) for ``key`` in the run's CSV log, finite values only, by step. Lightning writes a value
+    logged after optimizer step k (1-based) under step k - 1: validation after 50 steps is CSV step 49."""
+    points = {
+        row["step"] + 1: row[key] for row in run.curve if key in row and "step" in row and math.isfinite(row[key])
+    }
     return sorted(points.items())
+
+
+def elapsed_at(run: Run, steps: float) -> float | None:
+    """Seconds of training (validation excluded) after ``steps`` optimizer steps: ``train/elapsed_s`` as logged at the
+    newest logging step at or before it (0 at step 0; None when the run logged no time by then)."""
+    if steps == 0:
+        return 0.0
+    logged = [(s, v) for s, v in curve_points(run, "train/elapsed_s") if s <= steps]
+    return logged[-1][1] if logged else None
 
 
 def _read_yaml(path: Path) -> Any:

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .collect import Run, curve_points  # noqa: E402
+from .collect import Run, curve_points, elapsed_at  # noqa: E402
 from .table import Group  # noqa: E402
 
 plt.rcParams.update(
@@ -42,28 +42,53 @@ def to_base64_png(fig: Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def learning_curves(groups: list[Group], key: str = "val/tc_bpc") -> Figure | None:
-    """``key`` over training steps per group (mean over seeds, band = min..max), step 0 from metrics.json."""
+# the x axes of learning curves: steps (compute at one model size), TC characters trained on (how much Chinese
+# text: the extended tokenizer packs more of it into a step), training seconds (validation excluded)
+X_AXES = {
+    "step": "training step",
+    "tc_chars": "TC characters trained on",
+    "seconds": "training time (s, validation excluded)",
+}
+
+
+def x_value(run: Run, steps: float, x: str) -> float | None:
+    """Where a point ``steps`` optimizer steps into ``run`` lies on the axis ``x`` (None: the run cannot say)."""
+    if x == "step":
+        return steps
+    if x == "tc_chars":
+        per_step = run.metrics.get("train/tc_chars_per_step")
+        return steps * per_step if isinstance(per_step, (int, float)) else None
+    if x == "seconds":
+        return elapsed_at(run, steps)
+    raise ValueError(f"x={x!r}: expected one of {', '.join(X_AXES)}")
+
+
+def learning_curves(groups: list[Group], key: str = "val/tc_bpc", x: str = "step") -> Figure | None:
+    """``key`` against ``x`` (``X_AXES``) per group: at each step the mean over seeds of x and of the value, band =
+    the seeds' min..max value; step 0 from metrics.json."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = 0
     for i, group in enumerate(groups):
-        by_step: dict[float, list[float]] = {}
+        by_step: dict[float, list[tuple[float, float]]] = {}
         for run in (r for r in group.runs if r.status == "ok"):
             start = run.metrics.get(key.replace("val/", "step0/"))
             points = ([(0.0, start)] if isinstance(start, (int, float)) else []) + curve_points(run, key)
             for step, value in points:
-                by_step.setdefault(step, []).append(value)
+                where = x_value(run, step, x)
+                if where is not None:
+                    by_step.setdefault(step, []).append((where, value))
         if len(by_step) < 2:
             continue
         steps = sorted(by_step)
-        means = [statistics.fmean(by_step[s]) for s in steps]
+        xs = [statistics.fmean(p[0] for p in by_step[s]) for s in steps]
+        means = [statistics.fmean(p[1] for p in by_step[s]) for s in steps]
         color = COLORS[i % len(COLORS)]
-        ax.plot(steps, means, marker="o", markersize=3.5, color=color, label=group.label)
+        ax.plot(xs, means, marker="o", markersize=3.5, color=color, label=group.label)
         if any(len(by_step[s]) > 1 for s in steps):
             ax.fill_between(
-                steps,
-                [min(by_step[s]) for s in steps],
-                [max(by_step[s]) for s in steps],
+                xs,
+                [min(p[1] for p in by_step[s]) for s in steps],
+                [max(p[1] for p in by_step[s]) for s in steps],
                 color=color,
                 alpha=0.15,
                 linewidth=0,
@@ -75,11 +100,12 @@ def learning_curves(groups: list[Group], key: str = "val/tc_bpc") -> Figure | No
     if not drawn:
         plt.close(fig)
         return None
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if x == "step":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(
-        xlabel="training step",
+        xlabel=X_AXES[x],
         ylabel=f"{key} (bits/char, lower is better)",
-        title=f"Learning curves: {key} (step 0 = initialised, before any update)",
+        title=f"Learning curves: {key} (0 = initialised, before any update)",
     )
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a curve
     return fig

@@ -7,6 +7,7 @@ and the data library takes these objects; each checks its ranges in ``__post_ini
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,7 @@ class ChatCorpusConfig:
 class InstructConfig:
     """The instruction set generated from the Tang poems (bailong/data/instruct.py)."""
 
+    # a corpus of data.tc (by path): the set trains on its prepared train poems and validates on its dev poems
     poems: str = "${paths.data_dir}/zh_tw/poetry_tang.jsonl.gz"
     max_train: int | None = None  # conversations (at most one per poem)
     max_val: int | None = 64
@@ -153,7 +155,8 @@ class InstructConfig:
 @dataclass
 class ChatDataConfig:
     instruct: InstructConfig | None = None  # generated Tang-poem set (null: none)
-    files: list[ChatCorpusConfig] = field(default_factory=list)  # chat corpora, split by data.val_fraction
+    # chat corpora, split three ways by a hash of each conversation (data.val_fraction, data.test_fraction)
+    files: list[ChatCorpusConfig] = field(default_factory=list)
     max_val: int = 64  # held-out conversations per source scored as val/chat_bpc
     packing: bool = True  # whole conversations packed into data.seq_len rows (block-diagonal attention)
 
@@ -214,7 +217,9 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 0
     max_val_chars: int | None = 20000  # per language, so evaluation takes seconds on a CPU
-    # off by default (the shipped data pack is clean); hub corpora turn it on: {exact: true, near: 0.8}
+    # removal off by default (the shipped data pack is clean); hub corpora turn it on: {exact: true, near: 0.8}.
+    # The default data (conf/data/pretrain_tc.yaml) sets group: 0.4, near-duplicate grouping; a DataConfig built in
+    # code does not group unless asked
     dedup: DedupConfig = field(default_factory=lambda: DedupConfig(exact=False, near=None))
     chat: ChatDataConfig | None = None  # SFT stage: the chat data (conf/data/sft_chat.yaml)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -237,3 +242,16 @@ class DataConfig:
         check_number(
             "data.max_val_chars", self.max_val_chars, lambda v: v >= 1, "null or an integer >= 1", optional=True
         )
+
+
+def data_config_from_yaml(path: str | os.PathLike, data_dir: str | os.PathLike) -> DataConfig:
+    """The ``DataConfig`` of one conf/data/*.yaml file without Hydra (scripts outside run.py, e.g.
+    experiments/build_mini_base.py): merged into the schema as Hydra merges it, ``${paths.data_dir}`` set to
+    ``data_dir``, range-checked. A file with a Hydra defaults list (``sft_chat``) needs run.py's composition."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(path)
+    if "defaults" in raw:
+        raise ConfigError(f"{path}: has a defaults list; compose it as run.py does (bailong.config.compose_config)")
+    cfg = OmegaConf.create({"paths": {"data_dir": str(data_dir)}, "data": OmegaConf.merge(DataConfig, raw)})
+    return OmegaConf.to_object(cfg.data)

@@ -234,11 +234,24 @@ def split_of(text: str, seed: int, dev_fraction: float, test_fraction: float) ->
     return "dev" if u < dev_fraction else "test" if u < dev_fraction + test_fraction else "train"
 
 
+def split_keys(keys: Sequence[str], seed: int, dev_fraction: float, test_fraction: float) -> list[str]:
+    """``train``, ``dev`` or ``test`` per key by ``split_of``, with the prepare stage's rule for a tiny corpus: when no
+    key falls in ``dev`` and there are two or more, the train key with the smallest hash is held out as ``dev``.
+    What a corpus outside the prepare stage (chat files) is split by, so it has the same three splits."""
+    splits = [split_of(k, seed, dev_fraction, test_fraction) for k in keys]
+    train = [i for i, s in enumerate(splits) if s == "train"]
+    if dev_fraction > 0 and "dev" not in splits and len(keys) > 1 and train:
+        splits[min(train, key=lambda i: _unit_hash(keys[i], seed))] = "dev"
+    return splits
+
+
 def split_documents(docs: list[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic train/validation split by document.
+    """Deterministic two-way train/validation split by document.
 
     Each document goes to validation when a hash of (seed, text) falls below ``val_fraction``, so the
-    split does not depend on corpus order and identical documents never straddle the split.
+    split does not depend on corpus order and identical documents never straddle the split. No stage splits with
+    it: they read the prepare stage's three-way split (``bailong.data.prepare``; chat files ``split_keys``), whose
+    ``train`` excludes the ``test`` range and near-duplicates of held-out documents that this ``train`` keeps.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise CorpusError(f"val_fraction must be in [0, 1), got {val_fraction}")

@@ -9,13 +9,16 @@ Chinese or in English and answered in the language asked:
   (``tw2s``, Taiwan standard forms as in the data; the Traditional answer is the original line);
 
 a share of conversations continues with follow-up turns about the same poem (who wrote it, its
-title), and a share opens with a system message. The split is the pre-training split of the poems'
-texts (``split_of`` with ``data.val_fraction``, ``data.test_fraction``, ``data.split_seed``): the set
-trains on ``train`` poems, validates on ``dev`` poems and never uses ``test`` poems, so no poem held out
-from pre-training (or used by the multiple-choice set) is trained on here.
+title), and a share opens with a system message. The split is the prepare stage's split of the poem file,
+read back, not computed again: the poem file is a corpus of ``data.tc`` (a ConfigError otherwise), and a poem
+is a training poem when its text (converted as that corpus converts it) is in the prepared ``train`` split,
+a validation poem when it is in ``dev``. The set trains on ``train`` poems, validates on ``dev`` poems and
+never uses the others (``test`` poems, and any the prepare stage dropped), so no poem held out from
+pre-training, no variant of one (``group_by``, ``data.dedup.group``) and no multiple-choice item (made from
+``test``) is trained on here.
 
-The set is generated at run time into the cache (about a second; keyed by the poem file and the
-settings), so it can never drift from the data pack or the split. To look at it::
+The set is generated at run time into the cache (about a second; keyed by the prepared text, the poem file and
+the settings), so it can never drift from the data pack or the split. To look at it::
 
     python -m bailong.data.instruct --out /tmp/instruct     # writes train.jsonl, val.jsonl, stats.json
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -32,10 +36,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from bailong.cache import atomic_dir, cache_key
+from bailong.cache import atomic_dir, cache_key, default_cache_dir
 from bailong.data.chat import Conversation, write_conversations
-from bailong.data.config import InstructConfig, expect_config
-from bailong.data.corpus import CorpusError, read_jsonl, split_of, write_jsonl
+from bailong.data.config import DataConfig, InstructConfig, data_config_from_yaml, expect_config
+from bailong.data.corpus import CorpusError, _converter, read_jsonl, write_jsonl
+from bailong.data.prepare import SPLITS, PreparedText, prepare_text
+from bailong.data.splits import corpus_index
 
 CLAUSE = re.compile(r"[^，。？！；、\n]+")
 SYSTEM = {
@@ -82,12 +88,28 @@ def read_poems(path: str | Path) -> list[Poem]:
     return poems
 
 
-def split_poems(
-    poems: list[Poem], val_fraction: float, test_fraction: float, seed: int
-) -> tuple[list[Poem], list[Poem]]:
-    """``(train, dev)`` poems by the pre-training split of their texts; ``test`` poems are in neither."""
-    split = [split_of(p.text, seed, val_fraction, test_fraction) for p in poems]
-    return [p for p, s in zip(poems, split) if s == "train"], [p for p, s in zip(poems, split) if s == "dev"]
+def prepared_poem_texts(poems: str | Path, data: DataConfig, prepared: PreparedText) -> tuple[dict[str, set], Any]:
+    """The texts of the poem file's corpus per split of the prepared text, and that corpus's OpenCC converter (None
+    without ``convert``): what ``split_poems`` compares a poem's converted text with."""
+    i = corpus_index(data, "tc", poems, "data.chat.instruct.poems")
+    texts = {split: set(prepared.documents_by_source("tc", split)[i]) for split in SPLITS}
+    return texts, _converter(data.tc[i])
+
+
+def split_poems(poems: list[Poem], texts: dict[str, set], convert=None) -> tuple[list[Poem], list[Poem]]:
+    """``(train, dev)`` poems by membership in the prepared split (``texts``: each split's texts; ``convert``: the
+    corpus's conversion, so like is compared with like). A poem trains when its text is in ``train`` and in no
+    held-out split, validates when it is in ``dev`` only; the rest (``test`` poems, and poems the prepare stage
+    dropped or never read) are in neither."""
+    train, dev = [], []
+    for poem in poems:
+        text = convert(poem.text) if convert is not None else poem.text
+        where = {split for split, kept in texts.items() if text in kept}
+        if where == {"train"}:
+            train.append(poem)
+        elif where == {"dev"}:
+            dev.append(poem)
+    return train, dev
 
 
 # -- tasks: (prompt, answer) in the language asked ---------------------------------------------------
@@ -188,23 +210,30 @@ def make_conversations(
 
 
 def build_instruct_set(
-    cfg: InstructConfig, *, val_fraction: float, test_fraction: float, split_seed: int, out_dir: str | Path
+    cfg: InstructConfig, *, data: DataConfig, prepared: PreparedText, out_dir: str | Path
 ) -> dict[str, Any]:
-    """Write ``train.jsonl``, ``val.jsonl`` (from dev poems) and ``stats.json`` under ``out_dir``; returns the stats."""
+    """Write ``train.jsonl`` (from train poems), ``val.jsonl`` (from dev poems) and ``stats.json`` under ``out_dir``;
+    returns the stats. ``prepared``: ``prepare_text(data, ...)``, the split the poems are read back from."""
     expect_config(cfg, InstructConfig, "build_instruct_set(cfg)")
+    expect_config(data, DataConfig, "build_instruct_set(data)")
     poems = read_poems(cfg.poems)
-    train, val = split_poems(poems, val_fraction, test_fraction, split_seed)
+    texts, convert = prepared_poem_texts(cfg.poems, data, prepared)
+    train, val = split_poems(poems, texts, convert)
     opts = dict(en_share=cfg.en_share, multi_turn_share=cfg.multi_turn_share, system_share=cfg.system_share)
     sets = {
         "train": make_conversations(train, seed=cfg.seed, limit=cfg.max_train, **opts),
         "val": make_conversations(val, seed=cfg.seed + 1, limit=cfg.max_val, **opts),
     }
     out = Path(out_dir)
+    test = texts["test"]
+    in_test = sum((convert(p.text) if convert is not None else p.text) in test for p in poems)
     stats: dict[str, Any] = {
         "poems": len(poems),
         "train_poems": len(train),
         "val_poems": len(val),
-        "test_poems_left_out": len(poems) - len(train) - len(val),
+        "test_poems_left_out": in_test,
+        # dropped by the prepare stage (bridged near-duplicates, past max_docs), or in two splits (a repeated text)
+        "other_poems_left_out": len(poems) - len(train) - len(val) - in_test,
     }
     for name, convs in sets.items():
         write_conversations([c["messages"] for c in convs], out / f"{name}.jsonl")
@@ -219,13 +248,14 @@ def build_instruct_set(
     return stats
 
 
-def cached_instruct_set(
-    cfg: InstructConfig, *, val_fraction: float, test_fraction: float, split_seed: int, cache_dir: str | Path
-) -> Path:
-    """The generated set's directory under ``<cache_dir>/instruct/<key>``, built once per distinct input."""
+def cached_instruct_set(cfg: InstructConfig, *, data: DataConfig, cache_dir: str | Path) -> Path:
+    """The generated set's directory under ``<cache_dir>/instruct/<key>``, built once per distinct input: the poems
+    split as ``prepare_text(data, cache_dir)`` splits them (prepared there first if they are not yet)."""
     from bailong.cache import fingerprint
 
     expect_config(cfg, InstructConfig, "cached_instruct_set(cfg)")
+    expect_config(data, DataConfig, "cached_instruct_set(data)")
+    prepared = prepare_text(data, cache_dir)
     settings = {
         k: getattr(cfg, k) for k in ("max_train", "max_val", "en_share", "multi_turn_share", "system_share", "seed")
     }
@@ -233,35 +263,36 @@ def cached_instruct_set(
         {
             "poems": fingerprint(str(cfg.poems)),
             "settings": settings,
-            "version": 3,
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
-            "split_seed": split_seed,
+            "version": 4,
+            "prepared_text": prepared.root.name,  # the prepared text's own key: its corpora, dedup and split
         }
     )
     target = Path(cache_dir) / "instruct" / key
     if not (target / "stats.json").is_file():
         with atomic_dir(target) as tmp:
-            build_instruct_set(
-                cfg, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, out_dir=tmp
-            )
+            build_instruct_set(cfg, data=data, prepared=prepared, out_dir=tmp)
     return target
 
 
 def main(argv: list[str] | None = None) -> None:
+    root = Path(os.environ.get("BAILONG_ROOT") or Path(__file__).resolve().parents[2])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--poems", default="data/zh_tw/poetry_tang.jsonl.gz")
     parser.add_argument("--out", required=True, help="directory for train.jsonl, val.jsonl, stats.json")
+    parser.add_argument(
+        "--data",
+        default=str(root / "conf" / "data" / "pretrain_tc.yaml"),
+        help="the data config whose prepared split the poems follow (default: the pre-training data of data=sft_chat)",
+    )
+    parser.add_argument("--poems", default=str(root / "data" / "zh_tw" / "poetry_tang.jsonl.gz"), help="a data.tc path")
+    parser.add_argument("--cache-dir", default=None, help="where the text is prepared (default: the project's cache)")
     parser.add_argument("--max-train", type=int, default=None)
-    parser.add_argument("--max-val", type=int, default=None, help="default: every held-out poem")
-    parser.add_argument("--val-fraction", type=float, default=0.02, help="as data.val_fraction of pre-training")
-    parser.add_argument("--test-fraction", type=float, default=0.02, help="as data.test_fraction of pre-training")
-    parser.add_argument("--split-seed", type=int, default=0, help="as data.split_seed of pre-training")
+    parser.add_argument("--max-val", type=int, default=None, help="default: every dev poem")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    data = data_config_from_yaml(args.data, root / "data")
     cfg = InstructConfig(poems=args.poems, max_train=args.max_train, max_val=args.max_val, seed=args.seed)
-    fractions = {"val_fraction": args.val_fraction, "test_fraction": args.test_fraction}
-    stats = build_instruct_set(cfg, **fractions, split_seed=args.split_seed, out_dir=args.out)
+    prepared = prepare_text(data, args.cache_dir if args.cache_dir is not None else default_cache_dir())
+    stats = build_instruct_set(cfg, data=data, prepared=prepared, out_dir=args.out)
     print(json.dumps(stats, indent=2, ensure_ascii=False))
 
 

@@ -57,12 +57,14 @@ class PretrainDataModule(pl.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         max_val_chars: int | None = None,
-        eval_stride: int | None = None,
+        eval_seq_len: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         prepare: PrepareConfig | None = None,
     ) -> None:
         """Training text is ``tc_train``/``en_train`` (lists of documents) or a ``PreparedText`` passed as
-        ``tc_train`` (its ``train`` split streamed from disk; ``en_train`` then None)."""
+        ``tc_train`` (its ``train`` split streamed from disk; ``en_train`` then None). ``eval_seq_len``: positions
+        per validation scoring window (the stages pass the model's limit, as the evaluators use; default
+        ``seq_len``)."""
         super().__init__()
         if seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -75,7 +77,8 @@ class PretrainDataModule(pl.LightningDataModule):
         special_token_ids(tokenizer)  # fail now, not in setup(), if BOS/EOS are missing
         self.tokenizer = tokenizer
         self.seq_len, self.batch_size, self.tc_ratio, self.seed = seq_len, batch_size, tc_ratio, seed
-        self.num_workers, self.eval_stride = num_workers, eval_stride
+        self.num_workers = num_workers
+        self.eval_seq_len = seq_len if eval_seq_len is None else eval_seq_len
         self.cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
         self.prepare = prepare if prepare is not None else PrepareConfig()
         needed = [lang for lang, share in (("tc", tc_ratio), ("en", 1 - tc_ratio)) if share > 0]
@@ -111,6 +114,7 @@ class PretrainDataModule(pl.LightningDataModule):
         seed: int,
         splits: Splits | None = None,
         cache_dir: str | os.PathLike | None = None,
+        eval_seq_len: int | None = None,
     ) -> PretrainDataModule:
         """The data module of a ``conf/data`` config, on ``splits`` (default: its corpora prepared and split as the
         pipeline does, ``load_splits``): training streams every document of the prepared ``train`` split."""
@@ -127,6 +131,7 @@ class PretrainDataModule(pl.LightningDataModule):
             tc_ratio=data.tc_ratio,
             seed=seed,
             num_workers=data.num_workers,
+            eval_seq_len=eval_seq_len,
             cache_dir=cache_dir,
             prepare=data.prepare,
         )
@@ -173,7 +178,7 @@ class PretrainDataModule(pl.LightningDataModule):
     def _build_val(self) -> None:
         if self._val_windows is None:
             self._val_windows = {
-                name: scoring_windows(self.tokenizer, texts, seq_len=self.seq_len, stride=self.eval_stride)
+                name: scoring_windows(self.tokenizer, texts, seq_len=self.eval_seq_len)
                 for name, texts in self.val_texts.items()
             }
 

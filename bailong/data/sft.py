@@ -28,7 +28,7 @@ from bailong.data.chat import (
     pack_conversations,
 )
 from bailong.data.config import ChatCorpusConfig, DataConfig, expect_config
-from bailong.data.corpus import split_documents
+from bailong.data.corpus import split_keys
 from bailong.data.instruct import cached_instruct_set
 from bailong.data.packing import EpochShuffleSampler
 
@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 
 
 def load_chat_splits(data: DataConfig, cache_dir: str | Path) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, val) conversations of ``data.chat``: the generated Tang-poem set (its own held-out poems)
-    plus each chat file split by a hash of the conversation (``data.val_fraction``, ``data.split_seed``)."""
+    """(train, val) conversations of ``data.chat``: the generated Tang-poem set (train poems and dev poems of the
+    prepared split, bailong/data/instruct.py) plus each chat file split three ways by a hash of the conversation
+    (``split_keys``: ``data.val_fraction``, ``data.test_fraction``, ``data.split_seed``): ``train`` is trained on,
+    ``dev`` validates, ``test`` is in neither."""
     expect_config(data, DataConfig, "load_chat_splits(data)")
     chat = data.chat
     if chat is None:
@@ -45,22 +47,15 @@ def load_chat_splits(data: DataConfig, cache_dir: str | Path) -> tuple[list[Conv
     train: list[Conversation] = []
     val: list[Conversation] = []
     if chat.instruct is not None:
-        folder = cached_instruct_set(
-            chat.instruct,
-            val_fraction=data.val_fraction,
-            test_fraction=data.test_fraction,
-            split_seed=data.split_seed,
-            cache_dir=cache_dir,
-        )
+        folder = cached_instruct_set(chat.instruct, data=data, cache_dir=cache_dir)
         train += load_conversations(ChatCorpusConfig(path=str(folder / "train.jsonl"), format="jsonl"))
         val += load_conversations(ChatCorpusConfig(path=str(folder / "val.jsonl"), format="jsonl"))[: chat.max_val]
     for spec in chat.files:
         convs = load_conversations(spec)
         keys = [cache_key(c) for c in convs]  # split by content, as pre-training documents are
-        _, held = split_documents(keys, data.val_fraction, data.split_seed)
-        held = set(held)
-        train += [c for c, k in zip(convs, keys) if k not in held]
-        val += [c for c, k in zip(convs, keys) if k in held][: chat.max_val]
+        split = split_keys(keys, data.split_seed, data.val_fraction, data.test_fraction)
+        train += [c for c, s in zip(convs, split) if s == "train"]
+        val += [c for c, s in zip(convs, split) if s == "dev"][: chat.max_val]
     if not train:
         raise ValueError("data.chat: no training conversations (set data.chat.instruct or data.chat.files)")
     return train, val

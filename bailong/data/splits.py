@@ -12,6 +12,7 @@ import numpy as np
 from bailong.cache import default_cache_dir
 from bailong.data.config import DataConfig, expect_config
 from bailong.data.prepare import PreparedText, prepare_text
+from bailong.errors import ConfigError
 
 
 @dataclass
@@ -63,6 +64,28 @@ def sample_documents(docs: Iterable[str], k: int | None, seed: int) -> tuple[lis
             if j < k:
                 reservoir[j] = (i, doc)
     return [doc for _, doc in sorted(reservoir)], seen
+
+
+def _same_path(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    return os.path.isfile(a) and os.path.isfile(b) and os.path.samefile(a, b)
+
+
+def corpus_index(data: DataConfig, lang: str, path: str | os.PathLike, key: str) -> int:
+    """The index in ``data.<lang>`` of the corpus read from ``path`` (the same string, or the same local file): how a
+    stage that makes something of held-out or training text (multiple-choice items, the SFT instruction set) finds
+    that text in the prepared split, ``PreparedText.documents_by_source(lang, split)[index]``. A path that is no
+    corpus of ``data.<lang>`` is a ``ConfigError`` naming ``key``: its documents were never split."""
+    path = str(path)
+    for i, spec in enumerate(getattr(data, lang)):
+        if _same_path(path, str(spec.path)):
+            return i
+    listed = ", ".join(str(spec.path) for spec in getattr(data, lang)) or "none"
+    raise ConfigError(
+        f"{key}: path={path} is not a corpus of data.{lang} (its paths: {listed}); expected one of them: only the "
+        "data config's corpora are split into train/dev/test, so only their held-out documents are known"
+    )
 
 
 def cap_chars(docs: Iterable[str], max_chars: int | None) -> list[str]:

@@ -66,7 +66,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             sub.add_argument("--en", nargs="*", default=[], help="English .txt/.jsonl(.gz) files")
             sub.add_argument("--text-field", default="text")
             sub.add_argument("--max-chars", type=int, default=None, help="cap per language (first documents)")
-            sub.add_argument("--seq-len", type=int, default=256)
+            sub.add_argument(
+                "--seq-len", type=int, default=None, help="positions per scoring window (default: the model's limit)"
+            )
             sub.add_argument("--batch-size", type=int, default=8)
         else:
             default = "the run directory" if name == "bench" else "<run dir>/instruct_eval"

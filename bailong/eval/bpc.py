@@ -2,7 +2,8 @@
 different tokenizers, since it divides the text's total code length by the text's own size.
 
 The text is cut into scoring windows (``bailong.data.windows``, the rules shared with the training-time
-validation loader); bits/char = total bits / Unicode code points (``len(text)``); bits/byte divides by UTF-8 bytes.
+validation loader: whole documents where the model's positions allow, else the same character windows for every
+tokenizer); bits/char = total bits / Unicode code points (``len(text)``); bits/byte divides by UTF-8 bytes.
 """
 
 from __future__ import annotations
@@ -70,6 +71,20 @@ def scoring_mode(model: torch.nn.Module) -> Iterator[None]:
                 module.train(was_training)
 
 
+def scoring_seq_len(model: torch.nn.Module, seq_len: int | None) -> int:
+    """Positions a scoring window may use: ``seq_len`` if given, else the model's own limit
+    (``config.max_position_embeddings``), so documents that fit are scored whole."""
+    if seq_len is not None:
+        return seq_len
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        raise ValueError(
+            f"{type(model).__name__} has no config.max_position_embeddings: give the scoring window's seq_len "
+            "(eval.seq_len)"
+        )
+    return limit
+
+
 def summarize(bits: float, chars: int, n_bytes: int, tokens: int) -> dict[str, float]:
     """The reported numbers for a text of ``chars`` characters coded in ``bits`` over ``tokens`` tokens."""
     if chars <= 0:
@@ -101,11 +116,11 @@ def bits_per_char(
     tokenizer: Any,
     texts: Sequence[str],
     *,
-    seq_len: int,
+    seq_len: int | None = None,
     batch_size: int = 8,
-    stride: int | None = None,
 ) -> dict[str, float]:
-    """Bits per character of ``texts`` under ``model`` (plain transformers or peft causal LM).
+    """Bits per character of ``texts`` under ``model`` (plain transformers or peft causal LM), in scoring windows
+    of ``seq_len`` positions (default: the model's ``max_position_embeddings``).
 
     Returns ``bpc``, ``bpb``, ``bits``, ``chars``, ``bytes``, ``tokens``, ``tokens_per_char``.
     Runs in eval mode under no_grad and restores each module's train/eval mode afterwards.
@@ -114,7 +129,7 @@ def bits_per_char(
         raise TypeError("texts must be a list of documents, not one str")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    windows = scoring_windows(tokenizer, texts, seq_len=seq_len, stride=stride)
+    windows = scoring_windows(tokenizer, texts, seq_len=scoring_seq_len(model, seq_len))
     batches = (collate_windows(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size))
     with scoring_mode(model):
         return score_windows(model, batches)
@@ -124,14 +139,13 @@ def evaluate_texts(
     model: torch.nn.Module,
     tokenizer: Any,
     texts_by_name: Mapping[str, Sequence[str]],
-    seq_len: int,
+    seq_len: int | None = None,
     batch_size: int = 8,
-    stride: int | None = None,
 ) -> dict[str, float]:
     """``bits_per_char`` for each named text set, keys prefixed by the name:
     ``{"tc_bpc", "tc_bpb", ..., "en_bpc", ...}``."""
     metrics: dict[str, float] = {}
     for name, texts in texts_by_name.items():
-        result = bits_per_char(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, stride=stride)
+        result = bits_per_char(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size)
         metrics.update({f"{name}_{key}": value for key, value in result.items()})
     return metrics

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from bailong.data.config import CorpusConfig
+from bailong.data.windows import MIN_SEQ_LEN
 from bailong.errors import ConfigError, check_number, unset
 
 
@@ -42,23 +43,30 @@ def _at_least(n: int):
 @dataclass
 class EvalConfig:
     batch_size: int = 8
-    seq_len: int | None = None  # default: data.seq_len
+    # positions per scoring window (bailong/data/windows.py); null: the model's max_position_embeddings, so every
+    # document that fits is scored whole and longer ones get the same character windows whatever the tokenizer
+    seq_len: int | None = None
     base: bool = True  # also score the base model with the base tokenizer (cached)
 
     def __post_init__(self) -> None:
         check_number("eval.batch_size", self.batch_size, _at_least(1), "an integer >= 1")
         check_number(
-            "eval.seq_len", self.seq_len, _at_least(2), "null (data.seq_len) or an integer >= 2", optional=True
+            "eval.seq_len",
+            self.seq_len,
+            _at_least(MIN_SEQ_LEN),
+            f"null (the model's max_position_embeddings) or an integer >= {MIN_SEQ_LEN}",
+            optional=True,
         )
 
 
 @dataclass
 class MCConfig:
-    """Multiple choice by log-likelihood (bailong/eval/choice.py): sets generated from held-out text
+    """Multiple choice by log-likelihood (bailong/eval/choice.py): sets generated from the test split
     (bailong/eval/mc_sets.py) plus any MC files in the documented JSONL format."""
 
     name: str = "held_out"
-    tc_sources: list[CorpusConfig] = field(default_factory=list)  # held-out documents → "next line" items
+    # corpora of data.tc / data.en, by path: their prepared test documents → "next line" items
+    tc_sources: list[CorpusConfig] = field(default_factory=list)
     en_sources: list[CorpusConfig] = field(default_factory=list)
     items_per_lang: int = 200
     num_choices: int = 4

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from bailong.cache import default_cache_dir
 from bailong.data.config import DataConfig
 from bailong.data.corpus import write_jsonl
 from bailong.eval.bench import run_bench
@@ -37,8 +38,6 @@ from bailong.eval.config import BenchConfig, EvalConfig, JudgeConfig, MCConfig
 from bailong.eval.mc_sets import build_mc_sets
 
 log = logging.getLogger(__name__)
-
-_DATA = DataConfig()  # data.* defaults, for a context built without a composed config
 
 
 @dataclass
@@ -55,9 +54,8 @@ class EvalContext:
     mc: MCConfig = field(default_factory=MCConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    seq_len: int = _DATA.seq_len  # data.seq_len: bpc's windows unless eval.seq_len is set
-    val_fraction: float = _DATA.val_fraction  # data.val_fraction, data.split_seed: the held-out split mc uses
-    split_seed: int = _DATA.split_seed
+    data: DataConfig | None = None  # data.*: mc's items are the test split of its prepared text
+    cache_dir: Path | None = None  # paths.cache_dir: where that text is prepared (None: the project's cache)
 
     @classmethod
     def from_config(
@@ -84,9 +82,8 @@ class EvalContext:
             mc=OmegaConf.to_object(cfg.mc),
             bench=OmegaConf.to_object(cfg.bench),
             judge=OmegaConf.to_object(cfg.judge),
-            seq_len=cfg.data.seq_len,
-            val_fraction=cfg.data.val_fraction,
-            split_seed=cfg.data.split_seed,
+            data=OmegaConf.to_object(cfg.data),
+            cache_dir=Path(cfg.paths.cache_dir),
         )
 
 
@@ -137,13 +134,14 @@ class BitsPerChar(Evaluator):
     def __call__(self, ctx: EvalContext) -> dict[str, float]:
         if ctx.texts is None:
             raise ValueError("the bpc evaluator needs held-out text: EvalContext(texts={'tc': [...], ...})")
-        seq_len = ctx.eval.seq_len or ctx.seq_len
-        return evaluate_texts(ctx.model, ctx.tokenizer, ctx.texts, seq_len=seq_len, batch_size=ctx.eval.batch_size)
+        return evaluate_texts(
+            ctx.model, ctx.tokenizer, ctx.texts, seq_len=ctx.eval.seq_len, batch_size=ctx.eval.batch_size
+        )
 
 
 @register_evaluator
 class MultipleChoice(Evaluator):
-    """Accuracy on the held-out sets of ``mc`` (split as pre-training splits ``data``) and on ``mc.files``:
+    """Accuracy on the sets ``mc`` makes of the test split of ``data`` (bailong/eval/mc_sets.py) and on ``mc.files``:
     ``mc/<set>_acc`` (+ ``_acc_stderr``, ``_chance``, ``_n``). Writes ``mc/<set>.jsonl`` (the items) and
     ``mc/<set>_predictions.jsonl`` under ``out_dir``."""
 
@@ -152,7 +150,10 @@ class MultipleChoice(Evaluator):
     def __call__(self, ctx: EvalContext) -> dict[str, float]:
         out = ctx.out_dir / "mc"
         out.mkdir(parents=True, exist_ok=True)
-        sets = build_mc_sets(ctx.mc, val_fraction=ctx.val_fraction, split_seed=ctx.split_seed)
+        if ctx.data is None:
+            raise ValueError("the mc evaluator needs the data config its items come from: EvalContext(data=...)")
+        cache_dir = ctx.cache_dir if ctx.cache_dir is not None else default_cache_dir()
+        sets = build_mc_sets(ctx.mc, data=ctx.data, cache_dir=cache_dir)
         for name, items in sets.items():
             write_mc_file(items, out / f"{name}.jsonl")
         for file in ctx.mc.files:

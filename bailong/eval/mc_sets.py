@@ -4,10 +4,12 @@ Every item takes a document's line ``i`` as the right answer, the ``context_line
 the question, and ``num_choices - 1`` distractor lines from *other* held-out documents of the *same*
 corpus file (a KJV verse never competes with a fortune, so style is no shortcut). Distractors match
 the answer's length: exactly for Traditional Chinese (Tang poem lines are regular, so 五言 competes
-with 五言), within ``length_tolerance`` (relative) for English. Only held-out documents are used, split
-exactly as pre-training splits them (``split_documents`` per file with ``data.val_fraction`` and
-``data.split_seed``), so no stage has trained on any line of an item. The same seed gives the same set.
-Editorial notes in full-width parentheses (variant readings such as （一作「野」）) are removed from lines.
+with 五言), within ``length_tolerance`` (relative) for English. Only ``test`` documents are used (the reported
+figures' split): each source (``mc.tc_sources``, ``mc.en_sources``) is a corpus of the data config, matched by
+its path, and its documents are that corpus's ``test`` split as the prepare stage wrote it (converted,
+deduplicated, grouped with its variants and near-duplicates: ``group_by``, ``data.dedup.group``), so no stage
+has trained on any line of an item nor made a choice on it. The same seed gives the same set. Editorial notes in
+full-width parentheses (variant readings such as （一作「野」）) are removed from lines.
 
 The generated sets are written in the MC file format of ``bailong.eval.choice`` (``mc/tc.jsonl``,
 ``mc/en.jsonl`` in the run directory), so they can be re-scored or shared like any other MC file.
@@ -15,20 +17,25 @@ The generated sets are written in the MC file format of ``bailong.eval.choice`` 
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Sequence
 
-from bailong.data.config import CorpusConfig
-from bailong.data.corpus import load_documents, split_documents
+from bailong.data.config import CorpusConfig, DataConfig, expect_config
+from bailong.data.prepare import PreparedText, prepare_text
+from bailong.data.splits import corpus_index
 from bailong.eval.choice import MCItem
 from bailong.eval.config import MCConfig
 
+SPLIT = "test"  # the items' documents: held out of training and of every choice
 
-def held_out_documents(spec: CorpusConfig, val_fraction: float, split_seed: int) -> list[str]:
-    """The validation documents of one corpus file, as ``bailong.data.splits`` holds them out."""
-    _, val = split_documents(load_documents([spec]), val_fraction, split_seed)
-    return val
+
+def held_out_documents(prepared: PreparedText, data: DataConfig, lang: str, spec: CorpusConfig, key: str) -> list[str]:
+    """The ``test`` documents of the data config's ``lang`` corpus at ``spec.path`` (``key`` names the MC source in a
+    ConfigError when no corpus has that path)."""
+    i = corpus_index(data, lang, spec.path, key)
+    return list(prepared.documents_by_source(lang, SPLIT)[i])
 
 
 EDITORIAL_NOTE = re.compile(r"（[^（）]*）")  # variant readings in the poems: 舒（一作「野」）桃
@@ -106,22 +113,23 @@ def next_line_items(
 def held_out_mc_set(
     sources: Sequence[CorpusConfig],
     *,
+    prepared: PreparedText,
+    data: DataConfig,
     n_items: int,
     lang: str,
-    val_fraction: float,
-    split_seed: int,
     num_choices: int,
     context_lines: int,
     length_tolerance: float,
     seed: int,
 ) -> list[MCItem]:
-    """An MC set from the held-out documents of ``sources`` (corpus specs), items shared evenly among them."""
+    """An MC set from the ``test`` documents of ``sources`` (corpora of ``data.<lang>``, by path), items shared evenly
+    among them."""
     if not sources:
         raise ValueError(f"no source corpora for the {lang} MC set")
     items: list[MCItem] = []
     for k, spec in enumerate(sources):
         share = n_items // len(sources) + (k < n_items % len(sources))
-        docs = held_out_documents(spec, val_fraction, split_seed)
+        docs = held_out_documents(prepared, data, lang, spec, f"mc.{lang}_sources.{k}")
         items += next_line_items(
             docs,
             n_items=share,
@@ -135,12 +143,21 @@ def held_out_mc_set(
     return items
 
 
-def build_mc_sets(mc_cfg: MCConfig, *, val_fraction: float, split_seed: int) -> dict[str, list[MCItem]]:
-    """``{"tc": items, "en": items}`` from the ``mc`` config over the pre-training split (``data.val_fraction``,
-    ``data.split_seed``)."""
+def build_mc_sets(mc_cfg: MCConfig, *, data: DataConfig, cache_dir: str | os.PathLike) -> dict[str, list[MCItem]]:
+    """``{"tc": items, "en": items}`` from the ``mc`` config over the ``test`` split of ``prepare_text(data,
+    cache_dir)`` (the split every stage reads; prepared there first if it is not yet). A source that is no corpus of
+    the data config fails first, before anything is prepared."""
+    expect_config(data, DataConfig, "build_mc_sets(data)")
+    for lang in ("tc", "en"):
+        sources = getattr(mc_cfg, f"{lang}_sources")
+        if not sources:
+            raise ValueError(f"no source corpora for the {lang} MC set (mc.{lang}_sources is empty)")
+        for k, spec in enumerate(sources):
+            corpus_index(data, lang, spec.path, f"mc.{lang}_sources.{k}")
+    prepared = prepare_text(data, cache_dir)
     common = dict(
-        val_fraction=val_fraction,
-        split_seed=split_seed,
+        prepared=prepared,
+        data=data,
         num_choices=mc_cfg.num_choices,
         context_lines=mc_cfg.context_lines,
         seed=mc_cfg.seed,

@@ -16,6 +16,7 @@ import copy
 import io
 import json
 import math
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -307,15 +308,24 @@ def train(
 # ---------------------------------------------------------------- build + save
 
 
+# what save_pretrained writes for a tokenizer (a stale one would shadow the new tokenizer.model)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
 def save_tokenizer(sp_model: bytes, out_dir: Path) -> PreTrainedTokenizerBase:
-    """tokenizer.model (read by the tokenizer-extension code) plus the files AutoTokenizer loads."""
+    """tokenizer.model (read by the tokenizer-extension code) plus the files AutoTokenizer loads, all made from
+    ``sp_model``: converted in an empty directory, since ``from_pretrained`` prefers a tokenizer.json it finds
+    (rebuilding over an older base would otherwise keep the old vocabulary beside the new tokenizer.model)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(sp_model)
+        # LlamaTokenizer converts tokenizer.model itself (LlamaTokenizerFast(vocab_file=...) silently returns a
+        # 3-token tokenizer in transformers 5); transformers 5 adds no BOS unless told, Llama 2's tokenizer does.
+        tokenizer = LlamaTokenizer.from_pretrained(tmp, legacy=False, add_bos_token=True, add_eos_token=False)
+        for stale in TOKENIZER_FILES:
+            (out_dir / stale).unlink(missing_ok=True)
+        tokenizer.save_pretrained(str(out_dir))
     (out_dir / "tokenizer.model").write_bytes(sp_model)
-    # LlamaTokenizer converts tokenizer.model itself (LlamaTokenizerFast(vocab_file=...) silently returns a
-    # 3-token tokenizer in transformers 5); transformers 5 adds no BOS unless told, Llama 2's tokenizer does.
-    LlamaTokenizer.from_pretrained(str(out_dir), legacy=False, add_bos_token=True, add_eos_token=False).save_pretrained(
-        str(out_dir)
-    )
     return AutoTokenizer.from_pretrained(str(out_dir))
 
 

@@ -24,6 +24,7 @@ from bailong.cache import atomic_dir, cache_key, cached_json, computed_once, fin
 from bailong.checks import check_config, check_output_dir
 from bailong.data.prepare import SPLITS, prepared_counts
 from bailong.data.splits import Splits
+from bailong.data.windows import WINDOW_RULES
 from bailong.embedding import global_rng_kept, resize_and_initialize, rows_depend_on
 from bailong.embedding.diagnostics import (
     effective_new_rows,
@@ -164,6 +165,21 @@ def fit(
     return trainer, loggers
 
 
+def characters_per_step(datamodule, trainer: pl.Trainer, metrics: dict) -> dict:
+    """``train/<lang>_chars_per_step``: characters of training text each optimizer step trains on, per language
+    (rows per step x the language's share of the stream x characters per row of its prepared training text; the
+    share holds in every batch to one row). Learning curves against TC characters consumed use it: at equal steps
+    the extended tokenizer packs more characters into a row than the base's."""
+    mix = datamodule.mix
+    rows_per_step = datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    out = {}
+    for lang, rows, share in (("tc", mix.tc_rows, mix.tc_share), ("en", mix.en_rows, 1 - mix.tc_share)):
+        chars = metrics.get(f"data/{lang}_train_chars")
+        if rows and chars is not None:
+            out[f"train/{lang}_chars_per_step"] = rows_per_step * share * chars / rows
+    return out
+
+
 def finish_run(out: Path, metrics: dict, loggers: list, step: int) -> dict:
     """Log the run's metrics, close W&B, and write ``metrics.json`` last and atomically: a metrics.json on
     disk always belongs to a finished run."""
@@ -233,13 +249,13 @@ def model_identity(cfg: DictConfig) -> dict:
 def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) -> dict:
     """Bits/char of the base with its own tokenizer, quantised as this run trains it. Cached: a sweep
     over init, rank or vocabulary shares one base evaluation."""
-    seq_len = cfg.eval.seq_len or cfg.data.seq_len
     key = {
         **model_identity(cfg),
         "tokenizer": tokenizer_key,
         "quant": OmegaConf.to_container(cfg.quant),
         "texts": splits.held_out(),
-        "seq_len": seq_len,
+        "seq_len": cfg.eval.seq_len,  # null: the base's own positions (its config is in model_identity)
+        "windows": WINDOW_RULES,
         "batch_size": cfg.eval.batch_size,
         "precision": str(cfg.trainer.precision),
     }

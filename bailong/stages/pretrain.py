@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from bailong.data.pretrain import PretrainDataModule
 from bailong.data.splits import load_splits
+from bailong.eval.bpc import scoring_seq_len
 from bailong.model.adapter import save_adapter
 from bailong.model.build import count_parameters
 from bailong.model.device import global_rank, run_device
@@ -23,6 +24,7 @@ from bailong.run_files import ADAPTER_DIR, INIT_REPORT_FILE, TOKENIZER_DIR
 from bailong.stages.common import (
     base_metrics,
     build_tokenizers,
+    characters_per_step,
     data_metrics,
     evaluate,
     finish_run,
@@ -83,9 +85,17 @@ def run(cfg: DictConfig) -> dict:
         metrics.update(prefixed("step0", evaluate(cfg, model, tok, ("bpc",), out, texts=splits.held_out())))
 
     # 3 data, 4 train
-    datamodule = PretrainDataModule.from_config(tok, data, seed=cfg.seed, splits=splits, cache_dir=cfg.paths.cache_dir)
+    datamodule = PretrainDataModule.from_config(
+        tok,
+        data,
+        seed=cfg.seed,
+        splits=splits,
+        cache_dir=cfg.paths.cache_dir,
+        eval_seq_len=scoring_seq_len(model, cfg.eval.seq_len),  # val/* in the windows final/* is scored in
+    )
     module = PretrainModule(model, **module_kwargs(cfg))
     trainer, loggers = fit(cfg, module, datamodule, metrics)
+    metrics.update(characters_per_step(datamodule, trainer, metrics))
     model = trained_model(trainer, model, lambda: make_model(cfg, tok, ext.num_base, rows, device))
     if not trainer.is_global_zero:  # DDP/FSDP: rank 0 evaluates and writes
         finish_wandb(loggers)

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class TokensPerSecond(pl.Callback):
-    """Logs ``train/tokens_per_sec`` (tokens in optimizer steps / wall time, validation excluded)."""
+    """Logs ``train/tokens_per_sec`` (tokens in optimizer steps / wall time, validation excluded) and
+    ``train/elapsed_s`` (that wall time so far: the x axis of learning curves against compute)."""
 
     def __init__(self) -> None:
         self.tokens = 0
@@ -39,6 +40,7 @@ class TokensPerSecond(pl.Callback):
         self._t0 = None
         if self.seconds > 0:
             pl_module.log("train/tokens_per_sec", self.tokens / self.seconds, on_step=True, prog_bar=True)
+            pl_module.log("train/elapsed_s", self.seconds, on_step=True)
 
     @property
     def tokens_per_sec(self) -> float:

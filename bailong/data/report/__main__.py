@@ -1,7 +1,7 @@
 """``python -m bailong.data.report [overrides] [--jaccard 0.5] [--span 24]``: the split report as JSON on stdout.
 
 python -m bailong.data.report                                  # the default data (conf/data/pretrain_tc.yaml)
-python -m bailong.data.report data.dedup.group=0.4             # the same text with near-duplicate grouping
+python -m bailong.data.report 'data.tc.0.group_by=null' data.dedup.group=null   # the same text, ungrouped
 """
 
 from __future__ import annotations
