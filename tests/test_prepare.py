@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
+from bailong.cache import cache_key
 from bailong.data.config import CorpusConfig, DataConfig, DedupConfig, PrepareConfig
 from bailong.data.corpus import CorpusError, _unit_hash, load_documents, write_jsonl
 from bailong.data.packing import pack_documents, special_token_ids, tokenize_documents
-from bailong.data.prepare import MANIFEST, STATE, prepare_text, prepare_tokens, split_of
+from bailong.data.prepare import MANIFEST, STATE, _text_inputs, prepare_text, prepare_tokens, split_of
 from bailong.data.shards import MixedStream, StreamSampler
 from bailong.data.splits import load_splits
 from test_packing import build_tiny_tokenizer
@@ -100,6 +102,17 @@ def test_the_same_bytes_for_one_or_two_workers(corpus_files, prepared, tmp_path)
     two = prepare_text(data_config(corpus_files, workers=2), tmp_path)
     assert two.root.name == prepared.root.name  # workers change the speed only, not the cache key
     assert two.root != prepared.root and shard_hashes(two.root) == shard_hashes(prepared.root)
+
+
+def test_the_key_names_the_files_content_not_the_checkouts_directory(corpus_files, prepared, tmp_path):
+    """The base's card records the prepared text's key: a clone elsewhere must prepare the same text under it."""
+    moved = {lang: Path(shutil.copy(path, tmp_path / path.name)) for lang, path in corpus_files.items()}
+    elsewhere = prepare_text(data_config(moved), tmp_path / "cache")
+    assert elsewhere.root.name == prepared.root.name
+    assert shard_hashes(elsewhere.root) == shard_hashes(prepared.root)
+    with open(moved["en"], "ab") as fh:  # one more document: another key
+        fh.write(b'{"text": "one more fortune"}\n')
+    assert cache_key(_text_inputs(data_config(moved))) != prepared.root.name
 
 
 def test_a_killed_prepare_resumes_to_the_same_bytes(corpus_files, prepared, tmp_path, monkeypatch):

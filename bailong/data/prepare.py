@@ -130,11 +130,13 @@ def _fingerprint_batch(docs: list[tuple[str, str | None]]) -> list[TextFingerpri
 
 
 def source_record(spec: CorpusConfig) -> dict:
-    """What identifies a corpus in a cache key and a manifest: its settings and, for a local file, its content hash
-    (a hub data set is named by path, configuration, split and revision)."""
+    """What identifies a corpus in a cache key and a manifest: its settings and, for a local file, its file name and
+    content hash (a hub data set is named by path, configuration, split and revision). Not a local file's directory:
+    the same data in another checkout is the same prepared text, with the same key (the base's card records it)."""
     record = {k: v for k, v in asdict(spec).items() if k != "data_files" or v is not None}
     record["path"] = str(spec.path)
     if spec.format != "hub" and Path(spec.path).is_file():
+        record["path"] = Path(spec.path).name
         record["sha256"] = file_sha256(Path(spec.path))
     return record
 
