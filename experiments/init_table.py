@@ -1,21 +1,29 @@
-"""Markdown table of the init strategies of a sweep on the test split: base, step-0 and final bits/char, mean ± std
-over seeds.
+"""Markdown tables of the init strategies of a sweep, mean ± std over seeds: base, step-0 and final bits/char on the
+test split, and (``--curve``) a dev curve at every validated step.
 
     python run.py experiment=ablation_init          # or: python run.py -m init=... seed=1,2,3
     python experiments/init_table.py outputs/ablation_init/multirun/<sweep> [more sweeps]
+    python experiments/init_table.py --curve val/tc_bpc outputs/ablation_init/multirun/<sweep> [more sweeps]
 
 Several sweeps make one table; a (strategy, seed) run again in a later sweep replaces the earlier run. The rows
-are ordered by final TC bits/char; choices were made on dev (``val/*``, ``final/tc_bpc``), the table is test.
+are ordered by final TC bits/char; choices were made on dev (``val/*``, ``final/tc_bpc``), the first table is test.
+The curve starts at step 0 (``step0/<name>``, the same dev text as ``val/<name>``); with one tokenizer and model for
+every strategy, a step is the same TC characters and about the same training time for each (``init s``: the
+strategy's own time to compute its rows, once per seed, from ``init_report.json``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 
-import yaml
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bailong.dashboard.collect import Run, collect_runs, curve_points  # noqa: E402
 
 COLUMNS = [
     "base/test_tc_bpc",
@@ -27,13 +35,14 @@ COLUMNS = [
 ]
 
 
-def rows(sweep: Path) -> list[dict]:
-    """Each finished run's metrics, with its ``seed`` from the run's composed config."""
-    out = []
-    for path in sorted(sweep.glob("*/metrics.json")):
-        config = yaml.safe_load((path.parent / ".hydra" / "config.yaml").read_text())
-        out.append({**json.loads(path.read_text()), "seed": config["seed"]})
-    return out
+def finished_runs(sweeps: list[Path]) -> list[Run]:
+    """The finished runs of ``sweeps``, one per (strategy, seed): a later sweep's run replaces an earlier one."""
+    latest = {}
+    for sweep in sweeps:
+        for run in collect_runs([sweep]):
+            if run.status == "ok":
+                latest[(run.metrics["init/strategy"], run.value("seed"))] = run
+    return list(latest.values())
 
 
 def cell(values: list[float]) -> str:
@@ -44,18 +53,58 @@ def cell(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def table(runs: list[dict]) -> str:
-    by_init: dict[str, list[dict]] = {}
-    for m in runs:
-        by_init.setdefault(m["init/strategy"], []).append(m)
-    lines = ["| init | seeds | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+def by_strategy(runs: list[Run]) -> dict[str, list[Run]]:
+    """Strategies in order of mean final test TC bits/char (best first)."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.metrics["init/strategy"], []).append(run)
     final = COLUMNS[2]
-    for init, ms in sorted(by_init.items(), key=lambda kv: statistics.fmean(m.get(final, float("inf")) for m in kv[1])):
-        cells = [cell([m[c] for m in ms if c in m]) for c in COLUMNS]
-        lines.append(f"| {init} | {len(ms)} | " + " | ".join(cells) + " |")
+    return dict(
+        sorted(groups.items(), key=lambda kv: statistics.fmean(r.metrics.get(final, float("inf")) for r in kv[1]))
+    )
+
+
+def table(runs: list[Run]) -> str:
+    lines = ["| init | seeds | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for init, group in by_strategy(runs).items():
+        cells = [cell([r.metrics[c] for r in group if c in r.metrics]) for c in COLUMNS]
+        lines.append(f"| {init} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def init_seconds(run: Run) -> float | None:
+    report = run.path / "init_report.json"
+    return json.loads(report.read_text()).get("seconds") if report.is_file() else None
+
+
+def curve_table(runs: list[Run], key: str) -> str:
+    """``key`` (a ``val/*`` metric) per strategy at step 0 and every validated step, mean ± std over seeds."""
+    start = "step0/" + key.split("/", 1)[1]
+    groups = by_strategy(runs)
+    points: dict[str, dict[float, list[float]]] = {init: {} for init in groups}
+    for init, group in groups.items():
+        for run in group:
+            if start in run.metrics:
+                points[init].setdefault(0.0, []).append(run.metrics[start])
+            for steps, value in curve_points(run, key):
+                points[init].setdefault(steps, []).append(value)
+    steps = sorted({s for at in points.values() for s in at})
+    lines = ["| init | init s | " + " | ".join(f"{s:g}" for s in steps) + " |", "|---" * (len(steps) + 2) + "|"]
+    for init, at in points.items():
+        seconds = [s for s in map(init_seconds, groups[init]) if s is not None]
+        spent = f"{statistics.fmean(seconds):.0f}" if seconds else "–"
+        lines.append(f"| {init} | {spent} | " + " | ".join(cell(at.get(s, [])) for s in steps) + " |")
+    return f"{key} after n steps (n = 0: step0)\n\n" + "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweeps", nargs="+", type=Path)
+    parser.add_argument("--curve", default=None, help="a val/* key: the dev curve instead of the test table")
+    args = parser.parse_args()
+    runs = finished_runs(args.sweeps)
+    print(curve_table(runs, args.curve) if args.curve else table(runs))
+
+
 if __name__ == "__main__":
-    latest = {(m["init/strategy"], m["seed"]): m for arg in sys.argv[1:] for m in rows(Path(arg))}
-    print(table(list(latest.values())))
+    main()

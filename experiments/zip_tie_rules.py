@@ -39,6 +39,12 @@ from bailong.tokenization.extend import extend_tokenizer, load_tokenizer  # noqa
 DATA_CONFIG = ROOT / "conf" / "data" / "pretrain_tc.yaml"  # the default run's corpora, split and grouping
 
 
+def shown_path(path: str) -> str:
+    """A path inside the repository as written from its root (the JSON is committed: no machine's directories)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
 def capped(docs: list[str], max_chars: int) -> list[str]:
     """Whole validation documents until ``max_chars``, the last one cut: seconds per measurement."""
     out, total = [], 0
@@ -202,7 +208,7 @@ def main() -> None:
     out.write_text(
         json.dumps(
             {
-                "model": args.model,
+                "model": shown_path(args.model),
                 "added_vocab": args.added_vocab,
                 "num_added": extended.num_added,
                 "tc_val_chars": sum(map(len, tc_val)),

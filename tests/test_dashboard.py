@@ -267,3 +267,41 @@ def test_learning_curves_against_steps_tc_characters_and_training_time(tmp_path)
             assert lines[label] == pytest.approx(xs), (x, added)
     with pytest.raises(ValueError, match="x='tokens'"):
         plots.learning_curves(groups, x="tokens")
+
+
+def load_init_table():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "init_table.py"
+    spec = importlib.util.spec_from_file_location("init_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_init_table_reports_test_figures_and_the_dev_curve_per_strategy_over_seeds(tmp_path):
+    """experiments/init_table.py: one row per strategy, mean ± std over seeds, a later sweep's run replacing an
+    earlier one of the same (strategy, seed); the curve starts at step0/ and reads val/ at each CSV step + 1."""
+    script = load_init_table()
+    old, new = tmp_path / "old", tmp_path / "new"
+    for (init, seed), final in FINALS.items():
+        metrics = metrics_for(final + 0.6, final, **{"init/strategy": init, "final/test_tc_bpc": final + 1.0})
+        write_run(
+            old / f"{init}{seed}", [f"init={init}", f"seed={seed}"], metrics, curve=[(9, final + 0.3), (19, final)]
+        )
+    replaced = metrics_for(7.9, 7.2, **{"init/strategy": "mean", "final/test_tc_bpc": 8.2})
+    write_run(new / "0", ["init=mean", "seed=2"], replaced, curve=[(9, 7.5), (19, 7.2)])
+    runs = script.finished_runs([old, new])
+    assert len(runs) == len(FINALS)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in script.table(runs).splitlines()[2:]}
+    assert list(rows) == ["zip_tie", "mean", "random"]  # by mean final test TC bits/char (mean: 8.6, random 8.8)
+    mean_test = [FINALS[("mean", 1)] + 1.0, 8.2]
+    expected = f"{statistics.fmean(mean_test):.3f} ± {statistics.stdev(mean_test):.3f}"
+    assert rows["mean"][1] == "2" and rows["mean"][4] == expected
+    curve = script.curve_table(runs, "val/tc_bpc").splitlines()
+    assert curve[2].split(" | ")[2:] == ["0", "10", "20 |"]
+    zip_tie = [line for line in curve if line.startswith("| zip_tie |")][0].split(" | ")
+    at_10 = [FINALS[("zip_tie", s)] + 0.3 for s in (1, 2)]
+    assert zip_tie[3] == f"{statistics.fmean(at_10):.3f} ± {statistics.stdev(at_10):.3f}"
+    at_0 = [FINALS[("zip_tie", s)] + 0.6 for s in (1, 2)]
+    assert zip_tie[2] == f"{statistics.fmean(at_0):.3f} ± {statistics.stdev(at_0):.3f}"
