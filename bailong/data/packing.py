@@ -10,7 +10,7 @@ usual packing of GPT/Llama pre-training). The final partial sequence is dropped:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,21 +30,31 @@ def special_token_ids(tokenizer: Any) -> tuple[int, int]:
     return int(bos), int(eos)
 
 
-def tokenize_documents(
-    tokenizer: Any, docs: Sequence[str], *, batch_docs: int = TOKENIZE_BATCH_DOCS
-) -> list[np.ndarray]:
-    """Token ids of each document, without special tokens (callers add BOS/EOS themselves, so the
-    result does not depend on the tokenizer's ``add_bos_token`` setting)."""
-    out: list[np.ndarray] = []
+def encode_in_batches(
+    tokenizer: Any, docs: Sequence[str], *, batch_docs: int = TOKENIZE_BATCH_DOCS, **kwargs: Any
+) -> Iterator[Any]:
+    """The tokenizer's encodings of ``docs``, ``batch_docs`` documents per call (its Rust-side parallelism), each
+    batch as the tokenizer returns it; no special tokens (callers add BOS/EOS themselves, so the result does not
+    depend on the tokenizer's ``add_bos_token`` setting). ``kwargs`` go to the tokenizer call."""
     for start in range(0, len(docs), batch_docs):
         batch = list(docs[start : start + batch_docs])
         if not all(isinstance(d, str) for d in batch):
             bad = next(d for d in batch if not isinstance(d, str))
             raise TypeError(f"documents must be str, got {type(bad).__name__}")
         # verbose=False: long documents are intended here, not an over-length warning
-        ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        out.extend(np.asarray(x, dtype=np.int32) for x in ids)  # int32 arrays: a quarter of Python lists' memory
-    return out
+        yield tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False, **kwargs)
+
+
+def tokenize_documents(
+    tokenizer: Any, docs: Sequence[str], *, batch_docs: int = TOKENIZE_BATCH_DOCS
+) -> list[np.ndarray]:
+    """Token ids of each document, without special tokens."""
+    # int32 arrays: a quarter of Python lists' memory
+    return [
+        np.asarray(x, dtype=np.int32)
+        for enc in encode_in_batches(tokenizer, docs, batch_docs=batch_docs)
+        for x in enc["input_ids"]
+    ]
 
 
 def pack_documents(token_docs: Sequence[np.ndarray], seq_len: int, bos_id: int, eos_id: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bailong.data.packing import TOKENIZE_BATCH_DOCS, special_token_ids
+from bailong.data.packing import encode_in_batches, special_token_ids
 
 IGNORE_INDEX = -100  # a label no loss or score counts (padding, context, the user's turns)
 RESERVED_POSITIONS = 2  # BOS and a dummy-prefix piece: positions a window's bytes may not use
@@ -84,20 +84,16 @@ def window_spans(char_bytes: Sequence[int], byte_budget: int) -> list[tuple[int,
 def tokenize_with_offsets(tokenizer: Any, docs: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(token ids, first character of each token)`` of each document, without special tokens."""
     out: list[tuple[np.ndarray, np.ndarray]] = []
-    for start in range(0, len(docs), TOKENIZE_BATCH_DOCS):
-        batch = list(docs[start : start + TOKENIZE_BATCH_DOCS])
-        try:
-            enc = tokenizer(
-                batch, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False
-            )
-        except NotImplementedError as err:  # a slow (pure Python) tokenizer has no offsets
-            raise TypeError(
-                f"scoring windows need token offsets: {type(tokenizer).__name__} is not a fast tokenizer "
-                "(load it with AutoTokenizer.from_pretrained(..., use_fast=True))"
-            ) from err
-        for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"]):
-            starts = np.asarray([s for s, _ in offsets], dtype=np.int64).reshape(-1)
-            out.append((np.asarray(ids, dtype=np.int64), starts))
+    try:
+        for enc in encode_in_batches(tokenizer, docs, return_offsets_mapping=True):
+            for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"]):
+                starts = np.asarray([s for s, _ in offsets], dtype=np.int64).reshape(-1)
+                out.append((np.asarray(ids, dtype=np.int64), starts))
+    except NotImplementedError as err:  # a slow (pure Python) tokenizer has no offsets
+        raise TypeError(
+            f"scoring windows need token offsets: {type(tokenizer).__name__} is not a fast tokenizer "
+            "(load it with AutoTokenizer.from_pretrained(..., use_fast=True))"
+        ) from err
     return out
 
 
