@@ -1,15 +1,18 @@
-"""Markdown tables of the init strategies of a sweep, mean ± std over seeds: base, step-0 and final bits/char on the
-test split, and (``--curve``) a dev curve at every validated step.
+"""Markdown tables of an ablation sweep, one row per value of the swept setting (the init strategy unless ``--by``
+says another), mean ± std over seeds: base, step-0 and final bits/char on the test split, and (``--curve``) a dev
+curve at every validated step.
 
     python run.py experiment=ablation_init          # or: python run.py -m init=... seed=1,2,3
     python experiments/init_table.py outputs/ablation_init/multirun/<sweep> [more sweeps]
     python experiments/init_table.py --curve val/tc_bpc outputs/ablation_init/multirun/<sweep> [more sweeps]
+    python experiments/init_table.py --by lora.r outputs/ablation_rank/multirun/<sweep>
 
-Several sweeps make one table; a (strategy, seed) run again in a later sweep replaces the earlier run. The rows
+Several sweeps make one table; a (value, seed) run again in a later sweep replaces the earlier run. The rows
 are ordered by final TC bits/char; choices were made on dev (``val/*``, ``final/tc_bpc``), the first table is test.
 The curve starts at step 0 (``step0/<name>``, the same dev text as ``val/<name>``); with one tokenizer and model for
 every strategy, a step is the same TC characters and about the same training time for each (``init s``: the
-strategy's own time to compute its rows, once per seed, from ``init_report.json``).
+strategy's own time to compute its rows, once per seed, from ``init_report.json``). Across tokenizers (``--by
+tokenizer.added_vocab``) a step is not the same characters: the dashboard draws those curves against TC characters.
 """
 
 from __future__ import annotations
@@ -35,13 +38,13 @@ COLUMNS = [
 ]
 
 
-def finished_runs(sweeps: list[Path]) -> list[Run]:
-    """The finished runs of ``sweeps``, one per (strategy, seed): a later sweep's run replaces an earlier one."""
+def finished_runs(sweeps: list[Path], by: str = "init") -> list[Run]:
+    """The finished runs of ``sweeps``, one per (value of ``by``, seed): a later sweep's run replaces an earlier one."""
     latest = {}
     for sweep in sweeps:
         for run in collect_runs([sweep]):
             if run.status == "ok":
-                latest[(run.metrics["init/strategy"], run.value("seed"))] = run
+                latest[(str(run.value(by)), run.value("seed"))] = run
     return list(latest.values())
 
 
@@ -53,22 +56,22 @@ def cell(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def by_strategy(runs: list[Run]) -> dict[str, list[Run]]:
-    """Strategies in order of mean final test TC bits/char (best first)."""
+def grouped(runs: list[Run], by: str = "init") -> dict[str, list[Run]]:
+    """The runs by their value of ``by``, in order of mean final test TC bits/char (best first)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(run.metrics["init/strategy"], []).append(run)
+        groups.setdefault(str(run.value(by)), []).append(run)
     final = COLUMNS[2]
     return dict(
         sorted(groups.items(), key=lambda kv: statistics.fmean(r.metrics.get(final, float("inf")) for r in kv[1]))
     )
 
 
-def table(runs: list[Run]) -> str:
-    lines = ["| init | seeds | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
-    for init, group in by_strategy(runs).items():
+def table(runs: list[Run], by: str = "init") -> str:
+    lines = [f"| {by} | seeds | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for value, group in grouped(runs, by).items():
         cells = [cell([r.metrics[c] for r in group if c in r.metrics]) for c in COLUMNS]
-        lines.append(f"| {init} | {len(group)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {value} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -77,23 +80,23 @@ def init_seconds(run: Run) -> float | None:
     return json.loads(report.read_text()).get("seconds") if report.is_file() else None
 
 
-def curve_table(runs: list[Run], key: str) -> str:
-    """``key`` (a ``val/*`` metric) per strategy at step 0 and every validated step, mean ± std over seeds."""
+def curve_table(runs: list[Run], key: str, by: str = "init") -> str:
+    """``key`` (a ``val/*`` metric) per value of ``by`` at step 0 and every validated step, mean ± std over seeds."""
     start = "step0/" + key.split("/", 1)[1]
-    groups = by_strategy(runs)
-    points: dict[str, dict[float, list[float]]] = {init: {} for init in groups}
-    for init, group in groups.items():
+    groups = grouped(runs, by)
+    points: dict[str, dict[float, list[float]]] = {name: {} for name in groups}
+    for name, group in groups.items():
         for run in group:
             if start in run.metrics:
-                points[init].setdefault(0.0, []).append(run.metrics[start])
+                points[name].setdefault(0.0, []).append(run.metrics[start])
             for steps, value in curve_points(run, key):
-                points[init].setdefault(steps, []).append(value)
+                points[name].setdefault(steps, []).append(value)
     steps = sorted({s for at in points.values() for s in at})
-    lines = ["| init | init s | " + " | ".join(f"{s:g}" for s in steps) + " |", "|---" * (len(steps) + 2) + "|"]
-    for init, at in points.items():
-        seconds = [s for s in map(init_seconds, groups[init]) if s is not None]
+    lines = [f"| {by} | init s | " + " | ".join(f"{s:g}" for s in steps) + " |", "|---" * (len(steps) + 2) + "|"]
+    for name, at in points.items():
+        seconds = [s for s in map(init_seconds, groups[name]) if s is not None]
         spent = f"{statistics.fmean(seconds):.0f}" if seconds else "–"
-        lines.append(f"| {init} | {spent} | " + " | ".join(cell(at.get(s, [])) for s in steps) + " |")
+        lines.append(f"| {name} | {spent} | " + " | ".join(cell(at.get(s, [])) for s in steps) + " |")
     return f"{key} after n steps (n = 0: step0)\n\n" + "\n".join(lines)
 
 
@@ -101,9 +104,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", nargs="+", type=Path)
     parser.add_argument("--curve", default=None, help="a val/* key: the dev curve instead of the test table")
+    parser.add_argument("--by", default="init", help="the swept setting, e.g. lora.r, tokenizer.added_vocab")
     args = parser.parse_args()
-    runs = finished_runs(args.sweeps)
-    print(curve_table(runs, args.curve) if args.curve else table(runs))
+    runs = finished_runs(args.sweeps, args.by)
+    print(curve_table(runs, args.curve, args.by) if args.curve else table(runs, args.by))
 
 
 if __name__ == "__main__":

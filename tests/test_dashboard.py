@@ -305,3 +305,12 @@ def test_init_table_reports_test_figures_and_the_dev_curve_per_strategy_over_see
     assert zip_tie[3] == f"{statistics.fmean(at_10):.3f} ± {statistics.stdev(at_10):.3f}"
     at_0 = [FINALS[("zip_tie", s)] + 0.6 for s in (1, 2)]
     assert zip_tie[2] == f"{statistics.fmean(at_0):.3f} ± {statistics.stdev(at_0):.3f}"
+    # another swept setting: one row per value of it
+    rank = tmp_path / "rank"
+    for i, (r, seed, final) in enumerate([(8, 1, 7.3), (8, 2, 7.5), (64, 1, 7.2)]):
+        metrics = metrics_for(7.9, final, **{"init/strategy": "zip_tie", "final/test_tc_bpc": final})
+        write_run(rank / str(i), [f"lora.r={r}", f"seed={seed}"], metrics)
+    by_rank = script.table(script.finished_runs([rank], "lora.r"), "lora.r").splitlines()
+    assert by_rank[0].startswith("| lora.r | seeds |")
+    assert [line.split(" | ")[:2] for line in by_rank[2:]] == [["| 64", "1"], ["| 8", "2"]]
+    assert by_rank[3].split(" | ")[4] == f"{statistics.fmean([7.3, 7.5]):.3f} ± {statistics.stdev([7.3, 7.5]):.3f}"
