@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bailong.dashboard.collect import Run, collect_runs, curve_points  # noqa: E402
+from bailong.dashboard.table import aggregate, format_stat, group_runs  # noqa: E402
 
 COLUMNS = [
     "base/test_tc_bpc",
@@ -49,22 +50,16 @@ def finished_runs(sweeps: list[Path], by: str = "init") -> list[Run]:
 
 
 def cell(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+    """Mean ± sample std over seeds, as the dashboard's table writes it."""
+    return format_stat(aggregate([{"value": v} for v in values]).get("value"), 3)
 
 
 def grouped(runs: list[Run], by: str = "init") -> dict[str, list[Run]]:
-    """The runs by their value of ``by``, in order of mean final test TC bits/char (best first)."""
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(str(run.value(by)), []).append(run)
+    """The runs by their value of ``by`` (the dashboard's grouping), in order of mean final test TC bits/char (best
+    first)."""
     final = COLUMNS[2]
-    return dict(
-        sorted(groups.items(), key=lambda kv: statistics.fmean(r.metrics.get(final, float("inf")) for r in kv[1]))
-    )
+    groups = sorted(group_runs(runs, [by]), key=lambda g: g.stats[final].mean if final in g.stats else float("inf"))
+    return {str(g.values[by]): g.runs for g in groups}
 
 
 def table(runs: list[Run], by: str = "init") -> str:
