@@ -96,20 +96,20 @@ def prepared_poem_texts(poems: str | Path, data: DataConfig, prepared: PreparedT
     return texts, _converter(data.tc[i])
 
 
-def split_poems(poems: list[Poem], texts: dict[str, set], convert=None) -> tuple[list[Poem], list[Poem]]:
-    """``(train, dev)`` poems by membership in the prepared split (``texts``: each split's texts; ``convert``: the
-    corpus's conversion, so like is compared with like). A poem trains when its text is in ``train`` and in no
-    held-out split, validates when it is in ``dev`` only; the rest (``test`` poems, and poems the prepare stage
-    dropped or never read) are in neither."""
-    train, dev = [], []
+def split_poems(poems: list[Poem], texts: dict[str, set], convert=None) -> dict[str, list[Poem]]:
+    """Poems by membership in the prepared split (``texts``: each split's texts; ``convert``: the corpus's
+    conversion, so like is compared with like): ``train`` when the text is in ``train`` and in no held-out split,
+    ``dev`` when it is in ``dev`` only, ``test`` when it is in ``test``, ``other`` for the rest (poems the prepare
+    stage dropped or never read, or a text repeated in train and dev). Only ``train`` and ``dev`` are used."""
+    out: dict[str, list[Poem]] = {"train": [], "dev": [], "test": [], "other": []}
     for poem in poems:
         text = convert(poem.text) if convert is not None else poem.text
         where = {split for split, kept in texts.items() if text in kept}
-        if where == {"train"}:
-            train.append(poem)
-        elif where == {"dev"}:
-            dev.append(poem)
-    return train, dev
+        if where in ({"train"}, {"dev"}):
+            out[where.pop()].append(poem)
+        else:
+            out["test" if "test" in where else "other"].append(poem)
+    return out
 
 
 # -- tasks: (prompt, answer) in the language asked ---------------------------------------------------
@@ -218,22 +218,21 @@ def build_instruct_set(
     expect_config(data, DataConfig, "build_instruct_set(data)")
     poems = read_poems(cfg.poems)
     texts, convert = prepared_poem_texts(cfg.poems, data, prepared)
-    train, val = split_poems(poems, texts, convert)
+    split = split_poems(poems, texts, convert)
+    train, val = split["train"], split["dev"]
     opts = dict(en_share=cfg.en_share, multi_turn_share=cfg.multi_turn_share, system_share=cfg.system_share)
     sets = {
         "train": make_conversations(train, seed=cfg.seed, limit=cfg.max_train, **opts),
         "val": make_conversations(val, seed=cfg.seed + 1, limit=cfg.max_val, **opts),
     }
     out = Path(out_dir)
-    test = texts["test"]
-    in_test = sum((convert(p.text) if convert is not None else p.text) in test for p in poems)
     stats: dict[str, Any] = {
         "poems": len(poems),
         "train_poems": len(train),
         "val_poems": len(val),
-        "test_poems_left_out": in_test,
+        "test_poems_left_out": len(split["test"]),
         # dropped by the prepare stage (bridged near-duplicates, past max_docs), or in two splits (a repeated text)
-        "other_poems_left_out": len(poems) - len(train) - len(val) - in_test,
+        "other_poems_left_out": len(split["other"]),
     }
     for name, convs in sets.items():
         write_conversations([c["messages"] for c in convs], out / f"{name}.jsonl")
