@@ -86,9 +86,9 @@ def split_docs(data: dict, lang: str, split: str) -> list[str]:
     return [d for parts in data[lang].values() for d in parts[split]]
 
 
-def unigram_bits(train: list[str], val: list[str]) -> float:
-    """Bits of val under an add-one smoothed character unigram of train (one slot for unseen characters)."""
-    counts = Counter(ch for doc in train for ch in doc)
+def unigram_bits(counts: Counter, val: list[str]) -> float:
+    """Bits of val under an add-one smoothed character unigram of the training text's character ``counts`` (one slot
+    for unseen characters)."""
     total, slots = sum(counts.values()), len(counts) + 1
     return sum(-math.log2((counts[ch] + 1) / (total + slots)) for doc in val for ch in doc)
 
@@ -104,18 +104,19 @@ def evaluate(model_dir: Path, data: dict) -> dict:
     unigram, per file and language."""
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # the unigram's training counts, once per language (not once per file and split)
+    train_chars = {lang: Counter(ch for doc in split_docs(data, lang, "train") for ch in doc) for lang in data}
     result: dict = {}
     for split in HELD_OUT:
         figures: dict = {}
         for lang, files in data.items():
-            train_all = split_docs(data, lang, "train")
             lang_bits = lang_uni = lang_chars = 0.0
             for name, parts in files.items():
                 held = parts[split]
                 if not held:
                     raise SystemExit(f"{lang}/{name}: no {split} documents to evaluate (raise max_docs)")
                 scored = score(model, tokenizer, held)
-                uni = unigram_bits(train_all, held)
+                uni = unigram_bits(train_chars[lang], held)
                 figures[f"{lang}/{name}"] = {
                     "chars": scored["chars"],
                     "docs": len(held),
