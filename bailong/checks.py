@@ -10,6 +10,7 @@ import re
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bailong.errors import ConfigError  # noqa: F401  (re-exported)
+from bailong.model.config import ALL_LINEAR
 from bailong.run_files import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,10 @@ def model_problems(cfg: DictConfig) -> list[str]:
                 f"quant.name=nf4: {config.model_type} model {cfg.model.pretrained} has no nn.Linear layers "
                 "outside quant.skip_modules for bitsandbytes to quantise; use quant=none"
             )
-    missing = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    targets = cfg.lora.target_modules
+    if targets == ALL_LINEAR:  # resolved against the model when it is built (bailong.model.build.lora_config)
+        targets = []
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing and finetune_name(cfg) != "full":  # full fine-tuning has no LoRA targets
         problems.append(
             f"lora.target_modules: {missing} match no module of {config.model_type} ({cfg.model.pretrained})"

@@ -39,7 +39,8 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bailong.model.config import LORA_TARGETS
+from bailong.errors import ConfigError
+from bailong.model.config import ALL_LINEAR, LORA_TARGETS
 from bailong.model.random_base import ARCHITECTURES, architecture_config, random_base_spec
 from bailong.train.config import OPTIMIZERS
 
@@ -206,6 +207,11 @@ def setup_from_config(cfg, device: str = "cuda") -> Setup:
     full = OmegaConf.select(cfg, "finetune.name", default="lora") == "full"
     if not full and cfg.lora.embeddings not in ("new_rows", "full", "lora", "frozen"):
         raise ValueError(f"lora.embeddings={cfg.lora.embeddings!r}: expected new_rows, full, lora or frozen")
+    if not full and cfg.lora.get("use_dora", False):
+        # DoRA re-derives each target's weight norm from the dequantised matrix every forward: memory the
+        # benchmark has not measured, so no figure is given rather than LoRA's
+        raise ConfigError("lora.use_dora=true: the planner models LoRA and full fine-tuning only, not DoRA")
+    targets = cfg.lora.target_modules
     return Setup(
         arch=architecture(cfg.model),
         added_vocab=cfg.tokenizer.added_vocab,
@@ -217,7 +223,7 @@ def setup_from_config(cfg, device: str = "cuda") -> Setup:
         autocast=precision in ("bf16-mixed", "16-mixed", "bf16", "16"),
         lora_r=cfg.lora.r,
         lora_dropout=cfg.lora.dropout,
-        targets=() if full else tuple(cfg.lora.target_modules),
+        targets=() if full else PROJECTIONS if targets == ALL_LINEAR else tuple(targets),
         embeddings=cfg.lora.embeddings,
         optimizer=cfg.train.optimizer,
         checkpointing=cfg.train.gradient_checkpointing,

@@ -78,14 +78,15 @@ def tiny(tmp_path_factory):
     return make_tiny_base(tmp_path_factory.mktemp("tiny"))
 
 
-def trained(tiny, quant, embeddings):
-    """``tiny`` built (test_build.build) with ``quant`` and ``embeddings``, every trainable parameter moved, as
-    after training (LoRA B starts at zero): what the save, reload and export tests save."""
+def trained(tiny, quant, embeddings, lora=None):
+    """``tiny`` built (test_build.build) with ``quant``, ``embeddings`` and (optionally) ``lora`` settings, every
+    trainable parameter moved, as after training (LoRA B starts at zero): what the save, reload and export tests
+    save."""
     import torch
 
     from test_build import build
 
-    model = build(tiny, quant=quant, embeddings=embeddings)
+    model = build(tiny, quant=quant, embeddings=embeddings, lora=lora)
     torch.manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():

@@ -261,9 +261,24 @@ def scored_vocab(model: torch.nn.Module) -> int:
     return getattr(model, "bailong_scored_vocab", None) or model.config.vocab_size
 
 
+def linear_module_names(model: PreTrainedModel) -> list[str]:
+    """The leaf names of every linear projection of ``model`` but its output head (``q_proj``, ``c_attn``, ...):
+    what ``lora.target_modules=all-linear`` targets. nn.Linear, its 4-bit form and GPT-2's Conv1D count."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    kinds = (torch.nn.Linear, bnb.nn.Linear4bit, Conv1D)
+    return sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds) and m is not head and n}
+    )
+
+
 def lora_config(model: PreTrainedModel, lora: LoraConfig, new_ids: list[int]) -> peft.LoraConfig:
     """peft's LoraConfig for the ``lora`` settings, after checking its targets against ``model``."""
-    embeddings, targets = lora.embeddings, list(lora.target_modules)
+    embeddings = lora.embeddings
+    targets = linear_module_names(model) if lora.all_linear else list(lora.target_modules)
+    if not targets:
+        raise ValueError(f"lora.target_modules=all-linear: {type(model).__name__} has no linear layer but its head")
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
@@ -282,6 +297,8 @@ def lora_config(model: PreTrainedModel, lora: LoraConfig, new_ids: list[int]) ->
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
         target_modules=targets,
         task_type="CAUSAL_LM",
         **extra,

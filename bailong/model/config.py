@@ -6,10 +6,11 @@ and the typed objects the stages pass into ``bailong.model``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
-from bailong.errors import ConfigError, check_choice, check_number
+from bailong.errors import ConfigError, check_choice, check_number, unset
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name: bailong.model.build.DTYPES
 QUANT_NAMES = ("nf4", "none")
@@ -21,6 +22,9 @@ QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", None)
 # LoRA on every attention and MLP projection of a Llama block (QLoRA's recipe): the one list of default targets
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# lora.target_modules=all-linear (peft's name for it): every linear projection of the base except the output head,
+# whatever the architecture calls them (bailong.model.build.linear_module_names)
+ALL_LINEAR = "all-linear"
 EMBEDDING_MODES = ("new_rows", "full", "lora", "frozen")
 FINETUNE_MODES = ("lora", "full")  # conf/finetune/: LoRA on a frozen (4-bit) base, or every weight
 
@@ -92,8 +96,11 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # module names (a list) or ALL_LINEAR; typed Any because OmegaConf 2.3 has no str | list[str]
+    target_modules: Any = field(default_factory=lambda: list(LORA_TARGETS))
     embeddings: str = "new_rows"  # new_rows | full | lora | frozen
+    use_rslora: bool = False  # rank-stabilised LoRA: updates scaled by alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False  # DoRA: a trained magnitude per output row on top of the low-rank direction update
 
     def __post_init__(self) -> None:
         check_number(
@@ -102,8 +109,25 @@ class LoraConfig:
         check_number("lora.alpha", self.alpha, lambda v: v > 0, "a positive number")
         check_number("lora.dropout", self.dropout, lambda v: 0 <= v < 1, "a number in [0, 1)")
         check_choice("lora.embeddings", self.embeddings, EMBEDDING_MODES)
-        if not isinstance(self.target_modules, str) and len(self.target_modules) == 0:
-            raise ConfigError("lora.target_modules=[]: expected at least one module name (e.g. q_proj, v_proj)")
+        targets = self.target_modules
+        if unset(targets):
+            return
+        if isinstance(targets, str):
+            if targets != ALL_LINEAR:
+                raise ConfigError(
+                    f"lora.target_modules={targets!r}: expected a list of module names (e.g. [q_proj,v_proj]) "
+                    f"or {ALL_LINEAR!r}"
+                )
+        elif not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(
+                f"lora.target_modules={list(targets)!r}: expected at least one module name (e.g. q_proj, v_proj) "
+                f"or {ALL_LINEAR!r}"
+            )
+
+    @property
+    def all_linear(self) -> bool:
+        """Whether LoRA targets every linear projection (``target_modules=all-linear``)."""
+        return self.target_modules == ALL_LINEAR
 
 
 @dataclass

@@ -19,16 +19,21 @@ log = logging.getLogger(__name__)
 def _param_groups(model: torch.nn.Module, lr: float, embedding_lr: float | None, weight_decay: float):
     """LoRA matrices at ``lr``; the new embedding/head rows (peft trainable tokens or saved modules) at
     ``embedding_lr``, since freshly initialised rows usually want a different step size than LoRA.
+    DoRA's magnitudes (``lora.use_dora``) at ``lr`` without weight decay: like norm scales, they start at the
+    weight's row norms, and decay would pull them toward zero rather than toward that start.
     A full fine-tuning model (``finetune=full``) is split by ``_full_param_groups``."""
     if (getattr(model, "bailong_build", None) or {}).get("finetune") == "full":
         return _full_param_groups(model, lr, embedding_lr, weight_decay)
-    lora, rows = [], []
+    lora, magnitudes, rows = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_row = "trainable_tokens" in name or "modules_to_save" in name
-        (rows if is_row else lora).append(p)
-    groups = [{"params": lora, "lr": lr, "weight_decay": weight_decay, "name": "lora"}]
+        (rows if is_row else magnitudes if "lora_magnitude_vector" in name else lora).append(p)
+    groups = [
+        {"params": lora, "lr": lr, "weight_decay": weight_decay, "name": "lora"},
+        {"params": magnitudes, "lr": lr, "weight_decay": 0.0, "name": "dora_magnitudes"},
+    ]
     if rows:
         groups.append({"params": rows, "lr": embedding_lr or lr, "weight_decay": 0.0, "name": "embeddings"})
     return [g for g in groups if g["params"]]
