@@ -52,7 +52,20 @@ def finetune_name(cfg: DictConfig) -> str:
 
 
 # the groups whose schema dataclasses check their own ranges (``__post_init__``) when the stages convert them
-CHECKED_GROUPS = ("model", "tokenizer", "quant", "lora", "finetune", "data", "train", "eval", "mc", "bench", "judge")
+CHECKED_GROUPS = (
+    "model",
+    "tokenizer",
+    "quant",
+    "lora",
+    "finetune",
+    "data",
+    "train",
+    "eval",
+    "mc",
+    "bench",
+    "parallel",
+    "judge",
+)
 
 
 def schema_problems(cfg: DictConfig) -> list[str]:

@@ -28,6 +28,9 @@ SFT_SMOKE = [
     "mc.items_per_lang=12",
     "bench.max_prompts=4",
     "bench.max_new_tokens=8",
+    "parallel.max_pairs=8",
+    "parallel.translate_pairs=2",
+    "parallel.max_new_tokens=8",
 ]
 
 
@@ -104,6 +107,9 @@ def test_sft_smoke_from_a_pretrained_run(pretrained, tmp_path):
             "tc_bpc",
             "en_bpc",
             "chat_bpc",
+            "parallel/information_parity",
+            "translation/en2tc_chrf",
+            "translation/tc2en_chrf",
         ):
             assert f"sft/{stage}/{key}" in metrics, (stage, key)
         assert (tmp_path / f"eval_{stage}" / "bench").is_dir()

@@ -1,9 +1,10 @@
 """Evaluation: bits per character/byte of held-out text (``bpc``); evaluations by name
-(``bailong.eval.evaluators``)."""
+(``bailong.eval.evaluators``).
 
+An evaluator defined outside bailong/eval/evaluators.py registers itself when its module is imported: one import
+line here each, so the registry is complete whenever bailong.eval is imported."""
+
+from bailong.eval import parallel  # noqa: F401  (registers parallel_bpc, translation)
 from bailong.eval.bpc import bits_per_char, evaluate_texts
-
-# An evaluator defined outside bailong/eval/evaluators.py registers itself when its module is imported: one
-# import line here each, so the registry is complete whenever bailong.eval is imported.
 
 __all__ = ["bits_per_char", "evaluate_texts"]

@@ -5,12 +5,13 @@
     python -m bailong.eval mc outputs/pretrain/runs/<run> "mc.files=[my_mc.jsonl]"  # -> <run>/instruct_eval/mc/
     python -m bailong.eval bench outputs/sft/runs/<run> --judge-url http://127.0.0.1:8000/v1 --judge-model m
     python -m bailong.eval instruct models/mini-base --out /tmp/base_eval          # mc + bench
+    python -m bailong.eval parallel outputs/sft/runs/<run>     # information parity, translation chrF
 
 ``bpc``: bits per character of any text files, keys as in metrics.json: ``final/*`` for a run or adapter,
-``base/*`` for a base model (scored with its own base tokenizer). ``mc``, ``bench``, ``instruct`` (both) take
-config overrides (``mc.items_per_lang=500``, ``judge.timeout_s=120``) and write their files under ``--out``
-(default: ``<run>/instruct_eval``; ``bench``: the run directory itself, whose metrics.json then gets the
-``bench/*`` keys). Each prints one JSON object of metrics. Every subcommand runs the registered evaluators
+``base/*`` for a base model (scored with its own base tokenizer). ``mc``, ``bench``, ``instruct`` (both) and
+``parallel`` take config overrides (``mc.items_per_lang=500``, ``judge.timeout_s=120``) and write their files
+under ``--out`` (default: ``<run>/instruct_eval``; ``bench``: the run directory itself, whose metrics.json then
+gets the ``bench/*`` keys). Each prints one JSON object of metrics. Every subcommand runs the registered evaluators
 of ``bailong.eval.evaluators``.
 """
 
@@ -39,17 +40,20 @@ EVALUATIONS = {  # subcommand -> evaluators, in order
     "mc": ("mc",),
     "bench": ("bench",),
     "instruct": ("mc", "bench"),
+    "parallel": ("parallel_bpc", "translation"),
 }
 OVERRIDES_EXAMPLE = {
     "mc": "mc.items_per_lang=500",
     "bench": "bench.do_sample=true judge.timeout_s=120",
     "instruct": "mc.items_per_lang=500 bench.max_new_tokens=256",
+    "parallel": "parallel.split=dev parallel.translate_pairs=100",
 }
 HELP = {
     "bpc": "bits per character of text files (final/* for a run, base/* for a base model)",
     "mc": "multiple choice in both languages (mc/*)",
     "bench": "the bench: rule scores, and the judge when configured (bench/*)",
     "instruct": "mc and bench, as the SFT stage evaluates",
+    "parallel": "the TC-EN parallel set: bits/char of the same content, translation chrF (parallel/*, translation/*)",
 }
 
 
@@ -121,7 +125,7 @@ def bpc(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
 
 
 def with_config(command: str, args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
-    """``mc``, ``bench``, ``instruct``: the composed config (with the overrides), then the evaluators."""
+    """``mc``, ``bench``, ``instruct``, ``parallel``: the composed config (with the overrides), then the evaluators."""
     from bailong.config import compose_config
     from bailong.eval.bench import is_run_dir, merge_metrics
     from bailong.redact import install_log_filter, run_secrets

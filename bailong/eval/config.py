@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 from bailong.data.config import CorpusConfig
 from bailong.data.windows import MIN_SEQ_LEN
-from bailong.errors import ConfigError, check_number, unset
+from bailong.errors import ConfigError, check_choice, check_number, unset
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,26 @@ class BenchConfig:
         check_number(
             "bench.max_prompts", self.max_prompts, _at_least(1), "null (all) or an integer >= 1", optional=True
         )
+
+
+@dataclass
+class ParallelConfig:
+    """The Traditional Chinese – English parallel set (bailong/eval/parallel_set.py) and what is scored on it
+    (bailong/eval/parallel.py): bits per character of the same content in each language (``parallel_bpc``) and
+    translation each way, scored by chrF (``translation``)."""
+
+    name: str = "libreoffice_help"
+    file: str = MISSING  # JSONL(.gz): {"tc", "en", "page", "id", "split"}
+    split: str = "test"  # dev: for choices (prompt wording, decoding); test: what is reported
+    max_pairs: int | None = 500  # scored for bits/char (null: all of the split)
+    translate_pairs: int = 32  # translated each way, greedily
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        check_choice("parallel.split", self.split, ("dev", "test"))
+        check_number("parallel.max_pairs", self.max_pairs, _at_least(1), "null (all) or an integer >= 1", optional=True)
+        check_number("parallel.translate_pairs", self.translate_pairs, _at_least(1), "an integer >= 1")
+        check_number("parallel.max_new_tokens", self.max_new_tokens, _at_least(1), "an integer >= 1")
 
 
 @dataclass

@@ -7,8 +7,9 @@ The start is a pre-training run's adapter (its LoRA, new rows and tokenizer; the
 or the base built exactly as pre-training builds it. Before and after fine-tuning the same evaluation
 runs (``SFT_EVALUATORS``): multiple choice TC/EN, bench rule scores and the judge when configured, bits
 per character of the held-out TC/EN text (what SFT costs in language modelling) and of the held-out
-answers (``chat_bpc``). Keys: ``sft/before/...``, ``sft/after/...``; the after-SFT ``mc/*`` and
-``bench/*`` are also written unprefixed for the dashboard.
+answers (``chat_bpc``), and the parallel set's information parity and translation chrF each way
+(``parallel_bpc``, ``translation``: bailong/eval/parallel.py). Keys: ``sft/before/...``, ``sft/after/...``;
+the after-SFT ``mc/*`` and ``bench/*`` are also written unprefixed for the dashboard.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def start_from_base(cfg: DictConfig, splits: Splits, device):
 
 
 # what the SFT stage measures before and after fine-tuning, in this order (bailong/eval/evaluators.py)
-SFT_EVALUATORS = ("mc", "bench", "chat_bpc", "bpc")
+SFT_EVALUATORS = ("mc", "bench", "chat_bpc", "bpc", "parallel_bpc", "translation")
 
 
 def evaluate_stage(model: Any, tok: Any, cfg: DictConfig, datamodule: SFTDataModule, held_out: dict, out_dir: Path):
