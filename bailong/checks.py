@@ -64,6 +64,7 @@ CHECKED_GROUPS = (
     "mc",
     "bench",
     "parallel",
+    "harness",
     "judge",
 )
 

@@ -25,7 +25,7 @@ from bailong.data.config import (  # noqa: F401  (re-exported: the schema's part
 
 # importing the strategies registers each one's options class as the `init` group option of its name
 from bailong.embedding import InitOptions
-from bailong.eval.config import BenchConfig, EvalConfig, JudgeConfig, MCConfig, ParallelConfig
+from bailong.eval.config import BenchConfig, EvalConfig, HarnessConfig, JudgeConfig, MCConfig, ParallelConfig
 from bailong.model.config import FinetuneConfig, LoraConfig, ModelConfig, QuantConfig, RandomBaseConfig  # noqa: F401
 from bailong.overrides import override_tags, override_values, sweep_group
 from bailong.tokenization.config import TokenizerConfig
@@ -79,6 +79,7 @@ class Config:
     mc: MCConfig = field(default_factory=MCConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     logger: dict[str, Any] = field(default_factory=dict)  # name -> instantiable Lightning logger
     callbacks: dict[str, Any] = field(default_factory=dict)  # name -> instantiable Lightning callback

@@ -6,13 +6,14 @@
     python -m bailong.eval bench outputs/sft/runs/<run> --judge-url http://127.0.0.1:8000/v1 --judge-model m
     python -m bailong.eval instruct models/mini-base --out /tmp/base_eval          # mc + bench
     python -m bailong.eval parallel outputs/sft/runs/<run>     # information parity, translation chrF
+    python -m bailong.eval harness outputs/sft/runs/<run>      # lm-evaluation-harness on the same MC items
 
 ``bpc``: bits per character of any text files, keys as in metrics.json: ``final/*`` for a run or adapter,
-``base/*`` for a base model (scored with its own base tokenizer). ``mc``, ``bench``, ``instruct`` (both) and
-``parallel`` take config overrides (``mc.items_per_lang=500``, ``judge.timeout_s=120``) and write their files
-under ``--out`` (default: ``<run>/instruct_eval``; ``bench``: the run directory itself, whose metrics.json then
-gets the ``bench/*`` keys). Each prints one JSON object of metrics. Every subcommand runs the registered evaluators
-of ``bailong.eval.evaluators``.
+``base/*`` for a base model (scored with its own base tokenizer). ``mc``, ``bench``, ``instruct`` (both),
+``parallel`` and ``harness`` take config overrides (``mc.items_per_lang=500``, ``judge.timeout_s=120``) and
+write their files under ``--out`` (default: ``<run>/instruct_eval``; ``bench``: the run directory itself, whose
+metrics.json then gets the ``bench/*`` keys). Each prints one JSON object of metrics. Every subcommand runs the
+registered evaluators of ``bailong.eval.evaluators``.
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ EVALUATIONS = {  # subcommand -> evaluators, in order
     "bench": ("bench",),
     "instruct": ("mc", "bench"),
     "parallel": ("parallel_bpc", "translation"),
+    "harness": ("harness",),
 }
 OVERRIDES_EXAMPLE = {
     "mc": "mc.items_per_lang=500",
     "bench": "bench.do_sample=true judge.timeout_s=120",
     "instruct": "mc.items_per_lang=500 bench.max_new_tokens=256",
     "parallel": "parallel.split=dev parallel.translate_pairs=100",
+    "harness": "harness.tasks=[tmmluplus_local] harness.tmmluplus_files=[a.csv]",
 }
 HELP = {
     "bpc": "bits per character of text files (final/* for a run, base/* for a base model)",
@@ -54,6 +57,7 @@ HELP = {
     "bench": "the bench: rule scores, and the judge when configured (bench/*)",
     "instruct": "mc and bench, as the SFT stage evaluates",
     "parallel": "the TC-EN parallel set: bits/char of the same content, translation chrF (parallel/*, translation/*)",
+    "harness": "lm-evaluation-harness on local tasks: the held-out MC sets, TMMLU+ CSVs (harness/*; '.[harness]')",
 }
 
 
@@ -125,7 +129,7 @@ def bpc(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
 
 
 def with_config(command: str, args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
-    """``mc``, ``bench``, ``instruct``, ``parallel``: the composed config (with the overrides), then the evaluators."""
+    """Every subcommand but ``bpc``: the composed config (with the overrides), then the evaluators."""
     from bailong.config import compose_config
     from bailong.eval.bench import is_run_dir, merge_metrics
     from bailong.redact import install_log_filter, run_secrets

@@ -137,6 +137,31 @@ class ParallelConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """lm-evaluation-harness on the model (bailong/eval/harness.py; ``pip install -e '.[harness]'``): the task YAMLs
+    of bailong/eval/harness_tasks/ with their data files set here; nothing is downloaded."""
+
+    name: str = "default"
+    # bailong_mc_tc / bailong_mc_en: the held-out MC sets ``mc`` builds; tmmluplus_local: ``tmmluplus_files``
+    tasks: list[str] = field(default_factory=lambda: ["bailong_mc_tc", "bailong_mc_en"])
+    tmmluplus_files: list[str] = field(default_factory=list)  # CSV: question,A,B,C,D,answer
+    num_fewshot: int = 0
+    limit: int | None = None  # items per task (null: all)
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in HARNESS_TASKS and not unset(t)]
+        if unknown:
+            raise ConfigError(f"harness.tasks: {unknown}: expected some of {', '.join(HARNESS_TASKS)}")
+        check_number("harness.num_fewshot", self.num_fewshot, _at_least(0), "an integer >= 0")
+        check_number("harness.limit", self.limit, _at_least(1), "null (all) or an integer >= 1", optional=True)
+        check_number("harness.batch_size", self.batch_size, _at_least(1), "an integer >= 1")
+
+
+HARNESS_TASKS = ("bailong_mc_tc", "bailong_mc_en", "tmmluplus_local")
+
+
+@dataclass
 class JudgeConfig:
     """LLM judge through an OpenAI-compatible chat-completions endpoint (bailong/eval/judge.py).
     Off while ``base_url`` is null. The API key is read from the environment variable ``api_key_env``

@@ -34,7 +34,7 @@ from bailong.data.corpus import write_jsonl
 from bailong.eval.bench import run_bench
 from bailong.eval.bpc import evaluate_texts, score_windows, scoring_mode
 from bailong.eval.choice import load_mc_file, score_choices, write_mc_file
-from bailong.eval.config import BenchConfig, EvalConfig, JudgeConfig, MCConfig, ParallelConfig
+from bailong.eval.config import BenchConfig, EvalConfig, HarnessConfig, JudgeConfig, MCConfig, ParallelConfig
 from bailong.eval.mc_sets import build_mc_sets
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class EvalContext:
     bench: BenchConfig = field(default_factory=BenchConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
     data: DataConfig | None = None  # data.*: mc's items are the test split of its prepared text
     cache_dir: Path | None = None  # paths.cache_dir: where that text is prepared (None: the project's cache)
 
@@ -84,6 +85,7 @@ class EvalContext:
             bench=OmegaConf.to_object(cfg.bench),
             judge=OmegaConf.to_object(cfg.judge),
             parallel=OmegaConf.to_object(cfg.parallel),
+            harness=OmegaConf.to_object(cfg.harness),
             data=OmegaConf.to_object(cfg.data),
             cache_dir=Path(cfg.paths.cache_dir),
         )
