@@ -1,11 +1,14 @@
 """The LLM judge against a small OpenAI-compatible server started here on 127.0.0.1: success, timeout,
 a server trickling its reply, HTTP 500 then success, malformed replies, refused requests, resuming partial
-results, and a planted API key that must reach no log record, error message or stored judgment."""
+results, a later turn judged with the conversation before it, and a planted API key that must reach no log
+record, error message or stored judgment. The retry and redaction machinery tested here is
+``bailong.eval.chat_client``'s, which the bench's served answerer shares (tests/test_bench.py)."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import threading
@@ -15,9 +18,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from omegaconf import OmegaConf
 
-import bailong.eval.judge as judge_module
+import bailong.eval.chat_client as chat_client_module
 from bailong.eval.bench import run_bench
-from bailong.eval.judge import Judge, JudgeError, JudgeRequestError, judge_answers
+from bailong.eval.chat_client import ChatError, ChatRequestError
+from bailong.eval.judge import Judge, judge_answers
 from conftest import compose_config
 
 PLANTED_KEY = "sk-planted-0123456789"
@@ -156,6 +160,26 @@ def test_success_sends_the_conf_prompt_and_the_key_from_the_environment(server, 
     assert "must be written in Traditional Chinese" in user and '"[[rating]]"' in user
 
 
+def test_a_later_turn_is_judged_with_the_conversation_before_it(server, judge_cfg):
+    context = [("請介紹夜市。", "夜市很熱鬧。")]
+    question, answer = "請翻譯成英文。", "Night markets are lively."
+    with make_judge(judge_cfg) as judge:
+        got = judge.grade(question, answer, "en", context)
+        keys = [judge.item_key(question, answer, "en", c) for c in (context, [("請介紹夜市。", "夜市很好玩。")], ())]
+    assert got.rating == 7.0
+    user = server.requests[0]["body"]["messages"][1]["content"]
+    conversation = (
+        "### User:\n請介紹夜市。\n\n### Assistant:\n夜市很熱鬧。\n\n### User:\n請翻譯成英文。\n\n### Assistant:\n"
+    )
+    assert conversation + "Night markets are lively.\n" in user
+    assert "answer to the last user question" in user and "must be written in English" in user
+    assert "[Question]" not in user  # not the first turn's template
+    assert len(set(keys)) == 3  # the same answer after other earlier turns is another item
+    # a first turn's key is what it was before conversations were judged: an earlier judgments file resumes
+    old = [judge_cfg.model, judge_cfg.system_prompt, judge_cfg.prompt_template, question, answer, "en"]
+    assert keys[2] == hashlib.sha256(json.dumps(old, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def test_http_500_then_success_retries_with_backoff(server, judge_cfg):
     server.script = [("status", 500), ("status", 503)]
     waits = []
@@ -192,7 +216,7 @@ def test_timeout_bounds_the_whole_attempt_against_a_trickling_server(server, tmp
 )
 def test_malformed_replies_are_retried_a_bounded_number_of_times(server, judge_cfg, action):
     server.default = action
-    with pytest.raises(JudgeError, match="no rating after 3 attempts; last: malformed reply"):
+    with pytest.raises(ChatError, match="no rating after 3 attempts; last: malformed reply"):
         make_judge(judge_cfg).grade("q", "a", "en")
     assert len(server.requests) == 3  # 1 + max_retries, never more
 
@@ -200,7 +224,7 @@ def test_malformed_replies_are_retried_a_bounded_number_of_times(server, judge_c
 def test_refused_requests_stop_at_once(server, judge_cfg, monkeypatch):
     monkeypatch.delenv("JUDGE_API_KEY", raising=False)
     server.default = ("status", 401)
-    with pytest.raises(JudgeRequestError, match="HTTP 401"):
+    with pytest.raises(ChatRequestError, match="HTTP 401"):
         make_judge(judge_cfg).grade("q", "a", "en")
     assert len(server.requests) == 1 and "Authorization" not in server.requests[0]["headers"]
 
@@ -246,6 +270,9 @@ def test_bad_judge_settings_fail_before_any_request(server, tmp_path):
     cfg = compose_config([f"judge.base_url={server.url}", "judge.prompt_template='Rate {answr}'"], tmp_path).judge
     with pytest.raises(ValueError, match=r"judge.prompt_template: only \{question\}"):
         Judge(cfg)
+    cfg = compose_config([f"judge.base_url={server.url}", "judge.multi_turn_template='{conversation} {q}'"], tmp_path)
+    with pytest.raises(ValueError, match=r"judge.multi_turn_template: only \{conversation\}, \{question\}"):
+        Judge(cfg.judge)
     cfg = compose_config([f"judge.base_url={server.url}", "judge.timeout_s=0"], tmp_path).judge
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         Judge(cfg)
@@ -273,8 +300,8 @@ def test_a_planted_key_reaches_no_log_record_and_no_error(
         getattr(logging.getLogRecordFactory(), "bailong_base", logging.getLogRecordFactory()),
     )
     if redaction == "off":
-        monkeypatch.setattr(judge_module, "redact_text", lambda text, secrets=(): text)
-        monkeypatch.setattr(judge_module, "SecretFilter", lambda secrets: logging.Filter())
+        monkeypatch.setattr(chat_client_module, "redact_text", lambda text, secrets=(): text)
+        monkeypatch.setattr(chat_client_module, "SecretFilter", lambda secrets: logging.Filter())
     if key_in == "env":
         monkeypatch.setenv("JUDGE_API_KEY", PLANTED_KEY)
         url, secrets, credential = server.url, [PLANTED_KEY], f"Bearer {PLANTED_KEY}"
@@ -286,7 +313,7 @@ def test_a_planted_key_reaches_no_log_record_and_no_error(
     server.default = ("echo", status)
     cfg = judge_config(tmp_path, url, "judge.timeout_s=5", "judge.max_retries=1")
     with (
-        pytest.raises(JudgeRequestError if status == 401 else JudgeError, match=f"HTTP {status}") as err,
+        pytest.raises(ChatRequestError if status == 401 else ChatError, match=f"HTTP {status}") as err,
         make_judge(cfg) as judge,
     ):
         judge.grade("q", "a", "en")

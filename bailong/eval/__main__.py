@@ -4,6 +4,7 @@
     python -m bailong.eval bpc models/mini-base --tc data/zh_tw/modern.jsonl.gz --max-chars 20000
     python -m bailong.eval mc outputs/pretrain/runs/<run> "mc.files=[my_mc.jsonl]"  # -> <run>/instruct_eval/mc/
     python -m bailong.eval bench outputs/sft/runs/<run> --judge-url http://127.0.0.1:8000/v1 --judge-model m
+    python -m bailong.eval bench --model-url http://127.0.0.1:8000/v1 --model-name m --out /tmp/served  # served
     python -m bailong.eval instruct models/mini-base --out /tmp/base_eval          # mc + bench
     python -m bailong.eval parallel outputs/sft/runs/<run>     # information parity, translation chrF
     python -m bailong.eval harness outputs/sft/runs/<run>      # lm-evaluation-harness on the same MC items
@@ -12,7 +13,9 @@
 ``base/*`` for a base model (scored with its own base tokenizer). ``mc``, ``bench``, ``instruct`` (both),
 ``parallel`` and ``harness`` take config overrides (``mc.items_per_lang=500``, ``judge.timeout_s=120``) and
 write their files under ``--out`` (default: ``<run>/instruct_eval``; ``bench``: the run directory itself, whose
-metrics.json then gets the ``bench/*`` keys). Each prints one JSON object of metrics. Every subcommand runs the
+metrics.json then gets the ``bench/*`` keys). ``bench --model-url URL`` (or ``bench.server.base_url=URL``) answers
+through a model served behind an OpenAI-compatible endpoint instead: no model is loaded, no target is given, and
+``--out`` is required. Each prints one JSON object of metrics. Every subcommand runs the
 registered evaluators of ``bailong.eval.evaluators``.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +40,7 @@ from bailong.model.loading import (
     load_for_inference,
 )
 
+OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.]*=")  # a config override, key=value (a path has no key before "=")
 EVALUATIONS = {  # subcommand -> evaluators, in order
     "bpc": ("bpc",),
     "mc": ("mc",),
@@ -68,7 +73,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subs = {}
     for name in EVALUATIONS:
         sub = commands.add_parser(name, help=HELP[name], description=HELP[name])
-        sub.add_argument("target", help="run directory, adapter directory, or base model (directory or hub id)")
+        target_help = "run directory, adapter directory, or base model (directory or hub id)"
+        if name == "bench":  # the served model needs no target
+            sub.add_argument("target", nargs="?", help=target_help + "; none with --model-url")
+        else:
+            sub.add_argument("target", help=target_help)
         if name == "bpc":
             sub.add_argument("--tc", nargs="*", default=[], help="Traditional Chinese .txt/.jsonl(.gz) files")
             sub.add_argument("--en", nargs="*", default=[], help="English .txt/.jsonl(.gz) files")
@@ -86,6 +95,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             sub.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
             sub.add_argument("--judge-model", help="judge model name (default: judge.model)")
             sub.add_argument("--max-prompts", type=int)
+        if name == "bench":
+            sub.add_argument(
+                "--model-url", help="answer through a served model's OpenAI-compatible base URL (bench.server.base_url)"
+            )
+            sub.add_argument("--model-name", help="the served model's name in requests (bench.server.model)")
         sub.add_argument("--quant", choices=QUANT_CHOICES, default="nf4", help=QUANT_HELP)
         sub.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
         sub.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
@@ -132,7 +146,7 @@ def with_config(command: str, args: argparse.Namespace, sub: argparse.ArgumentPa
     """Every subcommand but ``bpc``: the composed config (with the overrides), then the evaluators."""
     from bailong.config import compose_config
     from bailong.eval.bench import is_run_dir, merge_metrics
-    from bailong.redact import install_log_filter, run_secrets
+    from bailong.redact import install_log_filter, run_secrets, secrets_from_env
 
     overrides = list(args.overrides)
     for flag, key in (
@@ -140,23 +154,36 @@ def with_config(command: str, args: argparse.Namespace, sub: argparse.ArgumentPa
         ("judge_url", "judge.base_url"),
         ("judge_model", "judge.model"),
         ("max_prompts", "bench.max_prompts"),
+        ("model_url", "bench.server.base_url"),
+        ("model_name", "bench.server.model"),
     ):
         if getattr(args, flag, None) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    target = Path(args.target)
-    is_run = is_run_dir(target)
-    if args.out is None and not is_run:
-        sub.error(f"{target} is not a run directory (no adapter/): give --out for the outputs")
-    out = Path(args.out) if args.out else target if command == "bench" else target / "instruct_eval"
     cfg = compose_config(overrides)
-    install_log_filter(run_secrets(cfg, overrides))  # no log line shows a key, wherever it came from
+    # no log line shows a key, wherever it came from (the served model's variable is not among run_secrets')
+    secrets = {*run_secrets(cfg, overrides), *secrets_from_env([cfg.bench.server.api_key_env])}
+    install_log_filter(sorted(secrets, key=len, reverse=True))  # longest first, as run_secrets orders them
+    served = bool(cfg.bench.server.base_url)
+    if served and command != "bench":
+        sub.error("bench.server.base_url: only the bench subcommand answers through a served model")
+    if served and args.target is not None:
+        sub.error(f"give either a model to load ({args.target}) or --model-url (bench.server.base_url), not both")
+    if args.target is None and not served:
+        sub.error("give the model to evaluate (run directory, adapter or base model) or --model-url")
+    target = Path(args.target) if args.target is not None else None
+    is_run = target is not None and is_run_dir(target)
+    if args.out is None and not is_run:
+        what = "a served model" if served else f"{target} is not a run directory (no adapter/)"
+        sub.error(f"{what}: give --out for the outputs")
+    out = Path(args.out) if args.out else target if command == "bench" else target / "instruct_eval"
     try:  # the settings are checked before a model loads
         ctx = EvalContext.from_config(cfg, None, None, out)
     except ConfigError as err:
         sub.error(str(err))
-    _, ctx.model, ctx.tokenizer = load_for_inference(
-        target, quant=args.quant, device=args.device, trust_remote_code=args.trust_remote_code
-    )
+    if not served:
+        _, ctx.model, ctx.tokenizer = load_for_inference(
+            target, quant=args.quant, device=args.device, trust_remote_code=args.trust_remote_code
+        )
     metrics = run_evaluators(EVALUATIONS[command], ctx)
     if command == "bench" and is_run and args.out is None:
         merge_metrics(target, metrics)
@@ -173,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"the first argument must be one of {', '.join(subs)}")
     command, sub = argv[0], subs[argv[0]]
     args = sub.parse_intermixed_args(argv[1:])  # overrides may come before or after the options
+    if getattr(args, "target", None) is not None and OVERRIDE.match(args.target) and not Path(args.target).exists():
+        # bench's target is optional (a served model needs none): argparse gave it the first override
+        args.overrides.insert(0, args.target)
+        args.target = None
     result = bpc(args, sub) if command == "bpc" else with_config(command, args, sub)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return result

@@ -1,5 +1,6 @@
-"""Evaluation settings: held-out bits/char (``eval``), multiple choice (``mc``), the bench (``bench``), the
-LLM judge (``judge``), and the paper's sampling settings (``PAPER_SAMPLING``).
+"""Evaluation settings: held-out bits/char (``eval``), multiple choice (``mc``), the bench (``bench``, with the
+served model it may answer through, ``bench.server``), the LLM judge (``judge``), and the paper's sampling
+settings (``PAPER_SAMPLING``).
 
 Each dataclass checks its ranges in ``__post_init__`` and raises ``ConfigError`` naming the full key, the value
 and what was expected. Only resolved values are checked: OmegaConf builds the schema's defaults by calling these
@@ -90,11 +91,46 @@ class MCConfig:
 
 
 @dataclass
+class EndpointConfig:
+    """An OpenAI-compatible chat-completions endpoint (bailong/eval/chat_client.py): the judge's settings
+    (``judge.*``, ``JudgeConfig`` extends this) and a served model's (``bench.server.*``) are these fields, so
+    both are written and checked once. Off while ``base_url`` is null. The API key is read from the environment
+    variable ``api_key_env`` (empty: no key) and never stored in configs or outputs."""
+
+    base_url: str | None = None  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    model: str = "bailong"  # the request's "model"
+    api_key_env: str = ""
+    # per attempt, wall clock: connect, send and the whole reply (a trickling server is cut off)
+    timeout_s: float = 60.0
+    max_retries: int = 4  # attempts after the first, on timeouts, 429/5xx and malformed replies
+    backoff_s: float = 1.0  # wait before retry k: backoff_s * 2**k, at most max_backoff_s
+    max_backoff_s: float = 30.0
+
+    def check_endpoint(self, key: str) -> None:
+        """The ranges, named under the config key ``key`` (``judge``, ``bench.server``); called by the owner's
+        ``__post_init__``, which knows the key."""
+        check_number(f"{key}.timeout_s", self.timeout_s, _positive, "a number of seconds > 0")
+        check_number(f"{key}.max_retries", self.max_retries, _at_least(0), "an integer >= 0")
+        check_number(f"{key}.backoff_s", self.backoff_s, _at_least(0), "a number of seconds >= 0")
+        check_number(f"{key}.max_backoff_s", self.max_backoff_s, _at_least(0), "a number of seconds >= 0")
+        if not (unset(self.backoff_s) or unset(self.max_backoff_s)) and self.max_backoff_s < self.backoff_s:
+            raise ConfigError(
+                f"{key}.max_backoff_s={self.max_backoff_s!r}: expected a number >= {key}.backoff_s ({self.backoff_s})"
+            )
+
+
+@dataclass
 class BenchConfig:
-    """Bailong-bench-style runner (bailong/eval/bench.py): prompts by category in both languages."""
+    """Bailong-bench-style runner (bailong/eval/bench.py): prompts by category in both languages, some of them
+    conversations of several turns. Answered by the loaded model, or, when ``server.base_url`` is set, by a model
+    served behind an OpenAI-compatible endpoint (``transformers serve``, llama.cpp's server, vLLM); a served
+    model gets ``max_new_tokens`` as ``max_tokens``, ``temperature`` and ``top_p`` (temperature 0 when
+    ``do_sample`` is false) and the seed, but not ``top_k`` or ``repetition_penalty``, which the chat-completions
+    API does not have: the server's own defaults apply to those."""
 
     name: str = "default"
-    prompts: str = MISSING  # JSONL: {"id", "category", "lang", "prompt", "expected_lang"?}
+    # JSONL: {"id", "category", "lang", "prompt" | "turns", "expected_lang"?} (bailong/eval/bench.py)
+    prompts: str = MISSING
     system_prompt: str | None = None
     max_new_tokens: int = 128
     do_sample: bool = False  # greedy by default: rule scores do not move between runs
@@ -104,6 +140,9 @@ class BenchConfig:
     repetition_penalty: float = PAPER_SAMPLING.repetition_penalty
     seed: int = 0
     max_prompts: int | None = None
+    # the served model (python -m bailong.eval bench --model-url URL --model-name NAME); off while base_url is null.
+    # A first request may load the model on the server, hence the longer attempt
+    server: EndpointConfig = field(default_factory=lambda: EndpointConfig(timeout_s=300.0))
 
     def __post_init__(self) -> None:
         check_number("bench.max_new_tokens", self.max_new_tokens, _at_least(1), "an integer >= 1")
@@ -114,6 +153,7 @@ class BenchConfig:
         check_number(
             "bench.max_prompts", self.max_prompts, _at_least(1), "null (all) or an integer >= 1", optional=True
         )
+        self.server.check_endpoint("bench.server")
 
 
 @dataclass
@@ -162,26 +202,20 @@ HARNESS_TASKS = ("bailong_mc_tc", "bailong_mc_en", "tmmluplus_local")
 
 
 @dataclass
-class JudgeConfig:
-    """LLM judge through an OpenAI-compatible chat-completions endpoint (bailong/eval/judge.py).
-    Off while ``base_url`` is null. The API key is read from the environment variable ``api_key_env``
-    and never stored in configs or outputs."""
+class JudgeConfig(EndpointConfig):
+    """LLM judge through an OpenAI-compatible chat-completions endpoint (bailong/eval/judge.py): the endpoint's
+    fields (``EndpointConfig``) flat under ``judge.*``, then the grading. Off while ``base_url`` is null."""
 
     name: str = "mt_bench_single"
-    base_url: str | None = None  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
     model: str = "gpt-4o-mini"
     api_key_env: str = "JUDGE_API_KEY"
     system_prompt: str = ""
-    prompt_template: str = MISSING  # {question} {answer} {expected_language}
+    prompt_template: str = MISSING  # a conversation's first turn: {question} {answer} {expected_language}
+    # a later turn: {conversation} (the earlier turns) {question} {answer} {expected_language}
+    multi_turn_template: str = MISSING
     rating_pattern: str = "\\[\\[(\\d+\\.?\\d*)\\]\\]"
     temperature: float = 0.0
     max_tokens: int = 1024
-    timeout_s: float = (
-        60.0  # per attempt, wall clock: connect, send and the whole reply (a trickling server is cut off)
-    )
-    max_retries: int = 4  # attempts after the first, on timeouts, 429/5xx and malformed replies
-    backoff_s: float = 1.0  # wait before retry k: backoff_s * 2**k, at most max_backoff_s
-    max_backoff_s: float = 30.0
     # Bailong-bench's language rule, applied in code whatever the judge replied: an answer not in the expected
     # language (Simplified Chinese where Traditional is expected included; bailong/eval/consistency.py) gets this
     # rating; null: the judge's rating stands (its prompt still states the rule)
@@ -195,13 +229,6 @@ class JudgeConfig:
             "null or a rating in [1, 10]",
             optional=True,
         )
-        check_number("judge.timeout_s", self.timeout_s, _positive, "a number of seconds > 0")
-        check_number("judge.max_retries", self.max_retries, _at_least(0), "an integer >= 0")
-        check_number("judge.backoff_s", self.backoff_s, _at_least(0), "a number of seconds >= 0")
-        check_number("judge.max_backoff_s", self.max_backoff_s, _at_least(0), "a number of seconds >= 0")
-        if not (unset(self.backoff_s) or unset(self.max_backoff_s)) and self.max_backoff_s < self.backoff_s:
-            raise ConfigError(
-                f"judge.max_backoff_s={self.max_backoff_s!r}: expected a number >= judge.backoff_s ({self.backoff_s})"
-            )
+        self.check_endpoint("judge")
         check_number("judge.max_tokens", self.max_tokens, _at_least(1), "an integer >= 1")
         check_number("judge.temperature", self.temperature, _at_least(0), "a number >= 0")
