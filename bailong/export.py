@@ -1,13 +1,19 @@
 """Merge a run's adapter (LoRA and new embedding rows) into a standalone Hugging Face model directory.
 
     python -m bailong.export outputs/sft/runs/<run> exports/bailong-mini-instruct [--dtype bfloat16]
+    python -m bailong.export outputs/sft/runs/<run> exports/bailong-mini-instruct --gguf [--gguf-type q8_0]
 
 The result loads with plain ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``
-(no peft, no bitsandbytes) and carries the chat template and a generation config with the paper's
-sampling settings. It is dequantised: a 4-bit run trained its LoRA against the NF4 weights, not the
-original ones, so the merge starts from the NF4 weights dequantised to full precision
-(``bitsandbytes.functional.dequantize_4bit``), loads the adapter onto that full-precision copy and lets
-peft merge it (``merge_and_unload``: W + B·A·alpha/r, trainable-token rows written into the matrices).
+(no peft, no bitsandbytes) and carries what other tools read: the merged SentencePiece ``tokenizer.model``
+beside ``tokenizer.json`` (llama.cpp's converter and SentencePiece-based loaders read it), the chat template
+with HF's training-only ``{% generation %}`` markers taken out (they render nothing, and template engines
+other than transformers' reject the tag) and a generation config with the paper's sampling settings.
+``--gguf`` then converts the directory with llama.cpp's own converter (``bailong/gguf.py``).
+
+The model is dequantised: a 4-bit run trained its LoRA against the NF4 weights, not the original ones, so
+the merge starts from the NF4 weights dequantised to full precision (``bitsandbytes.functional.dequantize_4bit``),
+loads the adapter onto that full-precision copy and lets peft merge it (``merge_and_unload``: W + B·A·alpha/r,
+trainable-token rows written into the matrices).
 Merging on the 4-bit model instead would quantise the merged weights again and lose the update.
 A full fine-tuning run (``finetune=full``) has nothing to merge: its export is a copy in ``--dtype``.
 
@@ -21,6 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,11 +40,26 @@ import torch
 from transformers import GenerationConfig
 
 from bailong.eval.config import PAPER_SAMPLING
+from bailong.eval.generate import PLAIN_CHAT_TEMPLATE
+from bailong.gguf import GGUF_TYPES, GGUFError, convert_to_gguf
 from bailong.model.adapter import META_FILE, built_base, built_quant, find_adapter, load_adapter, read_meta
 from bailong.model.build import DTYPES, is_quantised, load_base_model
 from bailong.model.config import QuantConfig
 from bailong.model.device import run_device
 from bailong.model.loading import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP
+from bailong.tokenization import SP_MODEL_FILE, sentencepiece_matches
+
+log = logging.getLogger(__name__)
+
+# transformers' markers of the assistant's tokens for training masks; rendering ignores them
+GENERATION_TAGS = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
+
+
+def inference_chat_template(template: str | None) -> str:
+    """The chat template for tools that only render it: no ``{% generation %}`` markers (llama.cpp's and
+    other Jinja engines reject the tag); a tokenizer without a template gets the plain layout bailong's own
+    evaluation uses for it (``bailong.eval.generate``)."""
+    return GENERATION_TAGS.sub("", template or PLAIN_CHAT_TEMPLATE)
 
 
 def dequantised_weights(
@@ -95,14 +119,28 @@ def export(
     dtype: str = "float32",
     device: str = "auto",
     trust_remote_code: bool = False,
+    gguf_type: str | None = None,
+    llama_cpp_dir: str | Path | None = None,
 ) -> Path:
-    """Write the merged model, its tokenizer (with chat template) and a generation config to ``out_dir``
-    (``trust_remote_code``: the user's consent to run the base's own code, if the adapter's base has any)."""
+    """Write the merged model, its tokenizer (with chat template and ``tokenizer.model``) and a generation config
+    to ``out_dir`` and, with ``gguf_type``, ``<out_dir>/<name>-<gguf_type>.gguf`` (``trust_remote_code``: the user's
+    consent to run the base's own code, if the adapter's base has any)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    if gguf_type is not None and gguf_type not in GGUF_TYPES:
+        raise ValueError(f"gguf_type={gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; choose a new directory")
+    adapter = find_adapter(run_dir)
+    sp_model = adapter / SP_MODEL_FILE if adapter is not None else None
+    if gguf_type is not None and sp_model is not None and not sp_model.is_file():  # fail before the merge
+        raise GGUFError(
+            f"{adapter}: no {SP_MODEL_FILE}, which llama.cpp needs for a Llama vocabulary (runs save it beside the "
+            "adapter since bailong carries it; an older run has none). Copy the run's extended tokenizer's "
+            f"{SP_MODEL_FILE} (<cache_dir>/tokenizers/<key>/, whose extension.json names the base and size) into "
+            f"{adapter}/ and export again"
+        )
     model, tokenizer, build = merged_model(run_dir, run_device(device), trust_remote_code)
     model = model.to(DTYPES[dtype])
     model.config.dtype = dtype
@@ -114,7 +152,12 @@ def export(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
     model.save_pretrained(out, safe_serialization=True)
+    tokenizer.chat_template = inference_chat_template(tokenizer.chat_template)
     tokenizer.save_pretrained(out)
+    if sentencepiece_matches(tokenizer, sp_model):
+        shutil.copyfile(sp_model, out / SP_MODEL_FILE)
+    elif sp_model is not None and sp_model.is_file():
+        log.warning("%s does not match the run's tokenizer: not copied to the export", sp_model)
     (out / "bailong_export.json").write_text(
         json.dumps(
             {
@@ -129,6 +172,8 @@ def export(
             ensure_ascii=False,
         )
     )
+    if gguf_type is not None:
+        convert_to_gguf(out, out / f"{out.name}-{gguf_type}.gguf", gguf_type, llama_cpp_dir=llama_cpp_dir)
     return out
 
 
@@ -139,8 +184,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
     parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
+    parser.add_argument("--gguf", action="store_true", help="also write <out>/<name>-<type>.gguf for llama.cpp")
+    parser.add_argument("--gguf-type", default="f16", choices=GGUF_TYPES, help="GGUF tensor type (default: f16)")
+    parser.add_argument(
+        "--llama-cpp",
+        metavar="DIR",
+        help="llama.cpp checkout whose convert_hf_to_gguf.py to use (default: "
+        "$LLAMA_CPP_DIR, else the installed llama-cpp-python's own, fetched once)",
+    )
     args = parser.parse_args(argv)
-    print(export(args.run, args.out, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code))
+    out = export(
+        args.run,
+        args.out,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        gguf_type=args.gguf_type if args.gguf else None,
+        llama_cpp_dir=args.llama_cpp,
+    )
+    print("\n".join([str(out), *map(str, sorted(out.glob("*.gguf")))]))
 
 
 if __name__ == "__main__":

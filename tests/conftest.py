@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -93,3 +98,46 @@ def trained(tiny, quant, embeddings, lora=None):
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     return model
+
+
+@pytest.fixture(scope="session")
+def smoke_export(tmp_path_factory) -> tuple[Path, Path]:
+    """``(run, export)``: a real ``experiment=smoke`` pre-training run on the mini base (extended tokenizer, NF4,
+    LoRA, four steps) and its ``bailong.export``, which the GGUF and serving tests hand to the real tools."""
+    from bailong.export import export
+    from bailong.stages import run
+
+    out = tmp_path_factory.mktemp("smoke_for_export")
+    run(compose_config(["experiment=smoke", "logger=csv", "eval.base=false"], output_dir=out / "run"))
+    return out / "run", export(out / "run", out / "export")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(command: list[str], health_url: str, log_path: Path, timeout_s: float = 180) -> Iterator[None]:
+    """``command`` (a server) running until the block ends, once ``health_url`` answers 200; its output in
+    ``log_path``, whose end any failure to start shows."""
+    import httpx
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                assert proc.poll() is None, f"the server exited ({proc.returncode}): {log_path.read_text()[-3000:]}"
+                try:
+                    if httpx.get(health_url, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, f"no server after {timeout_s} s: {log_path.read_text()[-3000:]}"
+                time.sleep(1)
+            yield
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bailong.data.chat import CHAT_TEMPLATE, set_chat_template
-from bailong.export import export
+from bailong.export import export, inference_chat_template
 from bailong.model.adapter import load_adapter, save_adapter
 from conftest import trained
 from test_build import NF4, NONE, NUM_BASE, VOCAB, batch, make_tiny_base
@@ -60,7 +60,7 @@ def test_merged_dir_is_plain_transformers(exported):
     assert not any("lora" in n or "trainable_tokens" in n for n, _ in model.named_parameters())
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["vocab_size"] == VOCAB
-    assert tok.chat_template == CHAT_TEMPLATE and len(tok) == VOCAB
+    assert tok.chat_template == inference_chat_template(CHAT_TEMPLATE) and len(tok) == VOCAB
     gen = model.generation_config
     assert (gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty) == (0.6, 0.9, 40, 1.1)
     assert json.loads((out / "bailong_export.json").read_text())["dequantised_from"]["name"] == "nf4"

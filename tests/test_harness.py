@@ -5,6 +5,7 @@ TMMLU+-layout task reads local CSV files."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -90,9 +91,46 @@ def test_tmmluplus_layout_csv_is_read_locally(mini, tmp_path):
     assert sorted(targets) == [0, 1, 2]  # the letters A, B, C as choice indices
 
 
+TTQA_ITEMS = [  # TTQA's layout (Taiwan-LLM's evaluation/TTQA_*.json), written for this test
+    {"examples": "臺灣最高的山，海拔三千九百多公尺，日治時期稱新高山。\n該山岳的名稱是：", "correct_answers": ["玉山"]},
+    {"examples": "位於南投縣魚池鄉的湖泊，是臺灣本島最大的半天然湖泊。該景點的名稱是：", "correct_answers": ["日月潭"]},
+    {
+        "examples": "臺北市信義區的超高層摩天大樓，地上一百零一層。\n該建築的名稱是：",
+        "correct_answers": ["台北101", "臺北101"],
+    },
+]
+
+
+def test_ttqa_layout_is_generated_and_scored_by_containment(mini, tmp_path):
+    import importlib.util
+
+    from bailong.eval.harness import TASKS_DIR
+
+    path = tmp_path / "ttqa.json"
+    path.write_text(json.dumps(TTQA_ITEMS, ensure_ascii=False), encoding="utf-8")
+    ctx = context(mini, tmp_path, "harness.tasks=[ttqa_local]", f"harness.ttqa_files=[{path}]")
+    metrics = run_evaluators(["harness"], ctx)
+    samples = sorted(
+        (s for _, s in read_jsonl(tmp_path / "harness" / "samples_ttqa_local.jsonl")), key=lambda s: s["doc_id"]
+    )
+    assert metrics["harness/ttqa_local_n"] == len(samples) == 3 and "harness/ttqa_local_acc_norm" not in metrics
+    # the accuracy is the share of answers containing an accepted name, recomputed from the logged answers
+    right = [any(name in s["response"] for name in item["correct_answers"]) for s, item in zip(samples, TTQA_ITEMS)]
+    assert metrics["harness/ttqa_local_acc"] == pytest.approx(sum(right) / 3)
+    spec = importlib.util.spec_from_file_location("ttqa_utils", TASKS_DIR / "ttqa_utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    assert utils.process_results(TTQA_ITEMS[2], ["它是臺北101。"]) == {"acc": 1.0}
+    assert utils.process_results(TTQA_ITEMS[2], ["它是台北一〇一"]) == {"acc": 0.0}
+    assert utils.process_results(TTQA_ITEMS[1], ["日月潭"]) == {"acc": 1.0}
+
+
 def test_harness_settings_fail_with_the_key(mini, tmp_path):
     with pytest.raises(ConfigError, match=r"harness.tasks: \['mmlu'\]: expected some of bailong_mc_tc"):
         HarnessConfig(tasks=["mmlu"])
     ctx = context(mini, tmp_path, "harness.tasks=[tmmluplus_local]")
     with pytest.raises(FileNotFoundError, match="tmmluplus_local needs local CSV files"):
+        run_evaluators(["harness"], ctx)
+    ctx = context(mini, tmp_path, "harness.tasks=[ttqa_local]", "harness.ttqa_files=[/no/such.json]")
+    with pytest.raises(FileNotFoundError, match=r"ttqa_files: \['/no/such.json'\]: ttqa_local needs local JSON"):
         run_evaluators(["harness"], ctx)

@@ -62,7 +62,7 @@ HELP = {
     "bench": "the bench: rule scores, and the judge when configured (bench/*)",
     "instruct": "mc and bench, as the SFT stage evaluates",
     "parallel": "the TC-EN parallel set: bits/char of the same content, translation chrF (parallel/*, translation/*)",
-    "harness": "lm-evaluation-harness on local tasks: the held-out MC sets, TMMLU+ CSVs (harness/*; '.[harness]')",
+    "harness": "lm-evaluation-harness on local tasks: held-out MC sets, TMMLU+ CSVs, TTQA (harness/*; '.[harness]')",
 }
 
 

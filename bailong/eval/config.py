@@ -182,9 +182,11 @@ class HarnessConfig:
     of bailong/eval/harness_tasks/ with their data files set here; nothing is downloaded."""
 
     name: str = "default"
-    # bailong_mc_tc / bailong_mc_en: the held-out MC sets ``mc`` builds; tmmluplus_local: ``tmmluplus_files``
+    # bailong_mc_tc / bailong_mc_en: the held-out MC sets ``mc`` builds; tmmluplus_local: ``tmmluplus_files``;
+    # ttqa_local: ``ttqa_files``
     tasks: list[str] = field(default_factory=lambda: ["bailong_mc_tc", "bailong_mc_en"])
     tmmluplus_files: list[str] = field(default_factory=list)  # CSV: question,A,B,C,D,answer
+    ttqa_files: list[str] = field(default_factory=list)  # JSON: [{examples, correct_answers: [...]}, ...]
     num_fewshot: int = 0
     limit: int | None = None  # items per task (null: all)
     batch_size: int = 8
@@ -198,7 +200,7 @@ class HarnessConfig:
         check_number("harness.batch_size", self.batch_size, _at_least(1), "an integer >= 1")
 
 
-HARNESS_TASKS = ("bailong_mc_tc", "bailong_mc_en", "tmmluplus_local")
+HARNESS_TASKS = ("bailong_mc_tc", "bailong_mc_en", "tmmluplus_local", "ttqa_local")
 
 
 @dataclass

@@ -12,6 +12,7 @@ Layout of ``out_dir``::
     adapter_config.json, adapter_model.safetensors   peft
     new_rows.safetensors                             lora / frozen modes only
     tokenizer files                                  tokenizer.save_pretrained
+    tokenizer.model                                  the SentencePiece model the tokenizer was loaded with
     bailong_adapter.json                             build settings load_adapter needs
     config.yaml                                      the resolved experiment config, for the record
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from bailong.model.build import (
 from bailong.model.config import ModelConfig, QuantConfig, RandomBaseConfig
 from bailong.model.random_base import ensure_random_base
 from bailong.run_files import ADAPTER_DIR
+from bailong.tokenization import SP_MODEL_FILE, sentencepiece_matches
 
 META_FILE = "bailong_adapter.json"
 ROWS_FILE = "new_rows.safetensors"
@@ -114,6 +117,10 @@ def save_adapter(
         save_file({k: v.contiguous() for k, v in frozen.items()}, str(out / ROWS_FILE))
         files["rows"] = ROWS_FILE
     tokenizer.save_pretrained(out)
+    # transformers writes no tokenizer.model for a fast tokenizer; the export (and llama.cpp through it) needs it
+    sp_model = Path(getattr(tokenizer, "name_or_path", "") or ".") / SP_MODEL_FILE
+    if sp_model.resolve() != (out / SP_MODEL_FILE).resolve() and sentencepiece_matches(tokenizer, sp_model):
+        shutil.copyfile(sp_model, out / SP_MODEL_FILE)
     meta = {"format": 1, "build": build, "files": files}
     (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     if config is not None:

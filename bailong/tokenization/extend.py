@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sentencepiece import SentencePieceProcessor
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
@@ -43,6 +44,7 @@ from .train import (
 # Bump when a change to this package changes the tokenizer it writes: old cache entries then miss.
 CODE_VERSION = "1"
 MANIFEST = "extension.json"
+SP_MODEL_FILE = "tokenizer.model"  # the merged SentencePiece model, beside the transformers files
 _HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _MAX_TRAINING_ROUNDS = 6
 
@@ -62,7 +64,7 @@ def read_base_model(base: str | os.PathLike, revision: str | None = None) -> tup
     """Bytes of the base SentencePiece model: a directory with tokenizer.model, a .model file, or a hub repo id."""
     path = Path(base)
     if path.is_dir():
-        model_file = path / "tokenizer.model"
+        model_file = path / SP_MODEL_FILE
         if not model_file.is_file():
             raise TokenizerConfigError(f"tokenizer.base={str(base)!r}: directory has no tokenizer.model")
     elif path.is_file():
@@ -71,7 +73,7 @@ def read_base_model(base: str | os.PathLike, revision: str | None = None) -> tup
         from huggingface_hub import hf_hub_download  # only the hub path needs it
 
         try:
-            model_file = Path(hf_hub_download(str(base), "tokenizer.model", revision=revision))
+            model_file = Path(hf_hub_download(str(base), SP_MODEL_FILE, revision=revision))
         except Exception as err:  # hub errors come in many classes (offline, gated, missing file)
             raise TokenizerConfigError(
                 f"tokenizer.base={str(base)!r}: could not fetch tokenizer.model from the Hugging Face hub ({err})"
@@ -223,6 +225,18 @@ def hf_tokenizer_from_proto(proto: model_pb2.ModelProto) -> PreTrainedTokenizerF
     return tokenizer
 
 
+def sentencepiece_matches(tokenizer: Any, sp_model: str | os.PathLike) -> bool:
+    """Whether ``sp_model`` exists and is ``tokenizer``'s SentencePiece model: piece ``i`` is token ``i`` for every
+    piece (tokens past them, added ones, may follow). Tools that read ``tokenizer.model`` (llama.cpp's converter)
+    must get the vocabulary the weights were trained with, never a stale file beside it."""
+    path = Path(sp_model)
+    if not path.is_file():
+        return False
+    processor = SentencePieceProcessor(model_file=str(path))
+    pieces = [processor.id_to_piece(i) for i in range(processor.vocab_size())]
+    return len(pieces) <= len(tokenizer) and tokenizer.convert_ids_to_tokens(list(range(len(pieces)))) == pieces
+
+
 def load_tokenizer(path: str | os.PathLike, **kwargs) -> PreTrainedTokenizerFast:
     """The transformers tokenizer saved by ``extend_tokenizer`` (kwargs go to AutoTokenizer.from_pretrained)."""
     return AutoTokenizer.from_pretrained(str(path), **kwargs)
@@ -321,7 +335,7 @@ def _write_atomically(root: Path, final: Path, merged, tokenizer, manifest: dict
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        (tmp / "tokenizer.model").write_bytes(merged.SerializeToString())
+        (tmp / SP_MODEL_FILE).write_bytes(merged.SerializeToString())
         tokenizer.save_pretrained(str(tmp))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         try:
@@ -338,4 +352,4 @@ def _result(path: Path, manifest: dict, cached: bool) -> ExtendedTokenizer:
     return ExtendedTokenizer(path=path, cached=cached, **fields)
 
 
-__all__ = ["ExtendedTokenizer", "extend_tokenizer", "load_tokenizer"]
+__all__ = ["SP_MODEL_FILE", "ExtendedTokenizer", "extend_tokenizer", "load_tokenizer", "sentencepiece_matches"]
