@@ -41,6 +41,7 @@ SMOKE_WITH_WANDB = [
     "train.checkpoint_every_n_steps=2",
     "trainer.enable_progress_bar=false",
     "eval.base=false",
+    "parallel.max_pairs=50",
 ]
 
 

@@ -87,6 +87,13 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     assert metrics["tokenizer/tc_byte_fallback_rate"] < metrics["tokenizer/tc_byte_fallback_rate_base"]
     for key in ("base/tc_bpc", "step0/tc_bpc", "final/tc_bpc", "final/en_bpc"):
         assert 0 < metrics[key] < 20, (key, metrics[key])
+    # the parallel set's same content in both languages, scored at base, step 0 and the end (experiment=smoke: 50
+    # pairs); the extended tokenizer cuts the tokens per TC character of that text, the English side keeps them
+    for stage in ("base", "step0", "final"):
+        assert metrics[f"{stage}/parallel/n"] == cfg.parallel.max_pairs == 50
+        assert 0 < metrics[f"{stage}/parallel/information_parity"] < 10
+    assert metrics["final/parallel/tc_tokens_per_char"] < metrics["base/parallel/tc_tokens_per_char"]
+    assert metrics["final/parallel/en_tokens_per_char"] == metrics["base/parallel/en_tokens_per_char"]
     for sub in (
         "tokenizer/tokenizer.json",
         "adapter/adapter_config.json",

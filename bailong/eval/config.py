@@ -48,6 +48,9 @@ class EvalConfig:
     # document that fits is scored whole and longer ones get the same character windows whatever the tokenizer
     seq_len: int | None = None
     base: bool = True  # also score the base model with the base tokenizer (cached)
+    # pre-training also scores the parallel set (parallel.*) wherever it scores bits/char (base, step0, final):
+    # the same content in TC and EN, so the information parity the extension is meant to improve (parallel/*)
+    parallel: bool = True
 
     def __post_init__(self) -> None:
         check_number("eval.batch_size", self.batch_size, _at_least(1), "an integer >= 1")

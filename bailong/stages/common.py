@@ -246,6 +246,12 @@ def model_identity(cfg: DictConfig) -> dict:
     return {"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": fingerprint(cfg.model.pretrained)}
 
 
+def held_out_evaluators(cfg: DictConfig) -> tuple[str, ...]:
+    """What pre-training scores on held-out text at base, step 0 and the end: bits/char, and the parallel set's
+    bits/char (information parity) unless ``eval.parallel`` is off."""
+    return ("bpc", "parallel_bpc") if cfg.eval.parallel else ("bpc",)
+
+
 def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) -> dict:
     """Bits/char of the base with its own tokenizer, quantised as this run trains it. Cached: a sweep
     over init, rank or vocabulary shares one base evaluation."""
@@ -258,11 +264,13 @@ def base_metrics(cfg: DictConfig, base_tok, tokenizer_key: str, splits: Splits) 
         "windows": WINDOW_RULES,
         "batch_size": cfg.eval.batch_size,
         "precision": str(cfg.trainer.precision),
+        "parallel": OmegaConf.to_container(cfg.parallel) if cfg.eval.parallel else None,
     }
 
     def compute() -> dict:
         model = load_base_model(typed(cfg.model), quant=typed(cfg.quant), device=run_device(cfg.trainer.accelerator))
-        return evaluate(cfg, model, base_tok, ("bpc",), Path(cfg.paths.output_dir), texts=splits.held_out())
+        names = held_out_evaluators(cfg)
+        return evaluate(cfg, model, base_tok, names, Path(cfg.paths.output_dir), texts=splits.held_out())
 
     return prefixed("base", cached_json(Path(cfg.paths.cache_dir) / "base_metrics", key, compute))
 

@@ -30,6 +30,7 @@ from bailong.stages.common import (
     finish_run,
     finish_wandb,
     fit,
+    held_out_evaluators,
     initial_rows,
     make_model,
     module_kwargs,
@@ -82,7 +83,8 @@ def run(cfg: DictConfig) -> dict:
 
     # step 0: the extended, initialised model before any update (rank 0 reports; the others go on to fit)
     if rank_zero:
-        metrics.update(prefixed("step0", evaluate(cfg, model, tok, ("bpc",), out, texts=splits.held_out())))
+        step0 = evaluate(cfg, model, tok, held_out_evaluators(cfg), out, texts=splits.held_out())
+        metrics.update(prefixed("step0", step0))
 
     # 3 data, 4 train
     datamodule = PretrainDataModule.from_config(
@@ -102,7 +104,8 @@ def run(cfg: DictConfig) -> dict:
         return metrics
 
     # 5 evaluate the trained model on the same held-out text (dev: tc_bpc; test: test_tc_bpc); save the adapter
-    metrics.update(prefixed("final", evaluate(cfg, model, tok, ("bpc",), out, texts=splits.held_out())))
+    final = evaluate(cfg, model, tok, held_out_evaluators(cfg), out, texts=splits.held_out())
+    metrics.update(prefixed("final", final))
     metrics.update(token_diagnostics(model, tok, ext.num_base, rows, datamodule, out))
     save_adapter(model, tok, out / ADAPTER_DIR, rows=rows, config=redacted_config(cfg))
     return finish_run(out, metrics, loggers, trainer.global_step)
