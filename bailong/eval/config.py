@@ -179,6 +179,9 @@ class ParallelConfig:
         check_number("parallel.max_new_tokens", self.max_new_tokens, _at_least(1), "an integer >= 1")
 
 
+HARNESS_TASKS = ("bailong_mc_tc", "bailong_mc_en", "tmmluplus_local", "ttqa_local")
+
+
 @dataclass
 class HarnessConfig:
     """lm-evaluation-harness on the model (bailong/eval/harness.py; ``pip install -e '.[harness]'``): the task YAMLs
@@ -201,9 +204,6 @@ class HarnessConfig:
         check_number("harness.num_fewshot", self.num_fewshot, _at_least(0), "an integer >= 0")
         check_number("harness.limit", self.limit, _at_least(1), "null (all) or an integer >= 1", optional=True)
         check_number("harness.batch_size", self.batch_size, _at_least(1), "an integer >= 1")
-
-
-HARNESS_TASKS = ("bailong_mc_tc", "bailong_mc_en", "tmmluplus_local", "ttqa_local")
 
 
 @dataclass
