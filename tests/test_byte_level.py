@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from bailong.tokenization import TokenizerConfigError
-from bailong.tokenization.byte_level import extend_byte_level, has_cjk_lead_byte, token_bytes
+from bailong.tokenization.byte_level import extend_byte_level, has_cjk_lead_byte, token_bytes, whole_text
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDED = 300
@@ -159,3 +159,37 @@ def test_unsupported_tokenizers_are_refused_by_name(base_spec):
     suffixed["model"]["end_of_word_suffix"] = "</w>"
     with pytest.raises(TokenizerConfigError, match=r"model.end_of_word_suffix='</w>'"):
         extend_byte_level(suffixed, ["臺灣"], 8)
+
+
+def test_the_stage_extends_a_byte_level_base_directory_cached_and_spelled_for_init(base_spec, tmp_path):
+    """``extend_tokenizer`` on a directory holding only tokenizer.json (as Llama 3's): the same tokens as
+    ``extend_byte_level``, the base's special tokens kept, cached by input hash, and every new token spelled in base
+    ids whose bytes are its own (what the init strategies average over)."""
+    from bailong.embedding.pieces import find_new_tokens
+    from bailong.tokenization import extend_tokenizer, load_tokenizer
+
+    base_dir = tmp_path / "bbpe-base"
+    base_tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(base_spec)))
+    base_tok.eos_token = "<|endoftext|>"
+    base_tok.save_pretrained(base_dir)
+    (base_dir / "tokenizer.model").unlink(missing_ok=True)
+    texts = lines("zh_tw/poetry_tang.jsonl.gz", 0, 400)
+    result = extend_tokenizer(base_dir, texts, 120, tmp_path / "cache")
+    assert not result.cached and result.num_added == 120 and result.vocab_size == result.num_base + 120
+    assert not (result.path / "tokenizer.model").exists()
+    again = extend_tokenizer(base_dir, texts, 120, tmp_path / "cache")
+    assert again.cached and again.path == result.path
+    _, expected = extend_byte_level(base_spec, texts, 120)
+    tok = load_tokenizer(result.path)
+    assert tok.convert_ids_to_tokens(list(range(result.num_base, result.vocab_size))) == expected
+    assert tok.eos_token == "<|endoftext|>"
+    plain = load_tokenizer(extend_tokenizer(base_dir, [], 0, tmp_path / "cache").path)
+    new = find_new_tokens(plain, tok)
+    assert new.num_base == result.num_base and new.num_new == 120
+    for piece, spelled in zip(new.pieces, new.base_pieces):
+        assert len(spelled) >= 2 and b"".join(token_bytes(plain.convert_ids_to_tokens(i)) for i in spelled) == (
+            token_bytes(piece)
+        )
+    assert result.num_new_chars == sum(len(whole_text(p)) == 1 for p in expected) > 0
+    text = "春眠不覺曉，處處聞啼鳥。 In the beginning God created the heaven and the earth."
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text

@@ -362,7 +362,7 @@ def test_added_vocab_beyond_what_the_corpus_supplies_is_a_config_error(corpora, 
         (BASE_MODEL, -1, r"tokenizer\.added_vocab=-1"),
         (BASE_MODEL, 1.5, r"tokenizer\.added_vocab=1\.5"),
         ("/no/such/dir/", 10, r"tokenizer\.base="),
-        (ROOT / "data", 10, r"no tokenizer\.model"),
+        (ROOT / "data", 10, r"neither tokenizer\.model \(SentencePiece\) nor tokenizer\.json"),
         (ROOT / "data" / "tokenizers" / "LICENSE-mistral-v1.txt", 10, r"not a SentencePiece model"),
     ],
 )

@@ -54,6 +54,14 @@ def token_bytes(token: str) -> bytes:
     return bytes(BYTES[ch] for ch in token)
 
 
+def whole_text(token: str) -> str:
+    """The text a byte-level token stands for, or "" when its bytes are not whole UTF-8 characters."""
+    try:
+        return token_bytes(token).decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+
+
 def has_cjk_lead_byte(token: str) -> bool:
     return any(b in CJK_LEAD_BYTES for b in token_bytes(token))
 
@@ -138,4 +146,11 @@ def extend_byte_level(
     return spec, [left + right for left, right in added]
 
 
-__all__ = ["CJK_LEAD_BYTES", "check_byte_level_bpe", "extend_byte_level", "has_cjk_lead_byte", "token_bytes"]
+__all__ = [
+    "CJK_LEAD_BYTES",
+    "check_byte_level_bpe",
+    "extend_byte_level",
+    "has_cjk_lead_byte",
+    "token_bytes",
+    "whole_text",
+]

@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from bailong.cache import computed_once
 
+from .byte_level import extend_byte_level, whole_text
 from .merge import append_pieces, candidate_pieces, new_characters
 from .train import (
     WHITESPACE_PIECE,
@@ -45,6 +46,7 @@ from .train import (
 CODE_VERSION = "1"
 MANIFEST = "extension.json"
 SP_MODEL_FILE = "tokenizer.model"  # the merged SentencePiece model, beside the transformers files
+BYTE_LEVEL_FILE = "tokenizer.json"  # a byte-level BPE base's only tokenizer file
 _HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _MAX_TRAINING_ROUNDS = 6
 
@@ -61,28 +63,46 @@ class ExtendedTokenizer:
 
 
 def read_base_model(base: str | os.PathLike, revision: str | None = None) -> tuple[bytes, str]:
-    """Bytes of the base SentencePiece model: a directory with tokenizer.model, a .model file, or a hub repo id."""
+    """Bytes of the base tokenizer: a directory's ``tokenizer.model`` (SentencePiece) or, without one, its
+    ``tokenizer.json`` (byte-level BPE: ``bailong/tokenization/byte_level.py``), a .model or .json file, or a hub
+    repo id (``tokenizer.model``, else ``tokenizer.json``). ``is_tokenizer_json`` tells the two apart."""
     path = Path(base)
     if path.is_dir():
         model_file = path / SP_MODEL_FILE
+        if not model_file.is_file() and (path / BYTE_LEVEL_FILE).is_file():
+            model_file = path / BYTE_LEVEL_FILE
         if not model_file.is_file():
-            raise TokenizerConfigError(f"tokenizer.base={str(base)!r}: directory has no tokenizer.model")
+            raise TokenizerConfigError(
+                f"tokenizer.base={str(base)!r}: directory has neither tokenizer.model (SentencePiece) nor "
+                "tokenizer.json (byte-level BPE)"
+            )
     elif path.is_file():
         model_file = path
     elif _HUB_REPO_ID.match(str(base)) and not str(base).startswith((".", "/")):
         from huggingface_hub import hf_hub_download  # only the hub path needs it
 
-        try:
-            model_file = Path(hf_hub_download(str(base), SP_MODEL_FILE, revision=revision))
-        except Exception as err:  # hub errors come in many classes (offline, gated, missing file)
+        model_file, failures = None, []
+        for name in (SP_MODEL_FILE, BYTE_LEVEL_FILE):  # a byte-level BPE base (Llama 3, Qwen 2.5): tokenizer.json
+            try:
+                model_file = Path(hf_hub_download(str(base), name, revision=revision))
+                break
+            except Exception as err:  # noqa: BLE001  hub errors come in many classes (offline, gated, missing)
+                failures.append(f"{name}: {err}")
+        if model_file is None:
             raise TokenizerConfigError(
-                f"tokenizer.base={str(base)!r}: could not fetch tokenizer.model from the Hugging Face hub ({err})"
-            ) from err
+                f"tokenizer.base={str(base)!r}: could not fetch a tokenizer from the Hugging Face hub "
+                f"({'; '.join(failures)})"
+            )
     else:
         raise TokenizerConfigError(
             f"tokenizer.base={str(base)!r}: not a directory with tokenizer.model, a .model file, or a hub repo id"
         )
     return model_file.read_bytes(), str(model_file)
+
+
+def is_tokenizer_json(base_bytes: bytes) -> bool:
+    """Whether the base bytes are a ``tokenizer.json`` (byte-level BPE) rather than a SentencePiece model."""
+    return base_bytes.lstrip()[:1] == b"{"
 
 
 def cache_key(base_bytes: bytes, tc_texts: list[str], added_vocab: int, options: dict) -> str:
@@ -264,7 +284,9 @@ def extend_tokenizer(
     revision: str | None = None,
     corpus_name: str = "data.tc (train split)",
 ) -> ExtendedTokenizer:
-    """Append ``added_vocab`` TC pieces to ``base`` (0: the base as it is); reuse a cached result.
+    """Append ``added_vocab`` TC pieces to ``base`` (0: the base as it is); reuse a cached result. A byte-level BPE
+    base (a ``tokenizer.json`` without ``tokenizer.model``) gets tokens and merges instead (``byte_level.py``;
+    ``character_coverage`` and ``seed`` do not apply there).
 
     Old ids never move and appended pieces all contain a CJK character and score below every base
     piece, so text without CJK characters encodes exactly as with the base. ``revision`` applies to
@@ -303,6 +325,8 @@ def _build(
     options: dict,
     num_threads: int | None,
 ) -> ExtendedTokenizer:
+    if is_tokenizer_json(base_bytes):
+        return _build_byte_level(final, key, base, base_bytes, base_source, tc_texts, added_vocab, options)
     base_proto = load_model_proto(base_bytes, base_source)
     check_base_supported(base_proto, base_source)
     record: dict = {}
@@ -329,13 +353,53 @@ def _build(
     return _result(final, json.loads((final / MANIFEST).read_text()), cached=False)
 
 
+def _build_byte_level(
+    final: Path, key: str, base, base_bytes: bytes, base_source: str, tc_texts: list[str], added_vocab: int, options
+) -> ExtendedTokenizer:
+    """The byte-level BPE path (``byte_level.py``): new tokens and merges appended to the base's tokenizer.json, its
+    special tokens and chat template kept from the base's tokenizer_config.json."""
+    try:
+        spec = json.loads(base_bytes)
+    except json.JSONDecodeError as err:
+        raise TokenizerConfigError(f"{base_source}: not valid JSON ({err})") from None
+    extended, added = extend_byte_level(spec, tc_texts, added_vocab, source=base_source)
+    settings = {}
+    config_file = Path(base_source).with_name("tokenizer_config.json")
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template"):
+            value = config.get(name)
+            settings[name] = value.get("content") if isinstance(value, dict) else value
+    base_tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(base_bytes.decode("utf-8")))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(extended)),
+        **{k: v for k, v in settings.items() if v is not None},
+    )
+    manifest = {
+        "cache_key": key,
+        "code_version": CODE_VERSION,
+        "base": str(base),
+        "kind": "byte_level_bpe",
+        "added_vocab": added_vocab,
+        **options,
+        "num_base": len(base_tokenizer),
+        "num_added": len(added),
+        "num_new_chars": sum(len(t) == 1 for t in map(whole_text, added)),
+        "vocab_size": len(tokenizer),
+    }
+    _write_atomically(final.parent, final, None, tokenizer, manifest)
+    return _result(final, json.loads((final / MANIFEST).read_text()), cached=False)
+
+
 def _write_atomically(root: Path, final: Path, merged, tokenizer, manifest: dict) -> None:
-    """Build in a private temp dir, then rename: a parallel job sees a complete directory or none."""
+    """Build in a private temp dir, then rename: a parallel job sees a complete directory or none. ``merged``: the
+    SentencePiece model written beside the transformers files (None for a byte-level BPE tokenizer)."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        (tmp / SP_MODEL_FILE).write_bytes(merged.SerializeToString())
+        if merged is not None:
+            (tmp / SP_MODEL_FILE).write_bytes(merged.SerializeToString())
         tokenizer.save_pretrained(str(tmp))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         try:
