@@ -41,7 +41,7 @@ from transformers import GenerationConfig
 
 from bailong.eval.config import PAPER_SAMPLING
 from bailong.eval.generate import PLAIN_CHAT_TEMPLATE
-from bailong.gguf import GGUF_TYPES, GGUFError, convert_to_gguf
+from bailong.gguf import GGUF_TYPES, GGUFError, convert_to_gguf, needs_sentencepiece_model
 from bailong.model.adapter import META_FILE, built_base, built_quant, find_adapter, load_adapter, read_meta
 from bailong.model.build import DTYPES, is_quantised, load_base_model
 from bailong.model.config import QuantConfig
@@ -133,8 +133,9 @@ def export(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; choose a new directory")
     adapter = find_adapter(run_dir)
-    sp_model = adapter / SP_MODEL_FILE if adapter is not None else None
-    if gguf_type is not None and sp_model is not None and not sp_model.is_file():  # fail before the merge
+    sp_model = (adapter or Path(run_dir)) / SP_MODEL_FILE
+    missing = adapter is not None and needs_sentencepiece_model(adapter) and not sp_model.is_file()
+    if gguf_type is not None and missing:  # fail before the merge
         raise GGUFError(
             f"{adapter}: no {SP_MODEL_FILE}, which llama.cpp needs for a Llama vocabulary (runs save it beside the "
             "adapter since bailong carries it; an older run has none). Copy the run's extended tokenizer's "
@@ -156,7 +157,7 @@ def export(
     tokenizer.save_pretrained(out)
     if sentencepiece_matches(tokenizer, sp_model):
         shutil.copyfile(sp_model, out / SP_MODEL_FILE)
-    elif sp_model is not None and sp_model.is_file():
+    elif sp_model.is_file():
         log.warning("%s does not match the run's tokenizer: not copied to the export", sp_model)
     (out / "bailong_export.json").write_text(
         json.dumps(

@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bailong.cache import atomic_dir, computed_once, default_cache_dir
+from bailong.tokenization.byte_level import is_byte_level_bpe
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,13 @@ def check_no_custom_code(model_dir: Path) -> None:
         )
 
 
+def needs_sentencepiece_model(model_dir: Path) -> bool:
+    """Whether llama.cpp's converter needs ``tokenizer.model`` for this directory: yes for a SentencePiece-style
+    (Llama 2) vocabulary; a byte-level BPE one (Llama 3, Qwen 2.5) it reads from ``tokenizer.json``."""
+    spec_file = model_dir / "tokenizer.json"
+    return not (spec_file.is_file() and is_byte_level_bpe(json.loads(spec_file.read_text(encoding="utf-8"))))
+
+
 def convert_to_gguf(
     model_dir: str | os.PathLike,
     out_file: str | os.PathLike,
@@ -128,7 +136,7 @@ def convert_to_gguf(
         raise ValueError(f"gguf_type={gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
     model_dir, out_file = Path(model_dir), Path(out_file)
     check_no_custom_code(model_dir)
-    if not (model_dir / "tokenizer.model").is_file():
+    if needs_sentencepiece_model(model_dir) and not (model_dir / "tokenizer.model").is_file():
         raise GGUFError(
             f"{model_dir}: no tokenizer.model, which llama.cpp needs for a Llama vocabulary (an export of a run "
             "saved before bailong carried it has none): copy the run's extended tokenizer's tokenizer.model "

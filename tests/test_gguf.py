@@ -284,3 +284,20 @@ def test_only_the_converter_is_unpacked_from_the_source_distribution(tmp_path):
         tar.add(src, arcname=src.name)
     with pytest.raises(GGUFError, match="no vendor/llama.cpp/convert_hf_to_gguf.py"):
         extract_converter(sdist, tmp_path / "out2")
+
+
+def test_only_a_sentencepiece_vocabulary_needs_tokenizer_model(tmp_path):
+    """llama.cpp's converter reads a byte-level BPE vocabulary (Llama 3, Qwen 2.5) from tokenizer.json alone."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from bailong.gguf import needs_sentencepiece_model
+
+    assert needs_sentencepiece_model(tmp_path)  # nothing to tell: ask for it
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel()
+    byte_level.save(str(tmp_path / "tokenizer.json"))
+    assert not needs_sentencepiece_model(tmp_path)
+    assert needs_sentencepiece_model(ROOT / "models" / "mini-base")  # SentencePiece-style (Metaspace) BPE
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(GGUFError, match=f"--llama-cpp={tmp_path}: no {CONVERTER}"):  # past the tokenizer check
+        convert_to_gguf(tmp_path, tmp_path / "x.gguf", llama_cpp_dir=tmp_path)

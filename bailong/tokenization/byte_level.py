@@ -74,6 +74,11 @@ def _uses_byte_level(component: dict | None) -> bool:
     return any(_uses_byte_level(c) for c in component.get("pretokenizers", []))
 
 
+def is_byte_level_bpe(spec: dict) -> bool:
+    """Whether a tokenizer.json describes a byte-level BPE tokenizer (a BPE model behind a ByteLevel pre-tokenizer)."""
+    return (spec.get("model") or {}).get("type") == "BPE" and _uses_byte_level(spec.get("pre_tokenizer"))
+
+
 def check_byte_level_bpe(spec: dict, source: str) -> None:
     """Refuse a tokenizer this extension does not apply to, naming what it is and what is supported."""
     model = spec.get("model") or {}
@@ -151,6 +156,7 @@ __all__ = [
     "check_byte_level_bpe",
     "extend_byte_level",
     "has_cjk_lead_byte",
+    "is_byte_level_bpe",
     "token_bytes",
     "whole_text",
 ]
