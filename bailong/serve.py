@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -129,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = served_name(target, args.model_name)
     print(f"serving {target} at http://{args.host}:{args.port}/v1 as model {name!r}", flush=True)
-    return subprocess.call(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # the server replaces this process (no child left behind): a stop signal reaches the server itself
+    os.execve(command[0], command, {**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 if __name__ == "__main__":

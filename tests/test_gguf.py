@@ -227,6 +227,8 @@ def test_llama_cpp_server_answers_with_the_files_chat_template(smoke_export, hf,
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"].strip() == expected.strip()
+    with pytest.raises(httpx.TransportError):  # stopping bailong.serve stopped the server: it is that process
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
 
 
 # -- no llama.cpp needed -------------------------------------------------------------------------------------------
