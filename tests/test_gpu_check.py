@@ -61,6 +61,9 @@ def test_metric_comparison_tolerances():
     assert "tokens/embed_change_median_1-9" not in out["metrics"] and out["metrics"]["tokens/new_seen"]["within"]
     assert not out["within_tolerance"]
     assert gpu_check.compare_metrics({"final/tc_chars": 1}, {"final/tc_chars": 2})["outside"] == ["final/tc_chars"]
+    parity = {"final/parallel/information_parity": 1.035, "step0/parallel/information_parity": 1.025}
+    reference = {"final/parallel/information_parity": 1.0, "step0/parallel/information_parity": 1.0}
+    assert gpu_check.compare_metrics(parity, reference)["outside"] == ["step0/parallel/information_parity"]  # 2.5%
 
 
 def test_a_failing_part_is_recorded_and_the_next_runs(tmp_path):
