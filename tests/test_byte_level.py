@@ -193,3 +193,48 @@ def test_the_stage_extends_a_byte_level_base_directory_cached_and_spelled_for_in
     assert result.num_new_chars == sum(len(whole_text(p)) == 1 for p in expected) > 0
     text = "春眠不覺曉，處處聞啼鳥。 In the beginning God created the heaven and the earth."
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+# the pre-tokenizer patterns of Llama 3's and Qwen 2's tokenizer.json (digits in runs of 1-3, resp. one by one)
+WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = WORDS + r"\p{N}{1,3}" + REST
+QWEN2_SPLIT = WORDS + r"\p{N}" + REST
+
+
+@pytest.mark.parametrize("layout", ["llama3", "qwen2"])
+def test_llama3_and_qwen_layouts_extend_through_the_stage(layout, tmp_path):
+    """``model=llama3_8b`` / ``model=qwen2_5_7b`` take this path: their tokenizer.json layouts (Split regex then
+    ByteLevel without its own regex; Llama 3 with ignore_merges, Qwen with an NFC normaliser and special tokens
+    after the vocabulary), built locally, extend with English ids unchanged and new ids after the special ones."""
+    from tokenizers import Regex, normalizers
+
+    from bailong.tokenization import extend_tokenizer, load_tokenizer
+
+    tokenizer = Tokenizer(models.BPE(ignore_merges=layout == "llama3"))
+    if layout == "qwen2":
+        tokenizer.normalizer = normalizers.NFC()
+    pattern = LLAMA3_SPLIT if layout == "llama3" else QWEN2_SPLIT
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(lines("en/kjv.jsonl.gz", 0, 2000) + lines("zh_tw/modern.jsonl.gz", 0, 3), trainer)
+    tokenizer.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])  # ids after the vocabulary, as both have
+    base_dir = tmp_path / layout
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|end_of_text|>").save_pretrained(base_dir)
+    result = extend_tokenizer(base_dir, lines("zh_tw/poetry_tang.jsonl.gz", 0, 300), 100, tmp_path / "cache")
+    base, ext = load_tokenizer(extend_tokenizer(base_dir, [], 0, tmp_path / "cache").path), load_tokenizer(result.path)
+    assert result.num_added == 100 and result.num_base == len(base) == tokenizer.get_vocab_size()
+    assert ext.convert_tokens_to_ids("<|end_of_text|>") == base.convert_tokens_to_ids("<|end_of_text|>")
+    for text in held_out_non_cjk()[:200] + ["Call 0912-345-678 before 2025", "naïve résumé"]:
+        assert ext(text, add_special_tokens=False)["input_ids"] == base(text, add_special_tokens=False)["input_ids"]
+    poem = lines("zh_tw/poetry_tang.jsonl.gz", 5000, 1)[0]
+    ids = ext(poem, add_special_tokens=False)["input_ids"]
+    assert ext.decode(ids) == poem and len(ids) < len(base(poem, add_special_tokens=False)["input_ids"])

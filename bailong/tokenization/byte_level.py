@@ -143,7 +143,20 @@ def extend_byte_level(
             known.add(token)
             if len(added) == added_vocab:
                 break
-    next_id = 1 + max([*vocab.values(), *(t["id"] for t in spec.get("added_tokens", []))])
+    if not added:
+        return spec, []
+    # Special tokens that sit after the vocabulary only as added tokens (Llama 3's 256, Qwen's) become vocabulary
+    # entries at their own ids first: ``tokenizers`` numbers an added token missing from the model's vocabulary
+    # after the model's vocabulary, so appended tokens would push them to new ids. The BPE model never produces
+    # them (no merge builds them; added tokens are split off before the model runs), so nothing else changes.
+    for special in spec.get("added_tokens", []):
+        if special["content"] not in vocab and special["id"] not in set(vocab.values()):
+            vocab[special["content"]] = special["id"]
+    ids = sorted(vocab.values())
+    if ids != list(range(len(ids))):
+        gap = next(i for i, v in enumerate(ids) if v != i)
+        raise TokenizerConfigError(f"{source}: ids are not contiguous (no token has id {gap}); cannot append to them")
+    next_id = len(ids)
     written_as_strings = bool(model["merges"]) and isinstance(model["merges"][0], str)
     for offset, (left, right) in enumerate(added):
         vocab[left + right] = next_id + offset
