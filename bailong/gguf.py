@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bailong.cache import atomic_dir, computed_once, default_cache_dir
+from bailong.tokenization import SP_MODEL_FILE
 from bailong.tokenization.byte_level import is_byte_level_bpe
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def convert_to_gguf(
         raise ValueError(f"gguf_type={gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
     model_dir, out_file = Path(model_dir), Path(out_file)
     check_no_custom_code(model_dir)
-    if needs_sentencepiece_model(model_dir) and not (model_dir / "tokenizer.model").is_file():
+    if needs_sentencepiece_model(model_dir) and not (model_dir / SP_MODEL_FILE).is_file():
         raise GGUFError(
             f"{model_dir}: no tokenizer.model, which llama.cpp needs for a Llama vocabulary (an export of a run "
             "saved before bailong carried it has none): copy the run's extended tokenizer's tokenizer.model "

@@ -27,6 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from bailong.cache import fingerprint
 from bailong.model.adapter import META_FILE, find_adapter
 from bailong.model.loading import DEVICE_CHOICES, DEVICE_HELP, TRUST_REMOTE_CODE_HELP
 
@@ -34,9 +35,9 @@ SOURCE_FILE = "bailong_serve_source.json"  # which adapter state an export for s
 
 
 def adapter_stamp(adapter_dir: Path) -> dict:
-    """What identifies an adapter's contents: its path and its files' names, sizes and modification times."""
-    files = sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in adapter_dir.iterdir() if f.is_file())
-    return {"adapter": str(adapter_dir.resolve()), "files": files}
+    """What identifies an adapter's contents: its path and its files' names, sizes and modification times (the
+    cache's ``fingerprint``), as JSON reads it back."""
+    return json.loads(json.dumps({"adapter": str(adapter_dir.resolve()), "files": fingerprint(str(adapter_dir))}))
 
 
 def exported_for_serving(
