@@ -303,6 +303,8 @@ def test_default_cache_dir_is_the_configs(tmp_path, monkeypatch):
     assert default_cache_dir() == Path(compose_config([]).paths.cache_dir) == tmp_path / "elsewhere"
     monkeypatch.delenv("BAILONG_CACHE")
     assert default_cache_dir() == Path(compose_config([]).paths.cache_dir) == ROOT / ".cache"
+    monkeypatch.delenv("BAILONG_ROOT")  # a module run outside run.py (python -m bailong.export): the repository's
+    assert default_cache_dir() == ROOT / ".cache"
 
     (tmp_path / "elsewhere" / "init_rows").mkdir(parents=True)
     proc = cli("list", env_cache=tmp_path / "elsewhere")

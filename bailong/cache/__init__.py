@@ -31,7 +31,7 @@ def default_cache_dir() -> Path:
     ``$BAILONG_ROOT/.cache``, the root being the repository when unset (as run.py sets it)."""
     if os.environ.get("BAILONG_CACHE"):
         return Path(os.environ["BAILONG_CACHE"])
-    return Path(os.environ.get("BAILONG_ROOT") or Path(__file__).resolve().parents[1]) / ".cache"
+    return Path(os.environ.get("BAILONG_ROOT") or Path(__file__).resolve().parents[2]) / ".cache"
 
 
 def lock_path(entry: Path) -> Path:
