@@ -149,6 +149,9 @@ class Setup:
     upcast: bool = True  # prepare_model_for_kbit_training's fp32 upcast; FSDP-QLoRA keeps the storage dtype
     pad_multiple: int = 1  # model.pad_vocab_to_multiple_of: embedding/head rows rounded up
     full_finetune: bool = False  # finetune=full: every weight trains in model.dtype, no LoRA, no quantisation
+    shared_dropout_mask: bool = (
+        False  # lora.shared_dropout_mask: one mask and dropped copy per input, not per projection
+    )
     # where the step runs: "cuda" (what the plan is for) or "cpu" (the benchmark that checks it). torch differs:
     # on CUDA, AdamW steps all tensors at once and dropout keeps a bool mask; on the CPU, AdamW steps tensor
     # by tensor and dropout keeps its mask in the input's dtype
@@ -223,6 +226,7 @@ def setup_from_config(cfg, device: str = "cuda") -> Setup:
         autocast=precision in ("bf16-mixed", "16-mixed", "bf16", "16"),
         lora_r=cfg.lora.r,
         lora_dropout=cfg.lora.dropout,
+        shared_dropout_mask=cfg.lora.shared_dropout_mask,
         targets=() if full else PROJECTIONS if targets == ALL_LINEAR else tuple(targets),
         embeddings=cfg.lora.embeddings,
         optimizer=cfg.train.optimizer,
@@ -336,7 +340,7 @@ def layer_activation_bytes_per_token(s: Setup) -> float:
         "up_proj": (h, res, "x2"),
         "down_proj": (i, mlp, "prod"),
     }
-    kept = set()
+    kept, dropped = set(), set()
     for name, (width, xb, shared) in inputs.items():
         cast = s.autocast and xb != 2  # autocast keeps a bf16 copy of an fp32 input, per module
         # LoRA's input: peft casts it to the adapter's float32 unless autocast runs (the fit turns that cast off
@@ -349,8 +353,10 @@ def layer_activation_bytes_per_token(s: Setup) -> float:
                 kept.add(shared)
         if name in s.targets:
             if s.lora_dropout > 0:
-                total += width * (1 if s.device == "cuda" else lb)  # dropout mask: bool on CUDA, input dtype on CPU
-                total += width * (2 if cast else lb)  # lora_A's input: the dropped-out copy
+                if not (s.shared_dropout_mask and shared in dropped):  # a shared mask: once per input
+                    total += width * (1 if s.device == "cuda" else lb)  # dropout mask: bool on CUDA, input dtype on CPU
+                    total += width * (2 if cast else lb)  # lora_A's input: the dropped-out copy
+                    dropped.add(shared)
             elif cast:
                 total += width * 2
             elif lb != xb:

@@ -130,6 +130,7 @@ def from_flags(args) -> tuple[Setup, Callable, dict]:
         autocast=False,
         lora_r=args.r,
         lora_dropout=args.dropout,
+        shared_dropout_mask=args.shared_dropout_mask,
         targets=PROJECTIONS,
         embeddings=args.embeddings,
         optimizer="adamw",
@@ -141,7 +142,13 @@ def from_flags(args) -> tuple[Setup, Callable, dict]:
 
     def build(rows):
         quant = QuantConfig(name=args.quant)
-        lora = LoraConfig(r=args.r, alpha=2 * args.r, dropout=args.dropout, embeddings=args.embeddings)
+        lora = LoraConfig(
+            r=args.r,
+            alpha=2 * args.r,
+            dropout=args.dropout,
+            shared_dropout_mask=args.shared_dropout_mask,
+            embeddings=args.embeddings,
+        )
         return build_model(
             ModelConfig(name="bench", pad_vocab_to_multiple_of=1, pretrained=args.pretrained),
             vocab_size=setup.vocab,
@@ -200,6 +207,7 @@ def main() -> None:
     p.add_argument("--quant", choices=["nf4", "none"], default="nf4")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--shared-dropout-mask", action="store_true", help="lora.shared_dropout_mask")
     p.add_argument("--embeddings", default="new_rows")
     p.add_argument("--checkpointing", action="store_true")
     args = p.parse_args()

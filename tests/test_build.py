@@ -36,8 +36,8 @@ NF4 = QuantConfig(name="nf4")
 NONE = QuantConfig(name="none")
 
 
-def lora(embeddings: str = "new_rows", r: int = 4, **kw) -> LoraConfig:
-    return LoraConfig(r=r, alpha=8, dropout=0.0, target_modules=list(TARGETS), embeddings=embeddings, **kw)
+def lora(embeddings: str = "new_rows", r: int = 4, dropout: float = 0.0, **kw) -> LoraConfig:
+    return LoraConfig(r=r, alpha=8, dropout=dropout, target_modules=list(TARGETS), embeddings=embeddings, **kw)
 
 
 def make_tiny_base(root: Path) -> SimpleNamespace:

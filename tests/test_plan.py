@@ -24,6 +24,7 @@ from bailong.plan import (
     architecture,
     estimate,
     gradient_bytes,
+    layer_activation_bytes_per_token,
     main,
     parameter_counts,
     phase_bytes,
@@ -73,6 +74,18 @@ def test_static_terms_on_llama2_7b_shapes():
     assert static_bytes(ddp)["gradient_buckets"] == 4 * (LORA_R64 + NEW_ROWS) and gradient_bytes(ddp) == 0
     fsdp = static_bytes(llama7b(strategy="fsdp", world_size=8))
     assert fsdp["weights_4bit"] == pytest.approx(parts["weights_4bit"] / 8)
+
+
+def test_a_shared_dropout_mask_keeps_one_mask_and_copy_per_input():
+    """lora.shared_dropout_mask: q/k/v keep one mask and one dropped copy of their input, gate/up one: three fewer
+    of each per layer (on the CPU in float32, each the input's width in 4 bytes)."""
+    cpu = dict(device="cpu", autocast=False, dtype_bytes=4, quantised=False, lora_dropout=0.1)
+    default, shared = llama7b(**cpu), llama7b(**cpu, shared_dropout_mask=True)
+    saved = layer_activation_bytes_per_token(default) - layer_activation_bytes_per_token(shared)
+    assert saved == 3 * 4096 * (4 + 4)
+    assert layer_activation_bytes_per_token(llama7b(**{**cpu, "lora_dropout": 0.0}, shared_dropout_mask=True)) == (
+        layer_activation_bytes_per_token(llama7b(**{**cpu, "lora_dropout": 0.0}))
+    )
 
 
 def test_padded_vocabulary_rows():
@@ -236,8 +249,9 @@ def random_llama(tmp_path_factory):
     [
         ("mini", "--added", "8000", "--seq", "256", "--batch", "8", "--quant", "nf4"),
         ("random", "--added", "8000", "--seq", "512", "--batch", "2", "--quant", "nf4", "--checkpointing"),
+        ("mini", "--added", "8000", "--seq", "256", "--batch", "8", "--quant", "nf4", "--shared-dropout-mask"),
     ],
-    ids=["mini-nf4", "random1024-nf4-checkpointing"],
+    ids=["mini-nf4", "random1024-nf4-checkpointing", "mini-nf4-shared-dropout-mask"],
 )  # docs/scale.md: two more cases, run by hand
 def test_planned_memory_within_20_percent_of_measured(case, random_llama):
     model = ROOT / "models" / "mini-base" if case[0] == "mini" else random_llama

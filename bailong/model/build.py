@@ -22,6 +22,7 @@ from transformers.initialization import no_init_weights
 
 from bailong.model.config import FinetuneConfig, LoraConfig, ModelConfig, QuantConfig
 from bailong.model.device import local_rank
+from bailong.model.lora_dropout import share_dropout_masks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_STORAGE = {**DTYPES, "uint8": torch.uint8}
@@ -359,6 +360,8 @@ def build_model(
         return model
     config = lora_config(model, lora, list(range(num_base, vocab_size)))
     model = peft.get_peft_model(model, config)
+    if lora.shared_dropout_mask:
+        share_dropout_masks(model)
     model.train()  # from_pretrained returned eval mode and Lightning keeps modules as they are
     disable_cpu_repack(model)
     mask_padding_logits(model, vocab_size)

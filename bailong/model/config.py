@@ -96,6 +96,9 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
+    # one dropout mask per input: q/k/v share one, gate/up another (bailong/model/lora_dropout.py); peft's default
+    # draws one per projection
+    shared_dropout_mask: bool = False
     # module names (a list) or ALL_LINEAR; typed Any because OmegaConf 2.3 has no str | list[str]
     target_modules: Any = field(default_factory=lambda: list(LORA_TARGETS))
     embeddings: str = "new_rows"  # new_rows | full | lora | frozen
