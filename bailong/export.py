@@ -121,6 +121,7 @@ def export(
     trust_remote_code: bool = False,
     gguf_type: str | None = None,
     llama_cpp_dir: str | Path | None = None,
+    gguf_pre: str | None = None,
 ) -> Path:
     """Write the merged model, its tokenizer (with chat template and ``tokenizer.model``) and a generation config
     to ``out_dir`` and, with ``gguf_type``, ``<out_dir>/<name>-<gguf_type>.gguf`` (``trust_remote_code``: the user's
@@ -174,7 +175,9 @@ def export(
         )
     )
     if gguf_type is not None:
-        convert_to_gguf(out, out / f"{out.name}-{gguf_type}.gguf", gguf_type, llama_cpp_dir=llama_cpp_dir)
+        convert_to_gguf(
+            out, out / f"{out.name}-{gguf_type}.gguf", gguf_type, llama_cpp_dir=llama_cpp_dir, pre_tokenizer=gguf_pre
+        )
     return out
 
 
@@ -193,6 +196,12 @@ def main(argv: list[str] | None = None) -> None:
         help="llama.cpp checkout whose convert_hf_to_gguf.py to use (default: "
         "$LLAMA_CPP_DIR, else the installed llama-cpp-python's own, fetched once)",
     )
+    parser.add_argument(
+        "--gguf-pre",
+        metavar="NAME",
+        help="a byte-level base's BPE pre-tokenizer name where llama.cpp does not know the base (llama-bpe: Llama 3's "
+        "pattern, the byte-level mini base's too)",
+    )
     args = parser.parse_args(argv)
     out = export(
         args.run,
@@ -202,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         trust_remote_code=args.trust_remote_code,
         gguf_type=args.gguf_type if args.gguf else None,
         llama_cpp_dir=args.llama_cpp,
+        gguf_pre=args.gguf_pre,
     )
     print("\n".join([str(out), *map(str, sorted(out.glob("*.gguf")))]))
 

@@ -131,8 +131,13 @@ def convert_to_gguf(
     *,
     llama_cpp_dir: str | os.PathLike | None = None,
     cache_dir: Path | None = None,
+    pre_tokenizer: str | None = None,
 ) -> Path:
-    """Convert a Hugging Face model directory (a bailong export) to ``out_file`` with llama.cpp's converter."""
+    """Convert a Hugging Face model directory (a bailong export) to ``out_file`` with llama.cpp's converter.
+
+    An extended byte-level vocabulary keeps its base's pre-tokenizer name (``bailong/gguf_converter.py``: from the
+    base's tokens, ``num_base`` in ``bailong_export.json``); ``pre_tokenizer`` names it for a base llama.cpp does not
+    list (``llama-bpe`` for Llama 3's pattern, ``qwen2`` for Qwen 2's)."""
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
     model_dir, out_file = Path(model_dir), Path(out_file)
@@ -146,10 +151,24 @@ def convert_to_gguf(
     script = converter_script(llama_cpp_dir, cache_dir)
     # no hub access; and the converter's own gguf-py (of its commit), not whatever gguf package is installed
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(script), str(model_dir), "--outfile", str(out_file), "--outtype", gguf_type]
+    record = model_dir / "bailong_export.json"
+    num_base = json.loads(record.read_text()).get("num_base") if record.is_file() else None
+    command = [sys.executable, "-m", "bailong.gguf_converter", str(script)]
+    command += [
+        *(["--num-base", str(num_base)] if num_base else []),
+        *(["--pre", pre_tokenizer] if pre_tokenizer else []),
+    ]
+    command += ["--", str(model_dir), "--outfile", str(out_file), "--outtype", gguf_type]
     log.info("converting %s to %s (%s)", model_dir, out_file, gguf_type)
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not out_file.is_file():
+    failed = proc.returncode != 0 or not out_file.is_file()
+    if failed and "BPE pre-tokenizer was not recognized" in proc.stderr:
+        raise GGUFError(
+            f"{model_dir}: llama.cpp does not know this base's BPE pre-tokenizer; name it with --pre (python -m "
+            "bailong.gguf) or --gguf-pre (python -m bailong.export): llama-bpe for Llama 3's pattern (the byte-level "
+            "mini base's too), qwen2 for Qwen 2's"
+        )
+    if failed:
         raise GGUFError(f"llama.cpp's converter failed on {model_dir} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return out_file
 
@@ -162,8 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_file", help="the .gguf file to write")
     parser.add_argument("--type", default="f16", choices=GGUF_TYPES, help="GGUF tensor type (default: f16)")
     parser.add_argument("--llama-cpp", metavar="DIR", help=f"llama.cpp checkout (default: ${LLAMA_CPP_DIR_ENV}, ...)")
+    parser.add_argument("--pre", metavar="NAME", help="the BPE pre-tokenizer's llama.cpp name, if it does not know it")
     args = parser.parse_args(argv)
-    print(convert_to_gguf(args.model_dir, args.out_file, args.type, llama_cpp_dir=args.llama_cpp))
+    print(
+        convert_to_gguf(args.model_dir, args.out_file, args.type, llama_cpp_dir=args.llama_cpp, pre_tokenizer=args.pre)
+    )
 
 
 __all__ = ["GGUF_TYPES", "GGUFError", "convert_to_gguf", "converter_script", "extract_converter", "fetch_converter"]

@@ -232,6 +232,60 @@ def test_llama_cpp_server_answers_with_the_files_chat_template(smoke_export, hf,
 
 
 # -- no llama.cpp needed -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bbpe_export(tmp_path_factory) -> Path:
+    """An experiment=smoke run on the byte-level mini base (model=mini_bbpe), exported."""
+    from bailong.stages import run
+    from conftest import compose_config
+
+    out = tmp_path_factory.mktemp("smoke_bbpe")
+    run(compose_config(["experiment=smoke", "model=mini_bbpe", "logger=csv", "eval.base=false"], output_dir=out / "r"))
+    return export(out / "r", out / "export")
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_a_byte_level_export_converts_with_its_pre_tokenizer_and_tokenizes_alike(bbpe_export):
+    """llama.cpp names a BPE pre-tokenizer by a hash of its base's vocabulary: the byte-level mini base is not one
+    it lists, so conversion stops with what to pass; named (Llama 3's pattern), the file tokenizes held-out TC and
+    English exactly as the extended tokenizer does, new merges included."""
+    from llama_cpp import Llama
+
+    with pytest.raises(GGUFError, match="--pre .*llama-bpe"):
+        convert_to_gguf(bbpe_export, bbpe_export / "unnamed.gguf", "f16")
+    path = convert_to_gguf(bbpe_export, bbpe_export / "model-f16.gguf", "f16", pre_tokenizer="llama-bpe")
+    tok = AutoTokenizer.from_pretrained(bbpe_export)
+    llm = Llama(str(path), vocab_only=True, verbose=False)
+    texts = held_out_texts()
+    assert any(any(i >= 5000 for i in tok(t, add_special_tokens=False)["input_ids"]) for t in texts)  # new merges
+    for text in texts:
+        assert (
+            llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+            == tok(text, add_special_tokens=False)["input_ids"]
+        ), text
+    assert llm.tokenize(b"x", add_bos=True)[0] == tok.bos_token_id == 4998
+    llm.close()
+
+
+def test_the_base_view_of_an_extended_byte_level_tokenizer_encodes_as_the_base(tmp_path):
+    """What the converter hashes to name the pre-tokenizer (a text with Chinese in it): the extended tokenizer
+    encodes it differently from its base; without the appended tokens and merges it encodes it as the base does."""
+    from bailong.gguf_converter import base_view
+    from bailong.tokenization import extend_tokenizer, load_tokenizer
+
+    base_dir = ROOT / "models" / "mini-base-bbpe"
+    import gzip
+
+    with gzip.open(ROOT / "data" / "zh_tw" / "modern.jsonl.gz", "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(300), f)]
+    extended = load_tokenizer(extend_tokenizer(base_dir, texts, 300, tmp_path).path)
+    base = load_tokenizer(base_dir)
+    probe = "3 33 333 3333 ?我想在apple工作1314151天～ 這個軟體的說明文件 I've been 'told he's there"
+    assert extended.encode(probe) != base.encode(probe)
+    view = base_view(extended, len(base))
+    assert len(view) == len(base) and view.encode(probe) == base.encode(probe)
+
+
 def test_a_directory_with_its_own_code_is_not_converted(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
     with pytest.raises(GGUFError, match="auto_map.*trust_remote_code"):
