@@ -49,8 +49,41 @@ GIB = 1024**3
 # Architectures of hub bases, so a plan needs neither the network nor the weights (the random-base table's
 # entries are those models' config.json values)
 KNOWN_ARCHITECTURES = {
-    hub: ARCHITECTURES[name][2]
-    for hub, name in (("meta-llama/Llama-2-7b-hf", "llama2_7b"), ("meta-llama/Llama-2-13b-hf", "llama2_13b"))
+    **{
+        hub: ARCHITECTURES[name][2]
+        for hub, name in (("meta-llama/Llama-2-7b-hf", "llama2_7b"), ("meta-llama/Llama-2-13b-hf", "llama2_13b"))
+    },
+    # the byte-level bases of conf/model (and Mistral v1): grouped-query attention, larger vocabularies
+    "meta-llama/Meta-Llama-3-8B": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "Qwen/Qwen2.5-7B": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,  # the embedding's rows; its tokenizer has 151,665 tokens (the rest is padding)
+        tie_word_embeddings=False,
+    ),
+    "mistralai/Mistral-7B-v0.1": dict(
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
 }
 # name: (memory GiB, dense bf16 tensor TFLOP/s from the vendor datasheet)
 GPUS = {

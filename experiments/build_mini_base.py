@@ -3,6 +3,7 @@
     python experiments/build_mini_base.py --out models/mini-base              # ship the base
     python experiments/build_mini_base.py --out models/mini-base --reference  # + English-only numbers
     python experiments/build_mini_base.py --out /tmp/mb --tiny                # seconds, for tests
+    python experiments/build_mini_base.py --out models/mini-base-bbpe --tokenizer byte_level  # the Llama 3 stand-in
 
 The data is the default data config (conf/data/pretrain_tc.yaml, its ${paths.data_dir} the data/ folder
 under --data-root) prepared by the prepare stage (bailong.data.prepare.prepare_text, cached under --cache-dir,
@@ -146,6 +147,29 @@ def cpu_name() -> str:
     return platform.machine()
 
 
+def sentencepiece_tokenizer_lines(t: dict) -> list[str]:
+    return [
+        "## Tokenizer (`tokenizer.model` + transformers files)",
+        f"- {t['pieces']} pieces: `<unk>` `<s>` `</s>` (ids 0-2), {t['byte_pieces']} byte pieces `<0x00>`..`<0xFF>` "
+        f"(ids 3-258), English BPE pieces, then {t['han_pieces']} Han characters and {t['cjk_punct_pieces']} "
+        "CJK punctuation marks (the most frequent in the TC training text)",
+        "- Llama 2's settings: BPE, byte_fallback, split_digits, identity normalisation, no whitespace "
+        "collapsing, dummy prefix; Chinese outside the Han pieces falls back to UTF-8 bytes",
+    ]
+
+
+def byte_level_tokenizer_lines(t: dict) -> list[str]:
+    return [
+        "## Tokenizer (`tokenizer.json`, no `tokenizer.model`)",
+        f"- {t['tokens']} tokens: the {t['byte_tokens']} byte tokens (ids 0-255), {t['merges']} merges (English, "
+        f"then those spelling {t['han_tokens']} Han characters and {t['cjk_punct_tokens']} CJK punctuation marks, "
+        f"the most frequent in the TC training text, from their UTF-8 bytes; {t['partial_character_tokens']} tokens "
+        "are partial characters), then `<|begin_of_text|>` and `<|end_of_text|>` as special tokens",
+        "- Llama 3's settings: its pre-tokenizer pattern (digits in runs of 1-3), ByteLevel without its own regex, "
+        "`ignore_merges`, BOS added by the post-processor; Chinese outside those characters is spelled in bytes",
+    ]
+
+
 def render_readme(card: dict) -> str:
     a, t, tr, ev, d = card["architecture"], card["tokenizer"], card["training"], card["eval"], card["data"]
     ref = card.get("reference")
@@ -153,14 +177,19 @@ def render_readme(card: dict) -> str:
     if d["dedup_group"] is not None:
         grouped.append(f"near-duplicates (estimated Jaccard >= {d['dedup_group']}) in the first copy's split")
     grouping = "grouped: " + "; ".join(grouped) if grouped else "split by each document's hash"
+    byte_level = tr.get("tokenizer") == "byte_level"
+    base_name = card.get("name", "mini-base")
     lines = [
-        "# mini-base: the embedded stand-in for Llama 2",
+        f"# {base_name}: the embedded stand-in for {'Llama 3' if byte_level else 'Llama 2'}",
         "",
-        "A small English-dominant Llama (`LlamaForCausalLM`, untied embeddings) with a Llama-2-style",
-        "byte-fallback SentencePiece BPE tokenizer, pre-trained from scratch on this repo's data so that",
+        "A small English-dominant Llama (`LlamaForCausalLM`, untied embeddings) with a "
+        + ("Llama-3-style byte-level" if byte_level else "Llama-2-style"),
+        ("BPE tokenizer" if byte_level else "byte-fallback SentencePiece BPE tokenizer")
+        + ", pre-trained from scratch on this repo's data so that",
         "bailong's tokenizer extension and embedding init can be measured without downloading weights.",
-        "It knows some Traditional Chinese (a minority of its training tokens, a few hundred Han pieces),",
-        "as Llama 2 does. Rebuilt by `experiments/build_mini_base.py` (see Rebuild).",
+        "It knows some Traditional Chinese (a minority of its training tokens, a few hundred Han "
+        + ("tokens)," if byte_level else "pieces),"),
+        f"as {'Llama 3' if byte_level else 'Llama 2'} does. Rebuilt by `experiments/build_mini_base.py` (see Rebuild).",
         "",
         "## Model",
         f"- parameters: {a['parameters']:,} ({a['embedding_parameters']:,} in embed_tokens + lm_head)",
@@ -169,12 +198,7 @@ def render_readme(card: dict) -> str:
         f"- `model.safetensors`: {a['safetensors_bytes'] / 1e6:.1f} MB, stored in bfloat16; `config.json` says "
         "float32, so `from_pretrained` upcasts (exactly) to float32",
         "",
-        "## Tokenizer (`tokenizer.model` + transformers files)",
-        f"- {t['pieces']} pieces: `<unk>` `<s>` `</s>` (ids 0-2), {t['byte_pieces']} byte pieces `<0x00>`..`<0xFF>` "
-        f"(ids 3-258), English BPE pieces, then {t['han_pieces']} Han characters and {t['cjk_punct_pieces']} "
-        "CJK punctuation marks (the most frequent in the TC training text)",
-        "- Llama 2's settings: BPE, byte_fallback, split_digits, identity normalisation, no whitespace "
-        "collapsing, dummy prefix; Chinese outside the Han pieces falls back to UTF-8 bytes",
+        *(byte_level_tokenizer_lines(t) if byte_level else sentencepiece_tokenizer_lines(t)),
         f"- held-out (dev) tokens/char: EN {card['tokens_per_char']['en']:.3f}, TC {card['tokens_per_char']['tc']:.3f}",
         "",
         "## Training",
@@ -196,7 +220,7 @@ def render_readme(card: dict) -> str:
         "EOS not scored: each document whole where it fits, else the same character windows for every tokenizer). "
         "Unigram: add-one character unigram of the language's train split.",
         "",
-        "| text | chars dev | chars test | mini-base dev | mini-base test | unigram dev | unigram test |"
+        f"| text | chars dev | chars test | {base_name} dev | {base_name} test | unigram dev | unigram test |"
         + (" English-only reference dev | reference test |" if ref else ""),
         "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ref else ""),
     ]
@@ -226,9 +250,11 @@ def render_readme(card: dict) -> str:
         "",
         "## Rebuild",
         "```",
-        f"python experiments/build_mini_base.py --out models/mini-base --threads {tr['threads']}",
-        "python experiments/build_mini_base.py --out models/mini-base --reference --threads 1"
-        "  # as the card's reference was run",
+        f"python experiments/build_mini_base.py --out models/{base_name} --threads {tr['threads']}"
+        + (" --tokenizer byte_level" if byte_level else ""),
+        f"python experiments/build_mini_base.py --out models/{base_name} --reference --threads 1"
+        + (" --tokenizer byte_level" if byte_level else "")
+        + "  # as the card's reference was run",
         "```",
         f"Same torch version and thread count ({tr['threads']}) give bit-for-bit the same `model.safetensors` "
         "(seeded init, seeded data order, single process); another thread count or torch build changes the "
@@ -252,6 +278,12 @@ def main(argv: list[str] | None = None) -> None:
         help="train the English-only reference and add its numbers to <out>/card.json",
     )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, a few steps, few documents (tests)")
+    parser.add_argument(
+        "--tokenizer",
+        choices=("sentencepiece", "byte_level"),
+        default="sentencepiece",
+        help="Llama 2's layout (models/mini-base) or Llama 3's byte-level BPE (models/mini-base-bbpe)",
+    )
     parser.add_argument("--steps", type=int, help="override the number of training steps")
     parser.add_argument("--threads", type=int, help="override torch threads (changes the weights' bits)")
     parser.add_argument("--log-dir", type=Path, default=Path("outputs/mini_base_build"))
@@ -263,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = replace(MiniBaseConfig(), **TINY) if args.tiny else MiniBaseConfig()
     cfg = replace(cfg, **{k: v for k, v in (("steps", args.steps), ("threads", args.threads)) if v is not None})
+    cfg = replace(cfg, tokenizer=args.tokenizer)
     if args.reference:
         cfg = replace(cfg, tc_share=0.0)
     data_cfg = data_config(args.data_root, args.tiny)
@@ -285,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         if not card_path.is_file():
             raise SystemExit(f"{card_path} not found: build the main base first (without --reference)")
         card = json.loads(card_path.read_text())
-        if (model_dir / "tokenizer.model").read_bytes() != (args.out / "tokenizer.model").read_bytes():
+        tokenizer_file = "tokenizer.json" if cfg.tokenizer == "byte_level" else "tokenizer.model"
+        if (model_dir / tokenizer_file).read_bytes() != (args.out / tokenizer_file).read_bytes():
             raise SystemExit("the reference's tokenizer differs from the shipped one: settings differ")
         card["reference"] = {
             "steps": stats["steps"],
@@ -301,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg = json.loads((model_dir / "config.json").read_text())
     tokens = stats["tokens"]
     card = {
+        "name": args.out.name,
         "architecture": {
             "class": "LlamaForCausalLM",
             "parameters": stats["parameters"],

@@ -14,7 +14,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from bailong.tokenization import TokenizerConfigError
-from bailong.tokenization.byte_level import extend_byte_level, has_cjk_lead_byte, token_bytes, whole_text
+from bailong.tokenization.byte_level import (
+    extend_byte_level,
+    has_cjk_lead_byte,
+    kept_merges,
+    learned_merges,
+    token_bytes,
+    whole_text,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDED = 300
@@ -142,6 +149,18 @@ def test_the_base_is_not_modified_and_zero_adds_nothing(base_spec):
     before = json.dumps(base_spec)
     spec, added = extend_byte_level(base_spec, ["臺灣"], 0)
     assert added == [] and json.dumps(spec) == before == json.dumps(base_spec)
+
+
+def test_the_search_grows_until_enough_merges_pass_and_a_short_supply_is_refused(base_spec):
+    """Many learned merges are base tokens or not CJK: a search of ``added_vocab`` merges (factor 1) keeps fewer, so
+    it grows; a text that holds fewer new merges than asked is refused with what it can supply."""
+    texts = lines("zh_tw/poetry_tang.jsonl.gz", 0, 400)
+    first = kept_merges(learned_merges(base_spec, texts, 256 + 100), base_spec["model"]["vocab"], 100)
+    assert len(first) < 100  # the first search alone is short
+    _, added = extend_byte_level(base_spec, texts, 100, search_factor=1)
+    assert len(added) == 100
+    with pytest.raises(TokenizerConfigError, match=r"added_vocab=50 is larger than the TC corpus can supply.*1\.\.\d"):
+        extend_byte_level(base_spec, ["臺灣高雄"] * 3, 50)
 
 
 def test_unsupported_tokenizers_are_refused_by_name(base_spec):

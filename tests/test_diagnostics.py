@@ -66,3 +66,30 @@ def test_byte_fallback_and_unused_pieces_on_the_mini_base():
     assert byte_fallback_rate(tok, [rare]) == pytest.approx(4 / len(ids))
     report = tokenizer_report(tok, tok, len(tok) - 0, {"tc": ["春眠不覺曉"], "en": ["the fox"], "test_tc": []})
     assert set(report) == {f"tokenizer/{lang}_byte_fallback_rate{s}" for lang in ("tc", "en") for s in ("", "_base")}
+
+
+def test_byte_level_vocabularies_count_the_tokens_that_are_not_whole_characters():
+    """A byte-level BPE vocabulary has no ``<0x..>`` pieces: its rate counts tokens whose bytes are not whole UTF-8
+    characters, so a character it holds counts 0 and one it does not counts its bytes."""
+    import gzip
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    with gzip.open(ROOT / "data" / "en" / "kjv.jsonl.gz", "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(500), f)]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+    )
+    backend.train_from_iterator(texts + ["春", "眠"] * 1000, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    assert tok.convert_tokens_to_ids(tok.tokenize("春")) and len(tok.tokenize("春")) == 1  # learned whole
+    assert byte_fallback_rate(tok, ["In the beginning God created the heaven"]) == 0.0
+    assert byte_fallback_rate(tok, ["春眠"]) == 0.0
+    rare = "𠀀"  # 4 bytes no merge joins: 4 partial tokens
+    assert len(tok.tokenize(rare)) == 4 and byte_fallback_rate(tok, [rare]) == 1.0
+    assert byte_fallback_rate(tok, ["春" + rare]) == pytest.approx(4 / 5)

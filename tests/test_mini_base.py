@@ -28,11 +28,15 @@ from bailong.model.mini_base import (
     MiniBaseConfig,
     PackedRows,
     build_mini_base,
+    byte_level_layout,
+    cjk_merges,
     is_han,
     lr_at,
+    most_frequent_chars,
     tokenizer_layout,
     train_tokenizer,
 )
+from bailong.tokenization.byte_level import has_cjk_lead_byte, token_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "mini-base"
@@ -172,6 +176,57 @@ def test_too_few_han_characters_is_a_clear_error(docs):
         train_tokenizer(docs["en"], ["天地"], TINY)
 
 
+def test_byte_level_tiny_build_is_laid_out_as_llama3(docs, tmp_path):
+    """tokenizer="byte_level" (models/mini-base-bbpe): tokenizer.json only, the 256 byte tokens first, English
+    merges, then the merges spelling the frequent CJK characters (English splits as the English merges alone
+    split it), BOS/EOS after the vocabulary, BOS added by the post-processor and used by the model config."""
+    from tokenizers import Tokenizer
+
+    cfg = replace(TINY, tokenizer="byte_level")
+    build_mini_base(cfg, docs["en"], docs["tc"], tmp_path, log_path=tmp_path / "build.log")
+    assert not (tmp_path / "tokenizer.model").exists()
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    layout = byte_level_layout(Tokenizer.from_file(str(tmp_path / "tokenizer.json")))
+    assert (layout["tokens"], layout["byte_tokens"], layout["han_tokens"], layout["cjk_punct_tokens"]) == (
+        600,
+        256,
+        40,
+        4,
+    )
+    assert len(tok) == 600 and (tok.bos_token_id, tok.eos_token_id) == (598, 599)
+    assert tok.convert_ids_to_tokens([598, 599]) == ["<|begin_of_text|>", "<|end_of_text|>"]
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.vocab_size) == (598, 599, 600)
+    # English alone: the tokenizer without its CJK merges splits English the same way
+    cjk_merges = [m for m in spec["model"]["merges"] if has_cjk_lead_byte("".join(m))]
+    assert len(cjk_merges) >= 44  # each character's last merge at least
+    english = json.loads(json.dumps(spec))
+    english["model"]["merges"] = [m for m in spec["model"]["merges"] if m not in cjk_merges]
+    english_only = Tokenizer.from_str(json.dumps(english))
+    for text in docs["en"][:50] + ["Call 0912-345-678 before 2025, naïve résumé"]:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == 598 and ids[1:] == english_only.encode(text, add_special_tokens=False).ids
+    frequent = most_frequent_chars(docs["tc"], is_han, 40)
+    for char in frequent:
+        assert len(tok(char, add_special_tokens=False)["input_ids"]) == 1, char
+    rare = "鑶"
+    assert len(tok(rare, add_special_tokens=False)["input_ids"]) >= 2
+    for text in docs["tc"][:20] + [rare + "\n" + frequent[0]]:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_byte_level_merges_spell_each_character_from_its_bytes():
+    merges = cjk_merges(["中", "丰"], set())  # E4 B8 AD, E4 B8 B0: the two-byte prefix is shared
+    assert [token_bytes(left) + token_bytes(right) for left, right in merges] == [
+        b"\xe4\xb8",
+        "中".encode(),
+        "丰".encode(),
+    ]
+    with pytest.raises(ValueError, match="tokenizer='wordpiece'"):
+        replace(TINY, tokenizer="wordpiece")
+
+
 def test_packed_rows_cover_the_stream_in_seeded_order():
     docs = [torch.arange(i * 10, i * 10 + 7).numpy() for i in range(5)]
     a = PackedRows(docs, seq_len=4, seed=3).take(6)
@@ -258,7 +313,7 @@ def test_build_script_tiny_writes_a_loadable_base_and_card(tmp_path):
         assert set(card["eval"][split]) >= {"en", "tc", "en/kjv", "tc/poetry_tang"}
         assert card["eval"][split]["tc"]["unigram_bpc"] > 0 and card["eval"][split]["en"]["bpc"] > 0
     readme = (out / "README.md").read_text()
-    assert "| **tc** |" in readme and "| mini-base dev | mini-base test | unigram dev | unigram test |" in readme
+    assert "| **tc** |" in readme and "| mb dev | mb test | unigram dev | unigram test |" in readme
     assert "the `train` split of `conf/data/pretrain_tc.yaml`" in readme
     assert (logs / "main.log").is_file()
 
@@ -289,6 +344,30 @@ def test_shipped_base_matches_its_card():
     assert test["tc"]["bpc"] < test["tc"]["unigram_bpc"] - 1.0
     if "reference" in card:
         assert test["en"]["bpc"] < card["reference"]["eval"]["test"]["en"]["bpc"] + 0.25
+
+
+SHIPPED_BBPE = ROOT / "models" / "mini-base-bbpe"
+
+
+def test_shipped_byte_level_base_matches_its_card():
+    """models/mini-base-bbpe: the card's sizes and tokenizer layout, the same model shape as models/mini-base, and
+    what its card promises (Chinese well below the unigram)."""
+    from tokenizers import Tokenizer
+
+    card = json.loads((SHIPPED_BBPE / "card.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED_BBPE))
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED_BBPE))
+    assert not (SHIPPED_BBPE / "tokenizer.model").exists() and card["training"]["tokenizer"] == "byte_level"
+    assert sum(p.numel() for p in model.parameters()) == card["architecture"]["parameters"]
+    assert byte_level_layout(Tokenizer.from_file(str(SHIPPED_BBPE / "tokenizer.json"))) == card["tokenizer"]
+    assert len(tok) == model.config.vocab_size == 5000
+    assert (
+        (tok.bos_token_id, tok.eos_token_id) == (model.config.bos_token_id, model.config.eos_token_id) == (4998, 4999)
+    )
+    sp_card = json.loads((SHIPPED / "card.json").read_text())
+    assert card["architecture"] == sp_card["architecture"]  # the same model; only the tokenizer differs
+    test = card["eval"]["test"]
+    assert test["tc"]["bpc"] < test["tc"]["unigram_bpc"] - 1.0
 
 
 @pytest.mark.slow

@@ -221,3 +221,13 @@ def test_characters_per_step_are_the_characters_of_the_rows_a_step_trains_on(tok
             read[lang] += len(tokenizer.decode(dm.stream.rows[lang][row], skip_special_tokens=True))
         for lang in ("tc", "en"):
             assert per_step[f"train/{lang}_chars_per_step"] * steps == pytest.approx(read[lang], rel=0.005), lang
+
+
+def test_document_start_is_bos_or_else_eos_and_a_tokenizer_without_eos_is_refused():
+    """Qwen 2.5's layout has no BOS: a document starts after EOS; without EOS nothing can be packed."""
+    from types import SimpleNamespace
+
+    assert special_token_ids(SimpleNamespace(bos_token_id=1, eos_token_id=2)) == (1, 2)
+    assert special_token_ids(SimpleNamespace(bos_token_id=None, eos_token_id=151643)) == (151643, 151643)
+    with pytest.raises(ValueError, match="packing needs an EOS token"):
+        special_token_ids(SimpleNamespace(bos_token_id=1, eos_token_id=None))

@@ -152,6 +152,32 @@ def test_bad_config_value_fails_before_heavy_work(tmp_path):
     assert not (tmp_path / "bad" / "metrics.json").exists()
 
 
+@pytest.mark.slow  # a second smoke run, about 40 s
+def test_the_byte_level_mini_base_runs_the_whole_pipeline(tmp_path):
+    """model=mini_bbpe (models/mini-base-bbpe, Llama 3's tokenizer layout): the same smoke run extends it with new
+    tokens and merges, keeps English tokens exactly, and trains, scores and saves as on the SentencePiece base."""
+    from bailong.model.adapter import load_adapter
+    from bailong.stages import run
+
+    cfg = compose_config([*SMOKE, "model=mini_bbpe"], output_dir=tmp_path)
+    metrics = run(cfg)
+    missing = [k for k in REQUIRED_KEYS if k not in metrics]
+    assert not missing, missing
+    assert metrics["tokenizer/added"] == cfg.tokenizer.added_vocab and metrics["tokenizer/vocab_size"] == 5000 + 8000
+    assert metrics["tokenizer/en_tokens_per_char"] == metrics["tokenizer/en_tokens_per_char_base"]
+    assert metrics["tokenizer/tc_tokens_per_char"] < 0.8 * metrics["tokenizer/tc_tokens_per_char_base"]
+    # byte-level: the share of TC tokens that are partial characters falls; English has none
+    assert metrics["tokenizer/tc_byte_fallback_rate"] < metrics["tokenizer/tc_byte_fallback_rate_base"]
+    assert metrics["tokenizer/en_byte_fallback_rate_base"] == metrics["tokenizer/en_byte_fallback_rate"] == 0
+    assert metrics["final/tc_bpc"] < metrics["step0/tc_bpc"]
+    model, tok = load_adapter(tmp_path / "adapter")
+    assert (
+        len(tok) == 13000
+        and tok.bos_token == "<|begin_of_text|>"
+        and not (tmp_path / "adapter" / "tokenizer.model").exists()
+    )
+
+
 @pytest.mark.slow
 def curve(run_dir) -> list[dict]:
     """The learning curve of ``csv/metrics.csv``: each row's step, loss, bits/char and learning rates (not the

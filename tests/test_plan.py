@@ -179,6 +179,32 @@ def test_cli_composes_the_recipe_and_prints_json(capsys):
     assert "24GB: WARNING: does not fit" in text and "80GB: WARNING: does not fit" in text
 
 
+@pytest.mark.parametrize(
+    "experiment, shapes, vocab, added",
+    [
+        ("bailong_llama3_8b", "4096h x 32 layers", 128256, 10000),
+        ("bailong_qwen2_5_7b", "3584h x 28 layers", 152064, 4000),
+        ("bailong_mistral_7b", "4096h x 32 layers", 32000, 27241),
+    ],
+)
+def test_the_other_bases_recipes_are_the_papers_with_their_own_model_and_plan_offline(
+    experiment, shapes, vocab, added, capsys, monkeypatch
+):
+    """Each recipe is a delta over experiment=bailong_7b: its model and added vocabulary, the rest inherited; the
+    planner knows each base's shapes without the network (grouped-query attention: 8 or 4 KV heads)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg, paper = compose_config([f"experiment={experiment}"]), compose_config(["experiment=bailong_7b"])
+    assert cfg.tokenizer.added_vocab == added and cfg.task_name == experiment
+    assert (cfg.lora, cfg.train, cfg.data.seq_len, cfg.quant) == (paper.lora, paper.train, 2048, paper.quant)
+    main([f"experiment={experiment}", "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["setup"]["vocab"] == vocab + added and plan["fits"]["24GB"]
+    main([f"experiment={experiment}"])
+    assert f"{shapes}, vocab {vocab + added}" in capsys.readouterr().out
+    arch = architecture(cfg.model)
+    assert arch.kv_heads == (4 if "qwen" in experiment else 8) and not arch.tied
+
+
 def test_cli_reads_a_local_base_without_loading_it(capsys):
     main(["experiment=smoke"])
     out = capsys.readouterr().out

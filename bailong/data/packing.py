@@ -20,14 +20,17 @@ TOKENIZE_BATCH_DOCS = 1024  # documents per fast-tokenizer call: large enough fo
 
 
 def special_token_ids(tokenizer: Any) -> tuple[int, int]:
-    """(BOS id, EOS id); packing and scoring both need them explicitly."""
+    """(document-start id, EOS id); packing and scoring both need them explicitly. The start is BOS; a tokenizer
+    without one (Qwen 2.5: only ``<|endoftext|>``, the separator its pre-training put between documents) starts a
+    document after its EOS instead, so every document is still scored from the same first context token."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or eos is None:
+    if eos is None:
         raise ValueError(
-            f"tokenizer {type(tokenizer).__name__} has bos_token_id={bos}, eos_token_id={eos}; "
-            "packing needs both (a Llama-style SentencePiece tokenizer has <s>=1 and </s>=2)"
+            f"tokenizer {type(tokenizer).__name__} has bos_token_id={bos}, eos_token_id={eos}; packing needs an EOS "
+            "token (a Llama-style SentencePiece tokenizer has <s>=1 and </s>=2, Llama 3 <|begin_of_text|> and "
+            "<|end_of_text|>, Qwen only <|endoftext|>)"
         )
-    return int(bos), int(eos)
+    return int(eos if bos is None else bos), int(eos)
 
 
 def encode_in_batches(

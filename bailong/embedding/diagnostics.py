@@ -7,17 +7,22 @@ hide that. ``row_report`` gives, per appended token: its piece, occurrences in t
 consumed, and the relative change ``|final - init| / |init|`` of its embedding and head rows; ``row_metrics``
 sums it up by frequency bucket, with the rank correlation of movement and frequency. ``tokenizer_report``: the
 share of held-out tokens that are byte-fallback pieces (``<0x..>``) under the base and the extended tokenizer,
-and the appended pieces held-out text never uses.
+and the appended pieces held-out text never uses. A byte-level BPE vocabulary (Llama 3, Qwen) has no such pieces:
+every token is bytes, so its rate counts the tokens whose bytes are not whole UTF-8 characters (a lone byte, or
+a merge that ends mid-character): the characters the vocabulary could only spell in parts.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from bailong.tokenization.byte_level import is_byte_level_bpe, whole_text
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # occurrences in the consumed training batches: never, rare (under-trained), some, frequent
@@ -145,13 +150,25 @@ def _ids(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     return [i for row in tokenizer(list(texts), add_special_tokens=False)["input_ids"] for i in row]
 
 
+def byte_piece_ids(tokenizer: Any) -> set[int]:
+    """The ids that stand for part of a character: ``<0x..>`` byte-fallback pieces, or in a byte-level BPE
+    vocabulary the tokens whose bytes are not whole UTF-8 characters (special tokens excluded)."""
+    vocab = tokenizer.get_vocab()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and is_byte_level_bpe(json.loads(backend.to_str())):
+        special = set(getattr(tokenizer, "all_special_ids", ()))
+        return {i for token, i in vocab.items() if i not in special and not whole_text(token)}
+    return {i for piece, i in vocab.items() if BYTE_PIECE.fullmatch(piece)}
+
+
 def _byte_share(tokenizer: Any, ids: list[int]) -> float:
-    byte_ids = {i for piece, i in tokenizer.get_vocab().items() if BYTE_PIECE.fullmatch(piece)}
+    byte_ids = byte_piece_ids(tokenizer)
     return sum(i in byte_ids for i in ids) / len(ids) if ids else 0.0
 
 
 def byte_fallback_rate(tokenizer: Any, texts: Sequence[str]) -> float:
-    """The share of the tokens of ``texts`` that are byte-fallback pieces (``<0x..>``)."""
+    """The share of the tokens of ``texts`` that are byte-fallback pieces (``<0x..>``), or for a byte-level BPE
+    tokenizer the tokens that are not whole characters (``byte_piece_ids``)."""
     return _byte_share(tokenizer, _ids(tokenizer, texts))
 
 

@@ -4,6 +4,8 @@ It stands in for Llama 2 7B where no weights can be downloaded. Like Llama 2 it 
 SentencePiece BPE tokenizer made of English pieces plus a few hundred frequent Han characters, and it
 is pre-trained on mostly English text with a minority of Traditional Chinese (models/mini-base/README.md:
 a base that saw Chinese only as bytes leaves nothing for the init strategies to transfer).
+``tokenizer="byte_level"`` builds the stand-in for Llama 3 / Qwen 2.5 instead (models/mini-base-bbpe): the same
+model and training with a byte-level BPE tokenizer laid out as Llama 3's.
 
 Read top to bottom: tokenizer -> model config -> packed batches -> training loop -> save.
 ``build_mini_base`` runs them all. Everything is seeded and single-process, so the same torch
@@ -28,9 +30,27 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedTokenizerBase
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
-BOS_ID, EOS_ID = 1, 2
+from bailong.tokenization.byte_level import BYTES, token_bytes, whole_text
+
+BOS_ID, EOS_ID = 1, 2  # the SentencePiece layout's (Llama 2); the byte-level layout's come after its vocabulary
+TOKENIZER_KINDS = ("sentencepiece", "byte_level")
+# Llama 3's tokenizer.json: its pre-tokenizer pattern (English contractions, letters, digits in runs of 1-3, ...),
+# then ByteLevel without its own regex; BOS/EOS are special tokens after the vocabulary
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+BYTE_LEVEL_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>")
 
 
 @dataclass
@@ -39,7 +59,9 @@ class MiniBaseConfig:
 
     seed: int = 0
     threads: int = 2  # bit-for-bit rebuilds need the same thread count (and torch version)
-    # tokenizer: vocab_size counts everything (3 specials + 256 bytes + English BPE + added CJK)
+    # tokenizer: vocab_size counts everything (sentencepiece: 3 specials + 256 bytes + English BPE + added CJK;
+    # byte_level: 256 bytes + English merges + the merges spelling the CJK characters + 2 specials)
+    tokenizer: str = "sentencepiece"
     vocab_size: int = 5000
     han_pieces: int = 600  # Llama 2's 32,000 pieces hold about 700 Han characters
     cjk_punct_pieces: int = 16  # frequent fullwidth punctuation (，。「」...), also in Llama 2's vocab
@@ -62,6 +84,10 @@ class MiniBaseConfig:
     bf16_autocast: bool = True  # fastest on CPUs with AVX512-BF16 (measured on this project's build machines)
     log_every: int = 10
     eval_every: int = 100  # loss on a few fixed held-out rows per language, for the log only
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(f"tokenizer={self.tokenizer!r}: expected one of {', '.join(TOKENIZER_KINDS)}")
 
     @property
     def tc_rows(self) -> int:
@@ -165,10 +191,100 @@ def tokenizer_layout(sp: spm.SentencePieceProcessor) -> dict:
     }
 
 
+def cjk_merges(chars: Sequence[str], known: set[str]) -> list[tuple[str, str]]:
+    """The merges that build each of ``chars`` from its UTF-8 bytes, left to right (byte-level tokens), skipping
+    the tokens already ``known``: ``中`` = E4 B8 AD takes ``(E4, B8)`` then ``(E4B8, AD)``, as a byte-level BPE
+    trained on Chinese builds its characters (the two-byte prefixes are tokens too, shared by many characters)."""
+    alphabet = {b: ch for ch, b in BYTES.items()}
+    merges: list[tuple[str, str]] = []
+    known = set(known)
+    for char in chars:
+        pieces = [alphabet[b] for b in char.encode("utf-8")]
+        token = pieces[0]
+        for piece in pieces[1:]:
+            if token + piece not in known:
+                merges.append((token, piece))
+                known.add(token + piece)
+            token += piece
+    return merges
+
+
+def train_byte_level_tokenizer(en_texts: Sequence[str], tc_texts: Sequence[str], cfg: MiniBaseConfig) -> Tokenizer:
+    """A byte-level BPE laid out as Llama 3's: its pre-tokenizer pattern then ByteLevel, ``ignore_merges``, the 256
+    byte tokens and English merges, then the merges spelling the most frequent CJK characters of the TC text (the
+    same characters as the SentencePiece layout's Han and punctuation pieces), then BOS and EOS as special tokens.
+
+    The English merges are learned on English only, so they are English; the CJK merges rank after them and
+    join only bytes of those characters, so English splits as the English BPE alone would. Chinese outside those
+    characters is spelled in byte tokens (what Llama 3 does with rare characters).
+    """
+    chars = most_frequent_chars(tc_texts, is_han, cfg.han_pieces) + most_frequent_chars(
+        tc_texts, is_cjk_punct, cfg.cjk_punct_pieces
+    )
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    cjk = cjk_merges(chars, set())
+    english = Tokenizer(models.BPE())
+    english.pre_tokenizer = pre_tokenizer
+    english.train_from_iterator(
+        _sentences(en_texts),
+        trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size - len(cjk) - len(BYTE_LEVEL_SPECIALS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    spec = json.loads(english.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    merges = spec["model"]["merges"]
+    for left, right in cjk_merges(chars, set(vocab)):
+        vocab[left + right] = len(vocab)
+        merges.append([left, right])
+    spec["model"]["ignore_merges"] = True
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(BYTE_LEVEL_SPECIALS))
+    bos = BYTE_LEVEL_SPECIALS[0]
+    # Llama 3 adds BOS, not EOS
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
+    if tokenizer.get_vocab_size() != cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, expected {cfg.vocab_size}")
+    return tokenizer
+
+
+def byte_level_layout(tokenizer: Tokenizer) -> dict:
+    """Counts for the model card, and the Llama 3 layout check (the 256 byte tokens first, specials last)."""
+    vocab = sorted(tokenizer.get_vocab(with_added_tokens=False).items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    if sorted(token_bytes(t) for t in tokens[:256]) != [bytes([b]) for b in range(256)]:
+        raise ValueError("tokenizer is not laid out as Llama 3's (the 256 byte tokens first)")
+    specials = [tokenizer.id_to_token(len(tokens) + i) for i in range(len(BYTE_LEVEL_SPECIALS))]
+    if specials != list(BYTE_LEVEL_SPECIALS):
+        raise ValueError(
+            f"tokenizer's special tokens after the vocabulary are {specials}, expected {BYTE_LEVEL_SPECIALS}"
+        )
+    texts = [whole_text(t) for t in tokens]
+    return {
+        "tokens": len(tokens) + len(specials),
+        "byte_tokens": 256,
+        "merges": len(tokens) - 256,
+        "han_tokens": sum(len(t) == 1 and is_han(t) for t in texts),
+        "cjk_punct_tokens": sum(len(t) == 1 and is_cjk_punct(t) for t in texts),
+        "partial_character_tokens": sum(not t for t in texts),  # bytes that are not whole UTF-8 characters
+        "special_tokens": len(specials),
+    }
+
+
 # ---------------------------------------------------------------- model
 
 
-def llama_config(cfg: MiniBaseConfig) -> LlamaConfig:
+def llama_config(cfg: MiniBaseConfig, bos_id: int = BOS_ID, eos_id: int = EOS_ID) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -180,8 +296,8 @@ def llama_config(cfg: MiniBaseConfig) -> LlamaConfig:
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=False,  # as Llama 2
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
         pad_token_id=None,
     )
 
@@ -197,7 +313,8 @@ def encode_documents(tokenizer: PreTrainedTokenizerBase, docs: Sequence[str]) ->
     does not add the dummy-prefix space there).
     """
     ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
-    return [np.array([BOS_ID, *doc, EOS_ID], dtype=np.int64) for doc in ids]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return [np.array([bos, *doc, eos], dtype=np.int64) for doc in ids]
 
 
 class PackedRows:
@@ -329,6 +446,17 @@ def save_tokenizer(sp_model: bytes, out_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(out_dir))
 
 
+def save_byte_level_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> PreTrainedTokenizerBase:
+    """tokenizer.json and tokenizer_config.json as Llama 3 ships them (no tokenizer.model: a byte-level base has
+    none), loaded back by AutoTokenizer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (*TOKENIZER_FILES, "tokenizer.model"):
+        (out_dir / stale).unlink(missing_ok=True)
+    bos, eos = BYTE_LEVEL_SPECIALS
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos).save_pretrained(str(out_dir))
+    return AutoTokenizer.from_pretrained(str(out_dir))
+
+
 def save_model(model: LlamaForCausalLM, out_dir: Path) -> None:
     """Weights stored in bf16 (a few MB); config.dtype float32 so from_pretrained upcasts exactly."""
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(str(out_dir))
@@ -365,10 +493,15 @@ def build_mini_base(
 
     torch.set_num_threads(cfg.threads)
     log(f"config {json.dumps(asdict(cfg))}")
-    sp_model = train_tokenizer(en_docs, tc_docs, cfg)
-    layout = tokenizer_layout(spm.SentencePieceProcessor(model_proto=sp_model))
+    if cfg.tokenizer == "byte_level":
+        bpe = train_byte_level_tokenizer(en_docs, tc_docs, cfg)
+        layout = byte_level_layout(bpe)
+        tokenizer = save_byte_level_tokenizer(bpe, out_dir)
+    else:
+        sp_model = train_tokenizer(en_docs, tc_docs, cfg)
+        layout = tokenizer_layout(spm.SentencePieceProcessor(model_proto=sp_model))
+        tokenizer = save_tokenizer(sp_model, out_dir)
     log(f"tokenizer {layout}")
-    tokenizer = save_tokenizer(sp_model, out_dir)
 
     en = PackedRows(encode_documents(tokenizer, en_docs), cfg.seq_len, seed=cfg.seed)
     tc = PackedRows(encode_documents(tokenizer, tc_docs), cfg.seq_len, seed=cfg.seed + 1) if cfg.tc_share > 0 else None
@@ -378,7 +511,7 @@ def build_mini_base(
             rows = PackedRows(encode_documents(tokenizer, docs), cfg.seq_len, seed=0).take(4)
             held_out[name] = torch.from_numpy(rows)
     torch.manual_seed(cfg.seed)  # the weight init is the only torch randomness
-    model = LlamaForCausalLM(llama_config(cfg))
+    model = LlamaForCausalLM(llama_config(cfg, tokenizer.bos_token_id, tokenizer.eos_token_id))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model parameters {n_params:,}")
     stats = train(model, en, tc, cfg, log, held_out)

@@ -121,28 +121,49 @@ def learned_merges(spec: dict, texts: Iterable[str], vocab_size: int) -> list[tu
     return [_merge_pair(m) for m in json.loads(learner.to_str())["model"]["merges"]]
 
 
+def kept_merges(learned: Iterable[tuple[str, str]], vocab: Iterable[str], limit: int) -> list[tuple[str, str]]:
+    """The first ``limit`` of ``learned`` that pass the rules of the module docstring, in order."""
+    known = set(vocab)
+    kept: list[tuple[str, str]] = []
+    for left, right in learned:
+        token = left + right
+        if token in known or left not in known or right not in known or not has_cjk_lead_byte(token):
+            continue
+        kept.append((left, right))
+        known.add(token)
+        if len(kept) == limit:
+            break
+    return kept
+
+
 def extend_byte_level(
     spec: dict, tc_texts: list[str], added_vocab: int, *, source: str = "tokenizer.json", search_factor: int = 4
 ) -> tuple[dict, list[str]]:
     """``(extended tokenizer.json as a dict, the added tokens in id order)``; see the module docstring.
 
-    ``search_factor``: the learner's vocabulary is ``search_factor * added_vocab`` merges beyond its alphabet, of
-    which those that pass the rules are kept (many are base tokens already)."""
+    ``search_factor``: the learner's vocabulary is first ``search_factor * added_vocab`` merges beyond its alphabet,
+    of which those that pass the rules are kept (many are base tokens already: a base that holds much Chinese, as
+    Qwen's does, keeps few); while too few pass, the search grows fourfold until the text has no more merges to
+    learn, and then ``added_vocab`` is refused as more than the text can supply."""
     check_byte_level_bpe(spec, source)
     spec = json.loads(json.dumps(spec))  # a copy: the caller's base stays as it was
     model = spec["model"]
     vocab: dict[str, int] = model["vocab"]
-    known = set(vocab)
     added: list[tuple[str, str]] = []
     if added_vocab > 0:
-        for left, right in learned_merges(spec, tc_texts, 256 + search_factor * added_vocab):
-            token = left + right
-            if token in known or left not in known or right not in known or not has_cjk_lead_byte(token):
-                continue
-            added.append((left, right))
-            known.add(token)
-            if len(added) == added_vocab:
+        search = search_factor * added_vocab
+        while True:
+            learned = learned_merges(spec, tc_texts, 256 + search)
+            added = kept_merges(learned, vocab, added_vocab)
+            if len(added) == added_vocab or len(learned) < search:  # enough, or every merge the text has
                 break
+            search *= 4
+        if len(added) < added_vocab:
+            raise TokenizerConfigError(
+                f"tokenizer.added_vocab={added_vocab} is larger than the TC corpus can supply to {source}: of the "
+                f"{len(learned)} merges it holds, {len(added)} make tokens the base lacks. Valid: 0 (no extension) "
+                f"or 1..{len(added)}; or use a larger corpus."
+            )
     if not added:
         return spec, []
     # Special tokens that sit after the vocabulary only as added tokens (Llama 3's 256, Qwen's) become vocabulary
@@ -170,6 +191,7 @@ __all__ = [
     "extend_byte_level",
     "has_cjk_lead_byte",
     "is_byte_level_bpe",
+    "kept_merges",
     "token_bytes",
     "whole_text",
 ]
