@@ -191,7 +191,7 @@ def test_a_key_added_with_plus_that_nothing_reads_is_refused(make_config, tmp_pa
         ConfigError,
         match=r"lora\.rank: lora has no key 'rank'; it was added with \+lora\.rank=\.\.\., "
         r"and nothing reads it .* lora's keys: alpha, dropout, embeddings, r, "
-        r"target_modules",
+        r"shared_dropout_mask, target_modules",
     ):
         check_config(make_config(["+lora.rank=8"], tmp_path))
     with pytest.raises(ConfigError, match=r"data\.seqlen: data has no key 'seqlen'.*; did you mean data\.seq_len\?"):
