@@ -567,3 +567,82 @@ def test_distill_lowers_its_loss_and_leaves_the_model_frozen(output_loss, base_m
     assert not np.allclose(embed, new_rows(start, num_base)[0])
     # output rows are learnt only with an output loss
     assert np.array_equal(head, new_rows(start, num_base)[1]) == (output_loss == "none")
+
+
+# ------------------------------------------------------------------------------------------------
+# a byte-level BPE base (models/mini-base-bbpe's tokenizer, Llama 3's layout): new tokens and their merges
+
+
+def bpe_spelling(merges: list[tuple[str, str]], token: str) -> list[str]:
+    """A byte-level token's spelling by ``merges`` (the base's, in rank order): start from its single bytes and
+    apply the lowest-ranked merge present until none is, as BPE defines it."""
+    rank = {pair: i for i, pair in enumerate(merges)}
+    parts = list(token)
+    while len(parts) > 1:
+        pairs = [(rank.get((a, b)), i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if (a, b) in rank]
+        if not pairs:
+            break
+        _, i = min(pairs)
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+@pytest.fixture(scope="module")
+def bbpe_tokenizers(tmp_path_factory, texts):
+    """(base, extended, added tokens): the byte-level mini base's tokenizer and 200 merges appended on TC text."""
+    from bailong.tokenization import extend_tokenizer, load_tokenizer
+
+    base_dir = ROOT / "models" / "mini-base-bbpe"
+    result = extend_tokenizer(base_dir, texts["tc"], 200, tmp_path_factory.mktemp("bbpe_cache"))
+    base, extended = load_tokenizer(base_dir), load_tokenizer(result.path)
+    return base, extended, extended.convert_ids_to_tokens(list(range(len(base), len(extended))))
+
+
+@pytest.fixture(scope="module")
+def bbpe_model(bbpe_tokenizers):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(bbpe_tokenizers[0]),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"name": "subword_mean"},
+        {"name": "zip_tie", "input_rule": "first", "output_rule": "last"},
+        {"name": "zip_tie", "input_rule": "weighted_last", "output_rule": "mean"},
+    ],
+    ids=["subword_mean", "zip_tie-first-last", "zip_tie-weighted_last-mean"],
+)
+def test_byte_level_new_rows_follow_their_definitions(cfg, bbpe_model, bbpe_tokenizers):
+    """On a byte-level base a new token is spelled by what the base's merges make of its bytes (recomputed here
+    from the merge ranks), and each strategy composes those rows as on a SentencePiece base."""
+    base, _, added = bbpe_tokenizers
+    num_base = len(base)
+    spec = json.loads(base.backend_tokenizer.to_str())
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in spec["model"]["merges"]]
+    vocab = base.get_vocab()
+    model, _ = run(bbpe_model, bbpe_tokenizers, cfg)
+    old_embed, old_head = old_rows(bbpe_model, num_base)
+    embed, head = new_rows(model, num_base)
+    several = multi_byte = 0
+    for i, token in enumerate(added):
+        parts = bpe_spelling(merges, token)
+        spelled = [vocab[p] for p in parts]
+        several += len(spelled) > 1
+        multi_byte += any(len(p) > 1 for p in parts)
+        k = len(spelled)
+        rules = ("mean", "mean") if cfg["name"] == "subword_mean" else (cfg["input_rule"], cfg["output_rule"])
+        np.testing.assert_allclose(embed[i], weights(k, rules[0]) @ old_embed[spelled], atol=1e-6)
+        np.testing.assert_allclose(head[i], weights(k, rules[1]) @ old_head[spelled], atol=1e-6)
+    assert several == len(added)  # every new token joins at least two base tokens
+    assert multi_byte, "no spelling used a base merge: the test would not tell merges from bytes"
