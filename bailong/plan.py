@@ -21,7 +21,7 @@ Llama, trained through ``bailong.train.loss.causal_lm_loss``), term by term, so 
   hidden-state gradient, the fp32 gradient of the trained head rows and its per-chunk product, one chunk of
   ``TRAIN_LOGIT_BUDGET`` logits;
 * backward: the loss's saved gradients turned into parameter gradients, one recomputed layer under
-  checkpointing, and at the end the embedding's dense gradient beside every parameter gradient;
+  checkpointing, and at the end the gradient of the embedded positions beside every parameter gradient;
 * optimizer step: every parameter gradient (torch's fused AdamW and bitsandbytes' optimizers step in place);
 * GPU only: the CUDA context and allocator slack (``cuda_overhead``), excluded when compared with a CPU.
 
@@ -462,12 +462,13 @@ def phase_bytes(s: Setup) -> dict[str, dict[str, float]]:
             "loss_row_products": n_rows * h * (mm + 4) if mm != 4 else 0,
             "loss_chunk_temporaries": chunk * h * (mm + 4 + 4),  # the chunk's hidden states cast, its gradient
         }
-        # the loss node's backward scales its saved gradients into new tensors: the head rows' .grad
+        # the loss node's backward scales its saved gradients in place and hands them back; the head rows' .grad
+        # is a new tensor only where the rows are not float32
         phases["backward_loss"] = {
             **saved,
             **backward_copies,
             "loss_saved_gradients": t * h * res + n_rows * h * 4,
-            "loss_gradients": t * h * res + n_rows * h * pb,
+            "loss_gradients": n_rows * h * pb if pb != 4 else 0,
         }
     else:  # LoRA on lm_head: chunks under activation checkpointing, logits recomputed in backward
         phases["forward"] = {
@@ -487,11 +488,13 @@ def phase_bytes(s: Setup) -> dict[str, dict[str, float]]:
             "gradient_stream": 2 * t * h * res,
             "head_row_gradients": n_rows * h * pb,
         }
-    # last: the embedding's gradient, dense over every row, beside all other gradients (peft keeps its new rows)
+    # last: the embedding's gradient beside all other gradients. The loss looks the trained rows up apart from the
+    # frozen matrix (bailong.train.loss.input_embeddings), so only the gradient at the looked-up positions (in the
+    # residual dtype, and widened to the rows' float32) comes before the rows' own, with no dense one over the
+    # vocabulary (peft's merged lookup would add rows x hidden in model.dtype here)
     phases["backward_embedding"] = {
         "gradients": gradient_bytes(s),
-        # peft's merged embedding is in the base's dtype, and so is its gradient
-        "embedding_dense_gradient": s.rows * h * s.dtype_bytes if new_rows else 0,
+        "embedding_lookup_gradient": t * h * (res + 4) if new_rows else 0,
     }
     # torch's fused AdamW (bailong.train.pretrain.make_optimizer) and bitsandbytes' optimizers update each tensor in
     # place: nothing beside the gradients

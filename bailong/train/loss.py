@@ -81,10 +81,46 @@ def head_weights(head: torch.nn.Module) -> HeadWeights | None:
             return None
         ids = torch.tensor(head.token_indices[active[0]], device=base.weight.device)
         return HeadWeights(base.weight, head.trainable_tokens_delta[active[0]], ids)
-    if type(head) is torch.nn.Linear and head.bias is None:
+    if type(head) is torch.nn.Linear and head.bias is None or _plain_embedding(head):
         w = head.weight
         return HeadWeights(w.detach(), w, None) if w.requires_grad else HeadWeights(w, None, None)
     return None
+
+
+def _plain_embedding(module: torch.nn.Module) -> bool:
+    """An ``nn.Embedding`` whose lookup is ``weight[ids]`` and nothing more (no scale, norm clipping or sparsity)."""
+    return (
+        type(module) is torch.nn.Embedding
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+        and not module.sparse
+    )
+
+
+def input_embeddings(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """What the model's input embedding returns for ``input_ids`` when peft trains appended rows of it
+    (``lora.embeddings=new_rows``), or ``None`` for any other embedding (the decoder then embeds as usual).
+
+    Why: peft's forward writes the trainable rows into a copy of the whole matrix every step and looks the
+    ids up in that copy, so backward builds a gradient for every row of the vocabulary and keeps the new ones
+    (at 48k x 1,024, two 0.1-0.2 GB passes a step on top of the lookup; 59k x 4,096 at Llama-2's shape). Here
+    the frozen matrix and the trainable rows are looked up apart and the new ids take the rows' values: the
+    same numbers, and a gradient only for the rows."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embed = base.get_input_embeddings()
+    layer = getattr(embed, "token_adapter", embed)
+    if not isinstance(layer, TrainableTokensLayer) or layer._get_embed_scale() is not None:
+        return None
+    weights = head_weights(embed)
+    if weights is None or weights.rows is None or weights.ids is None or not _consecutive(weights.ids):
+        return None
+    first, n = int(weights.ids[0]), len(weights.ids)
+    frozen = F.embedding(input_ids, weights.weight)  # the new ids' own rows here are stale: replaced below
+    rows = F.embedding((input_ids - first).clamp(0, n - 1), weights.rows).to(frozen.dtype)  # as peft merges them
+    is_new = (input_ids >= first) & (input_ids < first + n)
+    return torch.where(is_new.unsqueeze(-1), rows, frozen)
 
 
 def matmul_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
@@ -173,13 +209,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                         target.add_(widened.copy_(torch.mm(columns.T, h, out=row_products)))
         ctx.save_for_backward(grad_hidden, grad_rows)
         ctx.rows_dtype = rows.dtype if rows is not None else None
+        ctx.scaled = False
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
+        # the saved gradients are this node's own: scaled in place, they become the gradients handed back (no
+        # second copy of either), so a second backward through the same graph would scale them twice
+        if ctx.scaled:
+            raise RuntimeError("the fused cross-entropy's backward ran twice on one graph (retain_graph=True)")
+        ctx.scaled = True
         grad_hidden, grad_rows = ctx.saved_tensors
-        grad_rows = None if grad_rows is None else (grad_rows * grad_total).to(ctx.rows_dtype)
-        return grad_hidden * grad_total, grad_rows, None, None, None, None, None
+        grad_rows = None if grad_rows is None else grad_rows.mul_(grad_total).to(ctx.rows_dtype)
+        return grad_hidden.mul_(grad_total), grad_rows, None, None, None, None, None
 
 
 def _chunk_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -203,8 +245,10 @@ def causal_lm_loss(
     transformers build a block-diagonal causal mask when ``attention_mask`` is None.
     """
     decoder, head = decoder_and_head(model)
+    embedded = input_embeddings(model, input_ids)
+    inputs = {"input_ids": input_ids} if embedded is None else {"inputs_embeds": embedded}
     hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        **inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     targets = labels[:, 1:].reshape(-1)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
