@@ -20,6 +20,11 @@ own subprocess so each side's peak memory is its own:
 - ``hf_liger`` (CUDA only, with ``liger-kernel`` installed): ``hf_packed`` with ``use_liger_kernel=True``, whose
   fused linear cross-entropy never builds the full logits either: the strongest baseline. Left out, with the
   reason in the JSON, where there is no GPU.
+- ``head_free``: bailong's step with the head and the loss costing nothing (the
+  loss is the mean of the decoder's output). What is left is the decoder, its backward and the optimizer, which
+  every side runs alike, so ``hf_packed`` over it bounds what any change to bailong's head and loss could reach;
+  ``head_at_ceiling`` adds the head's own FLOPs at the matmul rate of its dtype: the bound for a head whose matmuls
+  run at this machine's measured peak.
 
 ``--repeats`` runs the sides round-robin; each ratio is the median over repeats of the ratio within one round
 (paired: load from other processes hits both sides of a pair alike), and each side's figures are its median.
@@ -63,7 +68,7 @@ from common import (  # noqa: E402
     window_peak_rss_mib,
 )
 
-SIDES = ("bailong", "hf_packed", "hf_padded", "hf_liger")
+SIDES = ("bailong", "hf_packed", "hf_padded", "hf_liger", "head_free")
 BASELINE = "hf_packed"
 # each precision as the config asks for it: bf16 = autocast and the base's own weights in bfloat16 (activations in
 # bfloat16 end to end); fp32 = the run's default on the mini base
@@ -167,12 +172,20 @@ def build(model_name: str, work: Path, overrides: list[str]):
     return cfg, tok, splits, data, model
 
 
-def run_bailong(cfg, data, model, steps: int, work: Path) -> StepClock:
+def run_bailong(cfg, data, model, steps: int, work: Path, head_free: bool = False) -> StepClock:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
     from bailong.stages.common import module_kwargs
+    from bailong.train.loss import decoder_hidden_states
     from bailong.train.pretrain import PretrainModule
+
+    class HeadFreeModule(PretrainModule):
+        """The same step with a loss that costs nothing: the decoder's output, averaged."""
+
+        def training_step(self, batch, batch_idx):
+            ids, mask, positions = batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
+            return decoder_hidden_states(self.model, ids, mask, positions).float().mean()
 
     clock = StepClock(None)
 
@@ -185,7 +198,8 @@ def run_bailong(cfg, data, model, steps: int, work: Path) -> StepClock:
         def on_train_batch_end(self, *args):
             clock.stop()
 
-    module = PretrainModule(model, **{**module_kwargs(cfg), "max_steps": steps})  # as run.py configures it
+    module_class = HeadFreeModule if head_free else PretrainModule
+    module = module_class(model, **{**module_kwargs(cfg), "max_steps": steps})  # as run.py configures it
     trainer = instantiate(
         cfg.trainer,
         max_steps=steps,
@@ -282,8 +296,8 @@ def worker(side: str, model_name: str, steps: int, warmup: int, overrides: list[
         windowed = reset_peak_rss()  # the training window's own peak, apart from loading's
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        if side == "bailong":
-            clock = run_bailong(cfg, data, model, steps, work)
+        if side in ("bailong", "head_free"):
+            clock = run_bailong(cfg, data, model, steps, work, head_free=side == "head_free")
         else:
             packed = side != "hf_padded"
             clock = run_hf(cfg, tok, splits, data, model, steps, packed=packed, work=work, liger=side == "hf_liger")
@@ -334,6 +348,27 @@ def ceiling(parts: dict[str, dict], rates: dict[str, float]) -> dict:
 
 
 # -- parent: every side of every model, then the ratios ------------------------------------------------
+def parts_of(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """The model's FLOPs per position by part (the same for every side: one model, one config)."""
+    return next(iter(runs.values()))[0]["step_flops"]
+
+
+def head_bounds(runs: dict[str, list[dict]], parts: dict[str, dict], rates: dict[str, float]) -> dict:
+    """``hf_packed``'s step time over ``head_free``'s, per round then the median (``head_free``: the head costs
+    nothing), and over ``head_free``'s plus the head's FLOPs at the measured rate of its dtype (``head_at_ceiling``)."""
+    head = parts["head"]["flops"] / rates[parts["head"]["dtype"]]  # seconds per position
+    free, at_ceiling = [], []
+    for base, bound in zip(runs[BASELINE], runs["head_free"]):
+        base_s, free_s = 1 / base["positions_per_sec"], 1 / bound["positions_per_sec"]
+        free.append(base_s / free_s)
+        at_ceiling.append(base_s / (free_s + head))
+    return {
+        "head_free": round(statistics.median(free), 3),
+        "head_free_each_round": [round(r, 3) for r in free],
+        "head_at_ceiling": round(statistics.median(at_ceiling), 3),
+    }
+
+
 def peak_memory(run: dict) -> float:
     """The figure sides are compared on: CUDA peak on a GPU, else the training window's peak RSS."""
     return run.get("peak_cuda_mib") or run.get("peak_rss_training_mib") or run["peak_rss_mib"]
@@ -410,12 +445,15 @@ def main() -> None:
                 "skipped": {s: why for s, why in skipped.items() if why},
             }
             if "bailong" in runs:
-                parts = runs["bailong"][0]["step_flops"]
+                parts = parts_of(runs)
                 top = ceiling(parts, rates)
                 achieved = entry["sides"]["bailong"]["positions_per_sec"]
                 entry["ceiling"] = top
                 entry["fraction_of_ceiling"] = round(achieved / top["positions_per_sec"], 3)
-                entry["ratios"] = {f"bailong_vs_{o}": paired(runs, "bailong", o) for o in runs if o != "bailong"}
+                others = [o for o in runs if o not in ("bailong", "head_free")]
+                entry["ratios"] = {f"bailong_vs_{o}": paired(runs, "bailong", o) for o in others}
+            if "head_free" in runs and BASELINE in runs:  # the most a change to the head and loss could give
+                entry["bound_vs_hf_packed"] = head_bounds(runs, parts_of(runs), rates)
             if "hf_packed" in runs and "hf_padded" in runs:  # what packing alone gives the standard recipe
                 entry.setdefault("ratios", {})["packing_gain_hf_packed_vs_hf_padded"] = paired(
                     runs, "hf_packed", "hf_padded"

@@ -35,12 +35,17 @@ def tiny_base(tmp_path_factory):
     return path
 
 
-def peft_model(path, quant: str, embeddings: str):
+def peft_model(path, quant: str, embeddings: str, *, dtype="float32", dropout=0.0, checkpointing=False):
     torch.manual_seed(1)
     rows = {"embed": torch.randn(VOCAB - NUM_BASE, 64) * 0.02, "head": torch.randn(VOCAB - NUM_BASE, 64) * 0.02}
-    lora = LoraConfig(r=4, alpha=8, dropout=0.0, embeddings=embeddings)
     model = build_model(
-        base_config(str(path)), vocab_size=VOCAB, num_base=NUM_BASE, rows=rows, quant=QuantConfig(name=quant), lora=lora
+        base_config(str(path), dtype=dtype),
+        vocab_size=VOCAB,
+        num_base=NUM_BASE,
+        rows=rows,
+        quant=QuantConfig(name=quant),
+        lora=LoraConfig(r=4, alpha=8, dropout=dropout, embeddings=embeddings),
+        gradient_checkpointing=checkpointing,
     )
     for name, p in model.named_parameters():  # one LoRA factor starts at zero: make every adapter path non-trivial
         if p.requires_grad and "lora_" in name:
@@ -190,16 +195,7 @@ def test_bf16_base_trains_under_autocast_with_checkpointing(tiny_base):
 
     from bailong.model.build import follow_autocast
 
-    rows = {"embed": torch.randn(VOCAB - NUM_BASE, 64) * 0.02, "head": torch.randn(VOCAB - NUM_BASE, 64) * 0.02}
-    model = build_model(
-        base_config(str(tiny_base), dtype="bfloat16"),
-        vocab_size=VOCAB,
-        num_base=NUM_BASE,
-        rows=rows,
-        quant=QuantConfig(name="nf4"),
-        lora=LoraConfig(r=4, alpha=8, dropout=0.1),
-        gradient_checkpointing=True,
-    )
+    model = peft_model(tiny_base, "nf4", "new_rows", dtype="bfloat16", dropout=0.1, checkpointing=True)
     for name, p in model.named_parameters():
         if isinstance(p, bnb.nn.Params4bit):
             continue
@@ -214,10 +210,6 @@ def test_bf16_base_trains_under_autocast_with_checkpointing(tiny_base):
     assert sum(float(g.norm()) for g in trained) > 0
 
 
-def _embedding_layer(model):
-    return model.get_base_model().get_input_embeddings().token_adapter
-
-
 @pytest.mark.parametrize("dtype,checkpointing", [("float32", False), ("bfloat16", True)])
 def test_new_rows_are_embedded_without_merging_them_into_the_whole_matrix(tiny_base, monkeypatch, dtype, checkpointing):
     """The training loss looks the trainable rows up apart from the frozen matrix (``input_embeddings``): the
@@ -225,16 +217,7 @@ def test_new_rows_are_embedded_without_merging_them_into_the_whole_matrix(tiny_b
     copy of the whole matrix is never built."""
     from bailong.train.loss import input_embeddings
 
-    rows = {"embed": torch.randn(VOCAB - NUM_BASE, 64) * 0.02, "head": torch.randn(VOCAB - NUM_BASE, 64) * 0.02}
-    model = build_model(
-        base_config(str(tiny_base), dtype=dtype),
-        vocab_size=VOCAB,
-        num_base=NUM_BASE,
-        rows=rows,
-        quant=QuantConfig(name="none"),
-        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
-        gradient_checkpointing=checkpointing,
-    )
+    model = peft_model(tiny_base, "none", "new_rows", dtype=dtype, checkpointing=checkpointing)
     ids, labels, mask = batch(labels_masked=True)
     assert bool((ids >= NUM_BASE).any()) and bool((ids < NUM_BASE).any())
     embed = model.get_base_model().get_input_embeddings()
@@ -248,7 +231,7 @@ def test_new_rows_are_embedded_without_merging_them_into_the_whole_matrix(tiny_b
         return loss.detach(), got
 
     expected_loss, expected = steps()  # the new path, then the same step through peft's own embedding forward
-    layer = _embedding_layer(model)
+    layer = embed.token_adapter
     monkeypatch.setattr(layer, "get_merged_weights", lambda *a: pytest.fail("merged the rows into the matrix"))
     steps()  # the loss never calls peft's embedding forward
     monkeypatch.undo()

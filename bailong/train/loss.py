@@ -17,7 +17,8 @@ through the head, ``logit_budget`` logits at a time:
   checkpointing, so backward recomputes that chunk's logits instead of storing them.
 
 Both give the mean over scored tokens that transformers' loss computes, and its gradients
-(``tests/test_chunked_loss.py``).
+(``tests/test_chunked_loss.py``). The input side does the same for peft's trainable rows of the embedding
+(``input_embeddings``): they are looked up apart from the frozen matrix, never merged into a copy of it.
 """
 
 from __future__ import annotations
@@ -229,6 +230,22 @@ def _chunk_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def decoder_hidden_states(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The decoder's last hidden states for ``input_ids`` (the head's input), the new rows embedded by
+    ``input_embeddings`` where peft trains them."""
+    decoder = decoder_and_head(model)[0]
+    embedded = input_embeddings(model, input_ids)
+    inputs = {"input_ids": input_ids} if embedded is None else {"inputs_embeds": embedded}
+    return decoder(
+        **inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+
+
 def causal_lm_loss(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -244,12 +261,8 @@ def causal_lm_loss(
     predicts label t+1). ``position_ids`` restarting inside a row (packed SFT conversations) make
     transformers build a block-diagonal causal mask when ``attention_mask`` is None.
     """
-    decoder, head = decoder_and_head(model)
-    embedded = input_embeddings(model, input_ids)
-    inputs = {"input_ids": input_ids} if embedded is None else {"inputs_embeds": embedded}
-    hidden = decoder(
-        **inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
+    hidden = decoder_hidden_states(model, input_ids, attention_mask, position_ids)
+    head = decoder_and_head(model)[1]
     targets = labels[:, 1:].reshape(-1)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     scored = targets != IGNORE_INDEX
