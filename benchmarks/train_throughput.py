@@ -24,7 +24,8 @@ own subprocess so each side's peak memory is its own:
   loss is the mean of the decoder's output). What is left is the decoder, its backward and the optimizer, which
   every side runs alike, so ``hf_packed`` over it bounds what any change to bailong's head and loss could reach;
   ``head_at_ceiling`` adds the head's own FLOPs at the matmul rate of its dtype: the bound for a head whose matmuls
-  run at this machine's measured peak.
+  run at this machine's measured peak; ``fraction_of_ceiling_at_most`` is the fraction of the ceiling (below) such
+  a step would reach.
 
 ``--repeats`` runs the sides round-robin; each ratio is the median over repeats of the ratio within one round
 (paired: load from other processes hits both sides of a pair alike), and each side's figures are its median.
@@ -357,15 +358,18 @@ def head_bounds(runs: dict[str, list[dict]], parts: dict[str, dict], rates: dict
     """``hf_packed``'s step time over ``head_free``'s, per round then the median (``head_free``: the head costs
     nothing), and over ``head_free``'s plus the head's FLOPs at the measured rate of its dtype (``head_at_ceiling``)."""
     head = parts["head"]["flops"] / rates[parts["head"]["dtype"]]  # seconds per position
-    free, at_ceiling = [], []
+    ideal = 1 / ceiling(parts, rates)["positions_per_sec"]
+    free, at_ceiling, most = [], [], []
     for base, bound in zip(runs[BASELINE], runs["head_free"]):
         base_s, free_s = 1 / base["positions_per_sec"], 1 / bound["positions_per_sec"]
         free.append(base_s / free_s)
         at_ceiling.append(base_s / (free_s + head))
+        most.append(ideal / (free_s + head))  # a step is at least the head-free step plus the head at its rate
     return {
         "head_free": round(statistics.median(free), 3),
         "head_free_each_round": [round(r, 3) for r in free],
         "head_at_ceiling": round(statistics.median(at_ceiling), 3),
+        "fraction_of_ceiling_at_most": round(statistics.median(most), 3),
     }
 
 

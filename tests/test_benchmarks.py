@@ -51,6 +51,8 @@ def test_head_bounds_are_the_baselines_time_over_the_head_free_step():
     assert bounds["head_free_each_round"] == [2.0, 1.6]
     assert bounds["head_free"] == 1.8  # the median of two rounds
     assert bounds["head_at_ceiling"] == pytest.approx(statistics.median([20 / 20, 20 / 22.5]), abs=1e-3)
+    # the ceiling: 3 ms of projections + 10 ms of head per position, against 20 and 22.5 ms
+    assert bounds["fraction_of_ceiling_at_most"] == pytest.approx(statistics.median([13 / 20, 13 / 22.5]), abs=1e-3)
 
 
 @pytest.mark.slow  # ~2 min: one round of two sides on the mini base, in their own processes
