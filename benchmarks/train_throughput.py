@@ -20,12 +20,11 @@ own subprocess so each side's peak memory is its own:
 - ``hf_liger`` (CUDA only, with ``liger-kernel`` installed): ``hf_packed`` with ``use_liger_kernel=True``, whose
   fused linear cross-entropy never builds the full logits either: the strongest baseline. Left out, with the
   reason in the JSON, where there is no GPU.
-- ``head_free``: bailong's step with the head and the loss costing nothing (the
-  loss is the mean of the decoder's output). What is left is the decoder, its backward and the optimizer, which
-  every side runs alike, so ``hf_packed`` over it bounds what any change to bailong's head and loss could reach;
-  ``head_at_ceiling`` adds the head's own FLOPs at the matmul rate of its dtype: the bound for a head whose matmuls
-  run at this machine's measured peak; ``fraction_of_ceiling_at_most`` is the fraction of the ceiling (below) such
-  a step would reach.
+- ``head_free``: bailong's step with the head and the loss costing nothing (the loss is the mean of the decoder's
+  output). What is left is the decoder, its backward and the optimizer, which every side runs alike, so
+  ``hf_packed`` over it bounds what any change to bailong's head and loss could reach; ``head_at_ceiling`` adds
+  the head's own FLOPs at the matmul rate of its dtype: the bound for a head whose matmuls run at this machine's
+  measured peak; ``fraction_of_ceiling_at_most`` is the fraction of the ceiling (below) such a step would reach.
 
 ``--repeats`` runs the sides round-robin; each ratio is the median over repeats of the ratio within one round
 (paired: load from other processes hits both sides of a pair alike), and each side's figures are its median.
@@ -356,7 +355,8 @@ def parts_of(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 def head_bounds(runs: dict[str, list[dict]], parts: dict[str, dict], rates: dict[str, float]) -> dict:
     """``hf_packed``'s step time over ``head_free``'s, per round then the median (``head_free``: the head costs
-    nothing), and over ``head_free``'s plus the head's FLOPs at the measured rate of its dtype (``head_at_ceiling``)."""
+    nothing), and over ``head_free``'s plus the head's FLOPs at the measured rate of its dtype (``head_at_ceiling``);
+    the ceiling's step time over the latter (``fraction_of_ceiling_at_most``)."""
     head = parts["head"]["flops"] / rates[parts["head"]["dtype"]]  # seconds per position
     ideal = 1 / ceiling(parts, rates)["positions_per_sec"]
     free, at_ceiling, most = [], [], []

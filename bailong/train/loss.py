@@ -60,8 +60,9 @@ class HeadWeights:
 
 
 def head_weights(head: torch.nn.Module) -> HeadWeights | None:
-    """The weights of a bias-free linear head as peft's forward would use them; ``None`` for heads the fused
-    loss does not know (LoRA on lm_head, several active adapters, a bias)."""
+    """The weights of a bias-free linear head (or of a plain input embedding: ``input_embeddings``) as peft's
+    forward would use them; ``None`` for modules the fused loss does not know (LoRA on lm_head, several active
+    adapters, a bias)."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
@@ -82,7 +83,7 @@ def head_weights(head: torch.nn.Module) -> HeadWeights | None:
             return None
         ids = torch.tensor(head.token_indices[active[0]], device=base.weight.device)
         return HeadWeights(base.weight, head.trainable_tokens_delta[active[0]], ids)
-    if type(head) is torch.nn.Linear and head.bias is None or _plain_embedding(head):
+    if (type(head) is torch.nn.Linear and head.bias is None) or _plain_embedding(head):
         w = head.weight
         return HeadWeights(w.detach(), w, None) if w.requires_grad else HeadWeights(w, None, None)
     return None
