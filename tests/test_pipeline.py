@@ -195,6 +195,7 @@ def wandb_run_ids(run_dir) -> set[str]:
     return {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
 
 
+@pytest.mark.slow  # ~2 min: two runs of the smoke config, one killed mid-way
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     smoke_with_wandb = [
         "data.seq_len=128",
