@@ -231,6 +231,11 @@ def zero_rows(model: PreTrainedModel, start: int) -> None:
             weight[start:] = 0
 
 
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def mask_padding_logits(model: torch.nn.Module, vocab_size: int) -> None:
     """Give the padding rows' logits -inf wherever the model's head computes them, so sampling never draws
     a padding id and every softmax (bits/char, multiple choice, generation) is over the real vocabulary.
@@ -238,8 +243,7 @@ def mask_padding_logits(model: torch.nn.Module, vocab_size: int) -> None:
     The hook sits on the module the model calls (peft's wrapper, if any). The fused training loss bypasses
     it and slices the weight to ``scored_vocab(model)`` instead (``bailong.train.loss``).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
+    head = transformers_model(model).get_output_embeddings()
     rows = _base_weight_rows(head)
     model.bailong_scored_vocab = vocab_size
     if rows <= vocab_size:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bailong.data.windows import IGNORE_INDEX
-from bailong.model.build import scored_vocab
+from bailong.model.build import scored_vocab, transformers_model
 
 TRAIN_LOGIT_BUDGET = 2**24  # logits alive at once in a training step (64 MB in float32)
 
@@ -41,7 +41,7 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     The head is the module the model itself calls, so peft's trainable-token rows, ``modules_to_save``
     copies or LoRA on lm_head all take part exactly as in ``model(...)``.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     head = base.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(base).__name__} has no output head: not a causal LM")
@@ -110,8 +110,7 @@ def input_embeddings(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.T
     same numbers, and a gradient only for the rows."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    embed = base.get_input_embeddings()
+    embed = transformers_model(model).get_input_embeddings()
     layer = getattr(embed, "token_adapter", embed)
     if not isinstance(layer, TrainableTokensLayer) or layer._get_embed_scale() is not None:
         return None
